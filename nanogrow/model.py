@@ -1,0 +1,278 @@
+"""A Llama-flavoured decoder: token embedding, pre-norm blocks (RMSNorm -> RoPE attention with grouped-query
+heads, RMSNorm -> SwiGLU MLP), final RMSNorm, LM head.
+
+The model knows nothing of parallelism or growth. It is built on the meta device (cheap even when large), moved
+with ``to_empty`` and filled by ``init_weights``. Blocks live in a ``ModuleDict`` keyed by ``str(i)`` so parameter
+names are stable (``layers.3.mlp.w_up.weight``): inserting a layer is a naming decision, not a re-indexing of
+optimizer state.
+
+Growth masks (MSG-style fade-in of new units or blocks) are optional buffers that are ``None`` until a growth
+operator sets them; when set they are part of ``state_dict`` and so are checkpointed with the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # flash-attn is a GPU-only optional extra; SDPA is the fallback everywhere.
+    from flash_attn import flash_attn_func  # type: ignore
+except Exception:  # ImportError, or a broken CUDA build
+    flash_attn_func = None
+
+
+@dataclass
+class ModelConfig:
+    """The shape of the model. Every field may change when the model grows."""
+
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4
+    n_kv_head: int = 4
+    head_dim: int = 0  # 0: d_model // n_head
+    d_ff: int = 0  # 0: SwiGLU's 8/3 * d_model rounded up to a multiple of 32
+    vocab_size: int = 8192
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with the derived fields (head_dim, d_ff) filled in."""
+        c = ModelConfig(**asdict(self))
+        if c.head_dim == 0 and c.n_head > 0 and c.d_model % c.n_head == 0:
+            c.head_dim = c.d_model // c.n_head
+        if c.d_ff == 0:
+            c.d_ff = 32 * math.ceil(8 * c.d_model / 3 / 32)
+        return c
+
+    def validate(self, prefix: str = "model") -> None:
+        """Raise ValueError naming the key for an impossible shape."""
+        positive = ["n_layer", "d_model", "n_head", "n_kv_head", "vocab_size", "max_seq_len"]
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{prefix}.{name} must be a positive integer, got {v!r}")
+        for name in ["head_dim", "d_ff"]:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{prefix}.{name} must be a non-negative integer (0 = derived), got {v!r}")
+        if self.head_dim == 0 and self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"{prefix}.d_model={self.d_model} is not divisible by {prefix}.n_head={self.n_head} "
+                f"(set {prefix}.head_dim explicitly or choose n_head dividing d_model)")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(
+                f"{prefix}.n_head={self.n_head} is not divisible by {prefix}.n_kv_head={self.n_kv_head} "
+                "(grouped-query attention shares each key/value head among n_head/n_kv_head query heads)")
+        hd = self.head_dim or self.d_model // self.n_head
+        if hd % 2 != 0:
+            raise ValueError(f"{prefix}.head_dim={hd} must be even for rotary embeddings")
+        if not self.rope_theta > 0:
+            raise ValueError(f"{prefix}.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"{prefix}.norm_eps must be > 0, got {self.norm_eps!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count computed from the shape alone (no model needed)."""
+        c = self.resolved()
+        q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        per_layer = 2 * c.d_model + c.d_model * (q + 2 * kv) + q * c.d_model + 3 * c.d_model * c.d_ff
+        n = c.n_layer * per_layer + c.d_model
+        head = 0 if c.tie_embeddings else c.vocab_size * c.d_model
+        emb = c.vocab_size * c.d_model
+        return n + head + (emb if include_embedding else 0)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N + 12 * n_layer * (n_head * head_dim) * T (PaLM appendix B / nanoGPT).
+
+        N counts every weight that takes part in a matmul: all parameters but the input embedding (a lookup),
+        plus the LM head's matmul even when it is tied to the embedding. T is the attended context length.
+        """
+        c = self.resolved()
+        t = seq_len if seq_len is not None else c.max_seq_len
+        n = self.num_params(include_embedding=False)
+        if c.tie_embeddings:
+            n += c.vocab_size * c.d_model
+        return 6.0 * n + 12.0 * c.n_layer * c.n_head * c.head_dim * t
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability under bf16 autocast, return in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape [seq_len, head_dim/2] for rotary embeddings (Su et al.), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) — the Llama/HF "rotate_half" layout. x: [B, T, H, D]."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        self.wq = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=False)
+        self.wk = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
+        self.wv = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=False)
+        # [n_head] fade-in mask on query heads (MSG-style width growth); None when not growing.
+        self.register_buffer("head_mask", None)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if flash_attn_func is not None and x.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            y = flash_attn_func(q, k, v, causal=True)  # [B, T, H, D]; handles GQA natively
+        else:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=self.n_kv_head != self.n_head,
+            ).transpose(1, 2)
+        if self.head_mask is not None:
+            y = y * self.head_mask.to(y.dtype)[None, None, :, None]
+        return self.wo(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.w_up = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.w_down = nn.Linear(c.d_ff, c.d_model, bias=False)
+        # [d_ff] fade-in mask on hidden units (MSG-style width growth); None when not growing.
+        self.register_buffer("unit_mask", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.w_gate(x)) * self.w_up(x)
+        if self.unit_mask is not None:
+            h = h * self.unit_mask.to(h.dtype)
+        return self.w_down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.mlp = SwiGLU(c)
+        # Scalar fade-in of a newly inserted block: out = h + m * branch(h), i.e. m * block(h) + (1 - m) * h.
+        self.register_buffer("block_mask", None)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                resid_mask: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attn(self.attn_norm(h), cos, sin)
+        if resid_mask is not None:
+            a = a * resid_mask
+        if self.block_mask is not None:
+            a = a * self.block_mask.to(a.dtype)
+        h = h + a
+        m = self.mlp(self.mlp_norm(h))
+        if resid_mask is not None:
+            m = m * resid_mask
+        if self.block_mask is not None:
+            m = m * self.block_mask.to(m.dtype)
+        return h + m
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config.resolved()
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.layers = nn.ModuleDict({str(i): Block(c) for i in range(c.n_layer)})
+        self.norm = RMSNorm(c.d_model, c.norm_eps)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        # [d_model] fade-in mask on residual-stream channels (MSG-style d_model growth); None when not growing.
+        self.register_buffer("resid_mask", None)
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=self.tok_emb.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Fill every parameter: normal(0, init_std), output projections scaled by 1/sqrt(2 n_layer) (GPT-2),
+        norm gains 1. Also (re)computes the RoPE tables, which ``to_empty`` leaves uninitialised."""
+        c = self.config
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.tok_emb.weight.device).manual_seed(seed)
+        out_std = c.init_std / math.sqrt(2 * c.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                p.normal_(0.0, out_std, generator=gen)
+            else:
+                p.normal_(0.0, c.init_std, generator=gen)
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=self.tok_emb.weight.device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx: [B, T] token ids. Returns logits [B, T, V], or the mean cross-entropy when targets are given."""
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        resid_mask = None if self.resid_mask is None else self.resid_mask
+        h = self.tok_emb(idx)
+        if resid_mask is not None:
+            resid_mask = resid_mask.to(h.dtype)
+            h = h * resid_mask
+        for block in self.layers.values():
+            h = block(h, cos, sin, resid_mask)
+        h = self.norm(h)
+        logits = F.linear(h, self.output_weight())
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def build_model(config: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
+    """Build on the meta device (no memory, no init cost), materialise on ``device``, then initialise."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.init_weights(seed=seed)
+    return model
