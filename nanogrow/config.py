@@ -1,0 +1,201 @@
+"""Run configuration: typed dataclasses with defaults, loaded from TOML, overridden by ``--set key=value``, and
+validated once, before any compute, with errors that name the key at fault and the values it allows."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) at fault."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/demo"  # shards written by `nanogrow prep`
+    seq_len: int = 256  # training context length (<= model.max_seq_len)
+    seed: int = 0  # data order (shard permutation per epoch)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/demo"
+    seed: int = 0  # model init and any other randomness
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    micro_batch: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 200
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay) | constant
+    decay_frac: float = 0.2  # wsd: fraction of the run spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 50  # steps; 0 disables periodic evaluation
+    eval_batches: int = 4
+    eval_batch_size: int = 8
+    log_every: int = 10
+    ckpt_every: int = 0  # steps; 0 = only at the end (and at growth events)
+    keep_last: int = 2  # checkpoints kept on disk
+    compile: bool = False
+    wandb: bool = False  # log to wandb when it is installed
+    tensorboard: bool = False  # log to TensorBoard when it is installed
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
+        return _build(cls, d, prefix="", source=source)
+
+    def validate(self) -> None:
+        validate(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+CHOICES = {
+    "train.device": None,  # free-form, checked below
+    "train.dtype": ("auto", "fp32", "bf16"),
+    "train.schedule": ("cosine", "wsd", "constant"),
+}
+
+
+def _check_type(value: Any, typ: Any, key: str, source: str) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if typ is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+    if typ is float and not isinstance(value, float):
+        raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+    if typ is str and not isinstance(value, str):
+        raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls, d: dict, prefix: str, source: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a table, got {d!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {full!r}; allowed keys{' in [' + prefix.rstrip('.') + ']' if prefix else ''}: "
+                              f"{', '.join(names)}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, f"{full}.", source)
+        else:
+            kwargs[key] = _check_type(value, typ, full, source)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: TOML-ish literals (ints, floats, true/false, quoted or bare strings)."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides to a raw config dict (before typing, so errors name the key)."""
+    d = copy.deepcopy(d)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: key must be one of {', '.join(s + '.<key>' for s in SECTIONS)}")
+        d.setdefault(parts[0], {})[parts[1]] = _parse_value(value)
+    return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read TOML, apply overrides, build typed config, validate. Raises ConfigError naming the file and key."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {source!r} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    raw = apply_overrides(raw, overrides or [])
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]; allowed: {', '.join(SECTIONS)}")
+    cfg = RunConfig.from_dict(raw, source=source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: RunConfig, source: str = "config") -> None:
+    try:
+        cfg.model.validate("model")
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    t, dcfg = cfg.train, cfg.data
+    for key, allowed in CHOICES.items():
+        if allowed is None:
+            continue
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"{source}: train.device={t.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+    positive = {"train.micro_batch": t.micro_batch, "train.grad_accum": t.grad_accum,
+                "train.max_steps": t.max_steps, "train.eval_batches": t.eval_batches,
+                "train.eval_batch_size": t.eval_batch_size, "train.log_every": t.log_every,
+                "train.keep_last": t.keep_last, "data.seq_len": dcfg.seq_len, "train.lr": t.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{source}: {key} must be > 0, got {value!r}")
+    non_negative = {"train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
+                    "train.grad_clip": t.grad_clip, "train.eval_every": t.eval_every,
+                    "train.ckpt_every": t.ckpt_every, "train.eps": t.eps}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{source}: {key} must be >= 0, got {value!r}")
+    for key, value in {"train.beta1": t.beta1, "train.beta2": t.beta2}.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{source}: {key} must be in [0, 1), got {value!r}")
+    for key, value in {"train.min_lr_ratio": t.min_lr_ratio, "train.decay_frac": t.decay_frac}.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{source}: {key} must be in [0, 1], got {value!r}")
+    if t.warmup_steps >= t.max_steps and t.schedule != "constant":
+        raise ConfigError(f"{source}: train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps}")
+    if dcfg.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"{source}: data.seq_len={dcfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")

@@ -1,0 +1,66 @@
+"""Process-group helpers that work the same on one process (no torch.distributed) and under torchrun."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: this rank's GPU when CUDA is present, else CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        requested = f"cuda:{local_rank()}"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_from_env(device: torch.device, timeout_s: float = 600.0) -> None:
+    """Join the torchrun job when launched by torchrun (WORLD_SIZE set): nccl on CUDA, gloo on CPU.
+    A short timeout on CPU turns a dead peer into a clear error instead of a long hang."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world_size()
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,241 @@
+"""The training loop: data -> step -> metrics -> evaluation -> checkpoints, for a model whose shape may change.
+
+Read top to bottom: ``Trainer.__init__`` validates everything that can be wrong (config, data, checkpoint) before
+any compute, ``run`` is the loop, ``train_step`` one optimizer step with gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import dist_utils
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from .config import RunConfig
+from .data import TokenLoader, val_batches
+from .metrics import ThroughputMeter, device_peak_flops
+from .model import ModelConfig, Transformer, build_model
+
+
+def lr_at(step: int, t) -> float:
+    """Learning rate at optimizer step ``step`` (0-based) for the schedule in TrainConfig ``t``."""
+    peak, floor = t.lr, t.lr * t.min_lr_ratio
+    if t.schedule == "constant":
+        return peak * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else peak
+    if step < t.warmup_steps:
+        return peak * (step + 1) / t.warmup_steps
+    if t.schedule == "cosine":
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+    # wsd: warm-up, stable at peak, then linear decay over the last decay_frac of the run
+    decay_start = int(t.max_steps * (1.0 - t.decay_frac))
+    if step < decay_start:
+        return peak
+    progress = min(1.0, (step - decay_start) / max(1, t.max_steps - decay_start))
+    return peak + (floor - peak) * progress
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings, none on norm gains (the usual GPT/Llama practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    from .grow.optim import AdamW  # torch's AdamW update, plus per-element ages for grown parameters
+    return AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: str | None = None, log=print):
+        cfg.validate()
+        self.cfg, self.t = cfg, cfg.train
+        self.device = dist_utils.pick_device(self.t.device)
+        dist_utils.init_from_env(self.device)
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self.out_dir = Path(self.t.out_dir)
+
+        # Everything that can be wrong is checked here, before a single FLOP is spent.
+        ckpt = self._resolve_resume(resume)
+        meta = read_meta(ckpt) if ckpt else None
+        if meta:
+            self._check_compatible(meta, ckpt)
+        self.model_config: ModelConfig = (ModelConfig(**meta["model_config"]) if meta else cfg.model).resolved()
+        self.seq_len = cfg.data.seq_len
+        self.micro_batch = self.t.micro_batch
+        self.loader = TokenLoader(cfg.data.dir, "train", self.seq_len, self.micro_batch, rank=self.rank,
+                                  world_size=self.world, seed=cfg.data.seed, vocab_size=self.model_config.vocab_size)
+        self.val = val_batches(cfg.data.dir, self.seq_len, self.t.eval_batch_size, self.t.eval_batches,
+                               rank=self.rank, world_size=self.world, vocab_size=self.model_config.vocab_size)
+
+        torch.manual_seed(self.t.seed)
+        self.model: Transformer = build_model(self.model_config, self.device, seed=self.t.seed)
+        self.optimizer = make_optimizer(self.model, self.t)
+        self.step = 0
+        self.history: list[dict] = []  # growth events (filled by the growth machinery) and evaluations
+        self.meter = ThroughputMeter(device_peak_flops(self.device), self.world)
+        if meta:
+            load_checkpoint(ckpt, self.model, self.optimizer)
+            self.step = meta["step"]
+            self.loader.load_state_dict(meta["loader"])
+            self.meter.load_state_dict(meta["meter"])
+            self.history = meta.get("history", [])
+            self.log(f"resumed from {ckpt} at step {self.step} ({self.meter.total_tokens:,} tokens)")
+        self.autocast = self._autocast()
+        self._loggers = self._external_loggers()
+
+    # ---- set-up helpers -------------------------------------------------------------------------------------
+    def _resolve_resume(self, resume: str | None) -> Path | None:
+        if resume is None:
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.out_dir)  # None: nothing to resume, start fresh
+        return Path(resume)
+
+    def _check_compatible(self, meta: dict, path: Path) -> None:
+        """The run being resumed must have started from the same shape; later shapes come from its history."""
+        started = meta["run_config"]["model"]
+        ours = dataclasses.asdict(self.cfg.model)
+        diff = [k for k in ours if ours[k] != started.get(k)]
+        if diff:
+            pairs = ", ".join(f"model.{k}: checkpoint {started.get(k)!r} vs config {ours[k]!r}" for k in diff)
+            raise CheckpointError(f"checkpoint {str(path)!r} is from another model shape ({pairs})")
+
+    def _autocast(self):
+        dtype = self.t.dtype
+        if dtype == "auto":
+            dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        if dtype == "bf16":
+            return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
+    def _external_loggers(self) -> list:
+        loggers = []
+        if self.rank != 0:
+            return loggers
+        if self.t.wandb:
+            try:
+                import wandb
+                wandb.init(project="nanogrow", config=self.cfg.to_dict(), dir=str(self.out_dir))
+                loggers.append(lambda d, step: wandb.log(d, step=step))
+            except ImportError:
+                self.log("train.wandb=true but wandb is not installed; skipping")
+        if self.t.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                writer = SummaryWriter(str(self.out_dir / "tb"))
+                loggers.append(lambda d, step: [writer.add_scalar(k, v, step) for k, v in d.items()])
+            except ImportError:
+                self.log("train.tensorboard=true but tensorboard is not installed; skipping")
+        return loggers
+
+    # ---- the step -------------------------------------------------------------------------------------------
+    def tokens_per_step(self) -> int:
+        return self.world * self.micro_batch * self.seq_len * self.t.grad_accum
+
+    def train_step(self) -> float:
+        lr = lr_at(self.step, self.t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        loss_sum = 0.0
+        for _ in range(self.t.grad_accum):
+            x, y = self.loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                loss = self.model(x, y) / self.t.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if self.world > 1:  # data parallel without a wrapper: average gradients explicitly
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+        if self.t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meter.add(self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len))
+        self.step += 1
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = 0.0
+        for x, y in self.val:
+            with self.autocast():
+                total += self.model(x.to(self.device), y.to(self.device)).item()
+        self.model.train()
+        return dist_utils.all_reduce_mean(total / len(self.val), self.device)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict:
+        return {
+            "run_config": self.cfg.to_dict(),
+            "model_config": dataclasses.asdict(self.model_config),
+            "loader": self.loader.state_dict(),
+            "meter": self.meter.state_dict(),
+            "history": self.history,
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.checkpoint_meta(),
+                               keep_last=self.t.keep_last)
+        self.log(f"saved {path}")
+        return path
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t = self.t
+        self.log(f"model: {self.model_config.num_params():,} params ({self.model_config.num_params(False):,} "
+                 f"non-embedding), {self.model_config.flops_per_token(self.seq_len) / 1e6:.2f} MFLOPs/token; "
+                 f"{self.world} process(es) on {self.device}; {self.tokens_per_step():,} tokens/step")
+        start, start_step = time.perf_counter(), self.step
+        self.meter.reset_window()
+        last_loss, val_loss = float("nan"), None
+        while self.step < t.max_steps:
+            last_loss = self.train_step()
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss became {last_loss} at step {self.step}; lower train.lr "
+                                         f"({t.lr}) or check the data")
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                w = self.meter.window()
+                elapsed = time.perf_counter() - start
+                eta = elapsed / max(1, self.step - start_step) * (t.max_steps - self.step)
+                self.log(f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | lr {lr_at(self.step - 1, t):.2e}"
+                         f" | {w['tokens_per_s']:,.0f} tok/s | mfu {100 * w['mfu']:.2f}% | eta {_hms(eta)}")
+                for emit in self._loggers:
+                    emit({"train/loss": last_loss, "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"]}, self.step)
+            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                val_loss = self.evaluate()
+                self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
+                                     "flops": self.meter.total_flops, "val_loss": val_loss})
+                self.log(f"step {self.step:>6} | val loss {val_loss:.4f} | {self.meter.total_flops:.3e} FLOPs")
+                for emit in self._loggers:
+                    emit({"val/loss": val_loss}, self.step)
+                self.meter.reset_window()  # evaluation time is not training throughput
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.max_steps:
+                self.save()
+        self.save()
+        summary = {"steps": self.step, "train_loss": last_loss, "val_loss": val_loss,
+                   "tokens": self.meter.total_tokens, "flops": self.meter.total_flops,
+                   "seconds": time.perf_counter() - start}
+        if self.rank == 0:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.log(f"done: {summary['steps']} steps, val loss {val_loss:.4f}, {summary['tokens']:,} tokens, "
+                 f"{summary['flops']:.3e} FLOPs, {summary['seconds']:.1f} s")
+        return summary
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

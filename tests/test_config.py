@@ -1,0 +1,45 @@
+import pytest
+
+from nanogrow.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_demo_and_gpt2_configs_load():
+    for name in ("configs/demo.toml", "configs/gpt2-small.toml"):
+        cfg = load_config(name)
+        assert cfg.model.n_layer > 0
+
+
+def test_overrides_are_typed():
+    cfg = load_config("configs/demo.toml", ["train.max_steps=7", "train.warmup_steps=2", "train.lr=0.01", "model.tie_embeddings=true"])
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 0.01 and cfg.model.tie_embeddings is True
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[train]\nmax_stepz = 3\n", r"unknown key 'train.max_stepz'.*max_steps"),
+    ("[trian]\n", r"unknown section \[trian\]"),
+    ("[model]\nd_model = 100\nn_head = 3\n", r"model.d_model=100 is not divisible by model.n_head=3"),
+    ("[model]\nn_head = 8\nn_kv_head = 3\n", r"model.n_head=8 is not divisible by model.n_kv_head=3"),
+    ("[train]\nschedule = 'linear'\n", r"train.schedule='linear' is not one of"),
+    ("[train]\nmax_steps = 'ten'\n", r"train.max_steps must be an integer"),
+    ("[train]\nlr = -1.0\n", r"train.lr must be > 0"),
+    ("[data]\nseq_len = 4096\n", r"data.seq_len=4096 exceeds model.max_seq_len"),
+    ("[train\n", r"not valid TOML"),
+])
+def test_bad_config_names_file_and_key(tmp_path, text, match):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+
+
+def test_bad_override_is_named():
+    with pytest.raises(ConfigError, match="unknown key 'train.nope'"):
+        load_config(None, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.lr"])
