@@ -10,13 +10,13 @@ Loading never unpickles: DCP tensors, JSON and safetensors only.
 from __future__ import annotations
 
 import json
+import warnings
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -89,7 +89,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
             shutil.rmtree(tmp)  # left by a crashed save of this same step
         tmp.mkdir()
     dist_utils.barrier()
-    dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # DCP warns that one process without a process group "assumes" single process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(tmp))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -146,7 +148,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     reader = dcp.FileSystemReader(str(p))
     _materialise_missing(state, model, reader.read_metadata())
     try:
-        dcp.load(state, checkpoint_id=str(p))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(p))
     except Exception as e:  # DCP wraps shape mismatches in CheckpointException
         raise CheckpointError(f"checkpoint {str(p)!r} does not fit this model: {e}") from None
     if optimizer is None:

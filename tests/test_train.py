@@ -1,0 +1,122 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from nanogrow.checkpoint import CheckpointError, latest_checkpoint
+from nanogrow.cli import main
+from nanogrow.data import DataError
+from nanogrow.train import Trainer, lr_at
+
+from conftest import tiny_run_config
+
+
+def test_loss_decreases_on_demo_corpus(demo_data, tmp_path):
+    cfg = tiny_run_config(demo_data, tmp_path, max_steps=60, eval_every=0)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    before = trainer.evaluate()
+    summary = trainer.run()
+    assert before > 6.0  # ~ln(512) at init
+    assert summary["val_loss"] < before - 1.0
+    assert summary["tokens"] == 60 * 4 * 64
+    assert summary["flops"] == pytest.approx(60 * 4 * 64 * cfg.model.flops_per_token(64))
+
+
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_matches_uninterrupted_run(demo_data, tmp_path):
+    quiet = lambda *_: None  # noqa: E731
+    full = Trainer(tiny_run_config(demo_data, tmp_path / "full", grad_accum=2), log=quiet)
+    full_losses = [full.train_step() for _ in range(12)]
+
+    first = Trainer(tiny_run_config(demo_data, tmp_path / "split", grad_accum=2), log=quiet)
+    [first.train_step() for _ in range(6)]
+    first.save()
+    del first
+    second = Trainer(tiny_run_config(demo_data, tmp_path / "split", grad_accum=2), resume="auto", log=quiet)
+    assert second.step == 6
+    resumed_losses = [second.train_step() for _ in range(6)]
+
+    assert resumed_losses == full_losses[6:]
+    a, b = _weights(full), _weights(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = full.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    for i in sa:
+        for name in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name])), (i, name)
+
+
+def test_cli_train_runs_and_resume_auto_continues(demo_data, tmp_path, capsys):
+    args = ["train", "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
+            "--set", "model.n_kv_head=1", "--set", "model.vocab_size=512", "--set", "model.max_seq_len=32",
+            "--set", f"data.dir='{demo_data}'", "--set", "data.seq_len=32", "--set", f"train.out_dir='{tmp_path}'",
+            "--set", "train.micro_batch=2", "--set", "train.warmup_steps=1", "--set", "train.eval_batches=1",
+            "--set", "train.log_every=2", "--set", "train.eval_every=2"]
+    assert main(args + ["--set", "train.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "mfu" in out and "val loss" in out
+    assert latest_checkpoint(tmp_path).name == "ckpt_0000004"
+    assert main(args + ["--set", "train.max_steps=6", "--resume", "auto"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
+    assert latest_checkpoint(tmp_path).name == "ckpt_0000006"
+
+
+def test_checkpoints_keep_last_and_ignore_partial_saves(demo_data, tmp_path):
+    trainer = Trainer(tiny_run_config(demo_data, tmp_path, keep_last=2, max_steps=4), log=lambda *_: None)
+    for _ in range(3):
+        trainer.train_step()
+        trainer.save()
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_0000002", "ckpt_0000003"]
+    # a crash in the middle of a save leaves only a .tmp directory, which is never taken for a checkpoint
+    shutil.copytree(tmp_path / "ckpt_0000003", tmp_path / "ckpt_0000009.tmp")
+    assert latest_checkpoint(tmp_path).name == "ckpt_0000003"
+
+
+def test_incomplete_checkpoint_is_a_clear_error(demo_data, tmp_path):
+    trainer = Trainer(tiny_run_config(demo_data, tmp_path), log=lambda *_: None)
+    trainer.train_step()
+    path = trainer.save()
+    (path / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match=r"ckpt_0000001.*incomplete: no meta.json"):
+        Trainer(tiny_run_config(demo_data, tmp_path), resume=str(path))
+
+
+def test_checkpoint_of_another_shape_is_refused_and_left_untouched(demo_data, tmp_path):
+    trainer = Trainer(tiny_run_config(demo_data, tmp_path), log=lambda *_: None)
+    trainer.train_step()
+    path = trainer.save()
+    before = {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    cfg = tiny_run_config(demo_data, tmp_path)
+    cfg.model.d_model = 128
+    with pytest.raises(CheckpointError, match=r"another model shape \(model.d_model: checkpoint 64 vs config 128"):
+        Trainer(cfg, resume="auto")
+    assert {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+
+
+def test_empty_data_dir_fails_before_any_compute(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match=str(tmp_path / "data")):
+        Trainer(tiny_run_config(tmp_path / "data", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_vocab_too_small_for_data_is_refused(demo_data, tmp_path):
+    cfg = tiny_run_config(demo_data, tmp_path)
+    cfg.model.vocab_size = 100
+    with pytest.raises(DataError, match="vocab"):
+        Trainer(cfg)
+
+
+def test_lr_schedules():
+    cfg = tiny_run_config("x", "y", max_steps=100, warmup_steps=10, lr=1.0)
+    t = cfg.train
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(99, t) == pytest.approx(t.min_lr_ratio, abs=1e-3)
+    t.schedule = "wsd"
+    assert lr_at(50, t) == 1.0 and lr_at(100, t) == pytest.approx(t.min_lr_ratio)
