@@ -1,0 +1,236 @@
+"""AdamW with per-element ages, and the transfer of optimizer state across a growth event.
+
+``AdamW`` is numerically identical to ``torch.optim.AdamW`` (its single-tensor path, which torch uses on CPU
+and whenever foreach is off) as long as no state carries ``age`` or ``lr_scale``. Per-parameter state:
+
+    step        0-d float32 tensor on CPU, as torch (steps this optimizer took for the tensor)
+    exp_avg     first moment
+    exp_avg_sq  second moment
+    age         optional, float32 per element: steps this ELEMENT has been trained. Bias corrections use
+                age + 1 at this step, so an element added at growth (age 0) takes a first step of about lr, as in
+                a fresh Adam, not 1/(1 - beta1) ... times more (Variance-Transfer paper, appendix C: for Adam the
+                stage-wise adaptation is a per-sub-network step count)
+    lr_scale    optional, float32 per element: multiplier of the learning rate (and so of the decoupled weight
+                decay); the stage-wise LR adaptation of the VT paper stores its per-sub-network factor here.
+
+Only tensors in the state, so ``torch.distributed.checkpoint`` can save and reshard it.
+
+Transfer policies at growth (``transfer_optimizer_state``):
+    reset    fresh optimizer state (what most public growth code does)
+    map      moments mapped by the plan (exp_avg like the weights, exp_avg_sq with squared scales, fresh
+             elements by the operator's state policy), one global step count
+    map+age  as map, plus per-element ages: gathered elements keep theirs, fresh ones start at 0
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from nanogrow.grow.plan import GrowthPlan
+
+POLICIES = ("reset", "map", "map+age")
+
+
+class AdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, ages: bool = False):
+        """``ages=True`` tracks per-element ages from the first step (otherwise only states mapped by a growth
+        with policy map+age carry them)."""
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        self.track_ages = ages
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if self.track_ages:
+                        state["age"] = torch.zeros_like(p, dtype=torch.float32)
+                exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                step_t += 1
+                age, lr_scale = state.get("age"), state.get("lr_scale")
+                if age is None and lr_scale is None:
+                    # torch.optim.adam._single_tensor_adam (decoupled weight decay), operation for operation.
+                    if wd != 0:
+                        p.mul_(1 - lr * wd)
+                    exp_avg.lerp_(grad, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    step = step_t.item()
+                    bias_correction1 = 1 - beta1 ** step
+                    bias_correction2 = 1 - beta2 ** step
+                    step_size = lr / bias_correction1
+                    bias_correction2_sqrt = bias_correction2 ** 0.5
+                    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                    p.addcdiv_(exp_avg, denom, value=-step_size)
+                    continue
+                # Per-element path: bias corrections from each element's age, lr times each element's scale.
+                lr_t = lr if lr_scale is None else lr_scale * lr
+                if wd != 0:
+                    p.mul_(1 - lr_t * wd)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if age is not None:
+                    age.add_(1)
+                    # Bias corrections in float64 then rounded once, like torch's Python-float scalars: with
+                    # every age equal to the step this path gives bit-identical results to the scalar one.
+                    a64 = age.double()
+                    step_size = (lr_t / (1 - torch.pow(beta1, a64))).float()
+                    bc2_sqrt = (1 - torch.pow(beta2, a64)).sqrt_().float()
+                    del a64
+                else:
+                    step = step_t.item()
+                    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+                    step_size = lr_t / (1 - beta1 ** step)
+                denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+                if isinstance(step_size, torch.Tensor):
+                    # addcdiv computes p + (value * m) / denom; the same order keeps bit-equality with torch.
+                    p.addcdiv_(exp_avg * step_size.to(p.dtype).neg_(), denom)
+                else:
+                    p.addcdiv_(exp_avg, denom, value=-step_size)
+        return loss
+
+    def load_state_dict(self, state_dict):
+        # torch casts every floating state tensor but "step" to the parameter's dtype; ages and lr scales stay
+        # float32 (a bf16 age stops counting at 256).
+        keep = {pid: {k: v.clone() for k, v in st.items() if k in ("age", "lr_scale")}
+                for pid, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        for saved, p in zip(saved_ids, [p for g in self.param_groups for p in g["params"]]):
+            for k, v in keep.get(saved, {}).items():
+                self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State transfer
+# ----------------------------------------------------------------------------------------------------------
+
+def _state_reader(old_model, old_opt, kind: str):
+    params = dict(old_model.named_parameters())
+
+    def read(name: str) -> torch.Tensor:
+        p = params[name]
+        st = old_opt.state.get(p, {}) if old_opt is not None else {}
+        if kind in ("exp_avg", "exp_avg_sq"):
+            return st[kind] if kind in st else torch.zeros_like(p)
+        if kind == "age":
+            if "age" in st:
+                return st["age"]
+            step = float(st["step"]) if "step" in st else 0.0
+            return torch.full_like(p, step, dtype=torch.float32)
+        if kind == "lr_scale":
+            return st["lr_scale"] if "lr_scale" in st else torch.ones_like(p, dtype=torch.float32)
+        raise ValueError(kind)
+    return read
+
+
+def global_step(opt) -> float:
+    """The largest per-tensor step count of an optimizer (0 without state)."""
+    steps = [float(st["step"]) for st in opt.state.values() if "step" in st] if opt is not None else []
+    return max(steps, default=0.0)
+
+
+def transfer_optimizer_state(plan: GrowthPlan, old_model, old_opt, new_model, new_opt, policy: str = "map+age",
+                             lr_adapt: str | None = None) -> None:
+    """Fill ``new_opt``'s state for ``new_model``'s parameters from ``old_opt`` (torch or nanogrow AdamW) through
+    ``plan``, one parameter at a time. Param groups and hyper-parameters are the caller's (``grow`` copies them).
+    ``lr_adapt='vt'``: also store the Variance-Transfer stage-wise LR factor as per-element ``lr_scale``."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown optimizer transfer policy {policy!r}; known: {', '.join(POLICIES)}")
+    if lr_adapt not in (None, "vt"):
+        raise ValueError(f"lr_adapt must be None or 'vt', got {lr_adapt!r}")
+    if policy == "reset":
+        if lr_adapt is not None:
+            raise ValueError("lr_adapt needs mapped optimizer state; it cannot be combined with policy='reset'")
+        return
+    step = global_step(old_opt)
+    readers = {k: _state_reader(old_model, old_opt, k) for k in ("exp_avg", "exp_avg_sq", "age", "lr_scale")}
+    vt_scales = {}
+    if lr_adapt == "vt":
+        from nanogrow.grow.lr import stagewise_lr_scales
+        vt_scales = stagewise_lr_scales(plan, new_model, readers["lr_scale"])
+    for name, p in new_model.named_parameters():
+        pp = plan.targets[name]
+        st = {"step": torch.tensor(step, dtype=torch.float32)}
+        for k in ("exp_avg", "exp_avg_sq"):
+            st[k] = pp.materialize(readers[k], k, device=p.device, dtype=p.dtype)
+        if policy == "map+age":
+            age = pp.materialize(readers["age"], "age", device=p.device, dtype=torch.float32)
+            if not bool((age == step).all()):  # uniform ages: keep the fast scalar path
+                st["age"] = age
+        lr_scale = vt_scales.get(name)
+        if lr_scale is None:
+            lr_scale = pp.materialize(readers["lr_scale"], "lr_scale", device=p.device, dtype=torch.float32)
+        if not bool((lr_scale == 1).all()):
+            st["lr_scale"] = lr_scale
+        new_opt.state[p] = st
+
+
+def _group_key(name: str) -> str:
+    return re.sub(r"^layers\.\d+\.", "layers.*.", name)
+
+
+def grow(model, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None, lr_adapt: str | None = None):
+    """One-process growth: the grown model (built on meta, ``to_empty``, filled by the plan, masks set) and a
+    new nanogrow ``AdamW`` with the old param groups' hyper-parameters, its state transferred by ``policy``.
+    Everything is validated before anything is built; the old model and optimizer are left untouched.
+    ``optimizer=None`` returns (new_model, None). Keep ``plan.mask_ramp(step)`` to drive fade-in masks."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown optimizer transfer policy {policy!r}; known: {', '.join(POLICIES)}")
+    plan.check_model(model)
+    if optimizer is not None:
+        for g in optimizer.param_groups:
+            if g.get("amsgrad") or g.get("maximize"):
+                raise ValueError("grow: amsgrad / maximize param groups are not supported by nanogrow AdamW")
+    new_model = plan.apply_to_model(model, device=device)
+    if optimizer is None:
+        return new_model, None
+    old_names = {p: n for n, p in model.named_parameters()}
+    name_group: dict[str, int] = {}
+    key_group: dict[str, int] = {}
+    for gi, g in enumerate(optimizer.param_groups):
+        for p in g["params"]:
+            n = old_names.get(p)
+            if n is not None:
+                name_group[n] = gi
+                key_group.setdefault(_group_key(n), gi)
+    groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[]) for g in optimizer.param_groups]
+    for name, p in new_model.named_parameters():
+        src = plan.targets[name].primary_source
+        gi = name_group.get(src) if src is not None else None
+        if gi is None:
+            gi = key_group.get(_group_key(name), 0)
+        groups[gi]["params"].append(p)
+    groups = [g for g in groups if g["params"]]
+    track = getattr(optimizer, "track_ages", False)
+    defaults = optimizer.defaults
+    new_opt = AdamW(groups, lr=defaults.get("lr", 1e-3), betas=defaults.get("betas", (0.9, 0.999)),
+                    eps=defaults.get("eps", 1e-8), weight_decay=defaults.get("weight_decay", 1e-2), ages=track)
+    transfer_optimizer_state(plan, model, optimizer, new_model, new_opt, policy=policy, lr_adapt=lr_adapt)
+    return new_model, new_opt

@@ -1,0 +1,796 @@
+"""GrowthPlan: a pure description of how every parameter of a grown model is made from the old one.
+
+An operator (``depth.py``, ``width.py``) looks only at the old and new ``ModelConfig`` and returns a plan; no
+tensor is touched. The plan is then applied, ONE PARAMETER AT A TIME, to whatever holds the tensors: full
+tensors on one process (``apply_to_model``, ``optim.transfer_optimizer_state``), or later DTensor / ZeRO
+partitions, which only need ``plan.targets[name].sources`` and ``materialize``.
+
+Vocabulary
+----------
+* A target parameter (``ParamPlan``) is written by a list of ``Piece``s. A piece copies a sub-block of a
+  *source* into a sub-block of the target: per dimension an index map (``dst[d][k]`` in the target is fed by
+  ``src[d][k]`` of the source; ``None`` = the whole dimension, unchanged), times a scale (a scalar times, per
+  dimension, a per-index multiplier).
+* A source is either an old parameter (by name) or a ``Fresh`` tensor made from nothing: zeros, a constant, or a
+  normal draw whose generator is seeded from (plan seed, target name, a tag). Two pieces that read the same
+  ``Fresh`` with scales +1 and -1 make a +W/-W pair from one random draw. Because every draw has its own seed,
+  the same plan gives the same tensors on every process and in any application order.
+* The same pieces apply to every kind of per-element state (``KINDS``):
+  ``param`` and ``exp_avg`` take the gather times the scale, ``exp_avg_sq`` the gather times the SQUARED scale,
+  ``age`` (steps trained) and ``lr_scale`` (per-element learning-rate multiplier) are copied unscaled. A
+  ``Fresh`` source gives for the optimizer kinds its policy value (``zero`` or ``mean-of-source``: the mean of
+  that moment over an old tensor), age 0 and its ``lr_scale``. ``fresh`` is a diagnostic kind: 1 where an
+  element comes from a Fresh piece, 0 where it was gathered.
+* ``add`` pieces are added on top (only to the weights): Net2Net's symmetry-breaking noise is a +eps/-eps pair
+  added to the two halves of a split unit, which keeps their sum, hence the function.
+* Masks (MSG-style fade-in, Yao et al. 2024): the plan lists the mask buffers the grown model gets and which of
+  their elements are new (fading 0 -> 1 over ``fade_steps``); ``MaskRamp`` is the small checkpointable state
+  that gives mask values at a step and removes the masks when the ramp ends.
+
+Plans compose (``compose(a, b)``: b's sources are a's targets): gathers of gathers are gathers, gathers of
+Fresh stay Fresh with the same seed, masks follow their units. A joint depth+width growth is one composed plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Mapping
+
+import torch
+
+from nanogrow.model import ModelConfig, Transformer
+
+KINDS = ("param", "exp_avg", "exp_avg_sq", "age", "lr_scale", "fresh")
+STATE_POLICIES = ("zero", "mean-of-source")
+
+# Fields that describe the shape and may grow; fields that must stay equal across a growth event.
+SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "d_ff")
+FIXED_FIELDS = ("vocab_size", "max_seq_len", "rope_theta", "tie_embeddings")
+
+LAYER_PARAMS = (
+    "attn_norm.weight", "attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight",
+    "mlp_norm.weight", "mlp.w_gate.weight", "mlp.w_up.weight", "mlp.w_down.weight",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config helpers (no tensors)
+# ----------------------------------------------------------------------------------------------------------
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of ``Transformer(cfg)``, in ``named_parameters`` order."""
+    c = cfg.resolved()
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (c.vocab_size, c.d_model)}
+    per_layer = {
+        "attn_norm.weight": (c.d_model,), "attn.wq.weight": (q, c.d_model), "attn.wk.weight": (kv, c.d_model),
+        "attn.wv.weight": (kv, c.d_model), "attn.wo.weight": (c.d_model, q), "mlp_norm.weight": (c.d_model,),
+        "mlp.w_gate.weight": (c.d_ff, c.d_model), "mlp.w_up.weight": (c.d_ff, c.d_model),
+        "mlp.w_down.weight": (c.d_model, c.d_ff),
+    }
+    for i in range(c.n_layer):
+        for suffix in LAYER_PARAMS:
+            shapes[f"layers.{i}.{suffix}"] = per_layer[suffix]
+    shapes["norm.weight"] = (c.d_model,)
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.d_model)
+    return shapes
+
+
+def mask_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every growth-mask buffer the model can carry."""
+    c = cfg.resolved()
+    out: dict[str, tuple[int, ...]] = {"resid_mask": (c.d_model,)}
+    for i in range(c.n_layer):
+        out[f"layers.{i}.block_mask"] = ()
+        out[f"layers.{i}.attn.head_mask"] = (c.n_head,)
+        out[f"layers.{i}.mlp.unit_mask"] = (c.d_ff,)
+    return out
+
+
+def shape_dict(cfg: ModelConfig) -> dict:
+    c = cfg.resolved()
+    return {k: getattr(c, k) for k in SHAPE_FIELDS}
+
+
+def check_growth(old: ModelConfig, new: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
+    """Validate a growth old -> new and return resolved copies. Raises ValueError naming the key."""
+    if not isinstance(old, ModelConfig) or not isinstance(new, ModelConfig):
+        raise ValueError(f"old and new configs must be ModelConfig, got {type(old).__name__}, {type(new).__name__}")
+    old.validate("old"), new.validate("new")
+    o, n = old.resolved(), new.resolved()
+    for k in FIXED_FIELDS:
+        if getattr(o, k) != getattr(n, k):
+            raise ValueError(f"{k} cannot change across growth (old {getattr(o, k)!r}, new {getattr(n, k)!r})")
+    for k in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff"):
+        if getattr(n, k) < getattr(o, k):
+            raise ValueError(f"growth cannot shrink {k}: old {getattr(o, k)}, new {getattr(n, k)}")
+    if n.head_dim != o.head_dim:
+        raise ValueError(
+            f"head_dim cannot change across growth (old {o.head_dim}, new {n.head_dim}): RoPE frequencies depend "
+            "on it. Grow n_head together with d_model, or set head_dim explicitly")
+    g_old, g_new = o.n_head // o.n_kv_head, n.n_head // n.n_kv_head
+    if g_new < g_old:
+        raise ValueError(
+            f"query heads per kv group cannot shrink (old n_head/n_kv_head={g_old}, new {g_new}): every old query "
+            "head must stay in its old key/value group")
+    return o, n
+
+
+def derive_seed(*parts) -> int:
+    """A stable 63-bit seed from anything printable: same inputs, same seed, on every process and platform."""
+    h = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Fresh:
+    """A source tensor made from nothing. ``shape`` is the shape of the draw (pieces gather from it)."""
+
+    shape: tuple[int, ...]
+    init: str = "zeros"  # "zeros" | "const" | "normal"
+    std: float = 0.0  # normal
+    value: float = 0.0  # const
+    seed: int = 0  # normal: the draw's generator seed
+    state: str = "zero"  # optimizer moments of these elements: "zero" | "mean-of-source"
+    like: str | None = None  # old parameter whose moment mean "mean-of-source" uses
+    lr_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.init not in ("zeros", "const", "normal"):
+            raise ValueError(f"Fresh.init must be zeros, const or normal, got {self.init!r}")
+        if self.state not in STATE_POLICIES:
+            raise ValueError(f"Fresh.state must be one of {STATE_POLICIES}, got {self.state!r}")
+
+    def make(self, kind: str, read: Callable[[str], torch.Tensor] | None, device, dtype) -> torch.Tensor:
+        if kind == "param":
+            if self.init == "normal":
+                # Drawn on CPU in fp32 from its own generator: identical bits everywhere, whatever the device.
+                gen = torch.Generator(device="cpu").manual_seed(self.seed)
+                t = torch.randn(self.shape, generator=gen, dtype=torch.float32) * self.std
+            elif self.init == "const":
+                t = torch.full(self.shape, float(self.value), dtype=torch.float32)
+            else:
+                t = torch.zeros(self.shape, dtype=torch.float32)
+            return t.to(device=device, dtype=dtype)
+        if kind in ("exp_avg", "exp_avg_sq"):
+            if self.state == "mean-of-source" and self.like is not None and read is not None:
+                return torch.full(self.shape, float(read(self.like).float().mean()), device=device, dtype=dtype)
+            return torch.zeros(self.shape, device=device, dtype=dtype)
+        if kind == "age":
+            return torch.zeros(self.shape, device=device, dtype=dtype)
+        if kind == "lr_scale":
+            return torch.full(self.shape, float(self.lr_scale), device=device, dtype=dtype)
+        if kind == "fresh":
+            return torch.ones(self.shape, device=device, dtype=dtype)
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+
+    def describe(self) -> str:
+        s = {"zeros": "zeros", "const": f"const {self.value:.4g}", "normal": f"normal(std={self.std:.3g})"}
+        return s[self.init]
+
+
+Index = torch.Tensor  # 1-D int64 on CPU
+
+
+def _arange(n: int) -> Index:
+    return torch.arange(n, dtype=torch.long)
+
+
+def _as_index(x) -> Index | None:
+    if x is None:
+        return None
+    return torch.as_tensor(x, dtype=torch.long).reshape(-1)
+
+
+@dataclass(eq=False)
+class Piece:
+    """target[dst] = source[src] * scale (or += for ``add`` pieces).
+
+    ``dst[d]``/``src[d]``: 1-D index tensors of equal length, or both None (whole dimension, unchanged).
+    ``dim_scales[d]``: None or a float64 multiplier per position of ``dst[d]``.
+    """
+
+    source: str | Fresh
+    dst: tuple[Index | None, ...]
+    src: tuple[Index | None, ...]
+    scale: float = 1.0
+    dim_scales: tuple[torch.Tensor | None, ...] = ()
+    add: bool = False
+
+    def __post_init__(self):
+        self.dst = tuple(_as_index(x) for x in self.dst)
+        self.src = tuple(_as_index(x) for x in self.src)
+        if not self.dim_scales:
+            self.dim_scales = (None,) * len(self.dst)
+        self.dim_scales = tuple(None if s is None else torch.as_tensor(s, dtype=torch.float64).reshape(-1)
+                                for s in self.dim_scales)
+        if not (len(self.dst) == len(self.src) == len(self.dim_scales)):
+            raise ValueError("Piece: dst, src and dim_scales need one entry per dimension")
+        for d, (a, b) in enumerate(zip(self.dst, self.src)):
+            if (a is None) != (b is None) or (a is not None and len(a) != len(b)):
+                raise ValueError(f"Piece: dst and src index maps of dim {d} differ in length")
+            s = self.dim_scales[d]
+            if s is not None and (a is None or len(s) != len(a)):
+                raise ValueError(f"Piece: dim_scales of dim {d} must align with an explicit dst index map")
+
+    @property
+    def is_fresh(self) -> bool:
+        return isinstance(self.source, Fresh)
+
+    def scale_tensor(self, power: int, like: torch.Tensor) -> torch.Tensor | float:
+        """The per-element multiplier (scale * outer(dim_scales)) ** power, broadcastable to the block."""
+        total: torch.Tensor | float = float(self.scale) ** power
+        n = len(self.dst)
+        for d, s in enumerate(self.dim_scales):
+            if s is None:
+                continue
+            shape = [1] * n
+            shape[d] = -1
+            total = total * (s ** power).view(shape)
+        if isinstance(total, torch.Tensor):
+            return total.to(device=like.device, dtype=like.dtype)
+        return total
+
+
+def copy_piece(name: str, ndim: int) -> Piece:
+    """The whole source, unchanged."""
+    return Piece(name, (None,) * ndim, (None,) * ndim)
+
+
+def _block_shape(piece: Piece, target_shape: tuple[int, ...], source_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(source_shape[d] if piece.src[d] is None else len(piece.src[d]) for d in range(len(target_shape)))
+
+
+def _gather(t: torch.Tensor, src: tuple[Index | None, ...]) -> torch.Tensor:
+    for d, ix in enumerate(src):
+        if ix is not None:
+            t = t.index_select(d, ix.to(t.device))
+    return t
+
+
+def _write(out: torch.Tensor, dst: tuple[Index | None, ...], vals: torch.Tensor, add: bool) -> None:
+    adv = [d for d, ix in enumerate(dst) if ix is not None]
+    if not adv:
+        out.add_(vals) if add else out.copy_(vals)
+    elif len(adv) == 1:
+        d = adv[0]
+        ix = dst[d].to(out.device)
+        out.index_add_(d, ix, vals) if add else out.index_copy_(d, ix, vals)
+    else:
+        n = out.dim()
+        idx = []
+        for d in range(n):
+            ix = dst[d] if dst[d] is not None else _arange(out.shape[d])
+            shape = [1] * n
+            shape[d] = -1
+            idx.append(ix.to(out.device).view(shape))
+        out.index_put_(tuple(idx), vals.expand(torch.broadcast_shapes(*[i.shape for i in idx])), accumulate=add)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ParamPlan
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class ParamPlan:
+    """How one target parameter is made. Apply it alone: ``materialize(read, kind)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    pieces: list[Piece] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[str]:
+        """Names of old parameters this target reads (gathers, and ``mean-of-source`` references)."""
+        out: list[str] = []
+        for p in self.pieces:
+            n = p.source.like if isinstance(p.source, Fresh) else p.source
+            if isinstance(p.source, Fresh) and p.source.state != "mean-of-source":
+                n = None
+            if n is not None and n not in out:
+                out.append(n)
+        return out
+
+    @property
+    def primary_source(self) -> str | None:
+        """The first gathered old parameter (the one whose param group / hyper-parameters the target inherits)."""
+        for p in self.pieces:
+            if not p.is_fresh:
+                return p.source
+        return None
+
+    @property
+    def copies_whole(self) -> str | None:
+        """Source name if this target is an unchanged copy of one old parameter, else None."""
+        if len(self.pieces) == 1:
+            p = self.pieces[0]
+            if not p.is_fresh and not p.add and p.scale == 1.0 and all(x is None for x in p.dst):
+                return p.source
+        return None
+
+    def materialize(self, read: Callable[[str], torch.Tensor], kind: str = "param", *,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Build this target for ``kind`` from ``read(old_name) -> tensor of that kind``.
+
+        Only ``self.sources`` are read. Weights and first moments take gather * scale, second moments gather *
+        scale**2, ages and lr scales are copied; Fresh pieces give their policy value (see module docstring).
+        ``device``/``dtype`` default to those of the first tensor read (else CPU fp32).
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+        cache: dict[int, torch.Tensor] = {}
+        reads: dict[str, torch.Tensor] = {}
+
+        def rd(name: str) -> torch.Tensor:
+            if name not in reads:
+                reads[name] = read(name)
+            return reads[name]
+
+        if device is None or dtype is None:
+            first = next((p.source for p in self.pieces if not p.is_fresh), None)
+            if first is not None and kind != "fresh":
+                t = rd(first)
+                device = t.device if device is None else device
+                dtype = t.dtype if dtype is None else dtype
+        device = torch.device("cpu") if device is None else torch.device(device)
+        dtype = torch.float32 if dtype is None else dtype
+        out = torch.zeros(self.shape, device=device, dtype=dtype)
+        power = {"param": 1, "exp_avg": 1, "exp_avg_sq": 2}.get(kind, 0)
+        # Set-pieces first, then additive ones (Net2Net noise) on top; additive pieces touch only the weights.
+        for p in sorted(self.pieces, key=lambda q: q.add):
+            if p.add and kind != "param":
+                continue
+            if p.is_fresh:
+                key = id(p.source)
+                if key not in cache:
+                    cache[key] = p.source.make(kind, rd, device, dtype)
+                src = cache[key]
+            elif kind == "fresh":
+                vals = torch.zeros(_block_shape(p, self.shape, self.shape), device=device, dtype=dtype)
+                _write(out, p.dst, vals, p.add)
+                continue
+            else:
+                src = rd(p.source)
+            vals = _gather(src.to(device=device, dtype=dtype), p.src)
+            if power:
+                s = p.scale_tensor(power, vals)
+                if not (isinstance(s, float) and s == 1.0):
+                    vals = vals * s
+            _write(out, p.dst, vals, p.add)
+        return out
+
+    def check(self, source_shapes: dict[str, tuple[int, ...]]) -> None:
+        """Raise if the set-pieces do not cover every element exactly once or index out of range (for tests)."""
+        hits = torch.zeros(self.shape, dtype=torch.int32)
+        for p in self.pieces:
+            src_shape = p.source.shape if p.is_fresh else source_shapes[p.source]
+            if len(src_shape) != len(self.shape):
+                raise AssertionError(f"{self.name}: piece from {p.source} has rank {len(src_shape)}")
+            for d in range(len(self.shape)):
+                if p.dst[d] is None:
+                    if src_shape[d] != self.shape[d]:
+                        raise AssertionError(f"{self.name}: whole-dim piece from {p.source} has size mismatch")
+                else:
+                    if len(p.dst[d]) and (p.dst[d].max() >= self.shape[d] or p.src[d].max() >= src_shape[d]):
+                        raise AssertionError(f"{self.name}: index out of range in dim {d}")
+            if not p.add:
+                _write(hits, p.dst, torch.ones(_block_shape(p, self.shape, src_shape), dtype=torch.int32), True)
+        if not bool((hits == 1).all()):
+            raise AssertionError(f"{self.name}: {(hits == 0).sum()} elements uncovered, {(hits > 1).sum()} twice")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks and their ramp
+# ----------------------------------------------------------------------------------------------------------
+
+def _ranges(flat: torch.Tensor) -> list[list[int]]:
+    """Sorted flat indices -> [[start, stop), ...] runs (compact JSON)."""
+    idx = flat.tolist()
+    out: list[list[int]] = []
+    for i in idx:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+@dataclass
+class MaskRamp:
+    """Checkpointable state of an MSG-style fade-in: masks are 1 on old elements and m(step) on fading ones,
+    m rising linearly from 0 at ``start_step`` to 1 at ``start_step + steps``; after that the masks are removed
+    (set to None) so the steady state costs nothing. JSON-able via ``to_dict``/``from_dict``."""
+
+    start_step: int
+    steps: int
+    masks: dict[str, dict] = field(default_factory=dict)  # name -> {"shape": [...], "fading": [[a, b), ...]}
+
+    def value(self, step: int) -> float:
+        if self.steps <= 0:
+            return 1.0
+        return min(max((step - self.start_step) / self.steps, 0.0), 1.0)
+
+    def done(self, step: int) -> bool:
+        return self.value(step) >= 1.0
+
+    def mask_values(self, step: int, device=None) -> dict[str, torch.Tensor | None]:
+        m = self.value(step)
+        out: dict[str, torch.Tensor | None] = {}
+        for name, spec in self.masks.items():
+            if m >= 1.0:
+                out[name] = None
+                continue
+            shape = tuple(spec["shape"])
+            t = torch.ones(math.prod(shape), dtype=torch.float32)
+            for a, b in spec["fading"]:
+                t[a:b] = m
+            out[name] = t.view(shape).to(device)
+        return out
+
+    def apply(self, model: torch.nn.Module, step: int) -> bool:
+        """Set the model's mask buffers for ``step``; returns True once the ramp is over (masks removed)."""
+        device = next(model.parameters()).device
+        for name, val in self.mask_values(step, device).items():
+            set_buffer(model, name, val)
+        return self.done(step)
+
+    def to_dict(self) -> dict:
+        return {"start_step": self.start_step, "steps": self.steps, "masks": copy.deepcopy(self.masks)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MaskRamp":
+        return cls(int(d["start_step"]), int(d["steps"]), copy.deepcopy(d.get("masks", {})))
+
+
+def set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor | None) -> None:
+    mod_name, _, buf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if buf not in mod._buffers:
+        raise KeyError(f"{name} is not a buffer of the model")
+    mod._buffers[buf] = value
+
+
+def active_masks(model: torch.nn.Module) -> list[str]:
+    names = set(mask_shapes(model.config))
+    return [n for n, b in model.named_buffers() if n in names and b is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GrowthPlan
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class GrowthPlan:
+    op: str
+    options: dict
+    old_cfg: ModelConfig
+    new_cfg: ModelConfig
+    seed: int
+    targets: dict[str, ParamPlan]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # buffer name -> bool "fading" tensor
+    fade_steps: int = 0
+    parts: list["GrowthPlan"] = field(default_factory=list)  # for compositions
+    notes: list[str] = field(default_factory=list)  # operator remarks for describe()
+
+    # --- introspection --------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Full consistency check (tests): targets match the new model's parameters, every element is covered
+        exactly once, sources exist in the old model, masks have the right shapes."""
+        new_shapes, old_shapes = param_shapes(self.new_cfg), param_shapes(self.old_cfg)
+        if list(self.targets) != list(new_shapes):
+            raise AssertionError(f"plan targets {sorted(set(self.targets) ^ set(new_shapes))} differ from the model")
+        for name, pp in self.targets.items():
+            if tuple(pp.shape) != tuple(new_shapes[name]):
+                raise AssertionError(f"{name}: plan shape {pp.shape} != model {new_shapes[name]}")
+            for s in pp.sources:
+                if s not in old_shapes:
+                    raise AssertionError(f"{name} reads unknown old parameter {s}")
+            pp.check(old_shapes)
+        ms = mask_shapes(self.new_cfg)
+        for name, m in self.masks.items():
+            if name not in ms or tuple(m.shape) != ms[name]:
+                raise AssertionError(f"mask {name} has a wrong name or shape")
+
+    def describe(self) -> str:
+        o, n = self.old_cfg, self.new_cfg
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "parts")
+        lines = [f"growth plan: {self.op}({opts}) seed={self.seed}"]
+        for k in SHAPE_FIELDS:
+            a, b = getattr(o, k), getattr(n, k)
+            if a != b:
+                lines.append(f"  {k}: {a} -> {b}")
+        if n.norm_eps != o.norm_eps:
+            lines.append(f"  norm_eps: {o.norm_eps:g} -> {n.norm_eps:g}")
+        layer_src = []
+        for i in range(n.n_layer):
+            src = self.targets[f"layers.{i}.attn_norm.weight"].primary_source
+            m = re.match(r"layers\.(\d+)\.", src) if src else None
+            wo = self.targets[f"layers.{i}.attn.wo.weight"].pieces
+            if all(p.is_fresh and p.source.init == "zeros" for p in wo):  # identity block
+                layer_src.append(f"id({m.group(1)})" if m else "id")
+            else:
+                layer_src.append(m.group(1) if m else "new")
+        if n.n_layer != o.n_layer:
+            lines.append("  layers <- old: " + " ".join(f"{i}<-{s}" for i, s in enumerate(layer_src)))
+        total = fresh = 0
+        for pp in self.targets.values():
+            total += math.prod(pp.shape)
+            # Set-pieces never overlap, so fresh elements = sum of the fresh blocks' sizes (no tensors built).
+            fresh += sum(math.prod(pp.shape[d] if p.dst[d] is None else len(p.dst[d]) for d in range(len(pp.shape)))
+                         for p in pp.pieces if p.is_fresh and not p.add)
+        lines.append(f"  params: {sum(math.prod(s) for s in param_shapes(o).values()):,} -> {total:,} "
+                     f"({fresh:,} fresh elements, {total - fresh:,} gathered)")
+        if self.masks:
+            kinds = sorted({re.sub(r"layers\.\d+\.", "layers.*.", k) for k in self.masks})
+            lines.append(f"  masks: {len(self.masks)} buffers ({', '.join(kinds)}) fading in over "
+                         f"{self.fade_steps} steps")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        for p in self.parts:
+            lines.extend("  | " + s for s in p.describe().splitlines())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-able record for the growth history; ``from_dict`` rebuilds the identical plan."""
+        d = {"op": self.op, "options": _jsonable(self.options), "seed": self.seed,
+             "old": asdict(self.old_cfg), "new": asdict(self.new_cfg), "fade_steps": self.fade_steps}
+        if self.parts:
+            d["parts"] = [p.to_dict() for p in self.parts]
+        json.dumps(d)  # fail here, not in the checkpoint writer
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "GrowthPlan":
+        from nanogrow.grow import make_plan  # the registry imports this module
+
+        if d["op"] == "compose":
+            return functools.reduce(compose, [GrowthPlan.from_dict(p) for p in d["parts"]])
+        return make_plan(d["op"], ModelConfig(**d["old"]), ModelConfig(**d["new"]), seed=d["seed"], **d["options"])
+
+    # --- masks ----------------------------------------------------------------------------------------------
+    def mask_ramp(self, start_step: int) -> MaskRamp | None:
+        """The fade-in state to keep (and checkpoint) from the growth step on; None when nothing fades."""
+        if not self.masks:
+            return None
+        specs = {name: {"shape": list(m.shape), "fading": _ranges(m.reshape(-1).nonzero().flatten())}
+                 for name, m in self.masks.items()}
+        return MaskRamp(int(start_step), int(self.fade_steps), specs)
+
+    def initial_mask_values(self, device=None) -> dict[str, torch.Tensor]:
+        return {name: (~m).to(dtype=torch.float32, device=device) for name, m in self.masks.items()}
+
+    # --- one-process application ----------------------------------------------------------------------------
+    def apply(self, source: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor], kind: str = "param",
+              **kw) -> dict[str, torch.Tensor]:
+        """Every target of ``kind`` from old tensors (a state dict, or a ``read(name)`` function)."""
+        read = source.__getitem__ if isinstance(source, Mapping) else source
+        return {name: pp.materialize(read, kind, **kw) for name, pp in self.targets.items()}
+
+    def check_model(self, model: Transformer) -> None:
+        """Raise ValueError (before anything changes) if ``model`` is not what this plan grows."""
+        c = getattr(model, "config", None)
+        if c is None or shape_dict(c) != shape_dict(self.old_cfg):
+            got = shape_dict(c) if c is not None else None
+            raise ValueError(f"the model's shape {got} is not the plan's old shape {shape_dict(self.old_cfg)}")
+        for k in FIXED_FIELDS:
+            if getattr(c, k) != getattr(self.old_cfg, k):
+                raise ValueError(f"the model's {k}={getattr(c, k)!r} differs from the plan's "
+                                 f"{getattr(self.old_cfg, k)!r}")
+        names = [n for n, _ in model.named_parameters()]
+        if names != list(param_shapes(self.old_cfg)):
+            raise ValueError("the model's parameter names are not those of nanogrow.model.Transformer")
+        act = active_masks(model)
+        if act:
+            raise ValueError(f"the model still has active growth masks ({', '.join(act[:3])}...): finish the "
+                             "previous fade-in (MaskRamp.apply until done) before growing again")
+
+    def apply_to_model(self, old_model: Transformer, new_cfg: ModelConfig | None = None,
+                       device: torch.device | str | None = None) -> Transformer:
+        """Build the grown model: on the meta device, ``to_empty``, every parameter filled by its ParamPlan
+        (one at a time), masks set to their growth-step values. ``new_cfg`` is optional and only checked: the
+        plan's ``new_cfg`` is authoritative (a d_model operator may have rescaled ``norm_eps``)."""
+        self.check_model(old_model)
+        if new_cfg is not None and shape_dict(new_cfg) != shape_dict(self.new_cfg):
+            raise ValueError(f"new_cfg shape {shape_dict(new_cfg)} is not the plan's {shape_dict(self.new_cfg)}")
+        old_params = dict(old_model.named_parameters())
+        ref = next(iter(old_params.values()))
+        device = ref.device if device is None else torch.device(device)
+        with torch.device("meta"):
+            new_model = Transformer(replace(self.new_cfg))
+        new_model.to_empty(device=device)
+        with torch.no_grad():
+            for name, p in new_model.named_parameters():
+                t = self.targets[name].materialize(lambda n: old_params[n].detach(), "param",
+                                                   device=device, dtype=p.dtype)
+                p.copy_(t)
+                p.requires_grad_(old_params[self.targets[name].primary_source].requires_grad
+                                 if self.targets[name].primary_source else True)
+        new_model.reset_rope()
+        for name, val in self.initial_mask_values(device).items():
+            set_buffer(new_model, name, val)
+        new_model.train(old_model.training)
+        return new_model
+
+    def apply_to_optimizer(self, old_model, old_opt, new_model, new_opt, policy: str = "map+age",
+                           lr_adapt: str | None = None) -> None:
+        from nanogrow.grow.optim import transfer_optimizer_state
+
+        transfer_optimizer_state(self, old_model, old_opt, new_model, new_opt, policy=policy, lr_adapt=lr_adapt)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, ModelConfig):
+        return asdict(x)
+    return x
+
+
+def identity_targets(cfg: ModelConfig) -> dict[str, ParamPlan]:
+    """Every parameter copied unchanged (the starting point operators modify)."""
+    return {n: ParamPlan(n, s, [copy_piece(n, len(s))]) for n, s in param_shapes(cfg).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Composition
+# ----------------------------------------------------------------------------------------------------------
+
+def _full(ix: Index | None, n: int) -> Index:
+    return _arange(n) if ix is None else ix
+
+
+def _simplify(ix_dst: Index, ix_src: Index, n_dst: int, n_src: int):
+    if n_dst == n_src and len(ix_dst) == n_dst and torch.equal(ix_dst, _arange(n_dst)) and \
+            torch.equal(ix_src, _arange(n_src)):
+        return None, None
+    return ix_dst, ix_src
+
+
+def _compose_piece(pb: Piece, a_plan: ParamPlan, b_shape, a_shapes_src) -> list[Piece]:
+    """Pieces of (b-piece reading a-target) expressed on a's sources."""
+    out = []
+    n = len(b_shape)
+    s_shape = a_plan.shape
+    for pa in a_plan.pieces:
+        if pa.add and pb.add:
+            continue
+        src_shape = pa.source.shape if pa.is_fresh else a_shapes_src[pa.source]
+        dsts, srcs, scales = [], [], []
+        empty = False
+        for d in range(n):
+            b_src = _full(pb.src[d], s_shape[d])
+            b_dst = _full(pb.dst[d], b_shape[d])
+            a_dst = _full(pa.dst[d], s_shape[d])
+            a_src = _full(pa.src[d], src_shape[d])
+            inv = torch.full((s_shape[d],), -1, dtype=torch.long)
+            inv[a_dst] = _arange(len(a_dst))
+            j = inv[b_src]
+            sel = j >= 0
+            if not bool(sel.any()):
+                empty = True
+                break
+            jj = j[sel]
+            nd, ns = b_dst[sel], a_src[jj]
+            sc = None
+            if pb.dim_scales[d] is not None or pa.dim_scales[d] is not None:
+                sc = torch.ones(len(nd), dtype=torch.float64)
+                if pb.dim_scales[d] is not None:
+                    sc = sc * pb.dim_scales[d][sel]
+                if pa.dim_scales[d] is not None:
+                    sc = sc * pa.dim_scales[d][jj]
+            if sc is None:
+                nd, ns = _simplify(nd, ns, b_shape[d], src_shape[d])
+            dsts.append(nd), srcs.append(ns), scales.append(sc)
+        if empty:
+            continue
+        out.append(Piece(pa.source, tuple(dsts), tuple(srcs), pb.scale * pa.scale, tuple(scales),
+                         add=pa.add or pb.add))
+    return out
+
+
+_ANCHORS = (  # mask buffer -> (parameter whose unit index it shares, dim, stride per mask element)
+    (re.compile(r"^(layers\.\d+)\.mlp\.unit_mask$"), "mlp.w_down.weight", 1),
+    (re.compile(r"^(layers\.\d+)\.attn\.head_mask$"), "attn.wo.weight", 1),
+    (re.compile(r"^(layers\.\d+)\.block_mask$"), "attn_norm.weight", None),
+)
+
+
+def _anchor(mask_name: str, cfg: ModelConfig):
+    if mask_name == "resid_mask":
+        return "norm.weight", 0, 1
+    for pat, suffix, dim in _ANCHORS:
+        m = pat.match(mask_name)
+        if m:
+            stride = cfg.head_dim if suffix == "attn.wo.weight" else 1
+            return f"{m.group(1)}.{suffix}", dim, stride
+    raise KeyError(mask_name)
+
+
+def _mask_for_param(param_name: str, mask_kind: str) -> str:
+    m = re.match(r"^(layers\.\d+)\.", param_name)
+    if mask_kind == "resid_mask":
+        return "resid_mask"
+    return f"{m.group(1)}.{mask_kind}" if m else ""
+
+
+def _carry_masks(a: GrowthPlan, b: GrowthPlan) -> dict[str, torch.Tensor]:
+    """a's fading masks expressed in b's target space, following the units they mask through b's pieces."""
+    out: dict[str, torch.Tensor] = {}
+    if not a.masks:
+        return out
+    for name, shape in mask_shapes(b.new_cfg).items():
+        anchor, dim, stride = _anchor(name, b.new_cfg)
+        kind = re.sub(r"^layers\.\d+\.", "", name)  # "attn.head_mask", "mlp.unit_mask", "block_mask", "resid_mask"
+        pp = b.targets[anchor]
+        if dim is None:  # block mask: follows the layer its norm gain came from
+            src = pp.primary_source
+            src_mask = _mask_for_param(src, kind) if src else None
+            if src_mask in a.masks and bool(a.masks[src_mask]):
+                out[name] = torch.tensor(True)
+            continue
+        fading = torch.zeros(shape, dtype=torch.bool)
+        n_units = shape[0]
+        for p in pp.pieces:
+            if p.is_fresh or p.add:
+                continue
+            src_mask = _mask_for_param(p.source, kind)
+            if src_mask not in a.masks:
+                continue
+            a_anchor, _, a_stride = _anchor(src_mask, a.new_cfg)
+            dst = _full(p.dst[dim], pp.shape[dim])
+            srcix = _full(p.src[dim], a.targets[p.source].shape[dim])
+            fading[dst // stride] |= a.masks[src_mask][srcix // a_stride]
+        if bool(fading.any()):
+            assert fading.numel() == n_units
+            out[name] = fading
+    return out
+
+
+def compose(a: GrowthPlan, b: GrowthPlan) -> GrowthPlan:
+    """One plan equal to applying ``a`` then ``b`` (b's sources are a's targets): same weights, moments, ages,
+    lr scales and masks as the two applied in sequence, but each parameter built in one pass from the old one."""
+    if shape_dict(b.old_cfg) != shape_dict(a.new_cfg) or b.old_cfg.norm_eps != a.new_cfg.norm_eps:
+        raise ValueError(f"compose(a, b): b grows from {shape_dict(b.old_cfg)} but a grows to "
+                         f"{shape_dict(a.new_cfg)}")
+    if a.masks and b.masks and a.fade_steps != b.fade_steps:
+        raise ValueError(f"compose(a, b): both plans fade masks in but over different lengths "
+                         f"({a.fade_steps} and {b.fade_steps} steps); use one fade_steps")
+    old_shapes = param_shapes(a.old_cfg)
+    like_map: dict[int, Fresh] = {}
+
+    def remap_like(f: Fresh) -> Fresh:
+        if f.like is None or f.like not in a.targets:
+            return f
+        if id(f) not in like_map:  # one replacement per Fresh, so +W/-W twins keep sharing it
+            like_map[id(f)] = replace(f, like=a.targets[f.like].primary_source)
+        return like_map[id(f)]
+
+    targets: dict[str, ParamPlan] = {}
+    for name, pb in b.targets.items():
+        pieces: list[Piece] = []
+        for p in pb.pieces:
+            if p.is_fresh:
+                pieces.append(Piece(remap_like(p.source), p.dst, p.src, p.scale, p.dim_scales, p.add))
+            else:
+                pieces.extend(_compose_piece(p, a.targets[p.source], pb.shape, old_shapes))
+        targets[name] = ParamPlan(name, pb.shape, pieces)
+    masks = _carry_masks(a, b)
+    for k, m in b.masks.items():
+        masks[k] = masks[k] | m if k in masks else m.clone()
+    masks = {k: masks[k] for k in mask_shapes(b.new_cfg) if k in masks}
+    parts = (a.parts if a.op == "compose" else [a]) + (b.parts if b.op == "compose" else [b])
+    return GrowthPlan("compose", {}, a.old_cfg, b.new_cfg, a.seed, targets, masks,
+                      max(a.fade_steps if a.masks else 0, b.fade_steps if b.masks else 0), parts)
