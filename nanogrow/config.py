@@ -56,10 +56,44 @@ class TrainConfig:
 
 
 @dataclass
+class GrowthConfig:
+    """Defaults for every growth event, and how stage boundaries are placed when stages do not give them."""
+
+    schedule: str = "manual"  # manual (each [[stage]] says at_*) | equal-tokens | equal-flops | exponential
+    exp_ratio: float = 2.0  # exponential: each stage gets this many times the tokens of the previous one
+    op: str = "stack"  # default operator
+    optimizer: str = "map+age"  # reset | map | map+age: what happens to Adam's moments at growth
+    lr_policy: str = "rewarm"  # continue | rewarm | rewind
+    rewarm_steps: int = 20  # rewarm / rewind: linear ramp length after each growth
+    rewarm_start: float = 0.1  # the ramp starts at this fraction of the scheduled lr
+    lr_adapt: str = "none"  # none | vt (Variance-Transfer stage-wise lr scaling of new sub-networks)
+    seed: int = 0  # randomness of fresh pieces; stage i uses seed + i
+    eval_at_growth: bool = True  # validation loss just before and after each growth event
+
+
+@dataclass
+class StageConfig:
+    """One growth event and the stage that follows it. Stage 0 is [model]; stage i >= 1 is the i-th [[stage]]."""
+
+    shape: dict = field(default_factory=dict)  # ModelConfig fields that change, e.g. { n_layer = 8 }
+    op: str = ""  # operator; "" = growth.op
+    options: dict = field(default_factory=dict)  # operator options
+    at_step: int = -1  # when the event fires (manual schedule): first step of this stage,
+    at_tokens: int = -1  # ... or the token count,
+    at_flops: float = -1.0  # ... or the FLOP count at which it fires
+    micro_batch: int = 0  # 0 = unchanged; small early stages can fill the device with larger batches
+    lr: float = 0.0  # 0 = train.lr; otherwise this stage's peak lr (scales the whole schedule)
+    optimizer: str = ""  # "" = growth.optimizer
+    lr_policy: str = ""  # "" = growth.lr_policy
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    stage: list[StageConfig] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,12 +106,16 @@ class RunConfig:
         validate(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "growth": GrowthConfig}
 
 CHOICES = {
     "train.device": None,  # free-form, checked below
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.schedule": ("cosine", "wsd", "constant"),
+    "growth.schedule": ("manual", "equal-tokens", "equal-flops", "exponential"),
+    "growth.optimizer": ("reset", "map", "map+age"),
+    "growth.lr_policy": ("continue", "rewarm", "rewind"),
+    "growth.lr_adapt": ("none", "vt"),
 }
 
 
@@ -107,7 +145,15 @@ def _build(cls, d: dict, prefix: str, source: str):
             raise ConfigError(f"{source}: unknown key {full!r}; allowed keys{' in [' + prefix.rstrip('.') + ']' if prefix else ''}: "
                               f"{', '.join(names)}")
         typ = hints[key]
-        if dataclasses.is_dataclass(typ):
+        if key == "stage" and cls is RunConfig:
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: stage must be an array of tables ([[stage]]), got {value!r}")
+            kwargs[key] = [_build(StageConfig, v, f"stage[{i + 1}].", source) for i, v in enumerate(value)]
+        elif typ is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full} must be a table, got {value!r}")
+            kwargs[key] = value
+        elif dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value, f"{full}.", source)
         else:
             kwargs[key] = _check_type(value, typ, full, source)
@@ -154,8 +200,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{source}: not valid TOML: {e}") from None
     raw = apply_overrides(raw, overrides or [])
     for section in raw:
-        if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{section}]; allowed: {', '.join(SECTIONS)}")
+        if section not in SECTIONS and section != "stage":
+            raise ConfigError(f"{source}: unknown section [{section}]; allowed: {', '.join(SECTIONS)}, [[stage]]")
     cfg = RunConfig.from_dict(raw, source=source)
     validate(cfg, source)
     return cfg
@@ -199,3 +245,50 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps}")
     if dcfg.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"{source}: data.seq_len={dcfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    validate_stages(cfg, source)
+
+
+def validate_stages(cfg: RunConfig, source: str) -> None:
+    """Shapes, operators and options of every stage are checked by building every growth plan (a pure
+    computation: no tensor is touched), so a bad stage fails now and not hours into the run."""
+    from .grow import make_plan
+
+    g = cfg.growth
+    if g.rewarm_steps < 0 or not 0.0 <= g.rewarm_start <= 1.0 or g.exp_ratio <= 0:
+        raise ConfigError(f"{source}: growth.rewarm_steps must be >= 0, growth.rewarm_start in [0, 1], "
+                          f"growth.exp_ratio > 0; got {g.rewarm_steps}, {g.rewarm_start}, {g.exp_ratio}")
+    if g.lr_policy == "rewarm" and g.rewarm_steps == 0 and cfg.stage:
+        raise ConfigError(f"{source}: growth.lr_policy='rewarm' needs growth.rewarm_steps > 0")
+    shape = cfg.model
+    fields_ = set(ModelConfig.field_names())
+    for i, st in enumerate(cfg.stage, start=1):
+        key = f"stage[{i}]"
+        for k in st.shape:
+            if k not in fields_:
+                raise ConfigError(f"{source}: {key}.shape has unknown key {k!r}; allowed: {', '.join(sorted(fields_))}")
+        for name, allowed in (("optimizer", CHOICES["growth.optimizer"]), ("lr_policy", CHOICES["growth.lr_policy"])):
+            value = getattr(st, name)
+            if value and value not in allowed:
+                raise ConfigError(f"{source}: {key}.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+        whens = [w for w in ("at_step", "at_tokens", "at_flops") if getattr(st, w) >= 0]
+        if g.schedule == "manual" and len(whens) != 1:
+            raise ConfigError(f"{source}: {key} needs exactly one of at_step, at_tokens, at_flops with "
+                              f"growth.schedule='manual' (got {whens or 'none'})")
+        if g.schedule != "manual" and whens:
+            raise ConfigError(f"{source}: {key}.{whens[0]} is set but growth.schedule={g.schedule!r} places the "
+                              f"stages itself; use growth.schedule='manual' or drop {whens[0]}")
+        if st.micro_batch < 0 or st.lr < 0:
+            raise ConfigError(f"{source}: {key}.micro_batch and {key}.lr must be >= 0")
+        try:
+            new = ModelConfig(**{**dataclasses.asdict(shape), **st.shape})
+            new.validate(f"{key}.shape")
+            make_plan(st.op or g.op, shape, new, seed=g.seed + i, **st.options)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{source}: {key} (op {st.op or g.op!r}): {e}") from None
+        if cfg.data.seq_len > new.max_seq_len:
+            raise ConfigError(f"{source}: data.seq_len={cfg.data.seq_len} exceeds {key} max_seq_len={new.max_seq_len}")
+        shape = new
+    for w in ("at_step", "at_tokens", "at_flops"):
+        marks = [getattr(st, w) for st in cfg.stage]
+        if g.schedule == "manual" and min(marks, default=0) >= 0 and marks != sorted(set(marks)):
+            raise ConfigError(f"{source}: stage {w} values must strictly increase, got {marks}")

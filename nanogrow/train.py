@@ -17,10 +17,12 @@ import torch
 
 from . import dist_utils
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from .config import RunConfig
+from .config import RunConfig, StageConfig
 from .data import TokenLoader, val_batches
+from .grow import GrowthLR, MaskRamp, grow, make_plan
 from .metrics import ThroughputMeter, device_peak_flops
 from .model import ModelConfig, Transformer, build_model
+from .schedule import stage_start_steps
 
 
 def lr_at(step: int, t) -> float:
@@ -50,9 +52,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    from .grow.optim import AdamW  # torch's AdamW update, plus per-element ages for grown parameters
-    return AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+def make_optimizer(model: torch.nn.Module, t, ages: bool = False) -> torch.optim.Optimizer:
+    """nanogrow's AdamW: torch's AdamW update, plus per-element ages once a growth has mapped the state."""
+    from .grow.optim import AdamW
+    return AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, ages=ages)
 
 
 class Trainer:
@@ -79,18 +82,37 @@ class Trainer:
                                rank=self.rank, world_size=self.world, vocab_size=self.model_config.vocab_size)
 
         torch.manual_seed(self.t.seed)
+        # Growth: stage i >= 1 starts with the i-th growth event. Boundaries of a budgeted schedule are fixed now.
+        self.stages: list[StageConfig] = cfg.stage
+        self.stage_starts = self._stage_boundaries()
+        self.stage_index = 0
+        g = cfg.growth
+        self.growth_lr = GrowthLR(g.lr_policy, g.rewarm_steps if g.lr_policy != "continue" else 0,
+                                  g.rewarm_start, peak_step=self.t.warmup_steps)
+        self.ramp: MaskRamp | None = None
+        self.stage_stats: list[dict] = [_new_stage_stats(0, 0, self.model_config)]
+
+        torch.manual_seed(self.t.seed)
         self.model: Transformer = build_model(self.model_config, self.device, seed=self.t.seed)
         self.optimizer = make_optimizer(self.model, self.t)
         self.step = 0
-        self.history: list[dict] = []  # growth events (filled by the growth machinery) and evaluations
+        self.history: list[dict] = []  # growth events and evaluations, in order
         self.meter = ThroughputMeter(device_peak_flops(self.device), self.world)
         if meta:
+            self.stage_index = meta.get("stage_index", 0)
+            if self.stage_index:  # a grown model: the optimizer may track per-element ages
+                self.optimizer = make_optimizer(self.model, self.t, ages=meta.get("optimizer_ages", False))
             load_checkpoint(ckpt, self.model, self.optimizer)
             self.step = meta["step"]
             self.loader.load_state_dict(meta["loader"])
             self.meter.load_state_dict(meta["meter"])
             self.history = meta.get("history", [])
-            self.log(f"resumed from {ckpt} at step {self.step} ({self.meter.total_tokens:,} tokens)")
+            self.growth_lr = GrowthLR.from_state_dict(meta["growth_lr"]) if "growth_lr" in meta else self.growth_lr
+            self.ramp = MaskRamp.from_dict(meta["ramp"]) if meta.get("ramp") else None
+            self.stage_stats = meta.get("stage_stats", self.stage_stats)
+            self._set_stage_batch()
+            self.log(f"resumed from {ckpt} at step {self.step} ({self.meter.total_tokens:,} tokens, "
+                     f"stage {self.stage_index})")
         self.autocast = self._autocast()
         self._loggers = self._external_loggers()
 
@@ -101,6 +123,39 @@ class Trainer:
         if resume == "auto":
             return latest_checkpoint(self.out_dir)  # None: nothing to resume, start fresh
         return Path(resume)
+
+    def _stage_boundaries(self) -> list[dict]:
+        """For each growth event, the condition that fires it: {"at_step"|"at_tokens"|"at_flops": value}."""
+        g = self.cfg.growth
+        if not self.stages:
+            return []
+        if g.schedule == "manual":
+            return [{k: getattr(st, k)} for st in self.stages for k in ("at_step", "at_tokens", "at_flops")
+                    if getattr(st, k) >= 0]
+        shapes, batches = [self.cfg.model.resolved()], [self.t.micro_batch]
+        for st in self.stages:
+            shapes.append(dataclasses.replace(shapes[-1], **st.shape).resolved())
+            batches.append(st.micro_batch or batches[-1])
+        tps = [self.world * b * self.seq_len * self.t.grad_accum for b in batches]
+        fpt = [c.flops_per_token(self.seq_len) for c in shapes]
+        starts = stage_start_steps(g.schedule, self.t.max_steps, tps, fpt, g.exp_ratio)
+        return [{"at_step": s} for s in starts]
+
+    def _set_stage_batch(self) -> None:
+        """Micro-batch of the current stage (later stages may change it); the loader keeps its global position."""
+        mb = self.t.micro_batch
+        for st in self.stages[: self.stage_index]:
+            mb = st.micro_batch or mb
+        if mb != self.micro_batch:
+            self.micro_batch = mb
+            self.loader.set_batch_shape(micro_batch=mb)
+
+    def lr_mult(self) -> float:
+        """A stage's own peak lr, as a multiple of train.lr (the schedule's shape is kept)."""
+        mult = 1.0
+        for st in self.stages[: self.stage_index]:
+            mult = st.lr / self.t.lr if st.lr else mult
+        return mult
 
     def _check_compatible(self, meta: dict, path: Path) -> None:
         """The run being resumed must have started from the same shape; later shapes come from its history."""
@@ -143,10 +198,16 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.world * self.micro_batch * self.seq_len * self.t.grad_accum
 
+    def current_lr(self, step: int | None = None) -> float:
+        step = self.step if step is None else step
+        return self.growth_lr.lr(step, lambda s: lr_at(s, self.t)) * self.lr_mult()
+
     def train_step(self) -> float:
-        lr = lr_at(self.step, self.t)
+        t0 = time.perf_counter()
+        lr = self.current_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["lr"] = lr
+        self._update_masks()
         loss_sum = 0.0
         for _ in range(self.t.grad_accum):
             x, y = self.loader.next_batch()
@@ -163,9 +224,67 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.meter.add(self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len))
+        tokens, fpt = self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len)
+        self.meter.add(tokens, fpt)
         self.step += 1
+        st = self.stage_stats[-1]
+        st["steps"] += 1
+        st["tokens"] += tokens
+        st["flops"] += tokens * fpt
+        st["seconds"] += time.perf_counter() - t0
         return loss_sum
+
+    # ---- growth ---------------------------------------------------------------------------------------------
+    def _update_masks(self) -> None:
+        """Set the fade-in masks for this step; once the ramp is over they are removed (no steady-state cost)."""
+        if self.ramp is not None and self.ramp.apply(self.model, self.step):
+            self.ramp = None
+
+    def growth_due(self) -> bool:
+        """Has the next stage's boundary been reached? (Checked before every step.) A growth that falls inside
+        a fade-in waits for it to finish: operators are defined on unmasked models."""
+        self._update_masks()
+        if self.stage_index >= len(self.stages) or self.ramp is not None:
+            return False
+        (kind, value), = self.stage_starts[self.stage_index].items()
+        now = {"at_step": self.step, "at_tokens": self.meter.total_tokens, "at_flops": self.meter.total_flops}[kind]
+        return now >= value
+
+    def grow_next_stage(self) -> dict:
+        """Apply the next stage's growth plan in place (weights, optimizer state, ages, masks), log the event and
+        write a checkpoint."""
+        i = self.stage_index + 1
+        st, g = self.stages[i - 1], self.cfg.growth
+        old_cfg = self.model_config
+        new_cfg = dataclasses.replace(old_cfg, **st.shape).resolved()
+        plan = make_plan(st.op or g.op, old_cfg, new_cfg, seed=g.seed + i, **st.options)
+        before = self.evaluate() if g.eval_at_growth else None
+        t0 = time.perf_counter()
+        policy = st.optimizer or g.optimizer
+        self.model, self.optimizer = grow(self.model, self.optimizer, plan, policy=policy, device=self.device,
+                                          lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt)
+        self.model_config = plan.new_cfg.resolved()
+        self.ramp = plan.mask_ramp(self.step)
+        if self.ramp is not None:
+            self.ramp.apply(self.model, self.step)
+        if (st.lr_policy or g.lr_policy) != "continue":
+            self.growth_lr.on_growth(self.step)
+        self.stage_index = i
+        self._set_stage_batch()
+        seconds = time.perf_counter() - t0
+        after = self.evaluate() if g.eval_at_growth else None
+        event = {"event": "grow", "stage": i, "step": self.step, "tokens": self.meter.total_tokens,
+                 "flops": self.meter.total_flops, "plan": plan.to_dict(), "optimizer": policy,
+                 "params_before": old_cfg.num_params(), "params_after": self.model_config.num_params(),
+                 "val_loss_before": before, "val_loss_after": after, "seconds": seconds}
+        self.history.append(event)
+        self.stage_stats.append(_new_stage_stats(i, self.step, self.model_config))
+        self.log(f"grow -> stage {i} at step {self.step}: {plan.describe().splitlines()[0]} | "
+                 f"{event['params_before']:,} -> {event['params_after']:,} params | val loss "
+                 f"{_fmt(before)} -> {_fmt(after)} | {1e3 * seconds:.0f} ms")
+        self.save()  # every growth event is a checkpoint: the grown shape is recoverable from here on
+        self.meter.reset_window()
+        return event
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -185,6 +304,11 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "meter": self.meter.state_dict(),
             "history": self.history,
+            "stage_index": self.stage_index,
+            "stage_stats": self.stage_stats,
+            "growth_lr": self.growth_lr.state_dict(),
+            "ramp": self.ramp.to_dict() if self.ramp is not None else None,
+            "optimizer_ages": bool(getattr(self.optimizer, "track_ages", False)),
         }
 
     def save(self) -> Path:
@@ -203,6 +327,8 @@ class Trainer:
         self.meter.reset_window()
         last_loss, val_loss = float("nan"), None
         while self.step < t.max_steps:
+            while self.growth_due():
+                self.grow_next_stage()
             last_loss = self.train_step()
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"loss became {last_loss} at step {self.step}; lower train.lr "
@@ -211,7 +337,7 @@ class Trainer:
                 w = self.meter.window()
                 elapsed = time.perf_counter() - start
                 eta = elapsed / max(1, self.step - start_step) * (t.max_steps - self.step)
-                self.log(f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | lr {lr_at(self.step - 1, t):.2e}"
+                self.log(f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | lr {self.current_lr(self.step - 1):.2e}"
                          f" | {w['tokens_per_s']:,.0f} tok/s | mfu {100 * w['mfu']:.2f}% | eta {_hms(eta)}")
                 for emit in self._loggers:
                     emit({"train/loss": last_loss, "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"]}, self.step)
@@ -219,6 +345,7 @@ class Trainer:
                 val_loss = self.evaluate()
                 self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
                                      "flops": self.meter.total_flops, "val_loss": val_loss})
+                self.stage_stats[-1]["val_loss"] = val_loss
                 self.log(f"step {self.step:>6} | val loss {val_loss:.4f} | {self.meter.total_flops:.3e} FLOPs")
                 for emit in self._loggers:
                     emit({"val/loss": val_loss}, self.step)
@@ -228,12 +355,37 @@ class Trainer:
         self.save()
         summary = {"steps": self.step, "train_loss": last_loss, "val_loss": val_loss,
                    "tokens": self.meter.total_tokens, "flops": self.meter.total_flops,
-                   "seconds": time.perf_counter() - start}
+                   "seconds": time.perf_counter() - start, "stages": self.stage_stats,
+                   "growth_events": [h for h in self.history if h["event"] == "grow"]}
+        if len(self.stage_stats) > 1:
+            self.log(self.stage_table())
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.log(f"done: {summary['steps']} steps, val loss {val_loss:.4f}, {summary['tokens']:,} tokens, "
                  f"{summary['flops']:.3e} FLOPs, {summary['seconds']:.1f} s")
         return summary
+
+
+    def stage_table(self) -> str:
+        peak = self.meter.peak
+        rows = ["stage | from step | shape (L x d, ff, heads) | params | steps | tokens | FLOPs | tok/s | MFU | val loss"]
+        for st in self.stage_stats:
+            tps = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
+            mfu = st["flops"] / st["seconds"] / peak if st["seconds"] and peak else 0.0
+            rows.append(f"{st['stage']:>5} | {st['start_step']:>9} | {st['shape']:<24} | {st['params']:>10,} | "
+                        f"{st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | {tps:>7,.0f} | "
+                        f"{100 * mfu:4.1f}% | {_fmt(st.get('val_loss'))}")
+        return "\n".join(rows)
+
+
+def _new_stage_stats(stage: int, start_step: int, c: ModelConfig) -> dict:
+    return {"stage": stage, "start_step": start_step, "params": c.num_params(),
+            "shape": f"{c.n_layer} x {c.d_model}, {c.d_ff}, {c.n_head}/{c.n_kv_head}",
+            "steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": None}
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def _hms(seconds: float) -> str:

@@ -1,0 +1,133 @@
+"""Growth inside the training loop: stage boundaries, events, forced checkpoints, exact resume across growth."""
+
+import pytest
+import torch
+
+from nanogrow.config import ConfigError, load_config
+from nanogrow.schedule import exponential_shapes, stage_start_steps
+from nanogrow.model import ModelConfig
+from nanogrow.train import Trainer
+
+from conftest import tiny_run_config
+
+QUIET = lambda *_: None  # noqa: E731
+
+
+def grown_config(data_dir, out_dir, **train):
+    cfg = tiny_run_config(data_dir, out_dir, **train)
+    cfg.model.n_layer = 1
+    raw = cfg.to_dict()
+    raw["growth"].update(lr_policy="rewarm", rewarm_steps=3, optimizer="map+age")
+    raw["stage"] = [
+        {"shape": {"n_layer": 2}, "op": "stack", "at_step": 3},
+        {"shape": {"d_ff": 256}, "op": "msg", "options": {"fade_steps": 3}, "at_step": 6, "micro_batch": 2},
+        {"shape": {"n_layer": 3}, "op": "identity", "at_tokens": 6 * 256 + 3 * 128},
+    ]
+    from nanogrow.config import RunConfig, validate
+    cfg = RunConfig.from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def run_steps(trainer, n):
+    losses = []
+    for _ in range(n):
+        while trainer.growth_due():
+            trainer.grow_next_stage()
+        losses.append(trainer.train_step())
+    return losses
+
+
+def test_stages_grow_at_their_boundaries_and_log_events(demo_data, tmp_path):
+    trainer = Trainer(grown_config(demo_data, tmp_path), log=QUIET)
+    run_steps(trainer, 12)
+    events = [h for h in trainer.history if h["event"] == "grow"]
+    assert [e["step"] for e in events] == [3, 6, 9]
+    assert trainer.model_config.n_layer == 3 and trainer.model_config.d_ff == 256
+    assert events[0]["params_after"] > events[0]["params_before"]
+    # function-preserving operators keep the validation loss through the event
+    assert events[1]["val_loss_after"] == pytest.approx(events[1]["val_loss_before"], abs=1e-5)
+    assert events[2]["val_loss_after"] == pytest.approx(events[2]["val_loss_before"], abs=1e-5)
+    assert trainer.micro_batch == 2
+    assert [s["steps"] for s in trainer.stage_stats] == [3, 3, 3, 3]
+    assert trainer.stage_stats[3]["tokens"] == 3 * 2 * 64
+    assert {p.name for p in tmp_path.glob("ckpt_*")} >= {"ckpt_0000009"}  # forced checkpoint at the last event
+    assert trainer.ramp is None and trainer.model.layers["0"].mlp.unit_mask is None  # fade-in over after 3 steps
+
+
+@pytest.mark.parametrize("stop_at", [4, 7])  # after the first growth; in the middle of the masked fade-in
+def test_resume_after_growth_matches_uninterrupted_run(demo_data, tmp_path, stop_at):
+    full = Trainer(grown_config(demo_data, tmp_path / "full"), log=QUIET)
+    full_losses = run_steps(full, 12)
+
+    first = Trainer(grown_config(demo_data, tmp_path / "split"), log=QUIET)
+    run_steps(first, stop_at)
+    first.save()
+    del first
+    second = Trainer(grown_config(demo_data, tmp_path / "split"), resume="auto", log=QUIET)
+    assert second.step == stop_at
+    losses = run_steps(second, 12 - stop_at)
+    assert losses == full_losses[stop_at:]
+    a, b = full.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = full.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        for name in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name])), (i, name)
+    assert full.loader.state_dict() == second.loader.state_dict()
+
+
+def test_equal_flops_schedule_places_boundaries():
+    # stage k gets weight 1/(tokens_per_step * flops_per_token): cheaper stages get more steps
+    starts = stage_start_steps("equal-flops", 300, [100, 100, 100], [1.0, 2.0, 4.0])
+    assert starts == [171, 257]
+    assert stage_start_steps("equal-tokens", 300, [100, 100, 100], [1, 2, 4]) == [100, 200]
+    assert stage_start_steps("exponential", 70, [10, 10, 10], [1, 1, 1], exp_ratio=2.0) == [10, 30]
+    with pytest.raises(ValueError, match="gives stage"):
+        stage_start_steps("equal-tokens", 2, [1, 1, 1, 1], [1, 1, 1, 1])
+
+
+def test_exponential_shapes_grow_geometrically():
+    shapes = exponential_shapes(ModelConfig(d_model=64, d_ff=128), ModelConfig(d_model=64, d_ff=512), 2)
+    assert [s.d_ff for s in shapes] == [128, 256, 512]
+
+
+def test_budgeted_schedule_in_trainer(demo_data, tmp_path):
+    cfg = grown_config(demo_data, tmp_path)
+    for st in cfg.stage:
+        st.at_step = st.at_tokens = -1
+    cfg.growth.schedule = "equal-tokens"
+    cfg.validate()
+    trainer = Trainer(cfg, log=QUIET)
+    # tokens/step: 256, 256, 128 (micro_batch 2), 128 -> weights 1/256, 1/256, 1/128, 1/128 over 12 steps
+    assert trainer.stage_starts == [{"at_step": 2}, {"at_step": 4}, {"at_step": 8}]
+
+
+@pytest.mark.parametrize("stage,match", [
+    ({"shape": {"n_layer": 1}, "op": "stack", "at_step": 3}, r"stage\[1\] \(op 'stack'\)"),
+    ({"shape": {"n_layer": 4}, "op": "stak", "at_step": 3}, r"unknown growth operator 'stak'"),
+    ({"shape": {"n_layer": 4}, "op": "stack", "options": {"fade": 3}, "at_step": 3}, r"unknown option 'fade'"),
+    ({"shape": {"n_head": 3}, "op": "zero", "at_step": 3}, r"stage\[1\]"),
+    ({"shape": {"n_layerz": 4}, "at_step": 3}, r"stage\[1\].shape has unknown key 'n_layerz'"),
+    ({"shape": {"n_layer": 4}}, r"stage\[1\] needs exactly one of at_step"),
+    ({"shape": {"n_layer": 4}, "at_step": 3, "optimizer": "keep"}, r"stage\[1\].optimizer='keep'"),
+])
+def test_bad_stage_is_refused_before_training(tmp_path, stage, match):
+    cfg_file = tmp_path / "c.toml"
+    import json
+    opts = ", ".join(f"{k} = {json.dumps(v)}" for k, v in stage.get("options", {}).items())
+    shape = ", ".join(f"{k} = {v}" for k, v in stage["shape"].items())
+    lines = ["[model]", "n_layer = 2", "d_model = 64", "n_head = 4", "n_kv_head = 2", "[[stage]]",
+             f"shape = {{ {shape} }}"]
+    for k, v in stage.items():
+        if k not in ("shape", "options"):
+            lines.append(f"{k} = {json.dumps(v)}")
+    if opts:
+        lines.append(f"options = {{ {opts} }}")
+    cfg_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=match):
+        load_config(cfg_file)
