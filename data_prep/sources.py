@@ -1,0 +1,120 @@
+"""Where documents come from: each source is an iterator of text strings, one per document.
+
+- ``"demo"``: the bundled King James Bible, one document per chapter (``corpus/kjv.jsonl.gz``). Read with the
+  standard library only, so the demo needs nothing beyond the base install and starts instantly.
+- ``"fineweb"``: FineWeb-Edu streamed from the Hugging Face hub (needs network), column ``text``.
+- file or directory paths: ``.parquet``, ``.jsonl`` / ``.json`` (a text column, default ``text``) and ``.txt``,
+  each also ``.gz``; directories are searched recursively, files taken in sorted order. A ``.txt`` file is ONE
+  document (a book, a web page): splitting on blank lines would cut prose into paragraph-sized documents and put
+  an end-of-text token between every paragraph.
+
+FineWeb and local files go through the same function (``_hf_stream`` then ``_texts``), so the tested local path
+is the FineWeb path with another dataset name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from itertools import groupby
+from pathlib import Path
+
+FINEWEB = "HuggingFaceFW/fineweb-edu"
+FINEWEB_CONFIG = "sample-10BT"
+BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+
+
+def demo_corpus_path() -> Path:
+    return Path(str(resources.files("data_prep") / "corpus" / "kjv.jsonl.gz"))
+
+
+def iter_demo() -> Iterator[str]:
+    with gzip.open(demo_corpus_path(), "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+
+def builder_for(path: Path) -> str | None:
+    """The ``datasets`` packaged builder that reads ``path`` (compression is detected from the suffix)."""
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def expand_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files named, plus the supported files under directories named (sorted, recursively)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and builder_for(f))
+            if not found:
+                raise ValueError(f"{p}: no .parquet, .jsonl, .json or .txt files (optionally .gz) in this directory")
+            files += found
+        elif p.is_file():
+            if not builder_for(p):
+                raise ValueError(f"{p}: unsupported file type (expected .parquet, .jsonl, .json, .txt, "
+                                 f"optionally .gz)")
+            files.append(p)
+        else:
+            raise ValueError(f"{p}: no such file or directory")
+    return files
+
+
+def _hf_stream(path: str, **kwargs):
+    """``datasets.load_dataset(..., split="train", streaming=True)``: rows arrive as they are read."""
+    import datasets
+
+    # Closing a streaming parquet iterator otherwise sleeps 5 s waiting for reader threads (measured).
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+    return datasets.load_dataset(path, split="train", streaming=True, **kwargs)
+
+
+def _texts(rows, column: str, where: str) -> Iterator[str]:
+    for i, row in enumerate(rows):
+        if i == 0 and column not in row:
+            raise ValueError(f"{where}: no column {column!r}; columns are {sorted(row)} (use --text-column)")
+        text = row[column]
+        if text:  # an empty document would only add an end-of-text token
+            yield text
+
+
+def iter_files(paths: Sequence[str | os.PathLike], text_column: str = "text") -> Iterator[str]:
+    files = expand_paths(paths)  # here, not in the generator: a bad path fails at the call
+    if "datasets" not in sys.modules:
+        # Local files need no hub; without this, a hub lookup can retry for ~23 s on a machine without network.
+        # Only before the first import: huggingface_hub reads the variable once.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return _iter_files(files, text_column)
+
+
+def _iter_files(files: list[Path], text_column: str) -> Iterator[str]:
+    # One load_dataset per run of consecutive files of the same kind keeps the sorted file order.
+    for builder, group in groupby(files, key=builder_for):
+        group = [str(f) for f in group]
+        where = group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1} files)"
+        if builder == "text":
+            yield from _texts(_hf_stream("text", data_files=group, sample_by="document"), "text", where)
+        else:
+            yield from _texts(_hf_stream(builder, data_files=group), text_column, where)
+
+
+def iter_fineweb(config: str = FINEWEB_CONFIG, text_column: str = "text") -> Iterator[str]:
+    yield from _texts(_hf_stream(FINEWEB, name=config), text_column, f"{FINEWEB} ({config})")
+
+
+def iter_documents(source: str | Sequence[str], text_column: str = "text",
+                   fineweb_config: str = FINEWEB_CONFIG) -> Iterator[str]:
+    """Documents of ``source``: ``"demo"``, ``"fineweb"``, or one or more file / directory paths."""
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    source = [str(s) for s in source]
+    if source == ["demo"]:
+        return iter_demo()
+    if source == ["fineweb"]:
+        return iter_fineweb(fineweb_config, text_column)
+    return iter_files(source, text_column)

@@ -1,0 +1,388 @@
+"""Token shards on disk and the rank-aware, resumable loader that streams them.
+
+Shard format (one source of truth: ``write_shard`` writes it, ``read_header`` / ``open_shard`` read it)
+-----------------------------------------------------------------------------------------------------
+A shard is a 1024-byte header of 256 little-endian int32 followed by the tokens, in the spirit of llm.c /
+modded-nanogpt, but self-describing enough to be checked without any side file::
+
+    header[0]  MAGIC            int.from_bytes(b"grow", "little"); a hex dump of a shard starts with "grow"
+    header[1]  VERSION          1
+    header[2]  token_bytes      2 (uint16, when vocab_size <= 65536) or 4 (uint32)
+    header[3]  n_tokens low     n_tokens = lo + (hi << 32), both read as uint32, so shards may hold > 2^31 tokens
+    header[4]  n_tokens high
+    header[5]  vocab_size       of the tokenizer that wrote the shard
+    header[6]  eot_id           end-of-text id that separates documents
+    header[7]  max_token_id     largest id present: checking a shard against a model's vocab costs one read
+    header[8:] 0                reserved
+
+Documents: every document is *preceded* by ``eot_id`` (``[eot] doc0 [eot] doc1 ...``), as in llm.c's FineWeb
+script: a window that starts anywhere sees a document start announced by eot, and a shard starts with eot.
+
+Files of a prepared data directory: ``train_000000.bin``, ``train_000001.bin``, ..., ``val_000000.bin``, ...,
+``meta.json`` (vocab_size, eot_id, tokenizer, source, token counts) and ``tokenizer.json`` (HF tokenizers).
+
+The loader
+----------
+``TokenLoader`` defines one *global* token stream per (data, seed): epoch ``e`` is the concatenation of the
+shards in an order permuted from (seed, e); a call to ``next_batch`` consumes ``world_size * micro_batch * seq_len``
+tokens of it and rank ``r`` takes the windows of ``seq_len + 1`` tokens that start at
+``p + (r * micro_batch + j) * seq_len`` (``j < micro_batch``). Rank slices are thus disjoint and together cover
+the stream, and the state (epoch, position, tokens consumed) is topology-free, as in OLMo-core: a run may resume
+at another world size, micro-batch or sequence length and continue from the same global token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+MAGIC = int.from_bytes(b"grow", "little")
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+LLMC_MAGICS = {20240520: "llm.c / modded-nanogpt GPT-2", 20240801: "llm.c Llama 3"}  # to make the error helpful
+
+
+class DataError(ValueError):
+    """A problem with the data on disk: the message names the file or directory and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: str
+    version: int
+    token_bytes: int
+    n_tokens: int
+    vocab_size: int
+    eot_id: int
+    max_token_id: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype("<u2" if self.token_bytes == 2 else "<u4")
+
+
+def token_bytes_for(vocab_size: int) -> int:
+    """2 bytes per token while every id fits in uint16 (ids < 65536), else 4."""
+    return 2 if vocab_size <= 2**16 else 4
+
+
+def write_shard(path: str | os.PathLike, tokens, vocab_size: int, eot_id: int) -> ShardHeader:
+    """Write ``tokens`` as one shard, atomically: a reader never sees a half-written file under ``path``."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError(f"{path}: tokens must be a non-empty 1-d integer array, got shape {tokens.shape} "
+                        f"dtype {tokens.dtype}")
+    if not 0 <= eot_id < vocab_size:
+        raise DataError(f"{path}: eot_id {eot_id} is outside the vocabulary [0, {vocab_size})")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise DataError(f"{path}: token ids must lie in [0, {vocab_size}), got min {lo} max {hi}")
+    tb = token_bytes_for(vocab_size)
+    n = int(tokens.size)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, tb
+    header.view("<u4")[3:5] = n & 0xFFFFFFFF, n >> 32
+    header[5:8] = vocab_size, eot_id, hi
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            np.ascontiguousarray(tokens, dtype="<u2" if tb == 2 else "<u4").tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return ShardHeader(str(path), VERSION, tb, n, vocab_size, eot_id, hi)
+
+
+def read_header(path: str | os.PathLike) -> ShardHeader:
+    """Read and validate a shard's header, and check the file size against its token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
+    if len(raw) < HEADER_BYTES:
+        raise DataError(f"{path}: truncated shard: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    h = np.frombuffer(raw, dtype="<i4")
+    if h[0] != MAGIC:
+        hint = f" (looks like an {LLMC_MAGICS[int(h[0])]} shard)" if int(h[0]) in LLMC_MAGICS else ""
+        raise DataError(f"{path}: not a nanogrow shard: wrong magic number {int(h[0])}, expected {MAGIC}{hint}")
+    if h[1] != VERSION:
+        raise DataError(f"{path}: unsupported shard format version {int(h[1])} (this code reads version {VERSION})")
+    tb = int(h[2])
+    if tb not in (2, 4):
+        raise DataError(f"{path}: invalid token size {tb} bytes in header (expected 2 or 4)")
+    u = h.view("<u4")
+    n = int(u[3]) | (int(u[4]) << 32)
+    vocab_size, eot_id, max_id = int(h[5]), int(h[6]), int(h[7])
+    if tb == 2 and vocab_size > 2**16:
+        raise DataError(f"{path}: header says vocab_size {vocab_size} but 2-byte tokens cannot hold it")
+    if not (0 <= eot_id < vocab_size and max_id < vocab_size):
+        raise DataError(f"{path}: inconsistent header: eot_id {eot_id}, max_token_id {max_id}, "
+                        f"vocab_size {vocab_size}")
+    expected = HEADER_BYTES + n * tb
+    if size != expected:
+        what = "truncated shard" if size < expected else "shard longer than its header says"
+        raise DataError(f"{path}: {what}: header promises {n} tokens x {tb} bytes = {expected} bytes "
+                        f"with the header, file has {size}")
+    return ShardHeader(str(path), int(h[1]), tb, n, vocab_size, eot_id, max_id)
+
+
+def check_vocab(header: ShardHeader, vocab_size: int | None, verify: bool = False) -> None:
+    """Fail if the shard holds ids the model cannot embed.
+
+    The cheap check trusts the header's max id; ``verify=True`` also scans every token (one pass over the file)
+    and catches a header that lies.
+    """
+    if vocab_size is not None and header.max_token_id >= vocab_size:
+        raise DataError(f"{header.path}: contains token id {header.max_token_id} but the model's vocab_size is "
+                        f"{vocab_size} (shard written with vocab_size {header.vocab_size})")
+    if verify:
+        data = np.memmap(header.path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.n_tokens,))
+        actual = int(data.max()) if header.n_tokens else -1
+        del data
+        if vocab_size is not None and actual >= vocab_size:
+            raise DataError(f"{header.path}: verify scan found token id {actual} >= the model's vocab_size "
+                            f"{vocab_size}")
+        if actual != header.max_token_id:
+            raise DataError(f"{header.path}: corrupt shard: header says max token id {header.max_token_id}, "
+                            f"the data holds {actual}")
+
+
+def open_shard(path, vocab_size: int | None = None, verify: bool = False) -> tuple[ShardHeader, np.memmap]:
+    """Validate a shard and memory-map its tokens (read-only)."""
+    header = read_header(path)
+    check_vocab(header, vocab_size, verify)
+    tokens = np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.n_tokens,))
+    return header, tokens
+
+
+def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The shards of ``split`` in index order; errors name the directory and what was found instead."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise DataError(f"data directory {d} does not exist (prepare one with `nanogrow prep`)")
+    pattern = re.compile(rf"^{re.escape(split)}_(\d+)\.bin$")
+    found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := pattern.match(p.name)))
+    if not found:
+        others = sorted(p.name for p in d.iterdir())[:8]
+        raise DataError(f"data directory {d} has no '{split}' shards ({split}_000000.bin, ...); "
+                        f"it contains {others if others else 'nothing'}")
+    indices = [i for i, _ in found]
+    if indices != list(range(len(found))):
+        missing = sorted(set(range(max(indices) + 1)) - set(indices))[:8]
+        raise DataError(f"data directory {d}: '{split}' shards are not numbered 0..{len(found) - 1}; "
+                        f"missing indices {missing} (incomplete copy?)")
+    return [p for _, p in found]
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    """``meta.json`` of a prepared data directory (vocab_size, eot_id, tokenizer, source, token counts)."""
+    path = Path(data_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: not a prepared data directory (see `nanogrow prep`)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+
+
+class ShardSet:
+    """The validated shards of one split, read as one stream in a given shard order.
+
+    Memory maps are opened lazily and only a few are kept open, so a split of thousands of shards does not
+    exhaust file descriptors; reading is sequential, so the cache almost always hits.
+    """
+
+    MAX_OPEN = 8
+
+    def __init__(self, data_dir, split: str, vocab_size: int | None = None, verify: bool = False):
+        self.data_dir, self.split = str(data_dir), split
+        self.paths = list_shards(data_dir, split)
+        self.headers = [read_header(p) for p in self.paths]
+        first = self.headers[0]
+        for h in self.headers:
+            if (h.vocab_size, h.eot_id) != (first.vocab_size, first.eot_id):
+                raise DataError(f"{h.path}: vocab_size {h.vocab_size} / eot_id {h.eot_id} differ from "
+                                f"{first.path} ({first.vocab_size} / {first.eot_id}): shards of different "
+                                f"tokenizers in one split")
+            check_vocab(h, vocab_size, verify)
+        self.vocab_size, self.eot_id = first.vocab_size, first.eot_id
+        self.sizes = np.array([h.n_tokens for h in self.headers], dtype=np.int64)
+        self.total = int(self.sizes.sum())
+        self._open: OrderedDict[int, np.memmap] = OrderedDict()
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the shard set by names, sizes and header fields: cheap, and it changes if any shard does."""
+        items = [[Path(h.path).name, h.version, h.token_bytes, h.n_tokens, h.vocab_size, h.eot_id, h.max_token_id]
+                 for h in self.headers]
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+    def _tokens(self, i: int) -> np.memmap:
+        if i in self._open:
+            self._open.move_to_end(i)
+        else:
+            h = self.headers[i]
+            self._open[i] = np.memmap(h.path, dtype=h.dtype, mode="r", offset=HEADER_BYTES, shape=(h.n_tokens,))
+            if len(self._open) > self.MAX_OPEN:
+                self._open.popitem(last=False)
+        return self._open[i]
+
+    def read(self, order: list[int], start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the concatenation of shards in ``order``, as int64 (may straddle shards)."""
+        sizes = self.sizes[order]
+        ends = np.cumsum(sizes)
+        out = np.empty(stop - start, dtype=np.int64)
+        k = int(np.searchsorted(ends, start, side="right"))  # first shard whose end is past start
+        filled, pos = 0, start
+        while filled < out.size:
+            begin = int(ends[k] - sizes[k])
+            take = min(out.size - filled, int(ends[k]) - pos)
+            out[filled:filled + take] = self._tokens(order[k])[pos - begin:pos - begin + take]
+            filled, pos, k = filled + take, pos + take, k + 1
+        return out
+
+
+def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    """The shard order of an epoch: sorted by a hash of (seed, epoch, index).
+
+    A hash rather than numpy's generator, whose streams may change between numpy versions: the order must be
+    reproducible for as long as a checkpoint may be resumed.
+    """
+    def key(i: int) -> bytes:
+        return hashlib.sha256(f"{seed}:{epoch}:{i}".encode()).digest()
+    return sorted(range(n_shards), key=key)
+
+
+def _xy(buf: np.ndarray, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets from ``batch * seq_len + 1`` contiguous tokens (separate storage)."""
+    import torch  # here, not at the top: data preparation writes shards with this module and need not load torch
+    x = torch.from_numpy(buf[:-1].reshape(batch, seq_len).copy())
+    y = torch.from_numpy(buf[1:].reshape(batch, seq_len).copy())
+    return x, y
+
+
+class TokenLoader:
+    """Yields ``(x, y)`` int64 tensors of shape [micro_batch, seq_len] from a split's shards.
+
+    Every rank calls ``next_batch`` in lockstep, once per micro-step; see the module docstring for the global
+    stream and how ranks slice it. Epoch wrap: when fewer tokens remain in the current epoch than one call needs
+    (``world_size * micro_batch * seq_len + 1``), the remainder is skipped and the call starts the next epoch,
+    whose shard order is permuted afresh from (seed, epoch). Skipped tokens are not counted as consumed.
+    """
+
+    def __init__(self, data_dir, split: str, seq_len: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, vocab_size: int | None = None, verify: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        self.rank, self.world_size, self.seed = rank, world_size, int(seed)
+        self.shards = ShardSet(data_dir, split, vocab_size, verify)
+        self.fingerprint = self.shards.fingerprint
+        self.seq_len = self.micro_batch = 0
+        self.set_batch_shape(micro_batch, seq_len)
+        self.epoch = 0
+        self.position = 0  # tokens of the current epoch's stream already consumed
+        self.tokens_consumed = 0  # over all epochs
+        self._order: tuple[int, list[int]] | None = None
+
+    def set_batch_shape(self, micro_batch: int | None = None, seq_len: int | None = None) -> None:
+        """Change the per-rank batch shape between calls (growth stages do); the global position is kept."""
+        micro_batch = self.micro_batch if micro_batch is None else int(micro_batch)
+        seq_len = self.seq_len if seq_len is None else int(seq_len)
+        if micro_batch < 1 or seq_len < 1:
+            raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch} and {seq_len}")
+        need = self.world_size * micro_batch * seq_len + 1
+        if need > self.shards.total:
+            raise DataError(f"data directory {self.shards.data_dir}: split '{self.shards.split}' has "
+                            f"{self.shards.total} tokens, fewer than one step needs ({self.world_size} ranks x "
+                            f"{micro_batch} x {seq_len} + 1 = {need})")
+        self.micro_batch, self.seq_len = micro_batch, seq_len
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens the global stream advances per ``next_batch`` call (over all ranks)."""
+        return self.world_size * self.micro_batch * self.seq_len
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, shard_order(len(self.shards.paths), self.seed, self.epoch))
+        return self._order[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.tokens_per_step
+        if self.position + step + 1 > self.shards.total:
+            self.epoch, self.position = self.epoch + 1, 0
+        per_rank = self.micro_batch * self.seq_len
+        start = self.position + self.rank * per_rank
+        buf = self.shards.read(self._epoch_order(), start, start + per_rank + 1)
+        self.position += step
+        self.tokens_consumed += step
+        return _xy(buf, self.micro_batch, self.seq_len)
+
+    def state_dict(self) -> dict:
+        """Global, JSON-able state; identical on every rank. The batch shape is recorded for information only."""
+        return {"version": 1, "split": self.shards.split, "seed": self.seed, "fingerprint": self.fingerprint,
+                "epoch": self.epoch, "position_in_epoch": self.position, "tokens_consumed": self.tokens_consumed,
+                "world_size": self.world_size, "micro_batch": self.micro_batch, "seq_len": self.seq_len}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue from ``sd``'s global position, whatever world size / batch shape wrote it."""
+        if sd.get("fingerprint") != self.fingerprint:
+            raise DataError(f"data directory {self.shards.data_dir}: loader state was saved on shard set "
+                            f"{sd.get('fingerprint')!r} but split '{self.shards.split}' here has fingerprint "
+                            f"{self.fingerprint!r} (different or changed data)")
+        if sd.get("seed") != self.seed:
+            raise DataError(f"loader state was saved with seed {sd.get('seed')!r} but this loader has seed "
+                            f"{self.seed!r}; the token stream would differ")
+        if not 0 <= int(sd["position_in_epoch"]) <= self.shards.total:
+            raise DataError(f"loader state position {sd['position_in_epoch']} is outside the split's "
+                            f"{self.shards.total} tokens")
+        self.epoch, self.position = int(sd["epoch"]), int(sd["position_in_epoch"])
+        self.tokens_consumed = int(sd["tokens_consumed"])
+
+
+def val_batches(data_dir, seq_len: int, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1,
+                vocab_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed validation batches from the ``val`` split: the same set for every run on the same data.
+
+    ``batch_size`` is the *global* number of sequences per batch; rank ``r`` gets its ``batch_size // world_size``
+    of them, sliced like ``TokenLoader`` slices. So the evaluated set does not depend on the seed nor on the
+    world size, and validation losses stay comparable across runs and topologies. The val shards are read in
+    file order from the start; batch ``k``'s window ``i`` starts at token ``(k * batch_size + i) * seq_len``.
+    The split is never wrapped (repeated windows would weigh some text twice): too small a split is an error.
+    """
+    if batch_size < 1 or n_batches < 1 or seq_len < 1 or batch_size % world_size:
+        raise ValueError(f"val_batches needs positive sizes and batch_size divisible by world_size; got "
+                         f"batch_size {batch_size}, n_batches {n_batches}, seq_len {seq_len}, "
+                         f"world_size {world_size}")
+    shards = ShardSet(data_dir, "val", vocab_size)
+    need = n_batches * batch_size * seq_len + 1
+    if need > shards.total:
+        raise DataError(f"data directory {data_dir}: the val split has {shards.total} tokens, fewer than "
+                        f"{n_batches} batches x {batch_size} sequences x {seq_len} tokens + 1 = {need}")
+    per_rank = batch_size // world_size
+    order = list(range(len(shards.paths)))
+    out = []
+    for k in range(n_batches):
+        start = (k * batch_size + rank * per_rank) * seq_len
+        out.append(_xy(shards.read(order, start, start + per_rank * seq_len + 1), per_rank, seq_len))
+    return out
