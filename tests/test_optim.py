@@ -255,3 +255,48 @@ def test_stagewise_lr_adaptation_scales_new_sub_networks_by_their_norm_ratio():
                        st(new_opt, new, "layers.0.mlp.w_down.weight")["lr_scale"])
     with pytest.raises(ValueError, match="reset"):
         grow(model, opt, plan, policy="reset", lr_adapt="vt")
+
+
+def test_per_element_path_matches_adam_closed_form_per_age():
+    """Elements of one tensor with different ages and lr scales each take exactly the AdamW step of a fresh
+    optimizer that has run ``age`` steps with lr * lr_scale (checked against float64 arithmetic)."""
+    torch.manual_seed(0)
+    p0 = torch.randn(4, 8)
+    grads = [torch.randn(4, 8) * 1e-2 for _ in range(3)]
+    ages = torch.tensor([0.0, 1.0, 7.0, 5000.0]).repeat_interleave(8).view(4, 8)
+    scales = torch.tensor([1.0, 0.5, 2.0, 1.0]).repeat_interleave(8).view(4, 8)
+    m0, v0 = torch.randn(4, 8) * 1e-3 * (ages > 0), torch.rand(4, 8) * 1e-5 * (ages > 0)
+    p = torch.nn.Parameter(p0.clone())
+    opt = AdamW([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    opt.state[p] = {"step": torch.tensor(9.0), "exp_avg": m0.clone(), "exp_avg_sq": v0.clone(),
+                    "age": ages.clone(), "lr_scale": scales.clone()}
+    ref, m, v, a = p0.double(), m0.double(), v0.double(), ages.double()
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        a = a + 1
+        lr = 1e-2 * scales.double()
+        ref = ref * (1 - lr * 0.1)
+        m = 0.9 * m + 0.1 * g.double()
+        v = 0.999 * v + 0.001 * g.double() ** 2
+        ref = ref - lr * (m / (1 - 0.9 ** a)) / ((v / (1 - 0.999 ** a)).sqrt() + 1e-8)
+    torch.testing.assert_close(p.detach().double(), ref, rtol=0, atol=2e-7)
+    assert torch.equal(opt.state[p]["age"], ages + 3) and opt.state[p]["step"].item() == 12
+
+
+def test_changing_ages_in_place_is_noticed():
+    # Uniformity of a tensor's ages is cached; an in-place edit (new version) must invalidate the cache.
+    p = torch.nn.Parameter(torch.zeros(2, 4))
+    opt = AdamW([p], lr=1e-2, weight_decay=0.0, ages=True)
+    for _ in range(3):
+        p.grad = torch.ones(2, 4)
+        opt.step()
+    opt.state[p]["age"][1] = 0.0  # row 1 is "new"
+    opt.state[p]["exp_avg"][1] = 0.0
+    opt.state[p]["exp_avg_sq"][1] = 0.0
+    before = p.detach().clone()
+    p.grad = torch.ones(2, 4)
+    opt.step()
+    move = (p.detach() - before).abs()
+    torch.testing.assert_close(move[1], torch.full((4,), 1e-2), rtol=1e-5, atol=0)
+    assert opt.state[p]["age"].tolist() == [[4.0] * 4, [1.0] * 4]

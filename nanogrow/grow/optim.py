@@ -1,7 +1,10 @@
 """AdamW with per-element ages, and the transfer of optimizer state across a growth event.
 
-``AdamW`` is numerically identical to ``torch.optim.AdamW`` (its single-tensor path, which torch uses on CPU
-and whenever foreach is off) as long as no state carries ``age`` or ``lr_scale``. Per-parameter state:
+``AdamW`` is bit-identical to ``torch.optim.AdamW`` (its single-tensor path, which torch uses on CPU and whenever
+foreach is off) when no growth happened, also when it tracks ages (``ages=True``): a tensor whose elements all
+have the same age (and lr scale) takes torch's scalar path, with that age as the step. Only tensors with mixed
+ages or lr scales take the per-element path (fp32, bias corrections by ``expm1``, ~1e-7 relative). Whether a
+tensor is uniform is checked once per state tensor version (one sync), not every step. Per-parameter state:
 
     step        0-d float32 tensor on CPU, as torch (steps this optimizer took for the tensor)
     exp_avg     first moment
@@ -24,6 +27,7 @@ Transfer policies at growth (``transfer_optimizer_state``):
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -75,45 +79,71 @@ class AdamW(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 step_t += 1
                 age, lr_scale = state.get("age"), state.get("lr_scale")
-                if age is None and lr_scale is None:
-                    # torch.optim.adam._single_tensor_adam (decoupled weight decay), operation for operation.
+                uniform_age = self._uniform(p, "age", age)
+                lr_p = lr
+                uniform_scale = self._uniform(p, "lr_scale", lr_scale)
+                if uniform_scale is not None:  # one factor for the whole tensor: a scalar lr
+                    lr_p, lr_scale = (lr if uniform_scale == 1.0 else lr * uniform_scale), None
+                if age is not None:
+                    age.add_(1)
+                    self._bump(p, age, uniform_age)
+                if lr_scale is None and (age is None or uniform_age is not None):
+                    # torch.optim.adam._single_tensor_adam (decoupled weight decay), operation for operation; with
+                    # uniform ages the age is the step count (equal to torch's when ages were tracked from step 0).
                     if wd != 0:
-                        p.mul_(1 - lr * wd)
+                        p.mul_(1 - lr_p * wd)
                     exp_avg.lerp_(grad, 1 - beta1)
                     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    step = step_t.item()
+                    step = step_t.item() if age is None else uniform_age + 1
                     bias_correction1 = 1 - beta1 ** step
                     bias_correction2 = 1 - beta2 ** step
-                    step_size = lr / bias_correction1
+                    step_size = lr_p / bias_correction1
                     bias_correction2_sqrt = bias_correction2 ** 0.5
                     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
                     p.addcdiv_(exp_avg, denom, value=-step_size)
                     continue
                 # Per-element path: bias corrections from each element's age, lr times each element's scale.
-                lr_t = lr if lr_scale is None else lr_scale * lr
+                lr_t = lr_p if lr_scale is None else lr_scale * lr_p
                 if wd != 0:
                     p.mul_(1 - lr_t * wd)
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if age is not None:
-                    age.add_(1)
-                    # Bias corrections in float64 then rounded once, like torch's Python-float scalars: with
-                    # every age equal to the step this path gives bit-identical results to the scalar one.
-                    a64 = age.double()
-                    step_size = (lr_t / (1 - torch.pow(beta1, a64))).float()
-                    bc2_sqrt = (1 - torch.pow(beta2, a64)).sqrt_().float()
-                    del a64
+                if age is not None and uniform_age is None:
+                    # 1 - beta**age as -expm1(age * log(beta)): fp32, accurate to ~1e-7 relative even for age 1
+                    # and beta2 = 0.999 (no fp64, which is slow on most GPUs).
+                    step_size = lr_t / _one_minus_pow(beta1, age)
+                    bc2_sqrt = _one_minus_pow(beta2, age).sqrt_()
                 else:
-                    step = step_t.item()
-                    bc2_sqrt = (1 - beta2 ** step) ** 0.5
+                    step = step_t.item() if age is None else uniform_age + 1
                     step_size = lr_t / (1 - beta1 ** step)
+                    bc2_sqrt = (1 - beta2 ** step) ** 0.5
                 denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
                 if isinstance(step_size, torch.Tensor):
-                    # addcdiv computes p + (value * m) / denom; the same order keeps bit-equality with torch.
+                    # addcdiv computes p + (value * m) / denom; the same order as torch's scalar path.
                     p.addcdiv_(exp_avg * step_size.to(p.dtype).neg_(), denom)
                 else:
                     p.addcdiv_(exp_avg, denom, value=-step_size)
         return loss
+
+    # A tensor's ages stay uniform (or not) as all its elements age together, so whether they are is checked once
+    # per tensor (one device sync), then cached by tensor identity and version: any outside in-place change or
+    # replacement (load_state_dict, a growth) bumps the version and triggers a new check.
+    def _uniform(self, p: torch.Tensor, key: str, t: torch.Tensor | None) -> float | None:
+        """The common value of all elements of state tensor ``t`` of parameter ``p``, or None if they differ (or
+        t is None)."""
+        if t is None:
+            return None
+        cache = self.__dict__.setdefault("_uniform_cache", {})  # (id(param), key) -> (tensor, version, value)
+        hit = cache.get((id(p), key))
+        if hit is not None and hit[0] is t and hit[1] == t._version:
+            return hit[2]
+        lo, hi = torch.aminmax(t)
+        value = float(lo) if bool(lo == hi) else None
+        cache[(id(p), key)] = (t, t._version, value)
+        return value
+
+    def _bump(self, p: torch.Tensor, age: torch.Tensor, value: float | None) -> None:
+        self._uniform_cache[(id(p), "age")] = (age, age._version, None if value is None else value + 1)
 
     def load_state_dict(self, state_dict):
         # torch casts every floating state tensor but "step" to the parameter's dtype; ages and lr scales stay
@@ -130,6 +160,12 @@ class AdamW(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------------------------
 # State transfer
 # ----------------------------------------------------------------------------------------------------------
+
+def _one_minus_pow(beta: float, age: torch.Tensor) -> torch.Tensor:
+    if beta == 0.0:
+        return torch.ones_like(age)
+    return torch.expm1(age * math.log(beta)).neg_()
+
 
 def _state_reader(old_model, old_opt, kind: str):
     params = dict(old_model.named_parameters())
