@@ -17,7 +17,7 @@ from itertools import product
 import torch
 
 from nanogrow.grow.plan import (
-    LAYER_PARAMS, STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, copy_piece, derive_seed,
+    STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, copy_piece, derive_seed,
     param_shapes,
 )
 from nanogrow.model import ModelConfig

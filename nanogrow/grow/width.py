@@ -44,6 +44,7 @@ import torch
 
 from nanogrow.grow.plan import (
     STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, compose, derive_seed, identity_targets,
+    param_shapes,
 )
 from nanogrow.model import ModelConfig
 
@@ -235,11 +236,6 @@ def _fan_out(ctx: _Ctx, name, shape, dim, um: UnitMap, C2: int, scale=None, std=
     return _grow(ctx, name, shape, dim, um, scale, new, twin_sign=-1.0, split=m == "net2net")
 
 
-def _shapes(c: ModelConfig) -> dict:
-    from nanogrow.grow.plan import param_shapes
-    return param_shapes(c)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Axis steps
 # ----------------------------------------------------------------------------------------------------------
@@ -253,7 +249,7 @@ def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) 
     qh, kvh = _head_maps(H, K, H2, K2, ctx.method)
     q, kv = qh.expand(hd), kvh.expand(hd)
     C, C2 = H * hd, H2 * hd
-    shapes = _shapes(nxt)
+    shapes = param_shapes(nxt)
     targets = identity_targets(nxt)
     # VT rescale: old wo columns (fan-out of old heads) times r = C/C2 (Table 1); compensated by the old value
     # rows times 1/r: a head's output is linear in v, so wo[:, h] * r @ (attn @ v / r) is unchanged. New query
@@ -280,7 +276,7 @@ def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) 
 def _dff_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) -> GrowthPlan:
     C, C2 = cur.d_ff, nxt.d_ff
     um = _plain_map(C, C2, ctx.method, "d_ff")
-    shapes = _shapes(nxt)
+    shapes = param_shapes(nxt)
     targets = identity_targets(nxt)
     # VT rescale: old w_down columns times r = C/C2, compensated by old w_up rows times 1/r: SwiGLU's
     # silu(gate) * up is linear in up, so the hidden unit scales by 1/r and w_down[:, u] * r undoes it.
@@ -315,7 +311,7 @@ def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int,
     um = _plain_map(D, D2, m, "d_model")
     tied = nxt.tie_embeddings
     targets = identity_targets(nxt)
-    shapes = _shapes(nxt)
+    shapes = param_shapes(nxt)
     n_old = len(um.dst_old)
     notes = []
 
@@ -375,7 +371,7 @@ def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int,
     targets["norm.weight"] = gain_plan("norm.weight", final_gain)
     if not tied:
         targets["lm_head.weight"] = reader("lm_head.weight")
-    targets = {k: targets[k] for k in _shapes(nxt)}
+    targets = {k: targets[k] for k in param_shapes(nxt)}
     masks = {}
     if m == "msg" and len(um.fresh):
         fading = torch.zeros(D2, dtype=torch.bool)
