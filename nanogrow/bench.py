@@ -69,3 +69,171 @@ def throughput(cfg: RunConfig, warmup: int = 3, steps: int = 10, log=print) -> d
 
 
 __all__ = ["throughput", "cpu_matmul_peak_flops", "peak_memory_bytes"]
+
+
+# ---- growth benchmarks --------------------------------------------------------------------------------------
+
+def _quiet(*_a, **_k):
+    pass
+
+
+def _run_curve(cfg: RunConfig, log=_quiet) -> dict:
+    """Train ``cfg`` to the end; return its validation curve (FLOPs, tokens, val loss) and wall time."""
+    from .train import Trainer
+
+    trainer = Trainer(cfg, log=log)
+    t0 = time.perf_counter()
+    summary = trainer.run()
+    curve = [(h["flops"], h["tokens"], h["val_loss"], h.get("seconds_since_start")) for h in trainer.history
+             if h["event"] == "eval"]
+    return {"curve": curve, "final": summary["val_loss"], "flops": summary["flops"],
+            "seconds": time.perf_counter() - t0, "growth_events": summary["growth_events"]}
+
+
+def first_crossing(curve: list[tuple], target: float) -> tuple[float, float] | None:
+    """(FLOPs, fraction of the run) at which a validation curve first reaches ``target``, linearly interpolated
+    between evaluations; None if it never does."""
+    prev = None
+    for i, (flops, _tokens, loss, _s) in enumerate(curve):
+        if loss <= target:
+            if prev is None or prev[2] == loss:
+                return flops, (i + 1) / len(curve)
+            f0, _, l0, _ = prev
+            frac = (l0 - target) / (l0 - loss)
+            return f0 + frac * (flops - f0), (i + frac) / len(curve)
+        prev = (flops, _tokens, loss, _s)
+    return None
+
+
+def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str, png: str | None = None,
+            log=print) -> dict:
+    """Scratch (the final shape, trained from the start) against the grown schedule of ``cfg`` with each optimizer
+    transfer policy in ``variants``, same step budget and data order, for every seed. Prints FLOPs and wall time
+    to reach the scratch run's final validation loss and the ratio scratch / grown."""
+    import copy
+    import dataclasses
+
+    if not cfg.stage:
+        raise ValueError("bench speedup needs a config with [[stage]] growth stages")
+    final_shape = dataclasses.replace(cfg.model)
+    for st in cfg.stage:
+        final_shape = dataclasses.replace(final_shape, **st.shape)
+    results: dict = {"seeds": seeds, "runs": {}}
+    for seed in seeds:
+        runs = {}
+        scratch = copy.deepcopy(cfg)
+        scratch.model, scratch.stage = final_shape, []
+        scratch.train.seed = scratch.data.seed = seed
+        scratch.train.out_dir = f"{out_dir}/seed{seed}/scratch"
+        runs["scratch"] = _run_curve(scratch)
+        for v in variants:
+            grown = copy.deepcopy(cfg)
+            grown.growth.optimizer = v
+            grown.train.seed = grown.data.seed = grown.growth.seed = seed
+            grown.train.out_dir = f"{out_dir}/seed{seed}/grown-{v}"
+            runs[f"grown/{v}"] = _run_curve(grown)
+        target = runs["scratch"]["final"]
+        for name, r in runs.items():
+            hit = first_crossing(r["curve"], target)
+            r["flops_to_target"] = hit[0] if hit else None
+            r["seconds_to_target"] = hit[1] * r["seconds"] if hit else None
+            r["flops_ratio"] = runs["scratch"]["flops"] / hit[0] if hit else None
+            r["time_ratio"] = runs["scratch"]["seconds"] / r["seconds_to_target"] if hit else None
+            log(f"seed {seed} | {name:<14} | final val {r['final']:.4f} | total {r['flops']:.3e} FLOPs, "
+                f"{r['seconds']:.0f} s | to scratch's final loss {target:.4f}: "
+                + (f"{hit[0]:.3e} FLOPs, {r['seconds_to_target']:.0f} s -> FLOPs ratio {r['flops_ratio']:.2f}x, "
+                   f"time ratio {r['time_ratio']:.2f}x" if hit else "not reached"))
+        results["runs"][seed] = runs
+    names = list(results["runs"][seeds[0]])
+    log("summary over seeds (mean): name | final val loss | FLOPs ratio scratch/grown to scratch's final loss")
+    for name in names:
+        finals = [results["runs"][s][name]["final"] for s in seeds]
+        ratios = [results["runs"][s][name]["flops_ratio"] for s in seeds]
+        shown = [f"{r:.2f}" if r else "n/r" for r in ratios]
+        log(f"  {name:<14} | {statistics.mean(finals):.4f} (+- {statistics.pstdev(finals):.4f}) | "
+            f"{', '.join(shown)}")
+    if png:
+        _plot_curves(results, png, log)
+    return results
+
+
+def _plot_curves(results: dict, png: str, log) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install 'nanogrow[plot]'): no plot written")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {}
+    for seed, runs in results["runs"].items():
+        for name, r in runs.items():
+            c = colors.setdefault(name, f"C{len(colors)}")
+            xs, ys = [p[0] for p in r["curve"]], [p[2] for p in r["curve"]]
+            ax.plot(xs, ys, color=c, alpha=0.8, label=name if seed == results["seeds"][0] else None)
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss")
+    ax.set_title("scratch vs grown: loss against compute")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    log(f"wrote {png}")
+
+
+def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
+    """Tokens/s and MFU of every stage of the growth schedule in ``cfg`` (median step time within the stage,
+    its first two steps excluded), side by side with the same shape trained statically through the same
+    ``Trainer.train_step``, plus the wall time of each growth event."""
+    import copy
+    import dataclasses
+
+    from .train import Trainer
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.eval_every, cfg.growth.eval_at_growth = 0, False
+    trainer = Trainer(cfg, log=_quiet)
+    per_stage: dict[int, list[float]] = {0: []}
+    events = []
+    while trainer.step < cfg.train.max_steps:
+        while trainer.growth_due():
+            events.append(trainer.grow_next_stage())
+            per_stage[trainer.stage_index] = []
+        t0 = time.perf_counter()
+        trainer.train_step()
+        per_stage[trainer.stage_index].append(time.perf_counter() - t0)
+    peak = trainer.meter.peak
+    rows = []
+    log("stage | shape (L x d, ff) | micro_batch | grown tok/s | static tok/s | ratio | MFU grown | growth event ms")
+    for k, times in per_stage.items():
+        stats = trainer.stage_stats[k]
+        shape = dataclasses.replace(cfg.model)
+        mb = cfg.train.micro_batch
+        for st in cfg.stage[:k]:
+            shape = dataclasses.replace(shape, **st.shape)
+            mb = st.micro_batch or mb
+        shape = shape.resolved()
+        steady = times[2:] or times
+        tokens = stats["tokens"] / max(1, stats["steps"])
+        grown_tps = tokens / statistics.median(steady)
+        static_cfg = copy.deepcopy(cfg)
+        static_cfg.model, static_cfg.stage = shape, []
+        static_cfg.train.micro_batch = mb
+        static_cfg.train.max_steps = static_steps + 2
+        static_cfg.train.warmup_steps = 1
+        static_cfg.train.out_dir = f"{cfg.train.out_dir}/static{k}"
+        static = Trainer(static_cfg, log=_quiet)
+        st_times = []
+        for _ in range(static_steps + 2):
+            t0 = time.perf_counter()
+            static.train_step()
+            st_times.append(time.perf_counter() - t0)
+        static_tps = tokens / statistics.median(st_times[2:])
+        mfu = grown_tps * shape.flops_per_token(cfg.data.seq_len) / peak if peak else 0.0
+        ev_ms = 1e3 * events[k - 1]["seconds"] if k else 0.0
+        rows.append({"stage": k, "grown_tokens_per_s": grown_tps, "static_tokens_per_s": static_tps,
+                     "ratio": grown_tps / static_tps, "mfu": mfu, "growth_event_ms": ev_ms})
+        log(f"{k:>5} | {shape.n_layer} x {shape.d_model}, {shape.d_ff:<6} | {mb:>11} | {grown_tps:>11,.0f} | "
+            f"{static_tps:>12,.0f} | {grown_tps / static_tps:5.3f} | {100 * mfu:8.1f}% | "
+            + (f"{ev_ms:.0f}" if k else "-"))
+    return {"stages": rows}

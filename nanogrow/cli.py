@@ -24,6 +24,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_grow(args) -> int:
+    import json
+    from .train import grow_checkpoint, parse_shape
+
+    options = json.loads(args.options) if args.options else {}
+    grow_checkpoint(args.checkpoint, parse_shape(args.to), args.op, args.out, options=options,
+                    policy=args.optimizer, seed=args.seed)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .config import load_config
     from . import bench
@@ -31,6 +41,11 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.what == "throughput":
         bench.throughput(cfg, warmup=args.warmup, steps=args.steps)
+    elif args.what == "speedup":
+        bench.speedup(cfg, variants=args.variants.split(","), seeds=[int(s) for s in args.seeds.split(",")],
+                      out_dir=args.out, png=args.png)
+    elif args.what == "stages":
+        bench.stages(cfg, static_steps=args.steps)
     return 0
 
 
@@ -49,18 +64,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", help="'auto' (latest checkpoint in train.out_dir, if any) or a checkpoint path")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("grow", help="grow a saved checkpoint offline (weights and optimizer state)")
+    p.add_argument("checkpoint", help="a checkpoint directory (ckpt_XXXXXXX)")
+    p.add_argument("--to", required=True, metavar="SHAPE", help="new shape fields, e.g. n_layer=8,d_ff=1024")
+    p.add_argument("--op", required=True, help="growth operator (stack, interleave, lag, identity, zero, net2net, "
+                                               "vt, msg, joint)")
+    p.add_argument("--options", help='operator options as JSON, e.g. \'{"fade_steps": 50}\'')
+    p.add_argument("--optimizer", default="map+age", choices=["reset", "map", "map+age"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory to write the grown checkpoint into")
+    p.set_defaults(func=cmd_grow)
+
     p = sub.add_parser("bench", help="benchmarks that print numbers")
-    p.add_argument("what", choices=["throughput"])
+    p.add_argument("what", choices=["throughput", "speedup", "stages"],
+                   help="throughput: tokens/s, MFU, peak memory of a config; speedup: scratch vs grown to the same "
+                        "loss; stages: tokens/s per growth stage vs the same shape static")
     _config_args(p)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="throughput: steps before timing")
+    p.add_argument("--steps", type=int, default=10, help="throughput/stages: timed steps")
+    p.add_argument("--variants", default="map+age,reset", help="speedup: optimizer transfer policies to compare")
+    p.add_argument("--seeds", default="0,1,2", help="speedup: seeds (init and data order)")
+    p.add_argument("--out", default="runs/bench", help="speedup: where the runs write")
+    p.add_argument("--png", default="runs/bench/speedup.png", help="speedup: loss-vs-FLOPs plot")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # config / data / checkpoint errors: one clear line, no trace
-        if type(e).__name__ in ("ConfigError", "CheckpointError", "DataError", "FileNotFoundError"):
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input (config, data, checkpoint, growth plan) is reported in one line naming what is at fault;
+        # anything else is a bug and keeps its traceback.
+        if type(e).__module__.split(".")[0] in ("nanogrow", "data_prep") or type(e) in (ValueError, FileNotFoundError):
             print(f"nanogrow: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -266,7 +266,7 @@ class Transformer(nn.Module):
         logits = F.linear(h, self.output_weight())
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:

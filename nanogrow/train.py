@@ -391,3 +391,51 @@ def _fmt(x) -> str:
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def parse_shape(text: str) -> dict:
+    """``"n_layer=8,d_model=256"`` -> {"n_layer": 8, "d_model": 256}; names must be ModelConfig fields."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ModelConfig.field_names():
+            raise ValueError(f"--to {text!r}: {item!r} is not FIELD=VALUE with FIELD one of "
+                             f"{', '.join(ModelConfig.field_names())}")
+        try:
+            out[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--to {text!r}: {value!r} is not a number or true/false") from None
+    return out
+
+
+def grow_checkpoint(path: str | Path, to: dict, op: str, out_dir: str | Path, options: dict | None = None,
+                    policy: str = "map+age", seed: int = 0, log=print) -> Path:
+    """Grow a saved checkpoint offline (weights and optimizer state) and write it as a checkpoint in ``out_dir``,
+    with the event appended to its growth history. Training resumes from it with ``--resume``."""
+    meta = read_meta(path)
+    old_cfg = ModelConfig(**meta["model_config"]).resolved()
+    new_cfg = dataclasses.replace(old_cfg, **to).resolved()
+    plan = make_plan(op, old_cfg, new_cfg, seed=seed, **(options or {}))  # every bad input fails here
+    run_cfg = RunConfig.from_dict(meta["run_config"], source=str(path))
+    model = build_model(old_cfg, "cpu", seed=0)
+    optimizer = make_optimizer(model, run_cfg.train, ages=meta.get("optimizer_ages", False))
+    load_checkpoint(path, model, optimizer, load_rng=False)
+    if meta.get("ramp"):
+        raise ValueError(f"checkpoint {str(path)!r} is in the middle of a fade-in; train past it before growing")
+    t0 = time.perf_counter()
+    model, optimizer = grow(model, optimizer, plan, policy=policy, device="cpu")
+    meta = dict(meta, model_config=dataclasses.asdict(new_cfg), optimizer_ages=bool(optimizer.track_ages))
+    ramp = plan.mask_ramp(meta["step"])
+    if ramp is not None:
+        ramp.apply(model, meta["step"])
+    meta["ramp"] = ramp.to_dict() if ramp is not None else None
+    meta["history"] = meta.get("history", []) + [{
+        "event": "grow", "offline": True, "step": meta["step"], "tokens": meta["meter"]["total_tokens"],
+        "flops": meta["meter"]["total_flops"], "plan": plan.to_dict(), "optimizer": policy,
+        "params_before": old_cfg.num_params(), "params_after": new_cfg.num_params(),
+        "seconds": time.perf_counter() - t0}]
+    for key in ("format_version", "step", "world_size"):
+        meta.pop(key, None)
+    saved = save_checkpoint(out_dir, read_meta(path)["step"], model, optimizer, meta, keep_last=10**6)
+    log(f"grew {path} with {op}: {old_cfg.num_params():,} -> {new_cfg.num_params():,} params; wrote {saved}")
+    return saved

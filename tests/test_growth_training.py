@@ -131,3 +131,47 @@ def test_bad_stage_is_refused_before_training(tmp_path, stage, match):
     cfg_file.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=match):
         load_config(cfg_file)
+
+
+def test_grow_checkpoint_offline_then_resume(demo_data, tmp_path, capsys):
+    from nanogrow.checkpoint import read_meta
+    from nanogrow.cli import main
+
+    cfg = tiny_run_config(demo_data, tmp_path / "small")
+    cfg.model.n_layer = 1
+    trainer = Trainer(cfg, log=QUIET)
+    [trainer.train_step() for _ in range(3)]
+    path = trainer.save()
+    rc = main(["grow", str(path), "--to", "n_layer=2,d_ff=256", "--op", "joint", "--options",
+               '{"depth_op": "stack", "width_op": "zero"}', "--out", str(tmp_path / "big")])
+    assert rc == 0
+    grown = tmp_path / "big" / "ckpt_0000003"
+    meta = read_meta(grown)
+    assert meta["model_config"]["n_layer"] == 2 and meta["model_config"]["d_ff"] == 256
+    assert meta["history"][-1]["event"] == "grow" and meta["history"][-1]["plan"]["op"] == "joint"
+    # continue training from the grown checkpoint: same data position, grown model, mapped optimizer state
+    cfg2 = tiny_run_config(demo_data, tmp_path / "big")
+    cfg2.model.n_layer = 1
+    resumed = Trainer(cfg2, resume="auto", log=QUIET)
+    assert resumed.step == 3 and resumed.model_config.n_layer == 2
+    assert resumed.loader.state_dict() == trainer.loader.state_dict()
+    w = resumed.model.state_dict()
+    assert torch.equal(w["layers.0.attn.wq.weight"], w["layers.1.attn.wq.weight"])  # stack copied layer 0
+    st = resumed.optimizer.state[resumed.model.layers["1"].attn.wq.weight]
+    assert torch.equal(st["exp_avg"], trainer.optimizer.state[trainer.model.layers["0"].attn.wq.weight]["exp_avg"])
+    assert [resumed.train_step() for _ in range(2)]
+
+
+def test_grow_cli_rejects_bad_input_before_writing(demo_data, tmp_path, capsys):
+    from nanogrow.cli import main
+
+    cfg = tiny_run_config(demo_data, tmp_path / "small")
+    trainer = Trainer(cfg, log=QUIET)
+    trainer.train_step()
+    path = trainer.save()
+    assert main(["grow", str(path), "--to", "n_layer=1", "--op", "stack", "--out", str(tmp_path / "o")]) == 2
+    assert "n_layer" in capsys.readouterr().err
+    assert main(["grow", str(path), "--to", "n_layer=4", "--op", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown growth operator 'nope'" in capsys.readouterr().err
+    assert main(["grow", str(path), "--to", "n_layers=4", "--op", "stack", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
