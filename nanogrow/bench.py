@@ -105,11 +105,29 @@ def first_crossing(curve: list[tuple], target: float) -> tuple[float, float] | N
     return None
 
 
+def equal_flops_steps(cfg: RunConfig) -> int:
+    """Steps the grown schedule of ``cfg`` (manual ``at_step`` boundaries) needs to spend the FLOPs of training its
+    final shape from scratch for ``train.max_steps``: the extra steps go to the last stage."""
+    import dataclasses
+
+    if cfg.growth.schedule != "manual" or any(st.at_step < 0 for st in cfg.stage):
+        raise ValueError("--budget flops needs growth.schedule='manual' with at_step boundaries")
+    t, T = cfg.train, cfg.data.seq_len
+    shape, mb, prev, spent = cfg.model, t.micro_batch, 0, 0.0
+    for st in cfg.stage:
+        spent += (st.at_step - prev) * mb * T * t.grad_accum * shape.flops_per_token(T)
+        shape, mb, prev = dataclasses.replace(shape, **st.shape), st.micro_batch or mb, st.at_step
+    scratch = t.max_steps * t.micro_batch * T * t.grad_accum * shape.flops_per_token(T)
+    return prev + round((scratch - spent) / (mb * T * t.grad_accum * shape.flops_per_token(T)))
+
+
 def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str, png: str | None = None,
-            log=print) -> dict:
-    """Scratch (the final shape, trained from the start) against the grown schedule of ``cfg`` with each optimizer
-    transfer policy in ``variants``, same step budget and data order, for every seed. Prints FLOPs and wall time
-    to reach the scratch run's final validation loss and the ratio scratch / grown."""
+            budget: str = "flops", log=print) -> dict:
+    """Scratch (the final shape, trained from the start for ``train.max_steps``) against the grown schedule of
+    ``cfg`` with each optimizer transfer policy in ``variants``, on the same data order, for every seed. With
+    ``budget='flops'`` the grown run trains until it has spent the scratch run's FLOPs (its last stage is
+    longer); with ``'steps'`` both train ``max_steps``. Prints FLOPs and wall time to reach the scratch run's
+    final validation loss and the ratio scratch / grown."""
     import copy
     import dataclasses
 
@@ -118,6 +136,9 @@ def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str,
     final_shape = dataclasses.replace(cfg.model)
     for st in cfg.stage:
         final_shape = dataclasses.replace(final_shape, **st.shape)
+    grown_steps = equal_flops_steps(cfg) if budget == "flops" else cfg.train.max_steps
+    log(f"budget: {budget}; scratch {cfg.train.max_steps} steps of {final_shape.n_layer} x {final_shape.d_model}; "
+        f"grown {grown_steps} steps")
     results: dict = {"seeds": seeds, "runs": {}}
     for seed in seeds:
         runs = {}
@@ -129,6 +150,7 @@ def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str,
         for v in variants:
             grown = copy.deepcopy(cfg)
             grown.growth.optimizer = v
+            grown.train.max_steps = grown_steps
             grown.train.seed = grown.data.seed = grown.growth.seed = seed
             grown.train.out_dir = f"{out_dir}/seed{seed}/grown-{v}"
             runs[f"grown/{v}"] = _run_curve(grown)

@@ -43,7 +43,7 @@ def cmd_bench(args) -> int:
         bench.throughput(cfg, warmup=args.warmup, steps=args.steps)
     elif args.what == "speedup":
         bench.speedup(cfg, variants=args.variants.split(","), seeds=[int(s) for s in args.seeds.split(",")],
-                      out_dir=args.out, png=args.png)
+                      out_dir=args.out, png=args.png, budget=args.budget)
     elif args.what == "stages":
         bench.stages(cfg, static_steps=args.steps)
     return 0
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="map+age,reset", help="speedup: optimizer transfer policies to compare")
     p.add_argument("--seeds", default="0,1,2", help="speedup: seeds (init and data order)")
     p.add_argument("--out", default="runs/bench", help="speedup: where the runs write")
+    p.add_argument("--budget", default="flops", choices=["flops", "steps"],
+                   help="speedup: grown run spends the scratch run's FLOPs (default) or trains as many steps")
     p.add_argument("--png", default="runs/bench/speedup.png", help="speedup: loss-vs-FLOPs plot")
     p.set_defaults(func=cmd_bench)
 

@@ -85,6 +85,10 @@ class StageConfig:
     lr: float = 0.0  # 0 = train.lr; otherwise this stage's peak lr (scales the whole schedule)
     optimizer: str = ""  # "" = growth.optimizer
     lr_policy: str = ""  # "" = growth.lr_policy
+    trigger: str = "schedule"  # schedule (at_* or the growth.schedule) | plateau | gradient | scaling-law
+    trigger_options: dict = field(default_factory=dict)  # e.g. { window = 50, threshold = 0.05, min_steps = 100 }
+    lag: dict = field(default_factory=dict)  # LAG: { candidates = "design-space" | [{op, options}], steps = k,
+    #                                            eval_every = 1, eval_batches = 0 (all) }
 
 
 @dataclass
@@ -248,6 +252,42 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     validate_stages(cfg, source)
 
 
+def lag_candidates(lag: dict, old: ModelConfig, new: ModelConfig) -> list:
+    """The LAG candidates of a stage: the depth design space, or an explicit list of {op, options}."""
+    from .lag import Candidate, default_candidates
+
+    spec = lag.get("candidates", "design-space")
+    if spec == "design-space":
+        if new.n_layer <= old.n_layer or any(getattr(new, f) != getattr(old, f) for f in ("d_model", "d_ff", "n_head")):
+            raise ValueError("candidates='design-space' is the depth design space: the stage must add layers only")
+        return default_candidates(old.n_layer, new.n_layer)
+    if not isinstance(spec, list) or not spec:
+        raise ValueError(f"candidates must be 'design-space' or a non-empty list of {{op, options}}, got {spec!r}")
+    out = []
+    for j, c in enumerate(spec):
+        if not isinstance(c, dict) or "op" not in c or set(c) - {"op", "options"}:
+            raise ValueError(f"candidates[{j}] must be a table {{op = ..., options = {{...}}}}, got {c!r}")
+        out.append(Candidate(c["op"], dict(c.get("options", {}))))
+    return out
+
+
+def _check_lag(lag: dict, old: ModelConfig, new: ModelConfig, seed: int, key: str) -> None:
+    from .grow import make_plan
+
+    allowed = {"candidates", "steps", "eval_every", "eval_batches"}
+    for k in lag:
+        if k not in allowed:
+            raise ValueError(f"{key} has unknown key {k!r}; allowed: {', '.join(sorted(allowed))}")
+    steps, every = lag.get("steps", 0), lag.get("eval_every", 1)
+    if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{key}.steps and {key}.eval_every must be positive integers, got {steps!r}, {every!r}")
+    for j, c in enumerate(lag_candidates(lag, old, new)):
+        try:
+            make_plan(c.op, old, new, seed=seed, **c.options)
+        except ValueError as e:
+            raise ValueError(f"{key}.candidates[{j}] ({c.name()}): {e}") from None
+
+
 def validate_stages(cfg: RunConfig, source: str) -> None:
     """Shapes, operators and options of every stage are checked by building every growth plan (a pure
     computation: no tensor is touched), so a bad stage fails now and not hours into the run."""
@@ -271,7 +311,19 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
             if value and value not in allowed:
                 raise ConfigError(f"{source}: {key}.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
         whens = [w for w in ("at_step", "at_tokens", "at_flops") if getattr(st, w) >= 0]
-        if g.schedule == "manual" and len(whens) != 1:
+        if st.trigger != "schedule":
+            from .triggers import make_trigger
+            if whens:
+                raise ConfigError(f"{source}: {key}.{whens[0]} is set but {key}.trigger={st.trigger!r} decides "
+                                  f"when to grow (bound the stage with trigger_options min_steps / max_steps)")
+            try:
+                make_trigger(st.trigger, **st.trigger_options)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{source}: {key}.trigger: {e}") from None
+        elif st.trigger_options and set(st.trigger_options) - {"min_steps", "max_steps"}:
+            raise ConfigError(f"{source}: {key}.trigger_options {sorted(st.trigger_options)}: the schedule trigger "
+                              f"takes only min_steps / max_steps")
+        elif g.schedule == "manual" and len(whens) != 1:
             raise ConfigError(f"{source}: {key} needs exactly one of at_step, at_tokens, at_flops with "
                               f"growth.schedule='manual' (got {whens or 'none'})")
         if g.schedule != "manual" and whens:
@@ -282,7 +334,10 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
         try:
             new = ModelConfig(**{**dataclasses.asdict(shape), **st.shape})
             new.validate(f"{key}.shape")
-            make_plan(st.op or g.op, shape, new, seed=g.seed + i, **st.options)
+            if st.lag:
+                _check_lag(st.lag, shape, new, g.seed + i, f"{key}.lag")
+            else:
+                make_plan(st.op or g.op, shape, new, seed=g.seed + i, **st.options)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{source}: {key} (op {st.op or g.op!r}): {e}") from None
         if cfg.data.seq_len > new.max_seq_len:

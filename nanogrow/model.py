@@ -8,6 +8,10 @@ optimizer state.
 
 Growth masks (MSG-style fade-in of new units or blocks) are optional buffers that are ``None`` until a growth
 operator sets them; when set they are part of ``state_dict`` and so are checkpointed with the weights.
+
+The elementwise and normalisation steps (RMSNorm, the residual add with its fade-in scale, SwiGLU, RoPE, the
+loss) go through ``nanogrow.kernels``: fused Triton kernels when ``ModelConfig.kernels`` allows and the device
+can run them, their plain torch references otherwise (``kernels/reference.py`` holds the maths).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanogrow import kernels as K
+
 try:  # flash-attn is a GPU-only optional extra; SDPA is the fallback everywhere.
     from flash_attn import flash_attn_func  # type: ignore
 except Exception:  # ImportError, or a broken CUDA build
@@ -27,7 +33,7 @@ except Exception:  # ImportError, or a broken CUDA build
 
 @dataclass
 class ModelConfig:
-    """The shape of the model. Every field may change when the model grows."""
+    """The shape of the model. Every field but ``kernels`` may change when the model grows."""
 
     n_layer: int = 4
     d_model: int = 128
@@ -41,6 +47,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Not a shape: "auto" (Triton kernels where they can run, else torch) | "triton" (fail at build without a
+    # usable Triton) | "torch". Growth copies the config with dataclasses.replace, so it carries over.
+    kernels: str = "auto"
 
     def resolved(self) -> "ModelConfig":
         """A copy with the derived fields (head_dim, d_ff) filled in."""
@@ -77,6 +86,9 @@ class ModelConfig:
             raise ValueError(f"{prefix}.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"{prefix}.norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.kernels not in K.BACKENDS:
+            raise ValueError(f"{prefix}.kernels must be one of {', '.join(map(repr, K.BACKENDS))}, "
+                             f"got {self.kernels!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -107,16 +119,14 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernels: str = "torch"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability under bf16 autocast, return in the input dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        # Normalised in fp32 for stability under bf16 autocast, returned in the input dtype.
+        return K.rms_norm(x, self.weight, self.eps, self.kernels)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,19 +137,10 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple
     return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) — the Llama/HF "rotate_half" layout. x: [B, T, H, D]."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d].float(), x[..., d:].float()
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.type_as(x)
-
-
 class Attention(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, kernels: str = "torch"):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        self.n_head, self.n_kv_head, self.head_dim, self.kernels = c.n_head, c.n_kv_head, c.head_dim, kernels
         self.wq = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=False)
         self.wk = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
         self.wv = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
@@ -152,7 +153,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Rotate pairs (x[..., :d/2], x[..., d/2:]) — the Llama/HF "rotate_half" layout — in fp32.
+        q, k = K.rope(q, k, cos, sin, self.kernels)
         if flash_attn_func is not None and x.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             y = flash_attn_func(q, k, v, causal=True)  # [B, T, H, D]; handles GQA natively
         else:
@@ -166,8 +168,9 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, kernels: str = "torch"):
         super().__init__()
+        self.kernels = kernels
         self.w_gate = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.w_up = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.w_down = nn.Linear(c.d_ff, c.d_model, bias=False)
@@ -175,36 +178,31 @@ class SwiGLU(nn.Module):
         self.register_buffer("unit_mask", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.w_gate(x)) * self.w_up(x)
-        if self.unit_mask is not None:
-            h = h * self.unit_mask.to(h.dtype)
-        return self.w_down(h)
+        # silu(gate) * up, times the unit mask when growing (fused into the kernel: no extra pass).
+        return self.w_down(K.swiglu(self.w_gate(x), self.w_up(x), self.unit_mask, self.kernels))
 
 
 class Block(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, kernels: str = "torch"):
         super().__init__()
-        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.attn = Attention(c)
-        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.mlp = SwiGLU(c)
+        self.kernels = kernels
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps, kernels)
+        self.attn = Attention(c, kernels)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, kernels)
+        self.mlp = SwiGLU(c, kernels)
         # Scalar fade-in of a newly inserted block: out = h + m * branch(h), i.e. m * block(h) + (1 - m) * h.
         self.register_buffer("block_mask", None)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 resid_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # Both branches are scaled by the fade-in masks (None when not growing): h + scale * branch(h).
+        scale = resid_mask
+        if self.block_mask is not None:
+            scale = self.block_mask if scale is None else scale * self.block_mask
         a = self.attn(self.attn_norm(h), cos, sin)
-        if resid_mask is not None:
-            a = a * resid_mask
-        if self.block_mask is not None:
-            a = a * self.block_mask.to(a.dtype)
-        h = h + a
-        m = self.mlp(self.mlp_norm(h))
-        if resid_mask is not None:
-            m = m * resid_mask
-        if self.block_mask is not None:
-            m = m * self.block_mask.to(m.dtype)
-        return h + m
+        # The residual add and the MLP's norm in one pass: h = h + scale * a, x = mlp_norm(h).
+        h, x = K.add_rms_norm(h, a, scale, self.mlp_norm.weight, self.mlp_norm.eps, self.kernels)
+        return K.residual_add(h, self.mlp(x), scale, self.kernels)
 
 
 class Transformer(nn.Module):
@@ -213,8 +211,11 @@ class Transformer(nn.Module):
         config.validate()
         self.config = c = config.resolved()
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
-        self.layers = nn.ModuleDict({str(i): Block(c) for i in range(c.n_layer)})
-        self.norm = RMSNorm(c.d_model, c.norm_eps)
+        # Decided once here: "auto" becomes "torch" where Triton cannot run; "triton" then fails now, not at
+        # the first step.
+        self.kernels = K.resolve(c.kernels, device=self.tok_emb.weight.device)
+        self.layers = nn.ModuleDict({str(i): Block(c, self.kernels) for i in range(c.n_layer)})
+        self.norm = RMSNorm(c.d_model, c.norm_eps, self.kernels)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         # [d_model] fade-in mask on residual-stream channels (MSG-style d_model growth); None when not growing.
         self.register_buffer("resid_mask", None)
@@ -263,14 +264,15 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             h = block(h, cos, sin, resid_mask)
         h = self.norm(h)
-        logits = F.linear(h, self.output_weight())
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            return F.linear(h, self.output_weight())
+        # cross_entropy(F.linear(h, W).float(), targets); the Triton path never holds all the logits at once.
+        return K.linear_cross_entropy(h, self.output_weight(), targets, backend=self.kernels)
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
     """Build on the meta device (no memory, no init cost), materialise on ``device``, then initialise."""
+    K.resolve(config.kernels, device=device)  # "triton" on a device it cannot serve fails here
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device=device)

@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rea
 from .config import RunConfig, StageConfig
 from .data import TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, grow, make_plan
+from .triggers import GradientTrigger, Observation, make_trigger, trigger_from_state
 from .metrics import ThroughputMeter, device_peak_flops
 from .model import ModelConfig, Transformer, build_model
 from .schedule import stage_start_steps
@@ -96,6 +97,7 @@ class Trainer:
         self.model: Transformer = build_model(self.model_config, self.device, seed=self.t.seed)
         self.optimizer = make_optimizer(self.model, self.t)
         self.step = 0
+        self.trigger = self._make_trigger()
         self.history: list[dict] = []  # growth events and evaluations, in order
         self.meter = ThroughputMeter(device_peak_flops(self.device), self.world)
         if meta:
@@ -110,6 +112,7 @@ class Trainer:
             self.growth_lr = GrowthLR.from_state_dict(meta["growth_lr"]) if "growth_lr" in meta else self.growth_lr
             self.ramp = MaskRamp.from_dict(meta["ramp"]) if meta.get("ramp") else None
             self.stage_stats = meta.get("stage_stats", self.stage_stats)
+            self.trigger = trigger_from_state(meta["trigger"]) if meta.get("trigger") else self._make_trigger()
             self._set_stage_batch()
             self.log(f"resumed from {ckpt} at step {self.step} ({self.meter.total_tokens:,} tokens, "
                      f"stage {self.stage_index})")
@@ -208,18 +211,23 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._update_masks()
-        loss_sum = 0.0
-        for _ in range(self.t.grad_accum):
+        # The gradient trigger compares one micro-batch's gradient with the whole step's (two batch sizes).
+        want_noise = isinstance(self.trigger, GradientTrigger) and self.t.grad_accum > 1
+        loss_sum, grad_sq_small = 0.0, None
+        for micro in range(self.t.grad_accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast():
                 loss = self.model(x, y) / self.t.grad_accum
             loss.backward()
             loss_sum += loss.item()
+            if want_noise and micro == 0:
+                grad_sq_small = _grad_sq(self.model) * self.t.grad_accum ** 2
         if self.world > 1:  # data parallel without a wrapper: average gradients explicitly
             for p in self.model.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+        grad_sq_big = _grad_sq(self.model) if want_noise else None
         if self.t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
         self.optimizer.step()
@@ -232,6 +240,10 @@ class Trainer:
         st["tokens"] += tokens
         st["flops"] += tokens * fpt
         st["seconds"] += time.perf_counter() - t0
+        if self.trigger is not None:
+            self.trigger.observe(Observation(
+                self.step, self.meter.total_tokens, self.meter.total_flops, loss_sum, grad_sq_small, grad_sq_big,
+                self.micro_batch * self.seq_len, tokens))
         return loss_sum
 
     # ---- growth ---------------------------------------------------------------------------------------------
@@ -240,45 +252,68 @@ class Trainer:
         if self.ramp is not None and self.ramp.apply(self.model, self.step):
             self.ramp = None
 
+    def _make_trigger(self):
+        """The trigger that decides when the next stage starts; its stage-length bounds count from now."""
+        if self.stage_index >= len(self.stages):
+            return None
+        st = self.stages[self.stage_index]
+        opts = dict(st.trigger_options)
+        if st.trigger == "schedule":
+            opts.update(self.stage_starts[self.stage_index])
+        elif st.trigger == "scaling-law":
+            nxt = dataclasses.replace(self.model_config, **st.shape)
+            opts.setdefault("next_params", nxt.num_params(include_embedding=False))
+        return make_trigger(st.trigger, start_step=self.step, **opts)
+
     def growth_due(self) -> bool:
-        """Has the next stage's boundary been reached? (Checked before every step.) A growth that falls inside
+        """Does the trigger of the next stage fire now? (Checked before every step.) A growth that falls inside
         a fade-in waits for it to finish: operators are defined on unmasked models."""
         self._update_masks()
-        if self.stage_index >= len(self.stages) or self.ramp is not None:
+        if self.trigger is None or self.ramp is not None:
             return False
-        (kind, value), = self.stage_starts[self.stage_index].items()
-        now = {"at_step": self.step, "at_tokens": self.meter.total_tokens, "at_flops": self.meter.total_flops}[kind]
-        return now >= value
+        return self.trigger.should_grow(self.step, self.meter.total_tokens, self.meter.total_flops)
 
-    def grow_next_stage(self) -> dict:
-        """Apply the next stage's growth plan in place (weights, optimizer state, ages, masks), log the event and
-        write a checkpoint."""
-        i = self.stage_index + 1
-        st, g = self.stages[i - 1], self.cfg.growth
-        old_cfg = self.model_config
-        new_cfg = dataclasses.replace(old_cfg, **st.shape).resolved()
-        plan = make_plan(st.op or g.op, old_cfg, new_cfg, seed=g.seed + i, **st.options)
-        before = self.evaluate() if g.eval_at_growth else None
-        t0 = time.perf_counter()
-        policy = st.optimizer or g.optimizer
-        self.model, self.optimizer = grow(self.model, self.optimizer, plan, policy=policy, device=self.device,
-                                          lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt)
+    def _apply_plan(self, plan, st: StageConfig) -> None:
+        """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy."""
+        g = self.cfg.growth
+        self.model, self.optimizer = grow(self.model, self.optimizer, plan, policy=st.optimizer or g.optimizer,
+                                          device=self.device, lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt)
         self.model_config = plan.new_cfg.resolved()
         self.ramp = plan.mask_ramp(self.step)
         if self.ramp is not None:
             self.ramp.apply(self.model, self.step)
         if (st.lr_policy or g.lr_policy) != "continue":
             self.growth_lr.on_growth(self.step)
-        self.stage_index = i
+        self.stage_index += 1
         self._set_stage_batch()
+        self.stage_stats.append(_new_stage_stats(self.stage_index, self.step, self.model_config))
+
+    def grow_next_stage(self) -> dict:
+        """Apply the next stage's growth plan in place (weights, optimizer state, ages, masks), log the event and
+        write a checkpoint. With ``lag`` set, the operator is chosen by LAG first."""
+        i = self.stage_index + 1
+        st, g = self.stages[i - 1], self.cfg.growth
+        old_cfg = self.model_config
+        new_cfg = dataclasses.replace(old_cfg, **st.shape).resolved()
+        before = self.evaluate() if g.eval_at_growth else None
+        t0 = time.perf_counter()
+        lag_record = None
+        if st.lag:
+            plan, lag_record = self._lag_select(st, old_cfg, new_cfg, seed=g.seed + i)
+        else:
+            plan = make_plan(st.op or g.op, old_cfg, new_cfg, seed=g.seed + i, **st.options)
+            self._apply_plan(plan, st)
         seconds = time.perf_counter() - t0
         after = self.evaluate() if g.eval_at_growth else None
         event = {"event": "grow", "stage": i, "step": self.step, "tokens": self.meter.total_tokens,
-                 "flops": self.meter.total_flops, "plan": plan.to_dict(), "optimizer": policy,
+                 "flops": self.meter.total_flops, "plan": plan.to_dict(), "optimizer": st.optimizer or g.optimizer,
                  "params_before": old_cfg.num_params(), "params_after": self.model_config.num_params(),
-                 "val_loss_before": before, "val_loss_after": after, "seconds": seconds}
+                 "val_loss_before": before, "val_loss_after": after, "seconds": seconds,
+                 "trigger": self.trigger.state_dict() if self.trigger else None}
+        if lag_record:
+            event["lag"] = lag_record
         self.history.append(event)
-        self.stage_stats.append(_new_stage_stats(i, self.step, self.model_config))
+        self.trigger = self._make_trigger()
         self.log(f"grow -> stage {i} at step {self.step}: {plan.describe().splitlines()[0]} | "
                  f"{event['params_before']:,} -> {event['params_after']:,} params | val loss "
                  f"{_fmt(before)} -> {_fmt(after)} | {1e3 * seconds:.0f} ms")
@@ -286,15 +321,73 @@ class Trainer:
         self.meter.reset_window()
         return event
 
+    # ---- LAG: fork candidates, train each k steps on the same batches, continue from the winner -----------------
+    def _soft_state(self) -> dict:
+        """Everything but model and optimizer that training a candidate changes."""
+        return {"step": self.step, "loader": self.loader.state_dict(), "meter": self.meter.state_dict(),
+                "growth_lr": self.growth_lr.state_dict(), "rng": torch.get_rng_state(),
+                "stage_index": self.stage_index, "stage_stats": json.loads(json.dumps(self.stage_stats)),
+                "model_config": self.model_config, "ramp": self.ramp.to_dict() if self.ramp else None,
+                "model": self.model, "optimizer": self.optimizer}
+
+    def _restore_soft_state(self, s: dict) -> None:
+        self.step, self.stage_index, self.model_config = s["step"], s["stage_index"], s["model_config"]
+        self.loader.load_state_dict(s["loader"])
+        self.meter.load_state_dict(s["meter"])
+        self.growth_lr = GrowthLR.from_state_dict(s["growth_lr"])
+        torch.set_rng_state(s["rng"])
+        self.stage_stats = json.loads(json.dumps(s["stage_stats"]))
+        self.ramp = MaskRamp.from_dict(s["ramp"]) if s["ramp"] else None
+        self.model, self.optimizer = s["model"], s["optimizer"]
+        self._set_stage_batch()
+
+    def _lag_select(self, st: StageConfig, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
+        from .config import lag_candidates
+        from .lag import select
+
+        k, every = st.lag["steps"], st.lag.get("eval_every", 1)
+        n_eval = st.lag.get("eval_batches", 0) or len(self.val)
+        candidates = lag_candidates(st.lag, old_cfg, new_cfg)
+        base = self._soft_state()
+        plans, spent = [], []
+
+        def train_candidate(idx, cand):
+            self._restore_soft_state(base)
+            plan = make_plan(cand.op, old_cfg, new_cfg, seed=seed, **cand.options)
+            plans.append(plan)
+            self._apply_plan(plan, st)
+            losses = []
+            for j in range(k):
+                self._update_masks()
+                self.train_step()
+                if (j + 1) % every == 0 or j == k - 1:
+                    losses.append(self.evaluate(n_eval))
+            spent.append(self.meter.total_flops - base["meter"]["total_flops"])
+            self.log(f"  LAG candidate {idx + 1}/{len(candidates)} {cand.name()}: val loss after {k} steps "
+                     f"{losses[-1]:.4f}")
+            return losses, self._soft_state()
+
+        result = select(candidates, train_candidate)
+        self._restore_soft_state(result.states)
+        # The losers' training is compute the run spent: count it, so compute-normalized comparisons stay honest.
+        self.meter.add_flops(sum(f for j, f in enumerate(spent) if j != result.winner))
+        record = result.to_dict(candidates)
+        record.update(steps=k, eval_every=every, flops_per_candidate=spent)
+        self.log(f"  LAG picked {candidates[result.winner].name()} "
+                 f"(val loss {result.curves[result.winner][-1]:.4f} after {k} steps)")
+        return plans[result.winner], record
+
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, n_batches: int | None = None) -> float:
+        """Mean loss over the fixed validation batches (the first ``n_batches`` of them, if given)."""
         self.model.eval()
+        batches = self.val[:n_batches] if n_batches else self.val
         total = 0.0
-        for x, y in self.val:
+        for x, y in batches:
             with self.autocast():
                 total += self.model(x.to(self.device), y.to(self.device)).item()
         self.model.train()
-        return dist_utils.all_reduce_mean(total / len(self.val), self.device)
+        return dist_utils.all_reduce_mean(total / len(batches), self.device)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict:
@@ -309,6 +402,7 @@ class Trainer:
             "growth_lr": self.growth_lr.state_dict(),
             "ramp": self.ramp.to_dict() if self.ramp is not None else None,
             "optimizer_ages": bool(getattr(self.optimizer, "track_ages", False)),
+            "trigger": self.trigger.state_dict() if self.trigger is not None else None,
         }
 
     def save(self) -> Path:
@@ -376,6 +470,10 @@ class Trainer:
                         f"{st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | {tps:>7,.0f} | "
                         f"{100 * mfu:4.1f}% | {_fmt(st.get('val_loss'))}")
         return "\n".join(rows)
+
+
+def _grad_sq(model: torch.nn.Module) -> float:
+    return sum(float(p.grad.detach().float().pow(2).sum()) for p in model.parameters() if p.grad is not None)
 
 
 def _new_stage_stats(stage: int, start_step: int, c: ModelConfig) -> dict:

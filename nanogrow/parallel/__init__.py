@@ -1,0 +1,21 @@
+"""Parallelism applied to the model from outside it: backends (none / DDP / FSDP2, HSDP), growth of a
+parallelised model in place (sharded, one parameter at a time), process groups for LAG, and the growth
+benchmark. The model and the growth operators know nothing of this package."""
+
+from .backends import BACKENDS, backend_of, dist_backend, make_mesh, parallelize, reshard, unwrap
+from .groups import (broadcast_group_state, candidate_index, candidate_mesh, group_values,
+                     model_and_optimizer_tensors)
+from .sharded import grow_ddp, grow_parallel, grow_sharded, grown_optimizer
+
+
+def bench_grow(*args, **kwargs):
+    """See ``nanogrow.parallel.bench.bench_grow``."""
+    from .bench import bench_grow as _bench_grow
+    return _bench_grow(*args, **kwargs)
+
+
+__all__ = [
+    "BACKENDS", "backend_of", "dist_backend", "make_mesh", "parallelize", "reshard", "unwrap",
+    "broadcast_group_state", "candidate_index", "candidate_mesh", "group_values", "model_and_optimizer_tensors",
+    "grow_ddp", "grow_parallel", "grow_sharded", "grown_optimizer", "bench_grow",
+]

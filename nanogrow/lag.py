@@ -1,0 +1,141 @@
+"""LAG, Landscape-Aware Growing (Karp et al., seed 004): fork candidate growth operators from the same small model,
+train each for k steps on identical batches, keep the one with the lowest validation loss at step k.
+
+This module knows nothing of the trainer. ``select`` receives a function that trains one candidate k steps and
+returns its validation losses (one per evaluation); it decides, and hands back what the trainer needs to continue
+from the winner. The analysis functions (correlations, recall@k, regret) implement section 3.3 and eq. 1-2 of the
+paper on the recorded curves of all candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Candidate:
+    op: str
+    options: dict = field(default_factory=dict)
+
+    def name(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.op}({opts})"
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "options": dict(self.options)}
+
+
+@dataclass
+class LagResult:
+    winner: int  # index into the candidates
+    curves: list[list[float]]  # validation losses of every candidate at every evaluation after growing
+    states: Any = None  # the winner's state, as returned by the train function (to continue from it)
+
+    def to_dict(self, candidates: list[Candidate]) -> dict:
+        return {"winner": self.winner, "candidates": [c.to_dict() for c in candidates], "curves": self.curves}
+
+
+def default_candidates(old_layers: int, new_layers: int, inits=("copy", "random")) -> list[Candidate]:
+    """The LAG depth design space (start index x block size x init) for old_layers -> new_layers."""
+    from .grow.depth import lag_design_space
+
+    return [Candidate("lag", dict(d)) for d in lag_design_space(old_layers, new_layers, tuple(inits))]
+
+
+def select(candidates: list[Candidate], train: Callable[[int, Candidate], tuple[list[float], Any]],
+           keep_state: Callable[[int, Any], None] | None = None) -> LagResult:
+    """Train every candidate (``train(i, candidate) -> (val_losses, state)``) and pick the lowest last loss.
+    Ties go to the earlier candidate. Only the best state so far is kept alive (memory: one extra model)."""
+    if not candidates:
+        raise ValueError("LAG needs at least one candidate")
+    curves, best, best_state = [], None, None
+    for i, cand in enumerate(candidates):
+        losses, state = train(i, cand)
+        if not losses:
+            raise ValueError(f"LAG: candidate {cand.name()} returned no validation losses")
+        curves.append(list(losses))
+        if best is None or losses[-1] < curves[best][-1]:
+            best, best_state = i, state
+        else:
+            del state
+    return LagResult(best, curves, best_state)
+
+
+def select_from_losses(last_losses: list[float]) -> int:
+    """The winner given every candidate's loss at step k (used when candidates ran in separate process groups)."""
+    return min(range(len(last_losses)), key=lambda i: (last_losses[i], i))
+
+
+# ---- analysis (LAG paper, section 3.3) --------------------------------------------------------------------------
+
+def _ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0 + 1.0  # average rank for ties
+        i = j + 1
+    return ranks
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    return pearson(_ranks(xs), _ranks(ys))
+
+
+def correlation_with_final(curves: list[list[float]], finals: list[float], method: str = "spearman") -> list[float]:
+    """For every evaluation t after growing: correlation across candidates of loss at t with final loss."""
+    f = spearman if method == "spearman" else pearson
+    return [f([c[t] for c in curves], finals) for t in range(len(curves[0]))]
+
+
+def correlation_heatmap(curves: list[list[float]], method: str = "spearman") -> list[list[float]]:
+    """H[t1][t2] = correlation across candidates of the loss at evaluation t1 with the loss at t2."""
+    f = spearman if method == "spearman" else pearson
+    cols = [[c[t] for c in curves] for t in range(len(curves[0]))]
+    return [[f(a, b) for b in cols] for a in cols]
+
+
+def recall_at_k(curves: list[list[float]], finals: list[float], k: int) -> list[int]:
+    """1 at evaluation t when the best candidate in hindsight is among the k lowest losses at t, else 0."""
+    best = min(range(len(finals)), key=lambda i: finals[i])
+    out = []
+    for t in range(len(curves[0])):
+        top = sorted(range(len(curves)), key=lambda i: (curves[i][t], i))[:k]
+        out.append(int(best in top))
+    return out
+
+
+def regret(curves: list[list[float]], finals: list[float]) -> tuple[list[float], list[float]]:
+    """LAG eq. 1-2: choosing at evaluation t the candidate g_t with the lowest loss at t,
+    regret(t) = L_final(g_t) - min L_final and relative regret(t) = regret(t) / (max L_final - min L_final)."""
+    lo, hi = min(finals), max(finals)
+    reg, rel = [], []
+    for t in range(len(curves[0])):
+        g = min(range(len(curves)), key=lambda i: (curves[i][t], i))
+        r = finals[g] - lo
+        reg.append(r)
+        rel.append(r / (hi - lo) if hi > lo else 0.0)
+    return reg, rel
+
+
+def first_step_above(values: list[float], threshold: float) -> int | None:
+    """Index of the first evaluation whose value exceeds ``threshold`` (the paper's phase transition)."""
+    for i, v in enumerate(values):
+        if v == v and v > threshold:
+            return i
+    return None

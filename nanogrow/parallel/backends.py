@@ -1,0 +1,115 @@
+"""Parallel backends applied to a model from outside it (torchtitan's order: per block, then the root).
+
+    mesh = make_mesh("fsdp", replicate=1)                  # None for "none"
+    model = parallelize(model, "fsdp", mesh, mixed_precision=False)
+
+``none``: the model as it is (the trainer may still average gradients by hand). ``ddp``: torch DDP.
+``fsdp``: FSDP2 (``fully_shard``) on every block of ``model.layers``, then on the root; with a 2-D mesh
+("replicate", "shard") it is HSDP. Mixed precision (bf16 params, fp32 reductions) only on CUDA: on CPU gloo it
+would only cost time and break the fp32 equality the tests check.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+BACKENDS = ("none", "ddp", "fsdp")
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dist_backend(device: torch.device | str | None = None) -> str:
+    """nccl on CUDA, gloo on CPU."""
+    dev = torch.device(device) if device is not None else torch.device(device_type())
+    return "nccl" if dev.type == "cuda" else "gloo"
+
+
+def make_mesh(backend: str, replicate: int = 1, device: str | None = None):
+    """The device mesh ``backend`` runs on: None for none/ddp; 1-D ("shard",) for FSDP; 2-D ("replicate", "shard")
+    for HSDP when ``replicate`` > 1 (replicate must divide the world size)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown parallel backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend != "fsdp":
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if replicate < 1 or world % replicate:
+        raise ValueError(f"parallel replicate degree {replicate} must divide the world size {world}")
+    dev = device or device_type()
+    if replicate == 1:
+        return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(dev, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def fsdp_kwargs(mesh, mixed_precision: bool = False) -> dict:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    kw = {"mesh": mesh}
+    if mixed_precision and mesh.device_type == "cuda":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return kw
+
+
+def apply_fsdp(model: nn.Module, mesh, mixed_precision: bool = False) -> nn.Module:
+    """``fully_shard`` every block, then the root (which then holds embedding, final norm and head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kw = fsdp_kwargs(mesh, mixed_precision)
+    for block in model.layers.values():
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def parallelize(model: nn.Module, backend: str = "none", mesh=None, mixed_precision: bool = False,
+                replicate: int = 1) -> nn.Module:
+    """Apply ``backend`` to ``model`` (in place for FSDP; DDP returns a wrapper). ``mesh`` defaults to
+    ``make_mesh(backend, replicate)``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown parallel backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "none":
+        return model
+    if not dist.is_initialized():
+        raise RuntimeError(f"parallel backend {backend!r} needs torch.distributed (launch with torchrun)")
+    if backend == "fsdp":
+        return apply_fsdp(model, mesh if mesh is not None else make_mesh("fsdp", replicate), mixed_precision)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = next(model.parameters()).device
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def backend_of(model: nn.Module) -> str:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(model, DDP):
+        return "ddp"
+    if isinstance(model, FSDPModule):
+        return "fsdp"
+    return "none"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Transformer itself (DDP wraps it; FSDP2 changes its class in place, so it is its own module)."""
+    return model.module if backend_of(model) == "ddp" else model
+
+
+def fsdp_mesh(model: nn.Module):
+    """The mesh an FSDP2 model's parameters live on."""
+    return next(model.parameters()).device_mesh
+
+
+def reshard(model: nn.Module) -> None:
+    """Reshard an FSDP2 model left unsharded by a forward under ``no_grad`` (eval): otherwise
+    ``get_optimizer_state_dict`` fails with ``KeyError: 0`` and parameters are not the sharded DTensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -1,0 +1,99 @@
+"""LAG: selection on one process equals applying the winner directly; analysis functions against hand values."""
+
+import math
+
+import pytest
+import torch
+
+from nanogrow.config import RunConfig, validate
+from nanogrow.lag import (correlation_heatmap, correlation_with_final, first_step_above, pearson, recall_at_k,
+                          regret, select_from_losses, spearman)
+from nanogrow.train import Trainer
+
+from conftest import tiny_run_config
+
+QUIET = lambda *_: None  # noqa: E731
+CANDIDATES = [{"op": "lag", "options": {"start": 1, "block": 1, "init": "random"}},
+              {"op": "stack"},
+              {"op": "identity", "options": {"positions": [0, 1]}}]
+
+
+def lag_config(data_dir, out_dir, stage):
+    cfg = tiny_run_config(data_dir, out_dir)
+    cfg.model.n_layer = 2
+    raw = cfg.to_dict()
+    raw["growth"].update(lr_policy="continue")
+    raw["stage"] = [dict({"shape": {"n_layer": 4}, "at_step": 3}, **stage)]
+    cfg = RunConfig.from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def run(trainer, n):
+    losses = []
+    for _ in range(n):
+        while trainer.growth_due():
+            trainer.grow_next_stage()
+        losses.append(trainer.train_step())
+    return losses
+
+
+def test_lag_picks_lowest_loss_and_continues_like_the_direct_operator(demo_data, tmp_path):
+    lag = Trainer(lag_config(demo_data, tmp_path / "lag", {"lag": {"candidates": CANDIDATES, "steps": 3}}), log=QUIET)
+    lag_losses = run(lag, 8)  # 3 before, growth + 3 LAG steps (inside the event), then 5 more
+    event = [h for h in lag.history if h["event"] == "grow"][0]
+    curves = event["lag"]["curves"]
+    winner = event["lag"]["winner"]
+    assert len(curves) == 3 and all(len(c) == 3 for c in curves)
+    assert winner == min(range(3), key=lambda i: curves[i][-1])
+    assert lag.step == 11 and lag.model_config.n_layer == 4
+
+    chosen = CANDIDATES[winner]
+    direct = Trainer(lag_config(demo_data, tmp_path / "direct",
+                                {"op": chosen["op"], "options": chosen.get("options", {})}), log=QUIET)
+    direct_losses = run(direct, 11)
+    assert lag_losses[:3] == direct_losses[:3]
+    assert lag_losses[3:] == direct_losses[6:]  # LAG's k steps of the winner are kept, not thrown away
+    a, b = lag.model.state_dict(), direct.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the losers' FLOPs are counted in the run's total
+    per_cand = event["lag"]["flops_per_candidate"]
+    assert lag.meter.total_flops == pytest.approx(direct.meter.total_flops + sum(per_cand) - per_cand[winner])
+
+
+def test_lag_design_space_candidates(demo_data, tmp_path):
+    cfg = lag_config(demo_data, tmp_path, {"lag": {"candidates": "design-space", "steps": 1}})
+    trainer = Trainer(cfg, log=QUIET)
+    run(trainer, 4)
+    event = [h for h in trainer.history if h["event"] == "grow"][0]
+    assert len(event["lag"]["candidates"]) == 4  # 2 -> 4: start 1 (only), block 1 or 2, copy or random
+    assert trainer.model_config.n_layer == 4
+
+
+def test_select_from_losses_breaks_ties_by_order():
+    assert select_from_losses([3.0, 2.0, 2.0, 5.0]) == 1
+
+
+def test_correlations_against_hand_values():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)
+    # ranks x = [1, 2, 3], y = [1, 3, 2]: 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 24 = 0.5
+    assert spearman([10, 20, 30], [5, 9, 7]) == pytest.approx(0.5)
+
+
+def test_recall_and_regret_against_hand_values():
+    # three candidates, three evaluations; finals: c0 = 3.0 (worst), c1 = 1.0 (best), c2 = 2.0
+    curves = [[1.0, 2.0, 2.9], [3.0, 1.5, 1.1], [2.0, 1.9, 2.1]]
+    finals = [3.0, 1.0, 2.0]
+    assert recall_at_k(curves, finals, 1) == [0, 1, 1]
+    assert recall_at_k(curves, finals, 2) == [0, 1, 1]
+    reg, rel = regret(curves, finals)
+    assert reg == [2.0, 0.0, 0.0]  # at t=0 the lowest loss is c0, whose final is 3.0: regret 3.0 - 1.0
+    assert rel == [1.0, 0.0, 0.0]
+    corr = correlation_with_final(curves, finals)
+    assert corr[-1] == pytest.approx(1.0) and corr[0] == pytest.approx(-0.5)
+    heat = correlation_heatmap(curves)
+    assert heat[0][0] == pytest.approx(1.0) and heat[0][2] == pytest.approx(heat[2][0])
+    assert first_step_above(corr, 0.8) == 1
