@@ -259,3 +259,32 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
             f"{static_tps:>12,.0f} | {grown_tps / static_tps:5.3f} | {100 * mfu:8.1f}% | "
             + (f"{ev_ms:.0f}" if k else "-"))
     return {"stages": rows}
+
+
+def lag(cfg: RunConfig, out_json: str, png_prefix: str | None = None, ks: list[int] | None = None,
+        log=print) -> dict:
+    """LAG's predictive power at one growth event: every candidate of the (single) LAG stage of ``cfg`` is trained
+    to the end of the run, evaluated every ``lag.eval_every`` steps; then the report (correlations, recall,
+    regret of LAG@k for several k, the phase transition)."""
+    import copy
+    import json
+
+    from . import lag as lag_mod
+    from .train import Trainer
+
+    cfg = copy.deepcopy(cfg)
+    if len(cfg.stage) != 1 or not cfg.stage[0].lag or cfg.stage[0].at_step < 0:
+        raise ValueError("bench lag needs exactly one [[stage]] with lag = {...} and at_step")
+    st = cfg.stage[0]
+    st.lag = dict(st.lag, steps=cfg.train.max_steps - st.at_step)  # every candidate to the end of its stage
+    trainer = Trainer(cfg, log=log)
+    while not trainer.history or trainer.history[-1]["event"] != "grow":
+        while trainer.growth_due():
+            trainer.grow_next_stage()
+        if trainer.stage_index == 0:
+            trainer.train_step()
+    record = [h for h in trainer.history if h["event"] == "grow"][-1]["lag"]
+    with open(out_json, "w") as f:
+        json.dump(record, f)
+    log(f"wrote {out_json}")
+    return lag_mod.report(record, ks=ks, png_prefix=png_prefix, log=log)

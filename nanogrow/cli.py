@@ -46,6 +46,37 @@ def cmd_bench(args) -> int:
                       out_dir=args.out, png=args.png, budget=args.budget)
     elif args.what == "stages":
         bench.stages(cfg, static_steps=args.steps)
+    elif args.what == "lag":
+        import os
+        os.makedirs(cfg.train.out_dir, exist_ok=True)
+        bench.lag(cfg, out_json=f"{cfg.train.out_dir}/lag.json", png_prefix=f"{cfg.train.out_dir}/lag",
+                  ks=[int(k) for k in args.ks.split(",")] if args.ks else None)
+    return 0
+
+
+def cmd_lag_report(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .checkpoint import latest_checkpoint, read_meta
+    from .lag import Candidate, report
+
+    run = Path(args.run_dir)
+    if (run / "lag.json").is_file():  # written by `nanogrow bench lag`: candidates trained to the end
+        report(json.loads((run / "lag.json").read_text()), png_prefix=str(run / "lag-report"))
+        return 0
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run}: neither lag.json nor a checkpoint with a growth history")
+    events = [h for h in read_meta(ckpt)["history"] if h["event"] == "grow" and "lag" in h]
+    if not events:
+        print(f"{ckpt}: no LAG selection in the growth history")
+    for ev in events:  # a training run: candidates trained k steps only, so no final-loss analysis
+        rec = ev["lag"]
+        print(f"stage {ev['stage']} at step {ev['step']}: {len(rec['curves'])} candidates x {rec['steps']} steps")
+        for i, (c, curve) in enumerate(zip(rec["candidates"], rec["curves"])):
+            mark = " <- picked" if i == rec["winner"] else ""
+            print(f"  {Candidate(c['op'], c.get('options', {})).name():<40} {curve[-1]:.4f}{mark}")
     return 0
 
 
@@ -75,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory to write the grown checkpoint into")
     p.set_defaults(func=cmd_grow)
 
+    p = sub.add_parser("lag-report", help="correlations, recall and regret of a LAG selection")
+    p.add_argument("run_dir", help="a run directory (train.out_dir) or a bench lag output directory")
+    p.set_defaults(func=cmd_lag_report)
+
     p = sub.add_parser("bench", help="benchmarks that print numbers")
-    p.add_argument("what", choices=["throughput", "speedup", "stages"],
+    p.add_argument("what", choices=["throughput", "speedup", "stages", "lag"],
                    help="throughput: tokens/s, MFU, peak memory of a config; speedup: scratch vs grown to the same "
                         "loss; stages: tokens/s per growth stage vs the same shape static")
     _config_args(p)
@@ -88,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", default="flops", choices=["flops", "steps"],
                    help="speedup: grown run spends the scratch run's FLOPs (default) or trains as many steps")
     p.add_argument("--png", default="runs/bench/speedup.png", help="speedup: loss-vs-FLOPs plot")
+    p.add_argument("--ks", help="lag: LAG@k steps to report, e.g. 5,10,20")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

@@ -139,3 +139,70 @@ def first_step_above(values: list[float], threshold: float) -> int | None:
         if v == v and v > threshold:
             return i
     return None
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+
+def report(record: dict, ks: list[int] | None = None, png_prefix: str | None = None, log=print) -> dict:
+    """Analysis of one LAG record whose candidates were trained to the end of their stage (``nanogrow bench lag``):
+    correlation of the loss at every evaluation with the final loss, recall@k, regret and relative regret of LAG@t,
+    and the evaluation where Spearman correlation first exceeds 0.8 (the paper's phase transition)."""
+    names = [Candidate(c["op"], c.get("options", {})).name() for c in record["candidates"]]
+    curves = record["curves"]
+    finals = [c[-1] for c in curves]
+    every = record.get("eval_every", 1)
+    steps = [every * (t + 1) for t in range(len(curves[0]))]
+    sp = correlation_with_final(curves, finals, "spearman")
+    pe = correlation_with_final(curves, finals, "pearson")
+    reg, rel = regret(curves, finals)
+    rec1 = recall_at_k(curves, finals, 1)
+    rec3 = recall_at_k(curves, finals, min(3, len(curves)))
+    transition = first_step_above(sp, 0.8)
+    best = min(range(len(finals)), key=lambda i: finals[i])
+    log(f"{len(curves)} candidates, {steps[-1]} steps after growth; best in hindsight: {names[best]} "
+        f"(final val loss {finals[best]:.4f}, worst {max(finals):.4f})")
+    log("step | spearman | pearson | recall@1 | recall@3 | LAG@step pick | regret | relative regret")
+    shown = sorted(set(ks or []) | {steps[0], steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]})
+    for s in shown:
+        t = min(range(len(steps)), key=lambda j: abs(steps[j] - s))
+        pick = min(range(len(curves)), key=lambda i: (curves[i][t], i))
+        log(f"{steps[t]:>4} | {sp[t]:8.3f} | {pe[t]:7.3f} | {rec1[t]:>8} | {rec3[t]:>8} | {names[pick]:<36} | "
+            f"{reg[t]:.4f} | {rel[t]:.4f}")
+    log("phase transition (Spearman > 0.8 first): " + (f"step {steps[transition]} "
+        f"({100 * steps[transition] / steps[-1]:.1f}% of the stage)" if transition is not None else "not reached"))
+    out = {"steps": steps, "spearman": sp, "pearson": pe, "regret": reg, "relative_regret": rel,
+           "recall@1": rec1, "recall@3": rec3, "transition_step": steps[transition] if transition is not None else None,
+           "names": names, "finals": finals}
+    if png_prefix:
+        _plot_report(out, curves, png_prefix, log)
+    return out
+
+
+def _plot_report(out: dict, curves: list[list[float]], prefix: str, log) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install 'nanogrow[plot]'): no plots written")
+        return
+    steps = out["steps"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for c, name in zip(curves, out["names"]):
+        axes[0, 0].plot(steps, c, lw=0.8, label=name)
+    axes[0, 0].set(xlabel="steps after growth", ylabel="validation loss", title="candidates")
+    axes[0, 0].legend(fontsize=5)
+    im = axes[0, 1].imshow(correlation_heatmap(curves), origin="lower", cmap="viridis", vmin=-1, vmax=1,
+                           extent=[steps[0], steps[-1], steps[0], steps[-1]])
+    axes[0, 1].set(title="Spearman correlation, step x step", xlabel="step", ylabel="step")
+    fig.colorbar(im, ax=axes[0, 1])
+    axes[1, 0].plot(steps, out["spearman"], label="Spearman")
+    axes[1, 0].plot(steps, out["pearson"], label="Pearson")
+    axes[1, 0].plot(steps, out["recall@3"], label="recall@3", ls=":")
+    axes[1, 0].set(xlabel="step", title="correlation with final loss")
+    axes[1, 0].legend()
+    axes[1, 1].plot(steps, out["relative_regret"])
+    axes[1, 1].set(xlabel="LAG@step", ylabel="relative regret", title="relative regret of LAG@step")
+    fig.tight_layout()
+    fig.savefig(f"{prefix}.png", dpi=110)
+    log(f"wrote {prefix}.png")

@@ -97,3 +97,25 @@ def test_recall_and_regret_against_hand_values():
     heat = correlation_heatmap(curves)
     assert heat[0][0] == pytest.approx(1.0) and heat[0][2] == pytest.approx(heat[2][0])
     assert first_step_above(corr, 0.8) == 1
+
+
+def test_bench_lag_and_lag_report(demo_data, tmp_path, capsys):
+    import json
+
+    from nanogrow.bench import lag as bench_lag
+    from nanogrow.cli import main
+
+    cfg = tiny_run_config(demo_data, tmp_path)
+    cfg.model.n_layer = 2
+    cfg.train.max_steps = 7
+    raw = cfg.to_dict()
+    raw["stage"] = [{"shape": {"n_layer": 3}, "at_step": 3,
+                     "lag": {"candidates": "design-space", "steps": 1, "eval_every": 2}}]
+    cfg = RunConfig.from_dict(raw)
+    validate(cfg)
+    out = bench_lag(cfg, out_json=str(tmp_path / "lag.json"), log=QUIET)
+    record = json.loads((tmp_path / "lag.json").read_text())
+    assert len(record["curves"]) == 4 and all(len(c) == 2 for c in record["curves"])  # 4 steps, every 2
+    assert out["steps"] == [2, 4] and out["relative_regret"][-1] == 0.0
+    assert main(["lag-report", str(tmp_path)]) == 0
+    assert "relative regret" in capsys.readouterr().out
