@@ -54,6 +54,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_lag(args) -> int:
+    """A LAG selection alone: train (or resume) up to the next stage that has ``lag``, select, save, stop."""
+    from .config import load_config
+    from .train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    if not any(st.lag for st in trainer.stages[trainer.stage_index:]):
+        raise ValueError(f"{args.config}: no [[stage]] with lag = {{...}} left to run")
+    while True:
+        while trainer.growth_due():
+            event = trainer.grow_next_stage()  # saves a checkpoint
+            if "lag" in event:
+                return 0
+        trainer.train_step()
+
+
 def cmd_lag_report(args) -> int:
     import json
     from pathlib import Path
@@ -105,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory to write the grown checkpoint into")
     p.set_defaults(func=cmd_grow)
+
+    p = sub.add_parser("lag", help="train up to the next LAG stage, select its operator, save and stop")
+    _config_args(p)
+    p.add_argument("--resume", help="'auto' or a checkpoint path to start from")
+    p.set_defaults(func=cmd_lag)
 
     p = sub.add_parser("lag-report", help="correlations, recall and regret of a LAG selection")
     p.add_argument("run_dir", help="a run directory (train.out_dir) or a bench lag output directory")
