@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_dirs, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from .checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from .model import ModelConfig, Transformer
 
 # nanogrow per-layer parameter suffix -> HF per-layer suffix (under model.layers.{i}.)
@@ -225,8 +225,11 @@ def load_model(path: str | Path) -> tuple[Transformer, dict]:
     """The model of a checkpoint (fp32, CPU, growth masks as saved) and its meta; no optimizer, no RNG restore.
     Built on the meta device and filled by DCP, so no time is spent on an initialisation that is overwritten."""
     meta = read_meta(path)
+    cfg = ModelConfig(**meta["model_config"])
+    if "kernels" in ModelConfig.field_names():
+        cfg = dataclasses.replace(cfg, kernels="torch")  # the reference ops run anywhere; "triton" needs a GPU
     with torch.device("meta"):
-        model = Transformer(ModelConfig(**meta["model_config"]))
+        model = Transformer(cfg)
     model.to_empty(device="cpu")
     load_checkpoint(path, model, None, load_rng=False)
     model.reset_rope()
@@ -481,7 +484,7 @@ def import_hf(src: str | Path, out_dir: str | Path, run_config=None, max_seq_len
     if checkpoint_dirs(out):
         raise HFError(f"{str(out)!r} already holds checkpoints; import into an empty directory")
 
-    run = copy_run_config(run_config or RunConfig(), cfg, out)
+    run = _imported_run_config(run_config or RunConfig(), cfg, out)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
@@ -514,7 +517,7 @@ def import_hf(src: str | Path, out_dir: str | Path, run_config=None, max_seq_len
     return path
 
 
-def copy_run_config(run, cfg: ModelConfig, out: Path):
+def _imported_run_config(run, cfg: ModelConfig, out: Path):
     """``run`` with the imported model shape, data.dir pointing at the copied tokenizer and a sequence length
     the model can take; validated."""
     from .config import RunConfig
