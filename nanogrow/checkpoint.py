@@ -72,6 +72,8 @@ def _model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         return {"model": get_model_state_dict(model)}
+    if hasattr(optimizer, "init_state"):
+        optimizer.init_state()  # step-0 state, not DCP's zero-gradient step (which would leave step=1)
     msd, osd = get_state_dict(model, optimizer)
     return {"model": msd, "optim": osd}
 

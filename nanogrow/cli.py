@@ -102,10 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "prep":  # data preparation owns its own arguments
         from data_prep.prepare import main as prep_main
         return prep_main(argv[1:])
+    if argv and argv[0] in ("export-hf", "import-hf"):  # so do the transformers converters
+        from . import hf
+        return (hf.export_main if argv[0] == "export-hf" else hf.import_main)(argv[1:])
 
     parser = argparse.ArgumentParser(prog="nanogrow", description="Pretrain decoder LLMs that grow while they train.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prep", help="tokenize text into shards (nanogrow prep --help)")
+    sub.add_parser("export-hf", help="write a checkpoint as a transformers Llama model (nanogrow export-hf --help)")
+    sub.add_parser("import-hf", help="turn a local Llama checkpoint into a nanogrow one (nanogrow import-hf --help)")
 
     p = sub.add_parser("train", help="train (and grow) a model")
     _config_args(p)

@@ -451,16 +451,6 @@ def _model_toml(cfg: ModelConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fresh_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create AdamW's state exactly as its first step would (step 0, zero moments), so that DCP does not create
-    it by stepping once with zero gradients (``_init_optim_state``), which would leave step=1 in the checkpoint
-    and bias-correct the first real update as if it were the second."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
-                                  "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-
-
 def import_hf(src: str | Path, out_dir: str | Path, run_config=None, max_seq_len: int | None = None,
               log=print) -> Path:
     """Turn a local Llama-family HF checkpoint (config.json + safetensors, sharded or not) into the nanogrow
@@ -491,7 +481,7 @@ def import_hf(src: str | Path, out_dir: str | Path, run_config=None, max_seq_len
     stored = _load_hf_weights(model, files, s)
     model.reset_rope()
     optimizer = make_optimizer(model, run.train)
-    _fresh_adam_state(optimizer)
+    optimizer.init_state()
     out.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in TOKENIZER_FILES:

@@ -105,8 +105,10 @@ class Trainer:
             if self.stage_index:  # a grown model: the optimizer may track per-element ages
                 self.optimizer = make_optimizer(self.model, self.t, ages=meta.get("optimizer_ages", False))
             load_checkpoint(ckpt, self.model, self.optimizer)
+            self._apply_optimizer_config()  # a resume may change weight decay, betas or eps on purpose
             self.step = meta["step"]
-            self.loader.load_state_dict(meta["loader"])
+            if meta.get("loader") is not None:  # None: an imported model, whose data stream starts here
+                self.loader.load_state_dict(meta["loader"])
             self.meter.load_state_dict(meta["meter"])
             self.history = meta.get("history", [])
             self.growth_lr = GrowthLR.from_state_dict(meta["growth_lr"]) if "growth_lr" in meta else self.growth_lr
@@ -126,6 +128,13 @@ class Trainer:
         if resume == "auto":
             return latest_checkpoint(self.out_dir)  # None: nothing to resume, start fresh
         return Path(resume)
+
+    def _apply_optimizer_config(self) -> None:
+        """Loading restores the hyper-parameters saved in the checkpoint; the config in force wins."""
+        for group in self.optimizer.param_groups:
+            if any(p.dim() >= 2 for p in group["params"]):  # the no-decay group (norm gains) stays at 0
+                group["weight_decay"] = self.t.weight_decay
+            group["betas"], group["eps"] = (self.t.beta1, self.t.beta2), self.t.eps
 
     def _stage_boundaries(self) -> list[dict]:
         """For each growth event, the condition that fires it: {"at_step"|"at_tokens"|"at_flops": value}."""

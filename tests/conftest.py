@@ -30,3 +30,25 @@ def tiny_run_config(data_dir, out_dir, **train):
     }
     overrides.update({f"train.{k}": (f"'{v}'" if isinstance(v, str) else v) for k, v in train.items()})
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def with_stages(cfg, stages, **growth):
+    """``cfg`` with these [[stage]] tables and [growth] values, validated like a TOML file would be."""
+    from nanogrow.config import RunConfig, validate
+
+    raw = cfg.to_dict()
+    raw["growth"].update(growth)
+    raw["stage"] = stages
+    cfg = RunConfig.from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def run_steps(trainer, n):
+    """n training steps, growing whenever the trainer's trigger says so (what Trainer.run does)."""
+    losses = []
+    for _ in range(n):
+        while trainer.growth_due():
+            trainer.grow_next_stage()
+        losses.append(trainer.train_step())
+    return losses

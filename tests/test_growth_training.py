@@ -8,7 +8,7 @@ from nanogrow.schedule import exponential_shapes, stage_start_steps
 from nanogrow.model import ModelConfig
 from nanogrow.train import Trainer
 
-from conftest import tiny_run_config
+from conftest import run_steps, tiny_run_config, with_stages
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -16,26 +16,11 @@ QUIET = lambda *_: None  # noqa: E731
 def grown_config(data_dir, out_dir, **train):
     cfg = tiny_run_config(data_dir, out_dir, **train)
     cfg.model.n_layer = 1
-    raw = cfg.to_dict()
-    raw["growth"].update(lr_policy="rewarm", rewarm_steps=3, optimizer="map+age")
-    raw["stage"] = [
+    return with_stages(cfg, [
         {"shape": {"n_layer": 2}, "op": "stack", "at_step": 3},
         {"shape": {"d_ff": 256}, "op": "msg", "options": {"fade_steps": 3}, "at_step": 6, "micro_batch": 2},
         {"shape": {"n_layer": 3}, "op": "identity", "at_tokens": 6 * 256 + 3 * 128},
-    ]
-    from nanogrow.config import RunConfig, validate
-    cfg = RunConfig.from_dict(raw)
-    validate(cfg)
-    return cfg
-
-
-def run_steps(trainer, n):
-    losses = []
-    for _ in range(n):
-        while trainer.growth_due():
-            trainer.grow_next_stage()
-        losses.append(trainer.train_step())
-    return losses
+    ], lr_policy="rewarm", rewarm_steps=3, optimizer="map+age")
 
 
 def test_stages_grow_at_their_boundaries_and_log_events(demo_data, tmp_path):

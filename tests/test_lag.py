@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 
-from nanogrow.config import RunConfig, validate
 from nanogrow.lag import (correlation_heatmap, correlation_with_final, first_step_above, pearson, recall_at_k,
                           regret, select_from_losses, spearman)
 from nanogrow.train import Trainer
 
-from conftest import tiny_run_config
+from conftest import run_steps as run, tiny_run_config, with_stages
 
 QUIET = lambda *_: None  # noqa: E731
 CANDIDATES = [{"op": "lag", "options": {"start": 1, "block": 1, "init": "random"}},
@@ -21,21 +20,7 @@ CANDIDATES = [{"op": "lag", "options": {"start": 1, "block": 1, "init": "random"
 def lag_config(data_dir, out_dir, stage):
     cfg = tiny_run_config(data_dir, out_dir)
     cfg.model.n_layer = 2
-    raw = cfg.to_dict()
-    raw["growth"].update(lr_policy="continue")
-    raw["stage"] = [dict({"shape": {"n_layer": 4}, "at_step": 3}, **stage)]
-    cfg = RunConfig.from_dict(raw)
-    validate(cfg)
-    return cfg
-
-
-def run(trainer, n):
-    losses = []
-    for _ in range(n):
-        while trainer.growth_due():
-            trainer.grow_next_stage()
-        losses.append(trainer.train_step())
-    return losses
+    return with_stages(cfg, [dict({"shape": {"n_layer": 4}, "at_step": 3}, **stage)], lr_policy="continue")
 
 
 def test_lag_picks_lowest_loss_and_continues_like_the_direct_operator(demo_data, tmp_path):
@@ -108,11 +93,8 @@ def test_bench_lag_and_lag_report(demo_data, tmp_path, capsys):
     cfg = tiny_run_config(demo_data, tmp_path)
     cfg.model.n_layer = 2
     cfg.train.max_steps = 7
-    raw = cfg.to_dict()
-    raw["stage"] = [{"shape": {"n_layer": 3}, "at_step": 3,
-                     "lag": {"candidates": "design-space", "steps": 1, "eval_every": 2}}]
-    cfg = RunConfig.from_dict(raw)
-    validate(cfg)
+    cfg = with_stages(cfg, [{"shape": {"n_layer": 3}, "at_step": 3,
+                             "lag": {"candidates": "design-space", "steps": 1, "eval_every": 2}}])
     out = bench_lag(cfg, out_json=str(tmp_path / "lag.json"), log=QUIET)
     record = json.loads((tmp_path / "lag.json").read_text())
     assert len(record["curves"]) == 4 and all(len(c) == 2 for c in record["curves"])  # 4 steps, every 2

@@ -120,3 +120,23 @@ def test_lr_schedules():
     assert lr_at(99, t) == pytest.approx(t.min_lr_ratio, abs=1e-3)
     t.schedule = "wsd"
     assert lr_at(50, t) == 1.0 and lr_at(100, t) == pytest.approx(t.min_lr_ratio)
+
+
+def test_resume_applies_the_configs_optimizer_settings(demo_data, tmp_path):
+    trainer = Trainer(tiny_run_config(demo_data, tmp_path, weight_decay=0.1, beta2=0.95), log=lambda *_: None)
+    trainer.train_step()
+    trainer.save()
+    resumed = Trainer(tiny_run_config(demo_data, tmp_path, weight_decay=0.0, beta2=0.99), resume="auto",
+                      log=lambda *_: None)
+    groups = resumed.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0] and all(g["betas"] == (0.9, 0.99) for g in groups)
+
+
+def test_checkpoint_before_the_first_step_keeps_step_zero(demo_data, tmp_path):
+    trainer = Trainer(tiny_run_config(demo_data, tmp_path), log=lambda *_: None)
+    trainer.save()  # DCP must not take a zero-gradient step to create the optimizer state
+    assert all(float(s["step"]) == 0.0 for s in trainer.optimizer.state.values())
+    resumed = Trainer(tiny_run_config(demo_data, tmp_path), resume="auto", log=lambda *_: None)
+    assert all(float(s["step"]) == 0.0 for s in resumed.optimizer.state.values())
+    fresh = Trainer(tiny_run_config(demo_data, tmp_path / "fresh"), log=lambda *_: None)
+    assert resumed.train_step() == fresh.train_step()

@@ -55,6 +55,23 @@ class AdamW(torch.optim.Optimizer):
         self.track_ages = ages
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    def _fresh_state(self, p: torch.Tensor) -> dict:
+        state = {"step": torch.tensor(0.0, dtype=torch.float32),
+                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        if self.track_ages:
+            state["age"] = torch.zeros_like(p, dtype=torch.float32)
+        return state
+
+    def init_state(self) -> None:
+        """Create the state of every parameter that has none, exactly as a first step would (step 0, zero
+        moments). Checkpointing calls this: DCP would otherwise create it by stepping once with zero gradients
+        (``_init_optim_state``), leaving step=1 and bias-correcting the first real update as the second."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self.state[p] = self._fresh_state(p)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -71,11 +88,7 @@ class AdamW(torch.optim.Optimizer):
                     raise RuntimeError("AdamW does not support sparse gradients")
                 state = self.state[p]
                 if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if self.track_ages:
-                        state["age"] = torch.zeros_like(p, dtype=torch.float32)
+                    state.update(self._fresh_state(p))
                 exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 step_t += 1
                 age, lr_scale = state.get("age"), state.get("lr_scale")
