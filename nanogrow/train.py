@@ -82,7 +82,6 @@ class Trainer:
         self.val = val_batches(cfg.data.dir, self.seq_len, self.t.eval_batch_size, self.t.eval_batches,
                                rank=self.rank, world_size=self.world, vocab_size=self.model_config.vocab_size)
 
-        torch.manual_seed(self.t.seed)
         # Growth: stage i >= 1 starts with the i-th growth event. Boundaries of a budgeted schedule are fixed now.
         self.stages: list[StageConfig] = cfg.stage
         self.stage_starts = self._stage_boundaries()
