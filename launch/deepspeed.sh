@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# DeepSpeed launcher. NOTE: the deepspeed training backend (train.parallel = "zero1" | "zero2" | "zero3") is not
-# wired into the trainer yet (issue #4, second priority); until it is, `nanogrow train` rejects the setting.
+# DeepSpeed launcher. NOTE: ZeRO 1-3 training and growth exist (nanogrow/parallel/zero.py, tested), but the
+# trainer does not use them yet (train.parallel = "zero1" | "zero2" | "zero3"); until it does, `nanogrow train`
+# rejects the setting.
 usage() {
   cat <<'TXT'
 usage: launch/deepspeed.sh [--nproc N] [--stage 1|2|3] [--hostfile FILE] CONFIG [nanogrow train options...]
 
   Runs  deepspeed [--hostfile FILE] --num_gpus N --module nanogrow.cli train --config CONFIG
         --set train.parallel=zero<stage> ...
-  NOT WIRED YET: needs the nanogrow deepspeed backend (ZeRO growth via deepspeed.utils.safe_get_full_* /
-  safe_set_full_*), see nanogrow/parallel/ and issue #4.
+  NOT WIRED YET: ZeRO growth exists (nanogrow.parallel.zero: grow_zero through deepspeed.utils.safe_get_full_* /
+  safe_set_full_*) but the trainer does not select it yet (issue #4).
   --nproc N      processes (GPUs) per node (default: GPUs here, or 2 on CPU with gloo)
   --stage S      ZeRO stage (default 1)
   --hostfile F   multi-node: DeepSpeed hostfile ("node01 slots=8" per line); nodes reachable by ssh
