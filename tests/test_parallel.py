@@ -73,6 +73,11 @@ def test_fsdp_growth_matches_single_process():
     assert out.count("OK grow") == 6
 
 
+def test_fsdp_growth_at_3_processes_uneven_shards():
+    out = torchrun(3, "grow", "fsdp", "zero,joint").stdout
+    assert out.count("OK grow") == 2
+
+
 def test_ddp_and_hsdp_growth_match_single_process():
     torchrun(2, "grow", "ddp", "stack,msg")
     torchrun(2, "grow", "hsdp", "zero")
