@@ -81,7 +81,9 @@ def parallelize(model: nn.Module, backend: str = "none", mesh=None, mixed_precis
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dev = next(model.parameters()).device
-    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    # No buffer broadcast: RoPE tables and fade-in masks are computed identically on every rank, and a mask that
+    # MaskRamp replaces would not be in DDP's cached buffer list anyway.
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
 
 def backend_of(model: nn.Module) -> str:
