@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import dist_utils
+from .parallel.state import placeholder
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
 META = "meta.json"
@@ -135,9 +136,8 @@ def _materialise_missing(state: dict, model: torch.nn.Module, metadata) -> None:
             fqn, _, name = rest[len("state."):].rpartition(".")
             pstate = state["optim"]["state"].get(fqn)
             if pstate is not None and name not in pstate:
-                ref = pstate.get("exp_avg")
-                device = ref.device if ref is not None else "cpu"
-                pstate[name] = torch.zeros(md.size, dtype=md.properties.dtype, device=device)
+                # shaped and sharded like the parameter's first moment (a DTensor under FSDP)
+                pstate[name] = placeholder(pstate.get("exp_avg"), md.size, md.properties.dtype)
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -20,8 +20,21 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume)
     trainer.run()
-    dist_utils.shutdown()
+    _finish_distributed()
     return 0
+
+
+def _finish_distributed() -> None:
+    """Under torchrun: leave the process group, then exit at once. A finished gloo job sometimes aborts during
+    interpreter shutdown ("terminate called without an active exception"), turning a good run into a failed job."""
+    import os
+    from . import dist_utils
+
+    if dist_utils.is_distributed():
+        dist_utils.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cmd_grow(args) -> int:
@@ -38,6 +51,8 @@ def cmd_bench(args) -> int:
     from .config import load_config
     from . import bench
 
+    if args.what == "grow":
+        args.config = None  # bench grow uses its own model, whose operator shapes it is tied to
     cfg = load_config(args.config, args.overrides)
     if args.what == "throughput":
         bench.throughput(cfg, warmup=args.warmup, steps=args.steps)
@@ -46,6 +61,10 @@ def cmd_bench(args) -> int:
                       out_dir=args.out, png=args.png, budget=args.budget)
     elif args.what == "stages":
         bench.stages(cfg, static_steps=args.steps)
+    elif args.what == "grow":  # under torchrun: one growth event of a sharded model, time and memory
+        from .parallel import bench_grow
+        bench_grow(backend=args.backend, steps=args.steps)
+        _finish_distributed()
     elif args.what == "lag":
         import os
         os.makedirs(cfg.train.out_dir, exist_ok=True)
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_lag_report)
 
     p = sub.add_parser("bench", help="benchmarks that print numbers")
-    p.add_argument("what", choices=["throughput", "speedup", "stages", "lag"],
+    p.add_argument("what", choices=["throughput", "speedup", "stages", "lag", "grow"],
                    help="throughput: tokens/s, MFU, peak memory of a config; speedup: scratch vs grown to the same "
                         "loss; stages: tokens/s per growth stage vs the same shape static")
     _config_args(p)
@@ -151,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="speedup: grown run spends the scratch run's FLOPs (default) or trains as many steps")
     p.add_argument("--png", default="runs/bench/speedup.png", help="speedup: loss-vs-FLOPs plot")
     p.add_argument("--ks", help="lag: LAG@k steps to report, e.g. 5,10,20")
+    p.add_argument("--backend", default="fsdp", choices=["none", "ddp", "fsdp"], help="grow: parallel backend")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

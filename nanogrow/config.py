@@ -50,6 +50,8 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 0  # steps; 0 = only at the end (and at growth events)
     keep_last: int = 2  # checkpoints kept on disk
+    parallel: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp
+    replicate: int = 1  # fsdp: replicate degree > 1 gives HSDP (shard within groups, replicate across)
     compile: bool = False
     wandb: bool = False  # log to wandb when it is installed
     tensorboard: bool = False  # log to TensorBoard when it is installed
@@ -116,6 +118,7 @@ CHOICES = {
     "train.device": None,  # free-form, checked below
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.schedule": ("cosine", "wsd", "constant"),
+    "train.parallel": ("auto", "none", "ddp", "fsdp"),
     "growth.schedule": ("manual", "equal-tokens", "equal-flops", "exponential"),
     "growth.optimizer": ("reset", "map", "map+age"),
     "growth.lr_policy": ("continue", "rewarm", "rewind"),
@@ -229,7 +232,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     positive = {"train.micro_batch": t.micro_batch, "train.grad_accum": t.grad_accum,
                 "train.max_steps": t.max_steps, "train.eval_batches": t.eval_batches,
                 "train.eval_batch_size": t.eval_batch_size, "train.log_every": t.log_every,
-                "train.keep_last": t.keep_last, "data.seq_len": dcfg.seq_len, "train.lr": t.lr}
+                "train.keep_last": t.keep_last, "data.seq_len": dcfg.seq_len, "train.lr": t.lr,
+                "train.replicate": t.replicate}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{source}: {key} must be > 0, got {value!r}")
@@ -300,7 +304,7 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
     if g.lr_policy == "rewarm" and g.rewarm_steps == 0 and cfg.stage:
         raise ConfigError(f"{source}: growth.lr_policy='rewarm' needs growth.rewarm_steps > 0")
     shape = cfg.model
-    fields_ = set(ModelConfig.field_names())
+    fields_ = set(ModelConfig.field_names()) - {"kernels"}  # an implementation choice, not a shape
     for i, st in enumerate(cfg.stage, start=1):
         key = f"stage[{i}]"
         for k in st.shape:

@@ -22,6 +22,7 @@ from .data import TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, grow, make_plan
 from .triggers import GradientTrigger, Observation, make_trigger, trigger_from_state
 from .metrics import ThroughputMeter, device_peak_flops
+from .parallel import grow_parallel, make_mesh, parallelize, reshard, unwrap
 from .model import ModelConfig, Transformer, build_model
 from .schedule import stage_start_steps
 
@@ -93,8 +94,11 @@ class Trainer:
         self.stage_stats: list[dict] = [_new_stage_stats(0, 0, self.model_config)]
 
         torch.manual_seed(self.t.seed)
-        self.model: Transformer = build_model(self.model_config, self.device, seed=self.t.seed)
-        self.optimizer = make_optimizer(self.model, self.t)
+        self.parallel = self.t.parallel if self.t.parallel != "auto" else ("ddp" if self.world > 1 else "none")
+        if self.parallel != "none" and self.world == 1:
+            self.parallel = "none"  # one process: nothing to shard or replicate
+        self.model = self._parallelize(build_model(self.model_config, self.device, seed=self.t.seed))
+        self.optimizer = make_optimizer(unwrap(self.model), self.t)
         self.step = 0
         self.trigger = self._make_trigger()
         self.history: list[dict] = []  # growth events and evaluations, in order
@@ -102,8 +106,8 @@ class Trainer:
         if meta:
             self.stage_index = meta.get("stage_index", 0)
             if self.stage_index:  # a grown model: the optimizer may track per-element ages
-                self.optimizer = make_optimizer(self.model, self.t, ages=meta.get("optimizer_ages", False))
-            load_checkpoint(ckpt, self.model, self.optimizer)
+                self.optimizer = make_optimizer(unwrap(self.model), self.t, ages=meta.get("optimizer_ages", False))
+            load_checkpoint(ckpt, unwrap(self.model), self.optimizer)
             self._apply_optimizer_config()  # a resume may change weight decay, betas or eps on purpose
             self.step = meta["step"]
             if meta.get("loader") is not None:  # None: an imported model, whose data stream starts here
@@ -127,6 +131,12 @@ class Trainer:
         if resume == "auto":
             return latest_checkpoint(self.out_dir)  # None: nothing to resume, start fresh
         return Path(resume)
+
+    def _parallelize(self, model: Transformer) -> torch.nn.Module:
+        """DDP or FSDP2 (per block, then the root), applied from outside the model (nanogrow.parallel)."""
+        bf16 = self.device.type == "cuda" and self.t.dtype in ("auto", "bf16")
+        mesh = make_mesh(self.parallel, self.t.replicate, self.device.type) if self.parallel == "fsdp" else None
+        return parallelize(model, self.parallel, mesh=mesh, mixed_precision=bf16, replicate=self.t.replicate)
 
     def _apply_optimizer_config(self) -> None:
         """Loading restores the hyper-parameters saved in the checkpoint; the config in force wins."""
@@ -172,7 +182,7 @@ class Trainer:
         """The run being resumed must have started from the same shape; later shapes come from its history."""
         started = meta["run_config"]["model"]
         ours = dataclasses.asdict(self.cfg.model)
-        diff = [k for k in ours if ours[k] != started.get(k)]
+        diff = [k for k in ours if ours[k] != started.get(k) and k != "kernels"]  # kernels: not a shape
         if diff:
             pairs = ", ".join(f"model.{k}: checkpoint {started.get(k)!r} vs config {ours[k]!r}" for k in diff)
             raise CheckpointError(f"checkpoint {str(path)!r} is from another model shape ({pairs})")
@@ -231,10 +241,6 @@ class Trainer:
             loss_sum += loss.item()
             if want_noise and micro == 0:
                 grad_sq_small = _grad_sq(self.model) * self.t.grad_accum ** 2
-        if self.world > 1:  # data parallel without a wrapper: average gradients explicitly
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
         grad_sq_big = _grad_sq(self.model) if want_noise else None
         if self.t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
@@ -257,7 +263,7 @@ class Trainer:
     # ---- growth ---------------------------------------------------------------------------------------------
     def _update_masks(self) -> None:
         """Set the fade-in masks for this step; once the ramp is over they are removed (no steady-state cost)."""
-        if self.ramp is not None and self.ramp.apply(self.model, self.step):
+        if self.ramp is not None and self.ramp.apply(unwrap(self.model), self.step):
             self.ramp = None
 
     def _make_trigger(self):
@@ -284,12 +290,13 @@ class Trainer:
     def _apply_plan(self, plan, st: StageConfig) -> None:
         """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy."""
         g = self.cfg.growth
-        self.model, self.optimizer = grow(self.model, self.optimizer, plan, policy=st.optimizer or g.optimizer,
-                                          device=self.device, lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt)
+        self.model, self.optimizer = grow_parallel(self.model, self.optimizer, plan, policy=st.optimizer or g.optimizer,
+                                                   device=self.device,
+                                                   lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt)
         self.model_config = plan.new_cfg.resolved()
         self.ramp = plan.mask_ramp(self.step)
         if self.ramp is not None:
-            self.ramp.apply(self.model, self.step)
+            self.ramp.apply(unwrap(self.model), self.step)
         if (st.lr_policy or g.lr_policy) != "continue":
             self.growth_lr.on_growth(self.step)
         self.stage_index += 1
@@ -395,6 +402,7 @@ class Trainer:
             with self.autocast():
                 total += self.model(x.to(self.device), y.to(self.device)).item()
         self.model.train()
+        reshard(self.model)  # FSDP2 keeps the root unsharded after a no_grad forward; checkpoints need it sharded
         return dist_utils.all_reduce_mean(total / len(batches), self.device)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
@@ -414,7 +422,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.checkpoint_meta(),
+        path = save_checkpoint(self.out_dir, self.step, unwrap(self.model), self.optimizer, self.checkpoint_meta(),
                                keep_last=self.t.keep_last)
         self.log(f"saved {path}")
         return path

@@ -245,21 +245,10 @@ def _group_key(name: str) -> str:
     return re.sub(r"^layers\.\d+\.", "layers.*.", name)
 
 
-def grow(model, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None, lr_adapt: str | None = None):
-    """One-process growth: the grown model (built on meta, ``to_empty``, filled by the plan, masks set) and a
-    new nanogrow ``AdamW`` with the old param groups' hyper-parameters, its state transferred by ``policy``.
-    Everything is validated before anything is built; the old model and optimizer are left untouched.
-    ``optimizer=None`` returns (new_model, None). Keep ``plan.mask_ramp(step)`` to drive fade-in masks."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown optimizer transfer policy {policy!r}; known: {', '.join(POLICIES)}")
-    plan.check_model(model)
-    if optimizer is not None:
-        for g in optimizer.param_groups:
-            if g.get("amsgrad") or g.get("maximize"):
-                raise ValueError("grow: amsgrad / maximize param groups are not supported by nanogrow AdamW")
-    new_model = plan.apply_to_model(model, device=device)
-    if optimizer is None:
-        return new_model, None
+def grown_optimizer(model, optimizer, plan: GrowthPlan, new_model) -> "AdamW":
+    """A nanogrow AdamW over ``new_model``'s parameters with the old param groups' hyper-parameters (no state yet):
+    a target joins its primary source's group, else the group of the same parameter in another layer, else
+    group 0. Shared by one-process and sharded growth."""
     old_names = {p: n for n, p in model.named_parameters()}
     name_group: dict[str, int] = {}
     key_group: dict[str, int] = {}
@@ -281,5 +270,24 @@ def grow(model, optimizer, plan: GrowthPlan, policy: str = "map+age", device=Non
     defaults = optimizer.defaults
     new_opt = AdamW(groups, lr=defaults.get("lr", 1e-3), betas=defaults.get("betas", (0.9, 0.999)),
                     eps=defaults.get("eps", 1e-8), weight_decay=defaults.get("weight_decay", 1e-2), ages=track)
+    return new_opt
+
+
+def grow(model, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None, lr_adapt: str | None = None):
+    """One-process growth: the grown model (built on meta, ``to_empty``, filled by the plan, masks set) and a
+    new nanogrow ``AdamW`` with the old param groups' hyper-parameters, its state transferred by ``policy``.
+    Everything is validated before anything is built; the old model and optimizer are left untouched.
+    ``optimizer=None`` returns (new_model, None). Keep ``plan.mask_ramp(step)`` to drive fade-in masks."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown optimizer transfer policy {policy!r}; known: {', '.join(POLICIES)}")
+    plan.check_model(model)
+    if optimizer is not None:
+        for g in optimizer.param_groups:
+            if g.get("amsgrad") or g.get("maximize"):
+                raise ValueError("grow: amsgrad / maximize param groups are not supported by nanogrow AdamW")
+    new_model = plan.apply_to_model(model, device=device)
+    if optimizer is None:
+        return new_model, None
+    new_opt = grown_optimizer(model, optimizer, plan, new_model)
     transfer_optimizer_state(plan, model, optimizer, new_model, new_opt, policy=policy, lr_adapt=lr_adapt)
     return new_model, new_opt

@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from nanogrow.grow.optim import POLICIES, AdamW, global_step, grow
+from nanogrow.grow.optim import POLICIES, AdamW, global_step, grow, grown_optimizer
 from nanogrow.grow.plan import GrowthPlan, ParamPlan, set_buffer
 from nanogrow.model import Transformer
 
@@ -129,43 +129,6 @@ def _as_dtensor_like(like, local: torch.Tensor, dtype):
     with torch.no_grad():
         t.to_local().copy_(local)
     return t
-
-
-def grown_optimizer(model, optimizer, plan: GrowthPlan, new_model) -> AdamW:
-    """A nanogrow AdamW over ``new_model``'s parameters with the old param groups' hyper-parameters (no state).
-
-    The group assignment is ``nanogrow.grow.optim.grow``'s: a target joins its primary source's group, else the
-    group of the same parameter in another layer, else group 0. Uses ``optim.grown_optimizer`` once that exists.
-    """
-    try:
-        from nanogrow.grow.optim import grown_optimizer as shared
-        return shared(model, optimizer, plan, new_model)
-    except ImportError:
-        pass
-    # TEMPORARY copy of the group logic in nanogrow/grow/optim.py:grow (to be factored out there; see the
-    # report of issue #4). Keep identical until then.
-    from nanogrow.grow.optim import _group_key
-
-    old_names = {p: n for n, p in model.named_parameters()}
-    name_group: dict[str, int] = {}
-    key_group: dict[str, int] = {}
-    for gi, g in enumerate(optimizer.param_groups):
-        for p in g["params"]:
-            n = old_names.get(p)
-            if n is not None:
-                name_group[n] = gi
-                key_group.setdefault(_group_key(n), gi)
-    groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[]) for g in optimizer.param_groups]
-    for name, p in new_model.named_parameters():
-        src = plan.targets[name].primary_source
-        gi = name_group.get(src) if src is not None else None
-        if gi is None:
-            gi = key_group.get(_group_key(name), 0)
-        groups[gi]["params"].append(p)
-    groups = [g for g in groups if g["params"]]
-    d = optimizer.defaults
-    return AdamW(groups, lr=d.get("lr", 1e-3), betas=d.get("betas", (0.9, 0.999)), eps=d.get("eps", 1e-8),
-                 weight_decay=d.get("weight_decay", 1e-2), ages=getattr(optimizer, "track_ages", False))
 
 
 def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "map+age",

@@ -243,37 +243,10 @@ def mode_ckpt_save(out: str, op: str = "zero", before: int = 2, after: int = 2, 
         print(f"OK ckpt_save {path} at {world()} processes, state vs one-process reference {w:.1e}")
 
 
-def _proposed_materialise_missing(state: dict, model, metadata) -> None:
-    """nanogrow.checkpoint._materialise_missing with the change proposed in issue #4: optional optimizer state
-    gets a destination laid out like the parameter (``placeholder``: a DTensor under FSDP), not a plain tensor."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from nanogrow.checkpoint import CheckpointError
-    from nanogrow.parallel.state import placeholder
-
-    for key, md in metadata.state_dict_metadata.items():
-        if not isinstance(md, TensorStorageMetadata):
-            continue
-        section, _, rest = key.partition(".")
-        if section == "model" and rest not in state["model"]:
-            module_name, _, buf = rest.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            if buf not in module._buffers:
-                raise CheckpointError(f"checkpoint has tensor {rest!r} that the model does not know")
-            like = next(model.parameters())
-            setattr(module, buf, torch.zeros(md.size, dtype=md.properties.dtype, device=like.device))
-            state["model"][rest] = getattr(module, buf)
-        elif section == "optim" and "optim" in state and rest.startswith("state."):
-            fqn, _, name = rest[len("state."):].rpartition(".")
-            pstate = state["optim"]["state"].get(fqn)
-            if pstate is not None and name not in pstate:
-                pstate[name] = placeholder(pstate.get("exp_avg"), md.size, md.properties.dtype)
-
-
-def mode_ckpt_load(out: str, op: str = "zero", how: str = "repair", before: int = 2, after: int = 2,
-                   extra: int = 3):
+def mode_ckpt_load(out: str, op: str = "zero", before: int = 2, after: int = 2, extra: int = 3):
     """Load the checkpoint at this world size into a freshly built grown FSDP model: exactly the full state the
-    saver had, and training continues with the saver's losses. ``how``: ``repair`` (checkpoint.py as it is, then
-    ``shard_plain_state``) or ``proposed`` (checkpoint.py with DTensor placeholders, nothing to repair)."""
+    saver had (optional state such as ages loads straight into DTensors, nothing left to repair), and training
+    continues with the saver's losses."""
     import json
     from safetensors.torch import load_file
     from torch.distributed.tensor import DTensor
@@ -283,11 +256,9 @@ def mode_ckpt_load(out: str, op: str = "zero", how: str = "repair", before: int 
     cfg = tiny_config()
     plan = PLANS[op](cfg)
     model, opt = build(plan.new_cfg, "fsdp")
-    if how == "proposed":
-        ckpt._materialise_missing = _proposed_materialise_missing
     ckpt.load_checkpoint(ckpt.latest_checkpoint(out), model, opt)
     repaired = shard_plain_state(model, opt)
-    assert (repaired == 0) == (how == "proposed"), f"{how}: {repaired} plain state tensors after load"
+    assert repaired == 0, f"{repaired} plain (unsharded) optimizer state tensors after load"
     assert all(isinstance(v, DTensor) for st in opt.state.values() for k, v in st.items() if k != "step")
     saved = load_file(os.path.join(out, "saved.safetensors"))
     with open(os.path.join(out, "losses.json")) as f:
@@ -299,7 +270,7 @@ def mode_ckpt_load(out: str, op: str = "zero", how: str = "repair", before: int 
     diff = max(abs(a - b) for a, b in zip(want, got))
     assert diff <= TOL, f"losses after resume differ by {diff:.3g}: {want} vs {got}"
     if rank() == 0:
-        print(f"OK ckpt_load ({how}) at {world()} processes: state diff {w:.1e}, loss diff {diff:.1e}")
+        print(f"OK ckpt_load at {world()} processes: state diff {w:.1e}, loss diff {diff:.1e}")
 
 
 def mode_groups(n_groups: int):
