@@ -155,12 +155,15 @@ def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str,
             grown.train.out_dir = f"{out_dir}/seed{seed}/grown-{v}"
             runs[f"grown/{v}"] = _run_curve(grown)
         target = runs["scratch"]["final"]
+        # Scratch's own cost is where its curve first reaches its final loss (a noisy curve can get there early).
+        ref_flops, ref_frac = first_crossing(runs["scratch"]["curve"], target)
+        ref_seconds = ref_frac * runs["scratch"]["seconds"]
         for name, r in runs.items():
             hit = first_crossing(r["curve"], target)
             r["flops_to_target"] = hit[0] if hit else None
             r["seconds_to_target"] = hit[1] * r["seconds"] if hit else None
-            r["flops_ratio"] = runs["scratch"]["flops"] / hit[0] if hit else None
-            r["time_ratio"] = runs["scratch"]["seconds"] / r["seconds_to_target"] if hit else None
+            r["flops_ratio"] = ref_flops / hit[0] if hit else None
+            r["time_ratio"] = ref_seconds / r["seconds_to_target"] if hit else None
             log(f"seed {seed} | {name:<14} | final val {r['final']:.4f} | total {r['flops']:.3e} FLOPs, "
                 f"{r['seconds']:.0f} s | to scratch's final loss {target:.4f}: "
                 + (f"{hit[0]:.3e} FLOPs, {r['seconds_to_target']:.0f} s -> FLOPs ratio {r['flops_ratio']:.2f}x, "
