@@ -59,13 +59,12 @@ def test_slurm_script_command():
         assert part in cmd
 
 
-def test_torchrun_launcher_trains(tmp_path):
+def test_torchrun_launcher_trains(tmp_path, demo_data):
     """Two gloo processes, two steps of the demo config at a tiny shape, through the launcher."""
-    data = ROOT / "data" / "demo"
-    if not (data / "meta.json").is_file():
-        pytest.skip("bundled demo data not prepared (data/demo)")
+    data = demo_data
     sets = {"train.max_steps": 2, "train.warmup_steps": 1, "train.out_dir": tmp_path, "model.n_layer": 1,
-            "model.d_model": 32, "model.n_head": 2, "model.n_kv_head": 2, "data.dir": data, "train.eval_every": 0}
+            "model.d_model": 32, "model.n_head": 2, "model.n_kv_head": 2, "data.dir": data, "train.eval_every": 0,
+            "train.eval_batches": 1}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     p = launch("torchrun.sh", "--nproc", "2", "configs/demo.toml", *args, OMP_NUM_THREADS="1")
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
