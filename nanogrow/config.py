@@ -301,6 +301,9 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
     if g.rewarm_steps < 0 or not 0.0 <= g.rewarm_start <= 1.0 or g.exp_ratio <= 0:
         raise ConfigError(f"{source}: growth.rewarm_steps must be >= 0, growth.rewarm_start in [0, 1], "
                           f"growth.exp_ratio > 0; got {g.rewarm_steps}, {g.rewarm_start}, {g.exp_ratio}")
+    if g.lr_adapt == "vt" and cfg.train.parallel == "fsdp" and cfg.stage:
+        raise ConfigError(f"{source}: growth.lr_adapt='vt' is not supported with train.parallel='fsdp' yet (its lr "
+                          f"scales need full tensors); use 'ddp' or 'none', or growth.lr_adapt='none'")
     if g.lr_policy == "rewarm" and g.rewarm_steps == 0 and cfg.stage:
         raise ConfigError(f"{source}: growth.lr_policy='rewarm' needs growth.rewarm_steps > 0")
     shape = cfg.model

@@ -30,6 +30,8 @@ def test_overrides_are_typed():
     ("[train]\nlr = -1.0\n", r"train.lr must be > 0"),
     ("[data]\nseq_len = 4096\n", r"data.seq_len=4096 exceeds model.max_seq_len"),
     ("[train\n", r"not valid TOML"),
+    ("[train]\nparallel = 'fsdp'\n[growth]\nlr_adapt = 'vt'\n[[stage]]\nat_step = 5\nshape = { n_layer = 8 }\n",
+     r"growth.lr_adapt='vt' is not supported with train.parallel='fsdp'"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, match):
     p = write(tmp_path, text)
