@@ -20,21 +20,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume)
     trainer.run()
-    _finish_distributed()
+    dist_utils.shutdown_and_exit()
     return 0
-
-
-def _finish_distributed() -> None:
-    """Under torchrun: leave the process group, then exit at once. A finished gloo job sometimes aborts during
-    interpreter shutdown ("terminate called without an active exception"), turning a good run into a failed job."""
-    import os
-    from . import dist_utils
-
-    if dist_utils.is_distributed():
-        dist_utils.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 def cmd_grow(args) -> int:
@@ -49,7 +36,7 @@ def cmd_grow(args) -> int:
 
 def cmd_bench(args) -> int:
     from .config import load_config
-    from . import bench
+    from . import bench, dist_utils
 
     if args.what == "grow":
         args.config = None  # bench grow uses its own model, whose operator shapes it is tied to
@@ -64,7 +51,7 @@ def cmd_bench(args) -> int:
     elif args.what == "grow":  # under torchrun: one growth event of a sharded model, time and memory
         from .parallel import bench_grow
         bench_grow(backend=args.backend, steps=args.steps)
-        _finish_distributed()
+        dist_utils.shutdown_and_exit()
     elif args.what == "lag":
         import os
         os.makedirs(cfg.train.out_dir, exist_ok=True)
