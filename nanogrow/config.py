@@ -90,7 +90,8 @@ class StageConfig:
     trigger: str = "schedule"  # schedule (at_* or the growth.schedule) | plateau | gradient | scaling-law
     trigger_options: dict = field(default_factory=dict)  # e.g. { window = 50, threshold = 0.05, min_steps = 100 }
     lag: dict = field(default_factory=dict)  # LAG: { candidates = "design-space" | [{op, options}], steps = k,
-    #                                            eval_every = 1, eval_batches = 0 (all) }
+    #                                            eval_every = 1, eval_batches = 0 (all), groups = 1 (process
+    #                                            groups training candidates at once; must divide the world) }
 
 
 @dataclass
@@ -278,13 +279,17 @@ def lag_candidates(lag: dict, old: ModelConfig, new: ModelConfig) -> list:
 def _check_lag(lag: dict, old: ModelConfig, new: ModelConfig, seed: int, key: str) -> None:
     from .grow import make_plan
 
-    allowed = {"candidates", "steps", "eval_every", "eval_batches"}
+    allowed = {"candidates", "steps", "eval_every", "eval_batches", "groups"}
     for k in lag:
         if k not in allowed:
             raise ValueError(f"{key} has unknown key {k!r}; allowed: {', '.join(sorted(allowed))}")
     steps, every = lag.get("steps", 0), lag.get("eval_every", 1)
     if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
         raise ValueError(f"{key}.steps and {key}.eval_every must be positive integers, got {steps!r}, {every!r}")
+    groups = lag.get("groups", 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{key}.groups must be a positive integer (process groups training candidates at the "
+                         f"same time; the world size must divide by it), got {groups!r}")
     for j, c in enumerate(lag_candidates(lag, old, new)):
         try:
             make_plan(c.op, old, new, seed=seed, **c.options)
@@ -350,6 +355,9 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
         if cfg.data.seq_len > new.max_seq_len:
             raise ConfigError(f"{source}: data.seq_len={cfg.data.seq_len} exceeds {key} max_seq_len={new.max_seq_len}")
         shape = new
+    if cfg.train.parallel == "fsdp" and any(st.lag.get("groups", 1) != 1 for st in cfg.stage):
+        raise ConfigError(f"{source}: stage lag.groups > 1 is not supported with train.parallel='fsdp' (candidates are "
+                          f"replicated within a group); use 'ddp' or 'auto', or lag.groups = 1")
     for w in ("at_step", "at_tokens", "at_flops"):
         marks = [getattr(st, w) for st in cfg.stage]
         if g.schedule == "manual" and min(marks, default=0) >= 0 and marks != sorted(set(marks)):

@@ -67,6 +67,8 @@ class Trainer:
         self.device = dist_utils.pick_device(self.t.device)
         dist_utils.init_from_env(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        from .lag_parallel import check_world
+        check_world(cfg.stage, self.world, self.t.parallel)  # LAG across process groups: G must divide the world
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.out_dir = Path(self.t.out_dir)
 
@@ -360,6 +362,9 @@ class Trainer:
         from .config import lag_candidates
         from .lag import select
 
+        from .lag_parallel import lag_groups, select_across_groups
+        if lag_groups(st) > 1:  # candidates train at the same time, one per process group
+            return select_across_groups(self, st, old_cfg, new_cfg, seed)
         k, every = st.lag["steps"], st.lag.get("eval_every", 1)
         n_eval = st.lag.get("eval_batches", 0) or len(self.val)
         candidates = lag_candidates(st.lag, old_cfg, new_cfg)
@@ -392,9 +397,13 @@ class Trainer:
                  f"(val loss {result.curves[result.winner][-1]:.4f} after {k} steps)")
         return plans[result.winner], record
 
-    @torch.no_grad()
     def evaluate(self, n_batches: int | None = None) -> float:
         """Mean loss over the fixed validation batches (the first ``n_batches`` of them, if given)."""
+        return dist_utils.all_reduce_mean(self._local_val_loss(n_batches), self.device)
+
+    @torch.no_grad()
+    def _local_val_loss(self, n_batches: int | None = None) -> float:
+        """This rank's share of ``evaluate`` (LAG across groups reduces it over one group only)."""
         self.model.eval()
         batches = self.val[:n_batches] if n_batches else self.val
         total = 0.0
@@ -403,7 +412,7 @@ class Trainer:
                 total += self.model(x.to(self.device), y.to(self.device)).item()
         self.model.train()
         reshard(self.model)  # FSDP2 keeps the root unsharded after a no_grad forward; checkpoints need it sharded
-        return dist_utils.all_reduce_mean(total / len(batches), self.device)
+        return total / len(batches)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict:

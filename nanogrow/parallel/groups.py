@@ -5,6 +5,7 @@
     model = parallelize(model, "fsdp", mesh["dp"])        # or DDP / none inside the group
     losses = group_values(val_loss, mesh)  # [G] floats, the same on every rank (mean over each group's ranks)
     broadcast_group_state(winner, mesh, tensors)          # every group takes the winner's state
+    model = replicate_in_group(model, mesh)                # DDP over one group's ranks (LAG in the trainer)
 
 The broadcast pairs rank (g, d) with rank (winner, d): local shards of a model sharded over "dp" line up, so
 a sharded winner is copied shard by shard without gathering.
@@ -62,9 +63,11 @@ def broadcast_group_state(src_group: int, mesh, tensors: Iterable[torch.Tensor])
     """Overwrite ``tensors`` (plain or DTensor local shards, same structure in every group) on every rank with
     those of group ``src_group`` (rank (src_group, d) -> ranks (*, d)). A collective over the whole mesh."""
     group = mesh.get_group("candidate")
+    dev = torch.device(mesh.device_type)
     for t in tensors:
         loc = _local(t)
-        buf = loc if loc.is_contiguous() else loc.contiguous()
+        # nccl moves only GPU tensors: CPU state (Adam's 0-d step counts) travels through the mesh's device
+        buf = loc if loc.is_contiguous() and loc.device.type == dev.type else loc.contiguous().to(dev)
         dist.broadcast(buf, group=group, group_src=src_group)
         if buf is not loc:
             loc.copy_(buf)
@@ -81,3 +84,50 @@ def model_and_optimizer_tensors(model, optimizer=None) -> list[torch.Tensor]:
             st = optimizer.state.get(p, {})
             out += [st[k] for k in sorted(st)]
     return out
+
+
+def replicate_in_group(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """DDP over this rank's group (the "dp" dimension of ``mesh``); a group of one process needs no wrapper.
+    No buffer broadcast, as in ``parallelize``: RoPE tables and fade-in masks are computed alike on every rank."""
+    if mesh.size(1) == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = next(model.parameters()).device
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
+               process_group=mesh.get_group("dp"))
+
+
+def state_structure(model, optimizer) -> list[tuple[str, tuple, str]]:
+    """(name, shape, dtype) of every tensor ``model_and_optimizer_tensors`` lists, in its order: what must match
+    across groups before ``broadcast_group_state`` pairs tensors up by position."""
+    names = [f"param/{n}" for n, _ in model.named_parameters()]
+    names += [f"buffer/{n}" for n, b in model.named_buffers() if b is not None]
+    if optimizer is not None:
+        for n, p in model.named_parameters():
+            names += [f"optim/{n}/{k}" for k in sorted(optimizer.state.get(p, {}))]
+    tensors = model_and_optimizer_tensors(model, optimizer)
+    return [(name, tuple(t.shape), str(t.dtype)) for name, t in zip(names, tensors)]
+
+
+def adopt_optimizer_structure(model, optimizer, structure: list[tuple[str, tuple, str]]) -> None:
+    """Give ``optimizer`` exactly the state entries ``structure`` (another rank's ``state_structure``) lists:
+    missing entries are created as zeros (their values arrive by broadcast), extra ones dropped. A candidate
+    rebuilt from its plan without training lacks what training creates (fresh state under policy "reset")."""
+    params = dict(model.named_parameters())
+    want: dict[str, dict[str, tuple]] = {}
+    for name, shape, dtype in structure:
+        if name.startswith("optim/"):
+            pname, key = name[len("optim/"):].rsplit("/", 1)
+            want.setdefault(pname, {})[key] = (shape, getattr(torch, dtype.removeprefix("torch.")))
+    for pname, p in params.items():
+        st = optimizer.state.get(p, {})
+        keys = want.get(pname, {})
+        for k in [k for k in st if k not in keys]:
+            del st[k]
+        for k, (shape, dtype) in keys.items():
+            if k not in st:
+                dev = "cpu" if k == "step" else p.device  # as torch's AdamW keeps it
+                st[k] = torch.zeros(shape, dtype=dtype, device=dev)
+        if st:
+            optimizer.state[p] = st

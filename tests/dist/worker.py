@@ -307,6 +307,27 @@ def step_group(model, opt, cfg, mesh) -> float:
     return float(loss)
 
 
+def mode_lag_train(config: str, out: str):
+    """Train a run whose stage does LAG across process groups (nanogrow.lag_parallel) with the real Trainer; then
+    every rank must hold exactly the same model and optimizer state. Rank 0 writes it to ``out/state.safetensors``
+    for the test to compare with the one-process LAG."""
+    from safetensors.torch import save_file
+    from nanogrow.config import load_config
+    from nanogrow.train import Trainer
+
+    trainer = Trainer(load_config(config))
+    trainer.run()
+    state = full_state(trainer.model, trainer.optimizer)
+    mine = torch.cat([v.double().reshape(-1) for _, v in sorted(state.items())])
+    everyone = [torch.zeros_like(mine) for _ in range(world())]
+    dist.all_gather(everyone, mine)
+    differ = [r for r in range(world()) if not torch.equal(everyone[0], everyone[r])]
+    assert not differ, f"ranks {differ} hold another state than rank 0 after LAG across groups"
+    if rank() == 0:
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "state.safetensors"))
+        print(f"OK lag_train at {world()} processes: {len(state)} tensors identical on every rank")
+
+
 def mode_kill(backend: str, victim: int = 1, at: int = 2, steps: int = 50):
     """Rank ``victim`` dies abruptly at step ``at``; the others must fail, not hang (measured by the test)."""
     cfg = tiny_config()

@@ -1,0 +1,204 @@
+"""LAG across process groups: the world splits into G groups, each trains one candidate at the same time.
+
+The trainer calls ``select_across_groups`` instead of its one-process loop when a stage says
+``lag = { ..., groups = G }``. What stays equal to the one-process LAG (tests/test_lag_groups.py checks it):
+
+* the data: every group trains on the run's global batches. A group has W/G ranks instead of W, so it runs G times
+  the gradient accumulation and its rank d reads, at the g-th of every G micro-steps, the slice world rank
+  ``g * W/G + d`` would read (``GroupLoader``). Same tokens per optimizer step, same per-rank memory, same loss
+  (a mean over the same rows), the same epoch wrap-around;
+* the validation loss: the same fixed batches, each group's mean all-gathered (``group_values``);
+* the decision: lowest loss at step k, ties to the earlier candidate, candidates numbered as in the config.
+  With more candidates than groups, round r trains candidates r*G .. r*G+G-1; groups left without one in the
+  last round idle (their losses are +inf);
+* the continuation: the winner's group keeps its state; every other rank rebuilds the winner's structure from
+  its plan (cheap, no training), takes the winner's counters (step, data position, meter, lr policy, RNG, fade-in)
+  and receives its weights, optimizer moments and ages by ``broadcast_group_state``. Then the world-wide wrapping
+  is rebuilt and all ranks continue as one job;
+* the cost: FLOPs spent on losing candidates are added to the run's total, as on one process. The wall time
+  of a round is that of one candidate; the FLOPs are still spent.
+
+Within a group the candidate is replicated (DDP over the group's ranks). FSDP inside groups is refused by the
+config (``lag.groups`` with ``train.parallel = "fsdp"``): moving a candidate sharded over W/G ranks onto the
+world mesh needs a re-sharding step nanogrow does not have yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, StageConfig, lag_candidates
+from .data import TokenLoader, val_batches
+from .grow import make_plan
+from .lag import LagResult
+from .model import ModelConfig
+from .parallel import (broadcast_group_state, candidate_index, candidate_mesh, group_values,
+                       model_and_optimizer_tensors, unwrap)
+from .parallel.groups import adopt_optimizer_structure, replicate_in_group, state_structure
+
+
+def lag_groups(st: StageConfig) -> int:
+    return int(st.lag.get("groups", 1)) if st.lag else 1
+
+
+def check_world(stages: list[StageConfig], world: int, parallel: str) -> None:
+    """Raise ConfigError before any compute when a stage's ``lag.groups`` cannot split this world."""
+    for i, st in enumerate(stages, start=1):
+        g = lag_groups(st)
+        if g > 1 and world % g:
+            raise ConfigError(f"stage[{i}].lag.groups={g} must divide the world size {world} (launch a multiple "
+                              f"of {g} processes, or set groups = 1 to run the candidates one after another)")
+        if g > 1 and parallel == "fsdp":
+            raise ConfigError(f"stage[{i}].lag.groups={g} is not supported with train.parallel='fsdp' (candidates "
+                              f"are replicated within a group); use 'ddp' or groups = 1")
+
+
+class GroupLoader:
+    """The run's global token stream read by a group of ``world / n_groups`` ranks: micro-step j (mod n_groups)
+    of group rank d reads what world rank ``j * world/n_groups + d`` reads from the world loader. Called
+    n_groups times as often as the world loader; its state is the world loader's after every n_groups calls."""
+
+    def __init__(self, data_dir, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, n_groups: int,
+                 seed: int, vocab_size: int):
+        self.loaders = [TokenLoader(data_dir, "train", seq_len, micro_batch, rank=j * dp_size + dp_rank,
+                                    world_size=dp_size * n_groups, seed=seed, vocab_size=vocab_size)
+                        for j in range(n_groups)]
+        self.calls = 0
+
+    def next_batch(self):
+        loader = self.loaders[self.calls % len(self.loaders)]
+        self.calls += 1
+        return loader.next_batch()
+
+    def set_batch_shape(self, micro_batch=None, seq_len=None) -> None:
+        for loader in self.loaders:
+            loader.set_batch_shape(micro_batch, seq_len)
+
+    def state_dict(self) -> dict:
+        if self.calls % len(self.loaders):
+            raise RuntimeError("GroupLoader state read in the middle of a world micro-step")
+        return self.loaders[0].state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        for loader in self.loaders:
+            loader.load_state_dict(sd)
+        self.calls = 0
+
+
+@contextlib.contextmanager
+def group_view(trainer, mesh):
+    """The trainer as one group sees it: its loader, validation slices, world size and gradient accumulation."""
+    n_groups, dp_size, dp_rank = mesh.size(0), mesh.size(1), mesh.get_local_rank("dp")
+    cfg, t = trainer.cfg, trainer.t
+    saved = trainer.loader, trainer.val, trainer.t, trainer.world
+    loader = GroupLoader(cfg.data.dir, trainer.seq_len, trainer.micro_batch, dp_rank, dp_size, n_groups,
+                         cfg.data.seed, trainer.model_config.vocab_size)
+    loader.load_state_dict(trainer.loader.state_dict())
+    trainer.loader = loader
+    trainer.val = val_batches(cfg.data.dir, trainer.seq_len, t.eval_batch_size, t.eval_batches, rank=dp_rank,
+                              world_size=dp_size, vocab_size=trainer.model_config.vocab_size)
+    trainer.t = dataclasses.replace(t, grad_accum=t.grad_accum * n_groups)
+    trainer.world = dp_size
+    try:
+        yield
+    finally:
+        trainer.loader, trainer.val, trainer.t, trainer.world = saved
+        trainer.loader.set_batch_shape(micro_batch=trainer.micro_batch)  # a candidate's stage may change it
+
+
+def _mesh(trainer, n_groups: int):
+    """One mesh per group count for the trainer's lifetime (creating process groups is a world collective)."""
+    meshes = trainer.__dict__.setdefault("_lag_meshes", {})
+    if n_groups not in meshes:
+        meshes[n_groups] = candidate_mesh(n_groups, trainer.device.type)
+    return meshes[n_groups]
+
+
+def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
+    """LAG with the candidates spread over ``st.lag["groups"]`` process groups; returns (winner's plan, record)
+    like ``Trainer._lag_select`` and leaves the trainer in the winner's state on every rank. A collective."""
+    n_groups = lag_groups(st)
+    mesh = _mesh(trainer, n_groups)
+    group = candidate_index(mesh)
+    k, every = st.lag["steps"], st.lag.get("eval_every", 1)
+    n_eval = st.lag.get("eval_batches", 0) or len(trainer.val)
+    candidates = lag_candidates(st.lag, old_cfg, new_cfg)
+    n = len(candidates)
+    base = trainer._soft_state()
+    base["model"] = unwrap(trainer.model)  # candidates grow from the plain model and wrap within their group
+    curves: list[list[float]] = [[] for _ in range(n)]
+    spent = [0.0] * n
+    winner, kept = None, None  # kept: the winner's state, on the ranks of the group that trained it
+
+    with group_view(trainer, mesh):
+        for first in range(0, n, n_groups):
+            mine = first + group
+            if mine < n:
+                trainer._restore_soft_state(base)
+                plan = make_plan(candidates[mine].op, old_cfg, new_cfg, seed=seed, **candidates[mine].options)
+                trainer._apply_plan(plan, st)
+                trainer.model = replicate_in_group(trainer.model, mesh)
+            for j in range(k):
+                if mine < n:
+                    trainer._update_masks()
+                    trainer.train_step()
+                if (j + 1) % every == 0 or j == k - 1:
+                    local = trainer._local_val_loss(n_eval) if mine < n else math.inf
+                    for h, loss in enumerate(group_values(local, mesh)):
+                        if first + h < n:
+                            curves[first + h].append(loss)
+            flops = trainer.meter.total_flops - base["meter"]["total_flops"] if mine < n else 0.0
+            for h, f in enumerate(group_values(flops, mesh, reduce="max")):
+                if first + h < n:
+                    spent[first + h] = f
+            for idx in range(first, min(first + n_groups, n)):
+                trainer.log(f"  LAG candidate {idx + 1}/{n} {candidates[idx].name()} (group {idx - first}): val "
+                            f"loss after {k} steps {curves[idx][-1]:.4f}")
+                if winner is None or curves[idx][-1] < curves[winner][-1]:
+                    winner, kept = idx, (trainer._soft_state() if idx == mine else None)
+
+    plan = make_plan(candidates[winner].op, old_cfg, new_cfg, seed=seed, **candidates[winner].options)
+    _continue_from_winner(trainer, mesh, winner % n_groups, kept, base, plan, st)
+    # The losers' training is compute the run spent: count it, so compute-normalized comparisons stay honest.
+    trainer.meter.add_flops(sum(f for j, f in enumerate(spent) if j != winner))
+    record = LagResult(winner, curves).to_dict(candidates)
+    record.update(steps=k, eval_every=every, flops_per_candidate=spent, groups=n_groups)
+    trainer.log(f"  LAG picked {candidates[winner].name()} (val loss {curves[winner][-1]:.4f} after {k} steps, "
+                f"{n} candidates on {n_groups} groups of {mesh.size(1)} process(es))")
+    return plan, record
+
+
+_COUNTERS = ("step", "loader", "meter", "growth_lr", "rng", "stage_index", "stage_stats", "model_config", "ramp")
+
+
+def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict, plan, st: StageConfig) -> None:
+    """Every rank takes the winning group's state, then the world-wide wrapping is rebuilt."""
+    if kept is not None:  # this group trained the winner
+        trainer._restore_soft_state(kept)
+        trainer.model = unwrap(trainer.model)
+    else:  # rebuild the winner's structure from its plan; values follow by broadcast
+        trainer._restore_soft_state(base)
+        trainer._apply_plan(plan, st)
+    # The winner's counters, and the layout its tensors have, travel as one small object.
+    mine = {key: trainer._soft_state()[key] for key in _COUNTERS}
+    mine["structure"] = state_structure(trainer.model, trainer.optimizer)
+    box = [mine]
+    dist.broadcast_object_list(box, group=mesh.get_group("candidate"), group_src=src)
+    winner = box[0]
+    if kept is None:
+        ramp = trainer.ramp  # the plan's fade-in, started at the growth step like the winner's
+        trainer._restore_soft_state(dict(trainer._soft_state(), **{key: winner[key] for key in _COUNTERS}))
+        if ramp is not None:  # masks as the winner's last step left them (removed if its fade-in has ended)
+            ramp.apply(trainer.model, trainer.step - 1)
+        adopt_optimizer_structure(trainer.model, trainer.optimizer, winner["structure"])
+    here = state_structure(trainer.model, trainer.optimizer)
+    if here != winner["structure"]:
+        diff = sorted(set(here) ^ set(winner["structure"]))[:4]
+        raise RuntimeError(f"LAG groups: the winner's state and its rebuild differ in layout: {diff}")
+    broadcast_group_state(src, mesh, model_and_optimizer_tensors(trainer.model, trainer.optimizer))
+    trainer.model = trainer._parallelize(trainer.model)

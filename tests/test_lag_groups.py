@@ -1,0 +1,147 @@
+"""LAG across process groups (nanogrow.lag_parallel): 3 candidates on 2 groups (two rounds) of 1 and of 2 gloo
+processes pick the same candidate as the one-process LAG, with the same candidate curves, and leave on every rank
+the model and optimizer state the one-process LAG continues with. Plus the config rules and the group data view."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanogrow.config import ConfigError, load_config
+from nanogrow.data import TokenLoader
+from nanogrow.lag_parallel import GroupLoader, check_world
+from nanogrow.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def full_state(model, opt) -> dict:
+    """name -> tensor, named like tests/dist/worker.py's ``full_state`` (plain models: nothing to gather)."""
+    from nanogrow.parallel import unwrap
+
+    m = unwrap(model)
+    out = {f"param/{n}": p.detach().clone() for n, p in m.named_parameters()}
+    out.update({f"buffer/{n}": b.clone() for n, b in m.named_buffers() if b is not None and not n.startswith("rope")})
+    for n, p in m.named_parameters():
+        out.update({f"optim/{n}/{k}": v.clone() for k, v in opt.state.get(p, {}).items()})
+    return out
+
+CONFIG = """
+[model]
+n_layer = 2
+d_model = 64
+n_head = 4
+n_kv_head = 2
+vocab_size = 512
+max_seq_len = 64
+
+[data]
+dir = "{data}"
+seq_len = 64
+
+[train]
+out_dir = "{out}"
+micro_batch = {mb}
+max_steps = 8
+warmup_steps = 2
+lr = 0.01
+eval_every = 0
+eval_batches = 2
+eval_batch_size = 4
+log_every = 4
+parallel = "{parallel}"
+
+[growth]
+optimizer = "{optimizer}"
+lr_policy = "rewarm"
+rewarm_steps = 2
+
+[[stage]]
+at_step = 3
+shape = {{ n_layer = 4 }}
+lag = {{ steps = 3, {groups}candidates = [
+    {{ op = "lag", options = {{ start = 1, block = 1, init = "random" }} }},
+    {{ op = "stack" }},
+    {{ op = "identity", options = {{ positions = [0, 1] }} }} ] }}
+"""
+
+
+def write_config(tmp_path, data, name, mb, parallel="none", groups=0, optimizer="map+age"):
+    p = tmp_path / f"{name}.toml"
+    p.write_text(CONFIG.format(data=data, out=tmp_path / name, mb=mb, parallel=parallel, optimizer=optimizer,
+                               groups=f"groups = {groups}, " if groups else ""))
+    return p
+
+
+def lag_event(out_dir):
+    ckpt = sorted(Path(out_dir).glob("ckpt_*"))[-1]
+    meta = json.loads((ckpt / "meta.json").read_text())
+    return [h for h in meta["history"] if h["event"] == "grow"][0], meta
+
+
+@pytest.mark.parametrize("nproc,optimizer", [(2, "map+age"), (4, "reset")])
+def test_lag_across_groups_matches_one_process_lag(demo_data, tmp_path, nproc, optimizer):
+    """2 groups x 1 process, and 2 groups x 2 processes (DDP within each group); "reset" leaves the rebuilt
+    candidates without optimizer state, which they must take over from the winner's group."""
+    from safetensors.torch import load_file
+
+    one = Trainer(load_config(write_config(tmp_path, demo_data, "one", 4, optimizer=optimizer)), log=lambda *_: None)
+    one.run()
+    want = full_state(one.model, one.optimizer)
+
+    cfg = write_config(tmp_path, demo_data, "groups", 4 // nproc, "ddp", groups=2, optimizer=optimizer)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "tests/dist/worker.py",
+                           "lag_train", str(cfg), str(tmp_path / "groups")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, "\n".join(out.splitlines()[-30:])
+    assert "OK lag_train" in out and "3 candidates on 2 groups" in out
+
+    a, meta_one = lag_event(tmp_path / "one")
+    b, meta_groups = lag_event(tmp_path / "groups")
+    assert b["lag"]["groups"] == 2 and meta_groups["world_size"] == nproc
+    assert a["lag"]["winner"] == b["lag"]["winner"]
+    assert a["lag"]["candidates"] == b["lag"]["candidates"]
+    for ca, cb in zip(a["lag"]["curves"], b["lag"]["curves"]):  # same batches; only reduction order differs
+        assert len(ca) == len(cb) == 3 and max(abs(x - y) for x, y in zip(ca, cb)) < 1e-4, (ca, cb)
+    assert b["lag"]["flops_per_candidate"] == pytest.approx(a["lag"]["flops_per_candidate"])
+    assert meta_groups["meter"]["total_flops"] == pytest.approx(meta_one["meter"]["total_flops"])
+    assert meta_groups["meter"]["total_tokens"] == meta_one["meter"]["total_tokens"]
+    assert meta_groups["loader"]["tokens_consumed"] == meta_one["loader"]["tokens_consumed"]
+    assert meta_groups["step"] == meta_one["step"] == 8
+    got = load_file(str(tmp_path / "groups" / "state.safetensors"))
+    assert sorted(got) == sorted(want)
+    worst = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
+    assert worst < 2e-4, f"state after LAG across groups differs from the one-process LAG's by {worst:.3g}"
+
+
+def test_group_loader_reads_the_world_batches(demo_data):
+    """4 ranks as 2 groups of 2: each group's micro-steps together read exactly the world's step, and the state
+    after a step is the world loader's."""
+    world = [TokenLoader(demo_data, "train", 16, 2, rank=r, world_size=4) for r in range(4)]
+    groups = [GroupLoader(demo_data, 16, 2, dp_rank=d, dp_size=2, n_groups=2, seed=0, vocab_size=512)
+              for d in range(2)]
+    for _ in range(3):
+        want = sorted(tuple(row.tolist()) for w in world for row in w.next_batch()[0])
+        got = sorted(tuple(row.tolist()) for g in groups for _ in range(2) for row in g.next_batch()[0])
+        assert got == want
+    assert groups[1].state_dict() == world[0].state_dict()
+
+
+def test_groups_config_rules(demo_data, tmp_path):
+    cfg = load_config(write_config(tmp_path, demo_data, "g3", 4, groups=3))
+    with pytest.raises(ConfigError, match=r"stage\[1\]\.lag\.groups=3 must divide the world size 2"):
+        check_world(cfg.stage, 2, "ddp")
+    check_world(cfg.stage, 6, "ddp")
+    with pytest.raises(ConfigError, match="must divide the world size 1"):
+        Trainer(cfg, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="lag.groups > 1 is not supported with train.parallel='fsdp'"):
+        load_config(write_config(tmp_path, demo_data, "fsdp", 4, "fsdp", groups=2))
+    with pytest.raises(ConfigError, match="groups must be a positive integer"):
+        load_config(write_config(tmp_path, demo_data, "zero", 4, groups=-1))
