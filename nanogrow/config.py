@@ -355,9 +355,6 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
         if cfg.data.seq_len > new.max_seq_len:
             raise ConfigError(f"{source}: data.seq_len={cfg.data.seq_len} exceeds {key} max_seq_len={new.max_seq_len}")
         shape = new
-    if cfg.train.parallel == "fsdp" and any(st.lag.get("groups", 1) != 1 for st in cfg.stage):
-        raise ConfigError(f"{source}: stage lag.groups > 1 is not supported with train.parallel='fsdp' (candidates are "
-                          f"replicated within a group); use 'ddp' or 'auto', or lag.groups = 1")
     for w in ("at_step", "at_tokens", "at_flops"):
         marks = [getattr(st, w) for st in cfg.stage]
         if g.schedule == "manual" and min(marks, default=0) >= 0 and marks != sorted(set(marks)):

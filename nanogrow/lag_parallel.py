@@ -18,9 +18,10 @@ The trainer calls ``select_across_groups`` instead of its one-process loop when 
 * the cost: FLOPs spent on losing candidates are added to the run's total, as on one process. The wall time
   of a round is that of one candidate; the FLOPs are still spent.
 
-Within a group the candidate is replicated (DDP over the group's ranks). FSDP inside groups is refused by the
-config (``lag.groups`` with ``train.parallel = "fsdp"``): moving a candidate sharded over W/G ranks onto the
-world mesh needs a re-sharding step nanogrow does not have yet.
+Within a group the candidate is replicated (DDP over the group's ranks) or, when the run uses FSDP, sharded over
+the group's ranks: the pre-growth state is re-sharded once from the world mesh onto each group's mesh
+(``move_to_mesh``, one parameter gathered at a time), candidates grow there with ``grow_sharded``, the winner's
+shards line up rank for rank across groups for the broadcast, and it is re-sharded back onto the world mesh.
 """
 
 from __future__ import annotations
@@ -39,23 +40,21 @@ from .lag import LagResult
 from .model import ModelConfig
 from .parallel import (broadcast_group_state, candidate_index, candidate_mesh, group_values,
                        model_and_optimizer_tensors, unwrap)
-from .parallel.groups import adopt_optimizer_structure, replicate_in_group, state_structure
+from .parallel.backends import backend_of, fsdp_mesh
+from .parallel.groups import adopt_optimizer_structure, move_to_mesh, replicate_in_group, state_structure
 
 
 def lag_groups(st: StageConfig) -> int:
     return int(st.lag.get("groups", 1)) if st.lag else 1
 
 
-def check_world(stages: list[StageConfig], world: int, parallel: str) -> None:
+def check_world(stages: list[StageConfig], world: int) -> None:
     """Raise ConfigError before any compute when a stage's ``lag.groups`` cannot split this world."""
     for i, st in enumerate(stages, start=1):
         g = lag_groups(st)
         if g > 1 and world % g:
             raise ConfigError(f"stage[{i}].lag.groups={g} must divide the world size {world} (launch a multiple "
                               f"of {g} processes, or set groups = 1 to run the candidates one after another)")
-        if g > 1 and parallel == "fsdp":
-            raise ConfigError(f"stage[{i}].lag.groups={g} is not supported with train.parallel='fsdp' (candidates "
-                              f"are replicated within a group); use 'ddp' or groups = 1")
 
 
 class GroupLoader:
@@ -129,8 +128,15 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
     n_eval = st.lag.get("eval_batches", 0) or len(trainer.val)
     candidates = lag_candidates(st.lag, old_cfg, new_cfg)
     n = len(candidates)
+    fsdp = backend_of(trainer.model) == "fsdp"
+    world_mesh = fsdp_mesh(trainer.model) if fsdp else None
     base = trainer._soft_state()
-    base["model"] = unwrap(trainer.model)  # candidates grow from the plain model and wrap within their group
+    # Candidates grow from the pre-growth state laid out for one group: sharded over the group's ranks (FSDP),
+    # or the plain model, replicated within the group once grown.
+    if fsdp:
+        base["model"], base["optimizer"] = move_to_mesh(trainer.model, trainer.optimizer, mesh["dp"])
+    else:
+        base["model"] = unwrap(trainer.model)
     curves: list[list[float]] = [[] for _ in range(n)]
     spent = [0.0] * n
     winner, kept = None, None  # kept: the winner's state, on the ranks of the group that trained it
@@ -142,7 +148,8 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
                 trainer._restore_soft_state(base)
                 plan = make_plan(candidates[mine].op, old_cfg, new_cfg, seed=seed, **candidates[mine].options)
                 trainer._apply_plan(plan, st)
-                trainer.model = replicate_in_group(trainer.model, mesh)
+                if not fsdp:
+                    trainer.model = replicate_in_group(trainer.model, mesh)
             for j in range(k):
                 if mine < n:
                     trainer._update_masks()
@@ -163,7 +170,7 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
                     winner, kept = idx, (trainer._soft_state() if idx == mine else None)
 
     plan = make_plan(candidates[winner].op, old_cfg, new_cfg, seed=seed, **candidates[winner].options)
-    _continue_from_winner(trainer, mesh, winner % n_groups, kept, base, plan, st)
+    _continue_from_winner(trainer, mesh, winner % n_groups, kept, base, plan, st, world_mesh)
     # The losers' training is compute the run spent: count it, so compute-normalized comparisons stay honest.
     trainer.meter.add_flops(sum(f for j, f in enumerate(spent) if j != winner))
     record = LagResult(winner, curves).to_dict(candidates)
@@ -176,8 +183,10 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
 _COUNTERS = ("step", "loader", "meter", "growth_lr", "rng", "stage_index", "stage_stats", "model_config", "ramp")
 
 
-def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict, plan, st: StageConfig) -> None:
-    """Every rank takes the winning group's state, then the world-wide wrapping is rebuilt."""
+def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict, plan, st: StageConfig,
+                          world_mesh=None) -> None:
+    """Every rank takes the winning group's state, then the world-wide wrapping is rebuilt (FSDP: the winner is
+    re-sharded from the group's mesh onto ``world_mesh``)."""
     if kept is not None:  # this group trained the winner
         trainer._restore_soft_state(kept)
         trainer.model = unwrap(trainer.model)
@@ -201,4 +210,7 @@ def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict
         diff = sorted(set(here) ^ set(winner["structure"]))[:4]
         raise RuntimeError(f"LAG groups: the winner's state and its rebuild differ in layout: {diff}")
     broadcast_group_state(src, mesh, model_and_optimizer_tensors(trainer.model, trainer.optimizer))
-    trainer.model = trainer._parallelize(trainer.model)
+    if world_mesh is not None:
+        trainer.model, trainer.optimizer = move_to_mesh(trainer.model, trainer.optimizer, world_mesh)
+    else:
+        trainer.model = trainer._parallelize(trainer.model)

@@ -68,7 +68,7 @@ class Trainer:
         dist_utils.init_from_env(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         from .lag_parallel import check_world
-        check_world(cfg.stage, self.world, self.t.parallel)  # LAG across process groups: G must divide the world
+        check_world(cfg.stage, self.world)  # LAG across process groups: G must divide the world
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.out_dir = Path(self.t.out_dir)
 

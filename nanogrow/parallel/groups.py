@@ -126,8 +126,25 @@ def adopt_optimizer_structure(model, optimizer, structure: list[tuple[str, tuple
         for k in [k for k in st if k not in keys]:
             del st[k]
         for k, (shape, dtype) in keys.items():
-            if k not in st:
-                dev = "cpu" if k == "step" else p.device  # as torch's AdamW keeps it
-                st[k] = torch.zeros(shape, dtype=dtype, device=dev)
+            if k not in st:  # the step count on CPU as torch's AdamW keeps it; the rest laid out like p (DTensor)
+                st[k] = (torch.zeros_like(p, dtype=dtype) if tuple(shape) == tuple(p.shape) and k != "step"
+                         else torch.zeros(shape, dtype=dtype, device="cpu" if k == "step" else p.device))
         if st:
             optimizer.state[p] = st
+
+
+def move_to_mesh(model: torch.nn.Module, optimizer, mesh, policy: str = "map+age"):
+    """An FSDP2 model and its optimizer re-sharded onto another mesh (world <-> one group's "dp" ranks): a growth
+    by the identity plan through ``grow_sharded``, one parameter gathered at a time; fade-in masks (replicated
+    buffers) are carried over. Every rank of both meshes calls it. Returns (model, optimizer)."""
+    from nanogrow.grow.plan import GrowthPlan, active_masks, identity_targets, set_buffer
+
+    from .sharded import grow_sharded
+
+    cfg = model.config
+    same = GrowthPlan("same", {}, cfg, cfg, 0, identity_targets(cfg))
+    new_model, new_opt = grow_sharded(model, optimizer, same, policy=policy, mesh=mesh)
+    buffers = dict(model.named_buffers())
+    for name in active_masks(model):
+        set_buffer(new_model, name, buffers[name].clone())
+    return new_model, new_opt

@@ -132,11 +132,13 @@ def _as_dtensor_like(like, local: torch.Tensor, dtype):
 
 
 def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "map+age",
-                 lr_adapt: str | None = None, mixed_precision: bool | None = None, stats: dict | None = None):
+                 lr_adapt: str | None = None, mixed_precision: bool | None = None, stats: dict | None = None,
+                 mesh=None):
     """Grow an FSDP2 model (``parallelize(..., "fsdp")``) and its optimizer in place, sharded, one parameter at
-    a time: returns (new_model, new_optimizer), the new model sharded on the same mesh like ``parallelize`` does.
-    Same result as ``nanogrow.grow.grow`` on one process (weights, moments, ages, lr scales, masks). A collective:
-    every rank of the mesh calls it. ``stats`` (optional dict) receives counts of shard copies and gathers."""
+    a time: returns (new_model, new_optimizer), the new model sharded on the same mesh like ``parallelize`` does
+    (or on ``mesh``: every rank of both meshes calls it). Same result as ``nanogrow.grow.grow`` on one process
+    (weights, moments, ages, lr scales, masks). A collective: every rank of the mesh calls it. ``stats``
+    (optional dict) receives counts of shard copies and gathers."""
     if policy not in POLICIES:
         raise ValueError(f"unknown optimizer transfer policy {policy!r}; known: {', '.join(POLICIES)}")
     if lr_adapt is not None:
@@ -149,7 +151,7 @@ def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "m
     plan.check_model(model)
     stats = {} if stats is None else stats
     stats.update(shard_copies=0, gathered=0)
-    mesh = fsdp_mesh(model)
+    mesh = fsdp_mesh(model) if mesh is None else mesh
     old_params = dict(model.named_parameters())
     device = next(iter(old_params.values())).to_local().device
     mp = _mp_enabled(model) if mixed_precision is None else mixed_precision
