@@ -62,10 +62,16 @@ def cmd_bench(args) -> int:
 
 def cmd_lag(args) -> int:
     """A LAG selection alone: train (or resume) up to the next stage that has ``lag``, select, save, stop."""
+    from . import dist_utils
     from .config import load_config
     from .train import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if args.groups is not None:  # every LAG stage trains its candidates on this many process groups at once
+        for st in cfg.stage:
+            if st.lag:
+                st.lag = dict(st.lag, groups=args.groups)
+        cfg.validate()
     trainer = Trainer(cfg, resume=args.resume)
     if not any(st.lag for st in trainer.stages[trainer.stage_index:]):
         raise ValueError(f"{args.config}: no [[stage]] with lag = {{...}} left to run")
@@ -73,6 +79,7 @@ def cmd_lag(args) -> int:
         while trainer.growth_due():
             event = trainer.grow_next_stage()  # saves a checkpoint
             if "lag" in event:
+                dist_utils.shutdown_and_exit()  # under torchrun: leave the process group cleanly
                 return 0
         trainer.train_step()
 
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("lag", help="train up to the next LAG stage, select its operator, save and stop")
     _config_args(p)
     p.add_argument("--resume", help="'auto' or a checkpoint path to start from")
+    p.add_argument("--groups", type=int, help="process groups training candidates at the same time (sets "
+                                               "lag.groups of every LAG stage; must divide the world size)")
     p.set_defaults(func=cmd_lag)
 
     p = sub.add_parser("lag-report", help="correlations, recall and regret of a LAG selection")

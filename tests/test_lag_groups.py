@@ -135,7 +135,9 @@ def test_group_loader_reads_the_world_batches(demo_data):
     assert groups[1].state_dict() == world[0].state_dict()
 
 
-def test_groups_config_rules(demo_data, tmp_path):
+def test_groups_config_rules(demo_data, tmp_path, capsys):
+    from nanogrow.cli import main
+
     cfg = load_config(write_config(tmp_path, demo_data, "g3", 4, groups=3))
     with pytest.raises(ConfigError, match=r"stage\[1\]\.lag\.groups=3 must divide the world size 2"):
         check_world(cfg.stage, 2)
@@ -144,3 +146,6 @@ def test_groups_config_rules(demo_data, tmp_path):
         Trainer(cfg, log=lambda *_: None)
     with pytest.raises(ConfigError, match="groups must be a positive integer"):
         load_config(write_config(tmp_path, demo_data, "zero", 4, groups=-1))
+    # `nanogrow lag --groups G` sets lag.groups on every LAG stage, with the same rules
+    assert main(["lag", "--config", str(write_config(tmp_path, demo_data, "cli", 4)), "--groups", "2"]) == 2
+    assert "stage[1].lag.groups=2 must divide the world size 1" in capsys.readouterr().err
