@@ -206,9 +206,11 @@ def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict
             ramp.apply(trainer.model, trainer.step - 1)
         adopt_optimizer_structure(trainer.model, trainer.optimizer, winner["structure"])
     here = state_structure(trainer.model, trainer.optimizer)
-    if here != winner["structure"]:
+    # Decided together: a rank that raised alone would leave the others waiting in the broadcast.
+    if max(group_values(float(here != winner["structure"]), mesh, reduce="max")):
         diff = sorted(set(here) ^ set(winner["structure"]))[:4]
-        raise RuntimeError(f"LAG groups: the winner's state and its rebuild differ in layout: {diff}")
+        raise RuntimeError(f"LAG groups: the winner's state and its rebuild on some rank differ in layout "
+                           f"(here: {diff or 'none'})")
     broadcast_group_state(src, mesh, model_and_optimizer_tensors(trainer.model, trainer.optimizer))
     if world_mesh is not None:
         trainer.model, trainer.optimizer = move_to_mesh(trainer.model, trainer.optimizer, world_mesh)
