@@ -361,8 +361,8 @@ class Trainer:
     def _lag_select(self, st: StageConfig, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
         from .config import lag_candidates
         from .lag import select
-
         from .lag_parallel import lag_groups, select_across_groups
+
         if lag_groups(st) > 1:  # candidates train at the same time, one per process group
             return select_across_groups(self, st, old_cfg, new_cfg, seed)
         k, every = st.lag["steps"], st.lag.get("eval_every", 1)

@@ -109,8 +109,9 @@ def test_lag_across_groups_matches_one_process_lag(demo_data, tmp_path, nproc, p
     assert b["lag"]["groups"] == 2 and meta_groups["world_size"] == nproc
     assert a["lag"]["winner"] == b["lag"]["winner"]
     assert a["lag"]["candidates"] == b["lag"]["candidates"]
-    for ca, cb in zip(a["lag"]["curves"], b["lag"]["curves"]):  # same batches; only reduction order differs
-        assert len(ca) == len(cb) == 3 and max(abs(x - y) for x, y in zip(ca, cb)) < 1e-4, (ca, cb)
+    curve_diff = max(abs(x - y) for ca, cb in zip(a["lag"]["curves"], b["lag"]["curves"]) for x, y in zip(ca, cb))
+    assert all(len(c) == 3 for c in a["lag"]["curves"] + b["lag"]["curves"])
+    assert curve_diff < 1e-5, (a["lag"]["curves"], b["lag"]["curves"])  # same batches; reduction order differs
     assert b["lag"]["flops_per_candidate"] == pytest.approx(a["lag"]["flops_per_candidate"])
     assert meta_groups["meter"]["total_flops"] == pytest.approx(meta_one["meter"]["total_flops"])
     assert meta_groups["meter"]["total_tokens"] == meta_one["meter"]["total_tokens"]
@@ -119,7 +120,9 @@ def test_lag_across_groups_matches_one_process_lag(demo_data, tmp_path, nproc, p
     got = load_file(str(tmp_path / "groups" / "state.safetensors"))
     assert sorted(got) == sorted(want)
     worst = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
-    assert worst < 2e-4, f"state after LAG across groups differs from the one-process LAG's by {worst:.3g}"
+    assert worst < 1e-4, f"state after LAG across groups differs from the one-process LAG's by {worst:.3g}"
+    print(f"{nproc} processes, {parallel}, {optimizer}: winner {b['lag']['winner']}, curves within {curve_diff:.1e}, "
+          f"state within {worst:.1e} of the one-process LAG")
 
 
 def test_group_loader_reads_the_world_batches(demo_data):

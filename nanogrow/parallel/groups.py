@@ -6,6 +6,7 @@
     losses = group_values(val_loss, mesh)  # [G] floats, the same on every rank (mean over each group's ranks)
     broadcast_group_state(winner, mesh, tensors)          # every group takes the winner's state
     model = replicate_in_group(model, mesh)                # DDP over one group's ranks (LAG in the trainer)
+    model, opt = move_to_mesh(model, opt, mesh["dp"])     # an FSDP model re-sharded onto another mesh
 
 The broadcast pairs rank (g, d) with rank (winner, d): local shards of a model sharded over "dp" line up, so
 a sharded winner is copied shard by shard without gathering.
