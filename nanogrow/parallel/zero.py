@@ -12,7 +12,10 @@ directly. Growth (``grow_zero``), as measured in FACTS.md:
      the old step.
 Costs: the new model's weights and moments in full on every rank while growing (routes through full tensors).
 Per-element ages are not supported under ZeRO (its step count is one per flat partition): policy ``map+age``
-raises; use ``map`` or ``reset``.
+raises; use ``map`` or ``reset``. Under bf16 (``ds_config(..., bf16=True)``) ``initialize`` builds the fp32 masters
+from the bf16 module, so the mapped fp32 weights are written back into them with ``safe_set_full_fp32_param``.
+``set_optimizer_state`` (moments + step into a fresh engine) also starts a ZeRO run from a DCP checkpoint.
+The Trainer drives all this through ``nanogrow.parallel.zero_trainer.ZeroBackend``.
 """
 
 from __future__ import annotations
@@ -112,8 +115,23 @@ def destroy(run: ZeroRun) -> None:
         parameter_offload.FWD_MODULE_STACK.clear()
     except Exception:
         pass
+    _clear_release_cache()
     run.engine = None
     gc.collect()
+
+
+def _clear_release_cache() -> None:
+    """ZeRO 3's parameter coordinator memoises ``__params_to_release`` with a class-level ``functools.lru_cache``
+    keyed by (coordinator, submodule): it keeps every destroyed engine's modules alive. The cache sits inside an
+    NVTX wrapper without ``__wrapped__``, hence the closure walk; clearing only costs recomputing it."""
+    try:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
+        fn = C.__dict__["_PartitionedParameterCoordinator__params_to_release"]
+    except (ImportError, KeyError):
+        return
+    for cell in [fn] + [c.cell_contents for c in (fn.__closure__ or ())]:
+        if hasattr(cell, "cache_clear"):
+            cell.cache_clear()
 
 
 def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict | None = None) -> ZeroRun:

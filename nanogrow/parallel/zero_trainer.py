@@ -143,7 +143,7 @@ def load_consolidated_weights(path: Path, model: torch.nn.Module) -> None:
     except ImportError:
         raise CheckpointError(f"checkpoint {str(path)!r} is a DeepSpeed checkpoint; reading it needs the deepspeed "
                               f"package") from None
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
     own = model.state_dict()
     for name, tensor in state.items():

@@ -97,25 +97,38 @@ def trainer_mode(config: str, out: str, stages: list[int]) -> None:
 
     from nanogrow.config import load_config
     from nanogrow.parallel.zero import destroy
+    from nanogrow.parallel.zero_trainer import consolidate
     from nanogrow.train import Trainer
+
+    def quiet(*args, **kwargs):
+        pass
 
     for stage in stages:
         run_dir = f"{out}/zero{stage}/run"
         cfg = load_config(config, [f"train.zero_stage={stage}", f"train.out_dir='{run_dir}'"])
-        trainer = Trainer(cfg, log=lambda *a, **k: None)
+        trainer = Trainer(cfg, log=quiet)
         assert trainer.zero is not None and trainer.zero.run.engine.zero_optimization_stage() == stage
         losses = trainer_losses(trainer)
         grow_step = next(h["step"] for h in trainer.history if h["event"] == "grow")
         destroy(trainer.zero.run)
         # Resume from the growth checkpoint at the same world size, into another directory.
         cfg = load_config(config, [f"train.zero_stage={stage}", f"train.out_dir='{out}/zero{stage}/resumed'"])
-        trainer = Trainer(cfg, resume=f"{run_dir}/ckpt_{grow_step:07d}", log=lambda *a, **k: None)
+        trainer = Trainer(cfg, resume=f"{run_dir}/ckpt_{grow_step:07d}", log=quiet)
         assert trainer.step == grow_step and trainer.stage_index == 1
         resumed = trainer_losses(trainer)
         destroy(trainer.zero.run)
+        # Weights-only restart under ZeRO: consolidate (every rank: the DCP save is a collective), then start a
+        # ZeRO run from the DCP checkpoint; its first step's loss is computed before the fresh optimizer acts.
+        restart = consolidate(f"{run_dir}/ckpt_{grow_step:07d}", f"{out}/zero{stage}/consolidated", log=quiet)
+        cfg = load_config(config, [f"train.zero_stage={stage}", f"train.out_dir='{out}/zero{stage}/restart'"])
+        trainer = Trainer(cfg, resume=str(restart), log=quiet)
+        assert trainer.step == grow_step and trainer.ramp is not None
+        first = torch.tensor(trainer.train_step(), dtype=torch.float64)
+        dist.all_reduce(first)
+        destroy(trainer.zero.run)
         if dist.get_rank() == 0:
-            print(json.dumps({"stage": stage, "grow_step": grow_step, "losses": losses, "resumed": resumed}),
-                  flush=True)
+            print(json.dumps({"stage": stage, "grow_step": grow_step, "losses": losses, "resumed": resumed,
+                              "restart_first": first.item() / dist.get_world_size()}), flush=True)
     from nanogrow.dist_utils import shutdown_and_exit
     shutdown_and_exit()
 
