@@ -104,10 +104,8 @@ class Trainer:
         if self.parallel == "deepspeed":
             from .parallel.zero_trainer import ZeroBackend
             self.zero = ZeroBackend(self.t.zero_stage, self.t, self.device)
-            model = build_model(self.model_config, self.device, seed=self.t.seed)
-            groups = [dict(g, lr=self.t.lr, betas=(self.t.beta1, self.t.beta2), eps=self.t.eps)
-                      for g in param_groups(model, self.t.weight_decay)]
-            self.model = self.zero.start(model, groups, self.micro_batch, resume=(ckpt, meta) if meta else None)
+            self.model = self.zero.start(build_model(self.model_config, self.device, seed=self.t.seed),
+                                         self.micro_batch, resume=(ckpt, meta) if meta else None)
             self.optimizer = self.zero.optimizer
         else:
             self.model = self._parallelize(build_model(self.model_config, self.device, seed=self.t.seed))

@@ -168,7 +168,7 @@ def test_zero_checkpoint_at_another_world_size_is_refused_and_restarts_from_cons
     from nanogrow.checkpoint import CheckpointError, read_meta
     from nanogrow.config import load_config
     from nanogrow.hf import export_hf
-    from nanogrow.parallel.zero_trainer import consolidate
+    from nanogrow.cli import main as cli_main
     from nanogrow.train import Trainer
 
     tmp, r = zero_trainer_runs["tmp"], zero_trainer_runs["runs"][2]
@@ -177,7 +177,8 @@ def test_zero_checkpoint_at_another_world_size_is_refused_and_restarts_from_cons
     # One process (train.parallel = "deepspeed" falls back to none): refused before anything is built.
     with pytest.raises(CheckpointError, match="world size 2.*cannot repartition.*nanogrow consolidate"):
         Trainer(cfg, resume=str(ckpt))
-    restart = consolidate(ckpt, tmp / "consolidated", log=lambda *a: None)
+    assert cli_main(["consolidate", str(ckpt), "--out", str(tmp / "consolidated")]) == 0
+    restart = tmp / "consolidated" / ckpt.name
     meta = read_meta(restart)
     assert meta["step"] == 3 and meta["history"][-1]["event"] == "consolidate" and "format" not in meta
     trainer = Trainer(cfg, resume=str(restart), log=lambda *a, **k: None)
@@ -258,3 +259,17 @@ def test_deepspeed_launcher_trains_and_checkpoints(tmp_path, demo_data):
     assert "2 process(es)" in p.stdout and "done: 2 steps" in p.stdout
     meta = json.loads((tmp_path / "ckpt_0000002" / "meta.json").read_text())
     assert meta["format"] == "deepspeed" and meta["zero_stage"] == 2 and meta["world_size"] == 2
+
+
+def test_zero_checkpoint_resumes_only_at_its_world_size_stage_and_backend(tmp_path):
+    from nanogrow.checkpoint import CheckpointError
+    from nanogrow.parallel.zero_trainer import check_resume
+
+    meta = {"format": "deepspeed", "world_size": 2, "zero_stage": 2}
+    check_resume(meta, tmp_path, "deepspeed", 2, 2)  # the same: fine
+    check_resume({"world_size": 2}, tmp_path, "fsdp", 3, 1)  # DCP checkpoints reshard: not this check's business
+    for parallel, world, stage, says in [("deepspeed", 4, 2, "this run is ZeRO-2 at world size 4"),
+                                         ("deepspeed", 2, 3, "this run is ZeRO-3 at world size 2"),
+                                         ("fsdp", 2, 2, "this run is train.parallel='fsdp' at world size 2")]:
+        with pytest.raises(CheckpointError, match=f"ZeRO-2 at world size 2; {says}.*nanogrow consolidate"):
+            check_resume(meta, tmp_path, parallel, world, stage)

@@ -68,10 +68,13 @@ class ZeroBackend:
         """DeepSpeed's ZeRO optimizer: its ``param_groups`` are where the Trainer sets the learning rate."""
         return self.run.engine.optimizer
 
-    def start(self, model: torch.nn.Module, groups: list[dict], micro_batch: int,
-              resume: tuple[Path, dict] | None = None):
-        """The engine for ``model`` (param groups ``groups``, torch-style with hyper-parameters); with ``resume``
-        = (checkpoint, meta), its state continues from there. Returns the engine (the Trainer's model)."""
+    def start(self, model: torch.nn.Module, micro_batch: int, resume: tuple[Path, dict] | None = None):
+        """The engine for ``model`` (the Trainer's param groups and AdamW hyper-parameters); with ``resume`` =
+        (checkpoint, meta), its state continues from there. Returns the engine (the Trainer's model)."""
+        from nanogrow.train import param_groups
+
+        t = self.t
+        groups = [dict(g, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps) for g in param_groups(model, t.weight_decay)]
         groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; keep ours aligned
         if resume is None:
             self.run = zero_initialize(model, groups, self.config(micro_batch))
