@@ -4,7 +4,9 @@ state in safetensors.
 
 Atomicity: everything is written into ``ckpt_XXXXXXX.tmp`` and renamed to ``ckpt_XXXXXXX`` only after every rank
 has finished and ``meta.json`` (written last) is in place, so a crash never leaves a directory that looks valid.
-Loading never unpickles: DCP tensors, JSON and safetensors only.
+Loading never unpickles: DCP tensors, JSON and safetensors only. The exception is a DeepSpeed ZeRO checkpoint
+(``meta["format"] == "deepspeed"``, written by ``nanogrow.parallel.zero_trainer``): its tensors are DeepSpeed's own
+files (``torch.save``), inside the same atomic directory, next to the same meta.json and rng files.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from .parallel.state import placeholder
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
 META = "meta.json"
 FORMAT_VERSION = 1
+DEEPSPEED_TAG = "deepspeed"  # the subdirectory (DeepSpeed "tag") holding a ZeRO checkpoint's tensors
+
+
+def is_deepspeed(meta: dict) -> bool:
+    """A checkpoint written by DeepSpeed ZeRO (partitioned optimizer state, tied to its world size)?"""
+    return meta.get("format") == "deepspeed"
 
 
 class CheckpointError(ValueError):
@@ -54,12 +62,15 @@ def read_meta(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist or is not a directory")
     if not (p / META).is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: no {META} (an interrupted save?)")
-    if not (p / ".metadata").is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: no DCP .metadata file")
     try:
         meta = json.loads((p / META).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {str(p / META)!r} is not valid JSON: {e}") from None
+    if is_deepspeed(meta):
+        if not (p / DEEPSPEED_TAG).is_dir():
+            raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: no DeepSpeed directory {DEEPSPEED_TAG!r}")
+    elif not (p / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: no DCP .metadata file")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {str(p)!r} has format_version={meta.get('format_version')!r}, "
                               f"this nanogrow reads {FORMAT_VERSION}")
@@ -82,6 +93,17 @@ def _model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     meta: dict, keep_last: int = 2) -> Path:
     """Write ``out_dir/ckpt_{step}`` atomically on every rank (a collective); keep the newest ``keep_last``."""
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():  # DCP warns that one process without a process group "assumes" single process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(tmp))
+
+    return atomic_save(out_dir, step, write, meta, keep_last)
+
+
+def atomic_save(out_dir: str | Path, step: int, write, meta: dict, keep_last: int = 2) -> Path:
+    """The checkpoint protocol shared by every format: ``write(tmp)`` (a collective) puts the tensors into
+    ``ckpt_{step}.tmp``; then each rank's RNG state, then meta.json (rank 0, last), then the rename."""
     out = Path(out_dir)
     final = out / f"ckpt_{step:07d}"
     tmp = out / f"ckpt_{step:07d}.tmp"
@@ -92,9 +114,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
             shutil.rmtree(tmp)  # left by a crashed save of this same step
         tmp.mkdir()
     dist_utils.barrier()
-    with warnings.catch_warnings():  # DCP warns that one process without a process group "assumes" single process
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(tmp))
+    write(tmp)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -143,9 +163,26 @@ def _materialise_missing(state: dict, model: torch.nn.Module, metadata) -> None:
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     load_rng: bool = True) -> dict:
     """Load model (and optimizer) state in place from a checkpoint written by ``save_checkpoint``; returns meta.
-    The model must already have the checkpoint's shape (build it from ``meta['model_config']``)."""
+    The model must already have the checkpoint's shape (build it from ``meta['model_config']``).
+    A DeepSpeed checkpoint loads here weights only (consolidated from its partitions); its optimizer state
+    only loads into a DeepSpeed run at the world size that wrote it."""
     p = Path(path)
     meta = read_meta(p)
+    if is_deepspeed(meta):
+        if optimizer is not None:
+            raise CheckpointError(f"checkpoint {str(p)!r} is a DeepSpeed ZeRO checkpoint: its optimizer state loads "
+                                  f"only with train.parallel='deepspeed' at world size {meta.get('world_size')}; "
+                                  f"restart from its weights with `nanogrow consolidate {p} --out DIR`")
+        from .parallel.zero_trainer import load_consolidated_weights
+        load_consolidated_weights(p, model)
+    else:
+        _load_dcp(p, model, optimizer)
+    if load_rng:
+        restore_rng(p)
+    return meta
+
+
+def _load_dcp(p: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     state = _model_and_optim_state(model, optimizer)
     reader = dcp.FileSystemReader(str(p))
     _materialise_missing(state, model, reader.read_metadata())
@@ -160,10 +197,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = p / "rng" / f"rank_{dist_utils.rank():05d}.safetensors"
-    if load_rng and rng_file.is_file():
+
+
+def restore_rng(path: str | Path) -> None:
+    """This rank's RNG state as saved (nothing when the checkpoint has none for this rank)."""
+    rng_file = Path(path) / "rng" / f"rank_{dist_utils.rank():05d}.safetensors"
+    if rng_file.is_file():
         rng = load_file(str(rng_file))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return meta

@@ -34,6 +34,13 @@ def cmd_grow(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    from .parallel.zero_trainer import consolidate
+
+    consolidate(args.checkpoint, args.out)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .config import load_config
     from . import bench, dist_utils
@@ -50,7 +57,7 @@ def cmd_bench(args) -> int:
         bench.stages(cfg, static_steps=args.steps)
     elif args.what == "grow":  # under torchrun: one growth event of a sharded model, time and memory
         from .parallel import bench_grow
-        bench_grow(backend=args.backend, steps=args.steps)
+        bench_grow(backend=args.backend, steps=args.steps, zero_stages=[int(s) for s in args.zero_stages.split(",")])
         dist_utils.shutdown_and_exit()
     elif args.what == "lag":
         import os
@@ -141,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory to write the grown checkpoint into")
     p.set_defaults(func=cmd_grow)
 
+    p = sub.add_parser("consolidate", help="a weights-only checkpoint (fresh optimizer, same data position and "
+                                           "history) of a DeepSpeed ZeRO checkpoint, to restart at another world "
+                                           "size or backend")
+    p.add_argument("checkpoint", help="a checkpoint directory (ckpt_XXXXXXX)")
+    p.add_argument("--out", required=True, help="directory to write the consolidated checkpoint into")
+    p.set_defaults(func=cmd_consolidate)
+
     p = sub.add_parser("lag", help="train up to the next LAG stage, select its operator, save and stop")
     _config_args(p)
     p.add_argument("--resume", help="'auto' or a checkpoint path to start from")
@@ -166,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="speedup: grown run spends the scratch run's FLOPs (default) or trains as many steps")
     p.add_argument("--png", default="runs/bench/speedup.png", help="speedup: loss-vs-FLOPs plot")
     p.add_argument("--ks", help="lag: LAG@k steps to report, e.g. 5,10,20")
-    p.add_argument("--backend", default="fsdp", choices=["none", "ddp", "fsdp"], help="grow: parallel backend")
+    p.add_argument("--backend", default="fsdp", choices=["none", "ddp", "fsdp", "deepspeed"],
+                   help="grow: parallel backend")
+    p.add_argument("--zero-stages", default="1,2,3", help="grow with --backend deepspeed: ZeRO stages to measure")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

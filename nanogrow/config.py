@@ -50,7 +50,8 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 0  # steps; 0 = only at the end (and at growth events)
     keep_last: int = 2  # checkpoints kept on disk
-    parallel: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp
+    parallel: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp | deepspeed
+    zero_stage: int = 1  # deepspeed: ZeRO stage 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters) sharded
     replicate: int = 1  # fsdp: replicate degree > 1 gives HSDP (shard within groups, replicate across)
     compile: bool = False
     wandb: bool = False  # log to wandb when it is installed
@@ -119,7 +120,7 @@ CHOICES = {
     "train.device": None,  # free-form, checked below
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.schedule": ("cosine", "wsd", "constant"),
-    "train.parallel": ("auto", "none", "ddp", "fsdp"),
+    "train.parallel": ("auto", "none", "ddp", "fsdp", "deepspeed"),
     "growth.schedule": ("manual", "equal-tokens", "equal-flops", "exponential"),
     "growth.optimizer": ("reset", "map", "map+age"),
     "growth.lr_policy": ("continue", "rewarm", "rewind"),
@@ -255,6 +256,43 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     if dcfg.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"{source}: data.seq_len={dcfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     validate_stages(cfg, source)
+    validate_deepspeed(cfg, source)
+
+
+def validate_deepspeed(cfg: RunConfig, source: str) -> None:
+    """What the DeepSpeed backend cannot do, refused before compute. ZeRO keeps Adam's step count once per flat
+    partition, so per-element ages (optimizer 'map+age') and Variance-Transfer lr scales have nowhere to live;
+    LAG forks and restores whole engines; the gradient trigger reads full gradients, which ZeRO 2/3 partition."""
+    t = cfg.train
+    if t.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"{source}: train.zero_stage={t.zero_stage!r} is not one of 1, 2, 3")
+    if t.parallel != "deepspeed":
+        return
+    import importlib.util
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"{source}: train.parallel='deepspeed' needs the deepspeed package "
+                          f"(DS_BUILD_OPS=0 pip install deepspeed)")
+    if t.replicate != 1:
+        raise ConfigError(f"{source}: train.replicate={t.replicate} is for fsdp (HSDP); with train.parallel="
+                          f"'deepspeed' leave it at 1")
+    if cfg.stage and cfg.growth.lr_adapt != "none":
+        raise ConfigError(f"{source}: growth.lr_adapt={cfg.growth.lr_adapt!r} is not supported with train.parallel="
+                          f"'deepspeed' (its per-element lr scales need optimizer state ZeRO does not keep); use "
+                          f"growth.lr_adapt='none'")
+    for i, st in enumerate(cfg.stage, start=1):
+        policy = st.optimizer or cfg.growth.optimizer
+        if policy == "map+age":
+            key = f"stage[{i}].optimizer" if st.optimizer else "growth.optimizer"
+            raise ConfigError(f"{source}: {key}='map+age' is not supported with train.parallel='deepspeed' (ZeRO "
+                              f"keeps one Adam step count per flat partition, not per element); use 'map' (moments "
+                              f"mapped, step count kept) or 'reset'")
+        if st.lag:
+            raise ConfigError(f"{source}: stage[{i}].lag is not supported with train.parallel='deepspeed' (LAG "
+                              f"trains candidates from one saved model and optimizer); use fsdp, ddp or none")
+        if st.trigger == "gradient":
+            raise ConfigError(f"{source}: stage[{i}].trigger='gradient' is not supported with train.parallel="
+                              f"'deepspeed' (it reads full gradients, which ZeRO partitions); use schedule, plateau "
+                              f"or scaling-law")
 
 
 def lag_candidates(lag: dict, old: ModelConfig, new: ModelConfig) -> list:

@@ -99,18 +99,30 @@ class Trainer:
         self.parallel = self.t.parallel if self.t.parallel != "auto" else ("ddp" if self.world > 1 else "none")
         if self.parallel != "none" and self.world == 1:
             self.parallel = "none"  # one process: nothing to shard or replicate
-        self.model = self._parallelize(build_model(self.model_config, self.device, seed=self.t.seed))
-        self.optimizer = make_optimizer(unwrap(self.model), self.t)
+        if meta:
+            from .parallel.zero_trainer import check_resume
+            check_resume(meta, ckpt, self.parallel, self.world, self.t.zero_stage)  # before any engine is built
+        self.zero = None  # DeepSpeed ZeRO: the engine is the model, and backward/step/grow/save go through it
+        if self.parallel == "deepspeed":
+            from .parallel.zero_trainer import ZeroBackend
+            self.zero = ZeroBackend(self.t.zero_stage, self.t, self.device)
+            self.model = self.zero.start(build_model(self.model_config, self.device, seed=self.t.seed),
+                                         self.micro_batch, resume=(ckpt, meta) if meta else None)
+            self.optimizer = self.zero.optimizer
+        else:
+            self.model = self._parallelize(build_model(self.model_config, self.device, seed=self.t.seed))
+            self.optimizer = make_optimizer(unwrap(self.model), self.t)
         self.step = 0
         self.trigger = self._make_trigger()
         self.history: list[dict] = []  # growth events and evaluations, in order
         self.meter = ThroughputMeter(device_peak_flops(self.device), self.world)
         if meta:
             self.stage_index = meta.get("stage_index", 0)
-            if self.stage_index:  # a grown model: the optimizer may track per-element ages
-                self.optimizer = make_optimizer(unwrap(self.model), self.t, ages=meta.get("optimizer_ages", False))
-            load_checkpoint(ckpt, unwrap(self.model), self.optimizer)
-            self._apply_optimizer_config()  # a resume may change weight decay, betas or eps on purpose
+            if self.zero is None:  # (ZeroBackend.start has loaded the checkpoint)
+                if self.stage_index:  # a grown model: the optimizer may track per-element ages
+                    self.optimizer = make_optimizer(unwrap(self.model), self.t, ages=meta.get("optimizer_ages", False))
+                load_checkpoint(ckpt, unwrap(self.model), self.optimizer)
+                self._apply_optimizer_config()  # a resume may change weight decay, betas or eps on purpose
             self.step = meta["step"]
             if meta.get("loader") is not None:  # None: an imported model, whose data stream starts here
                 self.loader.load_state_dict(meta["loader"])
@@ -190,6 +202,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {str(path)!r} is from another model shape ({pairs})")
 
     def _autocast(self):
+        if self.zero is not None:  # DeepSpeed casts the module itself (bf16 on CUDA)
+            return contextlib.nullcontext
         dtype = self.t.dtype
         if dtype == "auto":
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
@@ -239,15 +253,20 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast():
                 loss = self.model(x, y) / self.t.grad_accum
-            loss.backward()
+            if self.zero is not None:
+                self.zero.backward(loss)
+                self.zero.step()  # reduce, clip and step at the accumulation boundary only
+            else:
+                loss.backward()
             loss_sum += loss.item()
             if want_noise and micro == 0:
                 grad_sq_small = _grad_sq(self.model) * self.t.grad_accum ** 2
         grad_sq_big = _grad_sq(self.model) if want_noise else None
-        if self.t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero is None:
+            if self.t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         tokens, fpt = self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len)
         self.meter.add(tokens, fpt)
         self.step += 1
@@ -292,9 +311,13 @@ class Trainer:
     def _apply_plan(self, plan, st: StageConfig) -> None:
         """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy."""
         g = self.cfg.growth
-        self.model, self.optimizer = grow_parallel(self.model, self.optimizer, plan, policy=st.optimizer or g.optimizer,
-                                                   device=self.device,
-                                                   lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt)
+        if self.zero is not None:
+            self.model = self.zero.grow(plan, st.optimizer or g.optimizer, st.micro_batch or self.micro_batch)
+            self.optimizer = self.zero.optimizer
+        else:
+            self.model, self.optimizer = grow_parallel(self.model, self.optimizer, plan,
+                                                       policy=st.optimizer or g.optimizer, device=self.device,
+                                                       lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt)
         self.model_config = plan.new_cfg.resolved()
         self.ramp = plan.mask_ramp(self.step)
         if self.ramp is not None:
@@ -431,8 +454,11 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = save_checkpoint(self.out_dir, self.step, unwrap(self.model), self.optimizer, self.checkpoint_meta(),
-                               keep_last=self.t.keep_last)
+        if self.zero is not None:
+            path = self.zero.save(self.out_dir, self.step, self.checkpoint_meta(), keep_last=self.t.keep_last)
+        else:
+            path = save_checkpoint(self.out_dir, self.step, unwrap(self.model), self.optimizer,
+                                   self.checkpoint_meta(), keep_last=self.t.keep_last)
         self.log(f"saved {path}")
         return path
 

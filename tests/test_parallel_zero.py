@@ -37,3 +37,239 @@ def test_zero_refuses_per_element_ages():
         ds_config(4, 1)
     with pytest.raises(NotImplementedError, match="ages"):
         grow_zero(None, None, policy="map+age")
+
+
+# ---- the Trainer under train.parallel = "deepspeed" ----------------------------------------------------------
+
+TRAINER_CONFIG = """
+[model]
+n_layer = 1
+d_model = 64
+n_head = 4
+n_kv_head = 2
+vocab_size = 512
+max_seq_len = 64
+
+[data]
+dir = "{data}"
+seq_len = 64
+
+[train]
+out_dir = "unused"
+micro_batch = 2
+grad_accum = 2
+max_steps = 8
+warmup_steps = 2
+lr = 0.01
+eval_every = 0
+eval_batches = 2
+eval_batch_size = 4
+parallel = "deepspeed"
+
+[growth]
+optimizer = "map"
+lr_policy = "rewarm"
+rewarm_steps = 2
+
+[[stage]]
+at_step = 3
+shape = {{ n_layer = 2, d_ff = 256 }}
+op = "joint"
+options = {{ depth_op = "stack", width_op = "msg", depth_options = {{ fade_steps = 3 }}, width_options = {{ fade_steps = 3 }} }}
+"""
+# Depth and width at once, with fade-in masks (3 steps): the growth checkpoint at step 3 is mid-fade, so resuming
+# from it also restores the masks; by the final checkpoint (step 8) they are gone and export-hf can read it.
+
+# The ZeRO runs are 2 processes x micro-batch 2; the reference is 1 process x micro-batch 4: the same global batch.
+# Gradient clipping (train.grad_clip = 1.0) and accumulation (2 micro-steps) are on, in DeepSpeed and in torch.
+LOSS_TOL = 1e-4
+WEIGHT_TOL = 1e-4
+# Why these tolerances: the two runs differ only in the order of floating-point reductions (gradients averaged over
+# 2 ranks by DeepSpeed's reduce(-scatter) vs summed in one process; the clipping norm over partitions), ~1e-7
+# relative per step. Adam divides by sqrt(v): where v is tiny, that rounding noise becomes an lr-sized (1e-2)
+# relative change of a few elements, so weights drift apart by ~1e-5 within 3 steps (measured: 1.5e-5) and losses
+# by about the same. A real error (a missed reduction, a wrong moment, clipping or accumulation) moves losses by
+# 1e-2 or more.
+
+
+def _one_process_losses(cfg):
+    from nanogrow.train import Trainer
+
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    losses = []
+    while trainer.step < trainer.t.max_steps:
+        while trainer.growth_due():
+            trainer.grow_next_stage()
+        losses.append(trainer.train_step())
+    trainer.save()
+    return losses
+
+
+@pytest.fixture(scope="module")
+def zero_trainer_runs(demo_data, tmp_path_factory):
+    """One torchrun launch: the Trainer under ZeRO 1, 2 and 3 (run with a growth event, then a resume from the
+    growth checkpoint), and the one-process reference run."""
+    import json
+
+    from nanogrow.config import load_config
+
+    tmp = tmp_path_factory.mktemp("zero_trainer")
+    config = tmp / "ds.toml"
+    config.write_text(TRAINER_CONFIG.format(data=demo_data))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "nanogrow" / "ext"))
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "dist" / "zero_worker.py"),
+           "trainer", str(config), str(tmp / "out"), "1,2,3"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    tail = "\n".join((p.stdout + p.stderr).splitlines()[-40:])
+    assert p.returncode == 0, tail
+    runs = {r["stage"]: r for r in map(json.loads, (l for l in p.stdout.splitlines() if l.startswith("{")))}
+    assert sorted(runs) == [1, 2, 3], tail
+    ref_cfg = load_config(config, ["train.parallel='none'", "train.micro_batch=4", f"train.out_dir='{tmp / 'ref'}'"])
+    return {"tmp": tmp, "config": config, "runs": runs, "ref": _one_process_losses(ref_cfg)}
+
+
+def _weights(path):
+    from nanogrow.hf import load_model
+
+    return load_model(path)[0].state_dict()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_trainer_under_zero_with_growth_matches_one_process(zero_trainer_runs, stage):
+    r, ref = zero_trainer_runs["runs"][stage], zero_trainer_runs["ref"]
+    assert r["grow_step"] == 3 and len(r["losses"]) == len(ref) == 8
+    diff = max(abs(a - b) for a, b in zip(r["losses"], ref))
+    assert diff <= LOSS_TOL, (r["losses"], ref)
+    # The growth checkpoint (step 3, ZeRO partitions consolidated by zero_to_fp32) holds the one-process weights.
+    tmp = zero_trainer_runs["tmp"]
+    ours, theirs = _weights(tmp / "out" / f"zero{stage}" / "run" / "ckpt_0000003"), _weights(tmp / "ref" / "ckpt_0000003")
+    assert sorted(ours) == sorted(theirs)  # including the fade-in masks
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    assert worst <= WEIGHT_TOL, worst
+
+
+def test_zero_resume_at_the_same_world_size_continues_exactly(zero_trainer_runs):
+    for stage, r in zero_trainer_runs["runs"].items():
+        g = r["grow_step"]
+        # DeepSpeed's checkpoint holds the fp32 partitions, moments and step counts; data position, lr schedule and
+        # masks come from meta.json: the resumed steps are the uninterrupted ones, bit for bit.
+        assert r["resumed"] == r["losses"][g:], (stage, r)
+
+
+def test_zero_run_restarts_from_a_consolidated_checkpoint(zero_trainer_runs):
+    for stage, r in zero_trainer_runs["runs"].items():
+        # Consolidated weights (zero_to_fp32) -> DCP -> a new ZeRO run at 2 processes: the same model and data
+        # position, so the same loss at the restart step (only the fresh optimizer differs, after it).
+        assert abs(r["restart_first"] - r["losses"][r["grow_step"]]) <= LOSS_TOL, (stage, r)
+
+
+def test_zero_checkpoint_at_another_world_size_is_refused_and_restarts_from_consolidated_weights(zero_trainer_runs):
+    from nanogrow.checkpoint import CheckpointError, read_meta
+    from nanogrow.config import load_config
+    from nanogrow.hf import export_hf
+    from nanogrow.cli import main as cli_main
+    from nanogrow.train import Trainer
+
+    tmp, r = zero_trainer_runs["tmp"], zero_trainer_runs["runs"][2]
+    ckpt = tmp / "out" / "zero2" / "run" / "ckpt_0000003"
+    cfg = load_config(zero_trainer_runs["config"], ["train.micro_batch=4", f"train.out_dir='{tmp / 'restart'}'"])
+    # One process (train.parallel = "deepspeed" falls back to none): refused before anything is built.
+    with pytest.raises(CheckpointError, match="world size 2.*cannot repartition.*nanogrow consolidate"):
+        Trainer(cfg, resume=str(ckpt))
+    assert cli_main(["consolidate", str(ckpt), "--out", str(tmp / "consolidated")]) == 0
+    restart = tmp / "consolidated" / ckpt.name
+    meta = read_meta(restart)
+    assert meta["step"] == 3 and meta["history"][-1]["event"] == "consolidate" and "format" not in meta
+    trainer = Trainer(cfg, resume=str(restart), log=lambda *a, **k: None)
+    assert trainer.step == 3 and trainer.stage_index == 1 and trainer.ramp is not None
+    # Same weights, masks and data position: the first step's loss (computed before the fresh optimizer acts)
+    # is the ZeRO run's loss at that step.
+    assert abs(trainer.train_step() - r["losses"][3]) <= LOSS_TOL
+    # export-hf reads a DeepSpeed checkpoint through the same consolidation (the final one: fade-in over).
+    out = export_hf(tmp / "out" / "zero2" / "run" / "ckpt_0000008", tmp / "hf", log=lambda *a: None)
+    assert (Path(out) / "config.json").is_file()
+
+
+# ---- what the DeepSpeed backend refuses, at config time ---------------------------------------------------------
+
+def _zero_config(**changes):
+    from nanogrow.config import RunConfig
+
+    raw = RunConfig().to_dict()
+    raw["train"].update(parallel="deepspeed")
+    raw["growth"].update(optimizer="map")
+    raw["stage"] = [{"at_step": 10, "shape": {"n_layer": 8}, "op": "stack"}]
+    for key, value in changes.items():
+        section, name = key.split("__")
+        if section == "stage":
+            raw["stage"][0][name] = value
+        else:
+            raw[section][name] = value
+    return RunConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train__zero_stage": 4}, "train.zero_stage=4 is not one of 1, 2, 3"),
+    ({"growth__optimizer": "map+age"}, "growth.optimizer='map\\+age' is not supported with train.parallel='deepspeed'"),
+    ({"stage__optimizer": "map+age"}, "stage\\[1\\].optimizer='map\\+age'"),
+    ({"growth__lr_adapt": "vt"}, "growth.lr_adapt='vt' is not supported"),
+    ({"stage__lag": {"steps": 2}}, "stage\\[1\\].lag is not supported"),
+    ({"stage__trigger": "gradient", "stage__at_step": -1}, "trigger='gradient' is not supported"),
+    ({"train__replicate": 2}, "train.replicate=2"),
+])
+def test_deepspeed_config_refuses_what_zero_cannot_hold(changes, message):
+    from nanogrow.config import ConfigError
+
+    _zero_config().validate()  # the base config is fine
+    with pytest.raises(ConfigError, match=message):
+        _zero_config(**changes).validate()
+
+
+# ---- launch/deepspeed.sh ---------------------------------------------------------------------------------------
+
+def _launch(*args, **env):
+    e = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **env)
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "nanogrow" / "ext"))
+    return subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_deepspeed_launcher_multinode_command():
+    p = _launch("--nproc", "8", "--stage", "3", "--hostfile", "hosts.txt", "configs/demo.toml", "--resume", "auto",
+                DRY_RUN="1")
+    assert p.returncode == 0, p.stderr
+    cmd = p.stderr.strip().splitlines()[-1]
+    assert ("-m deepspeed.launcher.runner --hostfile hosts.txt --num_gpus 8 --no_local_rank --module nanogrow.cli "
+            "train --config configs/demo.toml --set train.parallel=deepspeed --set train.zero_stage=3 --resume auto"
+            in cmd), cmd
+    assert _launch("--stage", "4", "configs/demo.toml", DRY_RUN="1").returncode == 2
+
+
+def test_deepspeed_launcher_trains_and_checkpoints(tmp_path, demo_data):
+    """`nanogrow train` through the launcher: two gloo processes, ZeRO 2, two steps, a DeepSpeed checkpoint."""
+    import json
+
+    sets = {"train.max_steps": 2, "train.warmup_steps": 1, "train.out_dir": tmp_path, "model.n_layer": 1,
+            "model.d_model": 32, "model.n_head": 2, "model.n_kv_head": 2, "model.vocab_size": 512,
+            "data.dir": demo_data, "train.eval_every": 0, "train.eval_batches": 1, "growth.optimizer": "map"}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    p = _launch("--nproc", "2", "--stage", "2", "configs/demo.toml", *args)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "2 process(es)" in p.stdout and "done: 2 steps" in p.stdout
+    meta = json.loads((tmp_path / "ckpt_0000002" / "meta.json").read_text())
+    assert meta["format"] == "deepspeed" and meta["zero_stage"] == 2 and meta["world_size"] == 2
+
+
+def test_zero_checkpoint_resumes_only_at_its_world_size_stage_and_backend(tmp_path):
+    from nanogrow.checkpoint import CheckpointError
+    from nanogrow.parallel.zero_trainer import check_resume
+
+    meta = {"format": "deepspeed", "world_size": 2, "zero_stage": 2}
+    check_resume(meta, tmp_path, "deepspeed", 2, 2)  # the same: fine
+    check_resume({"world_size": 2}, tmp_path, "fsdp", 3, 1)  # DCP checkpoints reshard: not this check's business
+    for parallel, world, stage, says in [("deepspeed", 4, 2, "this run is ZeRO-2 at world size 4"),
+                                         ("deepspeed", 2, 3, "this run is ZeRO-3 at world size 2"),
+                                         ("fsdp", 2, 2, "this run is train.parallel='fsdp' at world size 2")]:
+        with pytest.raises(CheckpointError, match=f"ZeRO-2 at world size 2; {says}.*nanogrow consolidate"):
+            check_resume(meta, tmp_path, parallel, world, stage)

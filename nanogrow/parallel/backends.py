@@ -11,6 +11,8 @@ would only cost time and break the fp32 equality the tests check.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -94,12 +96,15 @@ def backend_of(model: nn.Module) -> str:
         return "ddp"
     if isinstance(model, FSDPModule):
         return "fsdp"
+    if "deepspeed" in sys.modules and isinstance(model, sys.modules["deepspeed"].DeepSpeedEngine):
+        return "deepspeed"  # (checked only once deepspeed is imported: it is optional and slow to import)
     return "none"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Transformer itself (DDP wraps it; FSDP2 changes its class in place, so it is its own module)."""
-    return model.module if backend_of(model) == "ddp" else model
+    """The Transformer itself (DDP and DeepSpeed wrap it; FSDP2 changes its class in place, so it is its own
+    module)."""
+    return model.module if backend_of(model) in ("ddp", "deepspeed") else model
 
 
 def fsdp_mesh(model: nn.Module):

@@ -1,9 +1,10 @@
 """``nanogrow bench grow``: what one growth event costs under a parallel backend, relative to training.
 
-    torchrun --standalone --nproc_per_node=2 -m nanogrow.cli bench grow     # once the CLI is wired
-    torchrun --standalone --nproc_per_node=2 -m nanogrow.parallel.bench     # meanwhile
+    torchrun --standalone --nproc_per_node=2 -m nanogrow.cli bench grow                        # FSDP2
+    torchrun --standalone --nproc_per_node=2 -m nanogrow.cli bench grow --backend deepspeed    # ZeRO 1, 2, 3
 
-Reports, per operator: the wall time of one growth event (weights + optimizer state, ``grow_parallel``) divided by
+Reports, per operator: the wall time of one growth event (weights + optimizer state, ``grow_parallel``;
+``grow_zero`` under DeepSpeed, policy "map") divided by
 the time of one training step of the old model, and each rank's peak memory while growing divided by its peak
 in steady-state training. Memory on CPU is the resident set: the kernel's high-water mark (VmHWM), reset before
 each phase through /proc/self/clear_refs; shown as the absolute peaks and as the increase over the RSS the phase
@@ -100,6 +101,13 @@ def _step(model, opt, cfg: ModelConfig, batch: int, seq: int, seed: int) -> None
     opt.zero_grad(set_to_none=True)
 
 
+def _zero_step(engine, cfg: ModelConfig, batch: int, seq: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed * 1000 + dist_utils.rank())
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(engine.device)
+    engine.backward(engine(x[:, :-1], x[:, 1:]))
+    engine.step()
+
+
 def _max_over_ranks(values: list[float], device) -> list[float]:
     if not dist_utils.is_distributed():
         return values
@@ -141,10 +149,46 @@ def _one(name, cfg, backend, device, batch, seq, steps, warmup) -> tuple:
             steady.peak - steady.start)
 
 
+def _one_zero(name, cfg, stage, device, batch, seq, steps, warmup) -> tuple:
+    """``_one`` under DeepSpeed ZeRO ``stage``: growth is ``grow_zero`` (policy "map": ZeRO holds no ages)."""
+    from .zero import destroy, ds_config, grow_zero, zero_initialize
+
+    op, change, options = BENCH_OPS[name]
+    plan = make_plan(op, cfg, replace(cfg, **change), seed=0, **options)
+    torch.manual_seed(0)
+    model = build_model(cfg, device, seed=0)
+    groups = [{"params": list(model.parameters()), "lr": 1e-3, "weight_decay": 0.0}]
+    run = zero_initialize(model, groups, ds_config(stage, batch))
+    del model, groups
+    for s in range(warmup):
+        _zero_step(run.engine, cfg, batch, seq, s)
+    dist_utils.barrier()
+    with _Peak(device) as steady:
+        t0 = time.perf_counter()
+        for s in range(steps):
+            _zero_step(run.engine, cfg, batch, seq, warmup + s)
+        dist_utils.barrier()
+        step_s = (time.perf_counter() - t0) / steps
+    with _Peak(device) as growing:
+        t0 = time.perf_counter()
+        run = grow_zero(run, plan, policy="map")  # destroys the old engine
+        dist_utils.barrier()
+        grow_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _zero_step(run.engine, plan.new_cfg, batch, seq, 99)
+    dist_utils.barrier()
+    new_step_s = time.perf_counter() - t0
+    destroy(run)
+    return (step_s, grow_s, new_step_s, growing.peak, steady.peak, growing.peak - growing.start,
+            steady.peak - steady.start)
+
+
 def bench_grow(cfg: ModelConfig | None = None, ops: list[str] | None = None, backend: str = "fsdp",
-               batch: int = 4, seq: int = 128, steps: int = 3, warmup: int = 1, log=print) -> dict:
+               batch: int = 4, seq: int = 128, steps: int = 3, warmup: int = 1, zero_stages: list[int] | None = None,
+               log=print) -> dict:
     """Time and memory of one growth event (weights + optimizer) relative to a training step, per operator in
-    ``ops`` (keys of BENCH_OPS). Run under torchrun (one process works too). Returns {op: numbers}; rank 0 logs."""
+    ``ops`` (keys of BENCH_OPS). Run under torchrun (one process works too). Returns {op: numbers} (backend
+    "deepspeed": {"zero<stage>/<op>": numbers} for each of ``zero_stages``); rank 0 logs."""
     global _LIBC
     device = dist_utils.pick_device("auto")
     dist_utils.init_from_env(device)
@@ -156,22 +200,34 @@ def bench_grow(cfg: ModelConfig | None = None, ops: list[str] | None = None, bac
     ops = list(ops or BENCH_OPS)
     say(f"bench grow: {backend} on {world} process(es), {device}; model {cfg.num_params():,} params, "
         f"batch {batch}x{seq} per rank, {torch.get_num_threads()} thread(s)/rank")
+    if backend == "deepspeed":  # one case per (ZeRO stage, operator)
+        cases = {f"zero{z}/{name}": (name, z) for z in (zero_stages or [1, 2, 3]) for name in ops}
+    else:
+        cases = {name: (name, None) for name in ops}
+
+    def one(key, steps_):
+        name, stage = cases[key]
+        if stage is None:
+            return _one(name, cfg, backend, device, batch, seq, steps_, warmup)
+        return _one_zero(name, cfg, stage, device, batch, seq, steps_, warmup)
+
     # Two passes: times with the default allocator, then memory with the RSS made exact (which slows steps).
-    timed = {name: _one(name, cfg, backend, device, batch, seq, steps, warmup) for name in ops}
+    timed = {key: one(key, steps) for key in cases}
     if device.type == "cpu" and _LIBC is None:
         _LIBC = _exact_rss()
-    mem = {name: _one(name, cfg, backend, device, batch, seq, 1, warmup) for name in ops}
+    mem = {key: one(key, 1) for key in cases}
     results = {}
-    for name in ops:
-        step_s, grow_s, new_step_s = _max_over_ranks(list(timed[name][:3]), device)
-        g_peak, s_peak, g_inc, s_inc = _max_over_ranks(list(mem[name][3:]), device)
+    for key, (name, stage) in cases.items():
+        step_s, grow_s, new_step_s = _max_over_ranks(list(timed[key][:3]), device)
+        g_peak, s_peak, g_inc, s_inc = _max_over_ranks(list(mem[key][3:]), device)
         plan_cfg = replace(cfg, **BENCH_OPS[name][1]).resolved()
         r = {"op": BENCH_OPS[name][0], "params_before": cfg.num_params(), "params_after": plan_cfg.num_params(),
              "step_s": step_s, "grow_s": grow_s, "grow_over_step": grow_s / step_s, "first_grown_step_s": new_step_s,
              "peak_grow_bytes": g_peak, "peak_steady_bytes": s_peak, "peak_ratio": g_peak / s_peak,
-             "grow_increase_bytes": g_inc, "steady_increase_bytes": s_inc, "world": world, "backend": backend}
-        results[name] = r
-        say(f"  {name:6s} {r['params_before'] / 1e6:.1f}M -> {r['params_after'] / 1e6:.1f}M params | step "
+             "grow_increase_bytes": g_inc, "steady_increase_bytes": s_inc, "world": world, "backend": backend,
+             "zero_stage": stage}
+        results[key] = r
+        say(f"  {key:12s} {r['params_before'] / 1e6:.1f}M -> {r['params_after'] / 1e6:.1f}M params | step "
             f"{1e3 * step_s:.0f} ms | growth {1e3 * grow_s:.0f} ms = {r['grow_over_step']:.2f} steps | peak memory "
             f"growing {g_peak / 2**20:.0f} MiB vs training {s_peak / 2**20:.0f} MiB (x{r['peak_ratio']:.2f}); "
             f"above phase start: +{g_inc / 2**20:.0f} vs +{s_inc / 2**20:.0f} MiB")

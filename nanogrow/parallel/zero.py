@@ -12,7 +12,10 @@ directly. Growth (``grow_zero``), as measured in FACTS.md:
      the old step.
 Costs: the new model's weights and moments in full on every rank while growing (routes through full tensors).
 Per-element ages are not supported under ZeRO (its step count is one per flat partition): policy ``map+age``
-raises; use ``map`` or ``reset``.
+raises; use ``map`` or ``reset``. Under bf16 (``ds_config(..., bf16=True)``) ``initialize`` builds the fp32 masters
+from the bf16 module, so the mapped fp32 weights are written back into them with ``safe_set_full_fp32_param``.
+``set_optimizer_state`` (moments + step into a fresh engine) also starts a ZeRO run from a DCP checkpoint.
+The Trainer drives all this through ``nanogrow.parallel.zero_trainer.ZeroBackend``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from nanogrow.grow.plan import GrowthPlan, set_buffer
 from nanogrow.model import Transformer
 
 
-def ds_config(stage: int, micro_batch: int, grad_accum: int = 1, grad_clip: float = 0.0) -> dict:
+def ds_config(stage: int, micro_batch: int, grad_accum: int = 1, grad_clip: float = 0.0, bf16: bool = False) -> dict:
+    """``bf16``: DeepSpeed keeps bf16 weights for forward/backward and fp32 master weights and moments in its
+    partitions (use on CUDA; on CPU the tests run fp32)."""
     if stage not in (1, 2, 3):
         raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,  # DeepSpeed's default is 1.0, not off
@@ -39,6 +44,13 @@ def ds_config(stage: int, micro_batch: int, grad_accum: int = 1, grad_clip: floa
         "zero_allow_untested_optimizer": True,  # nanogrow's AdamW (torch's update, as a client optimizer)
         "steps_per_print": 10**9,
     }
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def _bf16(config: dict) -> bool:
+    return bool(config.get("bf16", {}).get("enabled", False))
 
 
 @dataclass
@@ -103,13 +115,29 @@ def destroy(run: ZeroRun) -> None:
         parameter_offload.FWD_MODULE_STACK.clear()
     except Exception:
         pass
+    _clear_release_cache()
     run.engine = None
     gc.collect()
 
 
-def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map") -> ZeroRun:
-    """Grow a ZeRO run: returns a new ZeroRun (new engine); the old engine is destroyed. A collective."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_optimizer_state
+def _clear_release_cache() -> None:
+    """ZeRO 3's parameter coordinator memoises ``__params_to_release`` with a class-level ``functools.lru_cache``
+    keyed by (coordinator, submodule): it keeps every destroyed engine's modules alive. The cache sits inside an
+    NVTX wrapper without ``__wrapped__``, hence the closure walk; clearing only costs recomputing it."""
+    try:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
+        fn = C.__dict__["_PartitionedParameterCoordinator__params_to_release"]
+    except (ImportError, KeyError):
+        return
+    for cell in [fn] + [c.cell_contents for c in (fn.__closure__ or ())]:
+        if hasattr(cell, "cache_clear"):
+            cell.cache_clear()
+
+
+def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict | None = None) -> ZeroRun:
+    """Grow a ZeRO run: returns a new ZeroRun (new engine); the old engine is destroyed. A collective.
+    ``config``: the new engine's DeepSpeed config (default: the old one; a stage may change the micro-batch)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if policy == "map+age":
         raise NotImplementedError("grow_zero: per-element ages are not supported under ZeRO (one step count per "
@@ -157,23 +185,38 @@ def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map") -> ZeroRun:
         src = plan.targets[name].primary_source
         gi = run.name_group.get(src) if src is not None else None
         groups[key_group.get(_group_key(name), 0) if gi is None else gi]["params"].append(p)
-    config, hyper = run.config, run.groups
+    config, hyper = run.config if config is None else config, run.groups
+    # Under bf16, initialize casts the module to bf16 and builds the fp32 masters from it: keep the mapped fp32
+    # weights to restore the masters' precision afterwards.
+    masters = {n: p.detach().to("cpu", copy=True) for n, p in new.named_parameters()} if _bf16(config) else None
     destroy(run)
     keep = [i for i, g in enumerate(groups) if g["params"]]
     new_run = zero_initialize(new, [groups[i] for i in keep], config)
     new_run.groups = [hyper[i] for i in keep]
-    if policy == "reset":
-        return new_run
-    _create_state(new_run)
-    for name, p in new_run.module.named_parameters():
+    if masters is not None:
+        from deepspeed.utils import safe_set_full_fp32_param
+        for name, p in new_run.module.named_parameters():
+            safe_set_full_fp32_param(p, masters[name].to(device))
+    if policy == "map":
+        set_optimizer_state(new_run, moments, step)
+    return new_run
+
+
+def set_optimizer_state(run: ZeroRun, moments: dict[str, dict[str, torch.Tensor]], step: float) -> None:
+    """Give a fresh engine's optimizer the full Adam moments ``moments[name] = {"exp_avg", "exp_avg_sq"}`` of
+    every parameter and the step count ``step`` (a collective: every rank passes the same full tensors)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    device = next(run.module.parameters()).device
+    _create_state(run)
+    for name, p in run.module.named_parameters():
         for k, v in moments[name].items():
             safe_set_full_optimizer_state(p, v.to(device), k)
-    st = _inner_optimizer(new_run.engine).state
-    for part in _partition_params(new_run.engine):
+    st = _inner_optimizer(run.engine).state
+    for part in _partition_params(run.engine):
         if part in st:
             st[part]["step"] = torch.tensor(step, dtype=torch.float32) if isinstance(st[part]["step"], torch.Tensor) \
                 else step
-    return new_run
 
 
 def _create_state(run: ZeroRun) -> None:
@@ -183,10 +226,12 @@ def _create_state(run: ZeroRun) -> None:
     for g in eng.optimizer.param_groups:
         g["lr"] = 0.0
     # A real forward (ZeRO 3 gathers its partitioned parameters only inside one), times 0: zero gradients.
+    # With gradient accumulation the optimizer steps only at the accumulation boundary: run a whole step.
     idx = torch.zeros(1, 2, dtype=torch.long, device=next(eng.module.parameters()).device)
-    loss = eng(idx, idx) * 0.0
-    eng.backward(loss)
-    eng.step()
+    for _ in range(eng.gradient_accumulation_steps()):
+        loss = eng(idx, idx) * 0.0
+        eng.backward(loss)
+        eng.step()
     _relink(run)
     for g, lr in zip(eng.optimizer.param_groups, saved):
         g["lr"] = lr

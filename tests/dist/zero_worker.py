@@ -1,7 +1,13 @@
-"""DeepSpeed ZeRO checks of nanogrow.parallel.zero, run by tests/test_parallel_zero.py as
-``torchrun --standalone --nproc_per_node=2 tests/dist/zero_worker.py <stage> <ops>`` (gloo, CPU).
+"""DeepSpeed ZeRO checks, run by tests/test_parallel_zero.py under ``torchrun --standalone --nproc_per_node=2``
+(gloo, CPU):
 
-Reference: one process, nanogrow AdamW, the same global batch, ``grow(..., policy="map")``."""
+* ``zero_worker.py <stage> <ops>``: the growth API of nanogrow.parallel.zero against one process (nanogrow AdamW,
+  the same global batch, ``grow(..., policy="map")``);
+* ``zero_worker.py trainer <config.toml> <out_dir> <stages>``: the Trainer under ``train.parallel="deepspeed"`` for
+  each ZeRO stage: a run with a growth event (checkpoints at the growth and at the end), then a resume from the
+  growth checkpoint at the same world size. Prints one JSON line per stage (rank 0) that the test compares with
+  the one-process Trainer.
+"""
 
 from __future__ import annotations
 
@@ -72,7 +78,64 @@ def check(a, b, what, tol):
     return worst
 
 
+def trainer_losses(trainer) -> list[float]:
+    """The Trainer's loop (``Trainer.run`` without logging/eval): the training loss of every step, averaged over
+    the ranks (``train_step`` returns this rank's share of the global batch)."""
+    losses = []
+    while trainer.step < trainer.t.max_steps:
+        while trainer.growth_due():
+            trainer.grow_next_stage()
+        loss = torch.tensor(trainer.train_step(), dtype=torch.float64)
+        dist.all_reduce(loss)
+        losses.append(loss.item() / dist.get_world_size())
+    trainer.save()
+    return losses
+
+
+def trainer_mode(config: str, out: str, stages: list[int]) -> None:
+    import json
+
+    from nanogrow.config import load_config
+    from nanogrow.parallel.zero import destroy
+    from nanogrow.parallel.zero_trainer import consolidate
+    from nanogrow.train import Trainer
+
+    def quiet(*args, **kwargs):
+        pass
+
+    for stage in stages:
+        run_dir = f"{out}/zero{stage}/run"
+        cfg = load_config(config, [f"train.zero_stage={stage}", f"train.out_dir='{run_dir}'"])
+        trainer = Trainer(cfg, log=quiet)
+        assert trainer.zero is not None and trainer.zero.run.engine.zero_optimization_stage() == stage
+        losses = trainer_losses(trainer)
+        grow_step = next(h["step"] for h in trainer.history if h["event"] == "grow")
+        destroy(trainer.zero.run)
+        # Resume from the growth checkpoint at the same world size, into another directory.
+        cfg = load_config(config, [f"train.zero_stage={stage}", f"train.out_dir='{out}/zero{stage}/resumed'"])
+        trainer = Trainer(cfg, resume=f"{run_dir}/ckpt_{grow_step:07d}", log=quiet)
+        assert trainer.step == grow_step and trainer.stage_index == 1
+        resumed = trainer_losses(trainer)
+        destroy(trainer.zero.run)
+        # Weights-only restart under ZeRO: consolidate (every rank: the DCP save is a collective), then start a
+        # ZeRO run from the DCP checkpoint; its first step's loss is computed before the fresh optimizer acts.
+        restart = consolidate(f"{run_dir}/ckpt_{grow_step:07d}", f"{out}/zero{stage}/consolidated", log=quiet)
+        cfg = load_config(config, [f"train.zero_stage={stage}", f"train.out_dir='{out}/zero{stage}/restart'"])
+        trainer = Trainer(cfg, resume=str(restart), log=quiet)
+        assert trainer.step == grow_step and trainer.ramp is not None
+        first = torch.tensor(trainer.train_step(), dtype=torch.float64)
+        dist.all_reduce(first)
+        destroy(trainer.zero.run)
+        if dist.get_rank() == 0:
+            print(json.dumps({"stage": stage, "grow_step": grow_step, "losses": losses, "resumed": resumed,
+                              "restart_first": first.item() / dist.get_world_size()}), flush=True)
+    from nanogrow.dist_utils import shutdown_and_exit
+    shutdown_and_exit()
+
+
 def main():
+    if sys.argv[1] == "trainer":
+        return trainer_mode(sys.argv[2], sys.argv[3], [int(s) for s in sys.argv[4].split(",")])
     stage, ops = int(sys.argv[1]), sys.argv[2].split(",")
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = tiny_config()
