@@ -287,9 +287,11 @@ class Trainer:
             return False
         return self.trigger.should_grow(self.step, self.meter.total_tokens, self.meter.total_flops)
 
-    def _apply_plan(self, plan, st: StageConfig) -> None:
-        """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy."""
+    def _apply_plan(self, plan, st: StageConfig):
+        """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy.
+        Returns the plan applied (a learned plan is fitted first)."""
         g = self.cfg.growth
+        plan = self._fit_learned(plan)
         self.model, self.optimizer = grow_parallel(self.model, self.optimizer, plan, policy=st.optimizer or g.optimizer,
                                                    device=self.device,
                                                    lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt)
@@ -302,6 +304,35 @@ class Trainer:
         self.stage_index += 1
         self._set_stage_batch()
         self.stage_stats.append(_new_stage_stats(self.stage_index, self.step, self.model_config))
+        return plan
+
+    def _fit_learned(self, plan):
+        """Fit a learned (LiGO-style) plan's maps on the grown model's LM loss before it is applied. Batches come
+        from the training loader (this rank's share, one micro-batch per map step): they count as tokens seen
+        and are not trained on again. The old weights are gathered in full on every rank (the maps are fitted
+        identically everywhere, their gradients averaged over ranks); the FLOPs spent, on every rank, count in
+        the run's total. Other plans pass through."""
+        from .grow.learned import LearnedPlan, fit
+
+        if not isinstance(plan, LearnedPlan) or plan.fitted:
+            return plan
+        reshard(self.model)
+        old = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+               for n, p in unwrap(self.model).named_parameters()}
+
+        def next_batch():
+            x, y = self.loader.next_batch()
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+        def average(flat):
+            torch.distributed.all_reduce(flat)
+            flat.div_(self.world)
+
+        plan = fit(plan, old, next_batch, reduce_grads=average if self.world > 1 else None, autocast=self.autocast,
+                   log=self.log)
+        self.meter.add(plan.fit_record["tokens"] * self.world, 0.0)
+        self.meter.add_flops(plan.fit_record["flops"] * self.world)
+        return plan
 
     def grow_next_stage(self) -> dict:
         """Apply the next stage's growth plan in place (weights, optimizer state, ages, masks), log the event and
@@ -317,7 +348,7 @@ class Trainer:
             plan, lag_record = self._lag_select(st, old_cfg, new_cfg, seed=g.seed + i)
         else:
             plan = make_plan(st.op or g.op, old_cfg, new_cfg, seed=g.seed + i, **st.options)
-            self._apply_plan(plan, st)
+            plan = self._apply_plan(plan, st)
         seconds = time.perf_counter() - t0
         after = self.evaluate() if g.eval_at_growth else None
         event = {"event": "grow", "stage": i, "step": self.step, "tokens": self.meter.total_tokens,
@@ -368,9 +399,8 @@ class Trainer:
 
         def train_candidate(idx, cand):
             self._restore_soft_state(base)
-            plan = make_plan(cand.op, old_cfg, new_cfg, seed=seed, **cand.options)
+            plan = self._apply_plan(make_plan(cand.op, old_cfg, new_cfg, seed=seed, **cand.options), st)
             plans.append(plan)
-            self._apply_plan(plan, st)
             losses = []
             for j in range(k):
                 self._update_masks()
