@@ -256,3 +256,12 @@ def test_lag_can_pick_among_learned_and_plain_candidates(demo_data, tmp_path):
     if event["plan"]["op"] == "learned":
         assert event["plan"]["fit"]["steps"] == 2
     run_steps(tr, 2)
+
+
+def test_fsdp_and_ddp_at_2_processes_fit_the_same_maps_and_weights_as_one_process():
+    """Every rank fits on its rows with averaged map gradients: identical maps on all ranks, equal to one process
+    fitting on the whole batches (1e-4, the fit moves them > 1e-2), then the sharded growth matches grow()."""
+    from test_parallel import torchrun
+
+    out = torchrun(2, "learned", "fsdp,ddp").stdout
+    assert out.count("OK learned") == 2
