@@ -265,3 +265,35 @@ def test_fsdp_and_ddp_at_2_processes_fit_the_same_maps_and_weights_as_one_proces
 
     out = torchrun(2, "learned", "fsdp,ddp").stdout
     assert out.count("OK learned") == 2
+
+
+def test_trainer_fits_learned_maps_under_fsdp_at_2_processes_like_one_process(demo_data, tmp_path):
+    """The Trainer hook end to end: a 2-process FSDP run (each rank fits on its half of the global batch, map
+    gradients averaged) grows like a 1-process run on the whole batch; same tokens and FLOPs counted."""
+    import sys
+
+    from test_parallel_train import CONFIG, TORCHRUN, run, val_losses
+
+    stage = ('op = "joint"\noptions = {{ depth_op = "stack", width_op = "zero" }}',
+             'op = "learned"\noptions = {{ steps = 3, lr = 0.02 }}')
+    assert stage[0] in CONFIG
+    config = CONFIG.replace(*stage)
+    for name, mb, parallel in (("one", 4, "none"), ("two", 2, "fsdp")):
+        (tmp_path / f"{name}.toml").write_text(config.format(data=demo_data, out=tmp_path / name, mb=mb,
+                                                             parallel=parallel))
+    run([sys.executable, "-m", "nanogrow.cli", "train", "--config", str(tmp_path / "one.toml")])
+    out = run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "nanogrow.cli", "train", "--config",
+               str(tmp_path / "two.toml")])
+    assert "learned growth: fitted maps 3 steps" in out
+    a, meta_one = val_losses(tmp_path / "one")
+    b, meta_two = val_losses(tmp_path / "two")
+    assert meta_two["world_size"] == 2 and meta_two["model_config"]["d_ff"] == 256
+    fits = [[h["plan"]["fit"] for h in m["history"] if h["event"] == "grow"][0] for m in (meta_one, meta_two)]
+    assert fits[0]["tokens"] == 2 * fits[1]["tokens"]  # per-rank record; the meter counts both ranks
+    assert meta_one["meter"]["total_tokens"] == meta_two["meter"]["total_tokens"]
+    # Model FLOPs are split across ranks; the map products are computed (and counted) on every rank.
+    map_products = 2 * fits[1]["flops"] - fits[0]["flops"]
+    assert map_products > 0
+    assert meta_two["meter"]["total_flops"] - meta_one["meter"]["total_flops"] == pytest.approx(map_products)
+    assert max(abs(x - y) for x, y in zip(fits[0]["losses"], fits[1]["losses"])) < 1e-4
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)

@@ -302,7 +302,8 @@ def fit(plan: LearnedPlan, old: Mapping[str, torch.Tensor], next_batch: Callable
     ``old`` (name -> full tensor) frozen; returns the fitted plan (its ``fit_record`` holds losses, tokens, FLOPs).
 
     ``next_batch()`` gives (inputs, targets) on the device; ``reduce_grads(flat)`` (optional) must average the
-    flat map gradient over data-parallel ranks in place, so every rank takes the same steps."""
+    flat map gradient (with the step's loss appended) over data-parallel ranks in place, so every rank takes the
+    same steps and records the global loss."""
     if not isinstance(plan, LearnedPlan):
         raise TypeError(f"fit needs a learned plan, got op {plan.op!r}")
     if plan.fitted:
@@ -324,10 +325,12 @@ def fit(plan: LearnedPlan, old: Mapping[str, torch.Tensor], next_batch: Callable
             loss = torch.func.functional_call(module, params, (x, y))
         opt.zero_grad(set_to_none=False)
         loss.backward()
-        if reduce_grads is not None:  # one collective for all maps
-            flat = torch.cat([t.grad.reshape(-1) for t in leaves])
+        loss = loss.detach().float().reshape(1)
+        if reduce_grads is not None:  # one collective for all maps, and the loss rides along (for the record)
+            flat = torch.cat([t.grad.reshape(-1) for t in leaves] + [loss])
             reduce_grads(flat)
-            for t, g in zip(leaves, flat.split([t.numel() for t in leaves])):
+            *grads, loss = flat.split([t.numel() for t in leaves] + [1])
+            for t, g in zip(leaves, grads):
                 t.grad.copy_(g.view_as(t))
         opt.step()
         losses.append(loss.item())
