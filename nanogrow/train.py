@@ -560,6 +560,10 @@ def grow_checkpoint(path: str | Path, to: dict, op: str, out_dir: str | Path, op
     old_cfg = ModelConfig(**meta["model_config"]).resolved()
     new_cfg = dataclasses.replace(old_cfg, **to).resolved()
     plan = make_plan(op, old_cfg, new_cfg, seed=seed, **(options or {}))  # every bad input fails here
+    if op == "learned" and plan.options["steps"] > 0:
+        raise ValueError("the learned operator fits its maps on training batches inside a run (a [[stage]] with "
+                         "op = 'learned'); offline growth has no data: use options steps=0 (its initial maps, the "
+                         "plain operator) or grow inside the run")
     run_cfg = RunConfig.from_dict(meta["run_config"], source=str(path))
     model = build_model(old_cfg, "cpu", seed=0)
     optimizer = make_optimizer(model, run_cfg.train, ages=meta.get("optimizer_ages", False))

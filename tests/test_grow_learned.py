@@ -297,3 +297,21 @@ def test_trainer_fits_learned_maps_under_fsdp_at_2_processes_like_one_process(de
     assert meta_two["meter"]["total_flops"] - meta_one["meter"]["total_flops"] == pytest.approx(map_products)
     assert max(abs(x - y) for x, y in zip(fits[0]["losses"], fits[1]["losses"])) < 1e-4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+
+
+def test_offline_growth_refuses_to_skip_fitting_and_a_learned_run_resumes(demo_data, tmp_path):
+    from nanogrow.train import grow_checkpoint
+
+    cfg = with_stages(tiny_run_config(demo_data, tmp_path / "run", max_steps=6),
+                      [{"shape": {"n_layer": 3}, "op": "learned", "options": {"steps": 2, "lr": 0.01},
+                        "at_step": 2}], eval_at_growth=False)
+    tr = Trainer(cfg, log=lambda *a, **k: None)
+    run_steps(tr, 2)
+    path = tr.save()
+    with pytest.raises(ValueError, match="offline growth has no data"):
+        grow_checkpoint(path, {"n_layer": 3}, "learned", tmp_path / "big", options={"steps": 2})
+    tr.grow_next_stage()  # writes a checkpoint of the grown (fitted) model
+    want = run_steps(tr, 2)
+    resumed = Trainer(cfg, resume="auto", log=lambda *a, **k: None)
+    assert resumed.model_config.n_layer == 3 and resumed.stage_index == 1
+    assert run_steps(resumed, 2) == want
