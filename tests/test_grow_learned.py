@@ -195,7 +195,7 @@ def test_a_fitted_plan_record_rebuilds_identical_weights():
 @pytest.mark.parametrize("options,match", [
     (dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(init="identity"), "init"),
     (dict(init="lag", init_options=dict(init="random")), "copy-only"), (dict(width_init="zero"), "width_init"),
-    (dict(init_options=dict(bogus=1)), "bogus"),
+    (dict(init_options=dict(bogus=1)), "bogus"), (dict(init_options=dict(fade_steps=3)), "fade_steps"),
 ])
 def test_bad_options_are_rejected_before_any_tensor(options, match):
     cfg = tiny_config()

@@ -121,6 +121,9 @@ def _depth_init(init: str, init_options: dict, o: ModelConfig, n: ModelConfig, s
     from nanogrow.grow import make_plan
 
     plan = make_plan(init, o, replace(o, n_layer=n.n_layer), seed=seed, **init_options)
+    if plan.masks:
+        raise ValueError(f"learned: init_options fade new layers in (fade_steps={plan.fade_steps}); the learned "
+                         "operator has no masks: drop fade_steps")
     m = torch.zeros(n.n_layer, o.n_layer, dtype=torch.float32)
     for i in range(n.n_layer):
         srcs = {plan.targets[f"layers.{i}.{s}"].copies_whole for s in LAYER_PARAMS}
