@@ -41,7 +41,8 @@ DDP, FSDP (``grow_sharded``: gathers the few sources a target reads) and ZeRO pa
 
 Fitting (``fit``): the grown model's weights are computed functionally from maps + frozen old weights through the
 very ``materialize`` that later writes them (``torch.func.functional_call``), Adam on the maps for ``steps`` steps
-with learning rate ``lr``; under data parallelism every rank fits the same maps: their gradients are all-reduced
+with learning rate ``lr`` for the depth coefficients and lr / n_old for the entries of an (n_new x n_old) width
+map (so a new unit, a mix of n_old old ones, moves about as much per step as a layer does); under data parallelism every rank fits the same maps: their gradients are all-reduced
 (``reduce_grads``). The FLOPs spent (grown-model training FLOPs on the fitting tokens + 3x the map products) are
 reported in ``plan.fit_record`` so a run can count them.
 """
@@ -316,7 +317,11 @@ def fit(plan: LearnedPlan, old: Mapping[str, torch.Tensor], next_batch: Callable
     device = next(iter(old.values())).device
     maps = {k: v.detach().to(device).clone().requires_grad_(True) for k, v in plan.maps.items()}
     leaves = list(maps.values())
-    opt = torch.optim.Adam(leaves, lr=lr)
+    # Adam moves every entry by about lr per step. A depth coefficient scales one old layer: lr as given. A width
+    # map row mixes n_old old units, so its entries take lr / n_old and a new unit moves by about lr too (with lr
+    # for every entry, a 0.01 step on 128 entries turned a d_ff map into noise and the fit diverged).
+    opt = torch.optim.Adam([{"params": [t], "lr": lr if k.startswith("depth.") else lr / t.shape[1]}
+                            for k, t in maps.items()], lr=lr)
     module = _module_for(n, device)
     module.train()
     losses, tokens = [], 0
