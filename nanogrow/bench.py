@@ -182,6 +182,63 @@ def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str,
     return results
 
 
+def speedup_ops(cfg: RunConfig, ops: list[str], seeds: list[int], out_dir: str, png: str | None = None,
+                budget: str = "flops", log=print) -> dict:
+    """Growth OPERATORS compared on the schedule of ``cfg``: scratch (the final shape), then the grown run once per
+    operator in ``ops`` (every stage's op replaced; a stage keeps its config options only for the op it names,
+    e.g. the ``learned`` op's {steps, lr}), same seeds and data order. FLOPs to scratch's final loss count all the
+    run spent, including the learned operator's map fitting (the Trainer adds it to its FLOP meter). Prints each
+    op's FLOPs-to-target ratio against scratch and against the first op (``--ops stack,learned``: the ratio
+    stack / learned > 1 means learned reached the target with fewer FLOPs)."""
+    import copy
+    import dataclasses
+
+    if not cfg.stage:
+        raise ValueError("bench speedup needs a config with [[stage]] growth stages")
+    final_shape = dataclasses.replace(cfg.model)
+    for st in cfg.stage:
+        final_shape = dataclasses.replace(final_shape, **st.shape)
+    grown_steps = equal_flops_steps(cfg) if budget == "flops" else cfg.train.max_steps
+    log(f"operators {', '.join(ops)}; budget: {budget}; scratch {cfg.train.max_steps} steps of "
+        f"{final_shape.n_layer} x {final_shape.d_model}; grown {grown_steps} steps")
+    results: dict = {"seeds": seeds, "runs": {}}
+    for seed in seeds:
+        scratch = copy.deepcopy(cfg)
+        scratch.model, scratch.stage = final_shape, []
+        scratch.train.seed = scratch.data.seed = seed
+        scratch.train.out_dir = f"{out_dir}/seed{seed}/scratch"
+        runs = {"scratch": _run_curve(scratch)}
+        for op in ops:
+            grown = copy.deepcopy(cfg)
+            for st in grown.stage:
+                st.options = st.options if (st.op or grown.growth.op) == op else {}
+                st.op = op
+            grown.train.max_steps = grown_steps
+            grown.train.seed = grown.data.seed = grown.growth.seed = seed
+            grown.train.out_dir = f"{out_dir}/seed{seed}/grown-{op}"
+            runs[f"grown/{op}"] = _run_curve(grown)
+        target = runs["scratch"]["final"]
+        ref_flops, _ = first_crossing(runs["scratch"]["curve"], target)
+        first = None
+        for name, r in runs.items():
+            hit = first_crossing(r["curve"], target)
+            r["flops_to_target"] = hit[0] if hit else None
+            r["flops_ratio"] = ref_flops / hit[0] if hit else None
+            if name != "scratch" and first is None:
+                first = r
+            r["ratio_vs_first_op"] = (first["flops_to_target"] / hit[0]
+                                      if hit and first and first["flops_to_target"] else None)
+            log(f"seed {seed} | {name:<14} | final val {r['final']:.4f} | total {r['flops']:.3e} FLOPs, "
+                f"{r['seconds']:.0f} s | to scratch's final loss {target:.4f}: "
+                + (f"{hit[0]:.3e} FLOPs -> scratch/op {r['flops_ratio']:.3f}x" if hit else "not reached")
+                + (f", {ops[0]}/op {r['ratio_vs_first_op']:.3f}x" if name != "scratch" and
+                   r["ratio_vs_first_op"] else ""))
+        results["runs"][seed] = runs
+    if png:
+        _plot_curves(results, png, log)
+    return results
+
+
 def _plot_curves(results: dict, png: str, log) -> None:
     try:
         import matplotlib

@@ -50,6 +50,9 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.what == "throughput":
         bench.throughput(cfg, warmup=args.warmup, steps=args.steps)
+    elif args.what == "speedup" and args.ops:
+        bench.speedup_ops(cfg, ops=args.ops.split(","), seeds=[int(s) for s in args.seeds.split(",")],
+                          out_dir=args.out, png=args.png, budget=args.budget)
     elif args.what == "speedup":
         bench.speedup(cfg, variants=args.variants.split(","), seeds=[int(s) for s in args.seeds.split(",")],
                       out_dir=args.out, png=args.png, budget=args.budget)
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", default="flops", choices=["flops", "steps"],
                    help="speedup: grown run spends the scratch run's FLOPs (default) or trains as many steps")
     p.add_argument("--png", default="runs/bench/speedup.png", help="speedup: loss-vs-FLOPs plot")
+    p.add_argument("--ops", help="speedup: compare growth operators instead of policies, e.g. stack,learned "
+                                 "(FLOPs to scratch's final loss, map fitting included)")
     p.add_argument("--ks", help="lag: LAG@k steps to report, e.g. 5,10,20")
     p.add_argument("--backend", default="fsdp", choices=["none", "ddp", "fsdp", "deepspeed"],
                    help="grow: parallel backend")

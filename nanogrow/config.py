@@ -289,6 +289,11 @@ def validate_deepspeed(cfg: RunConfig, source: str) -> None:
         if st.lag:
             raise ConfigError(f"{source}: stage[{i}].lag is not supported with train.parallel='deepspeed' (LAG "
                               f"trains candidates from one saved model and optimizer); use fsdp, ddp or none")
+        if (st.op or cfg.growth.op) == "learned":
+            key = f"stage[{i}].op" if st.op else "growth.op"
+            raise ConfigError(f"{source}: {key}='learned' is not supported with train.parallel='deepspeed' (fitting "
+                              f"its maps reads the old weights whole, which ZeRO 3 partitions); use its init "
+                              f"operator (e.g. 'stack'), or fsdp, ddp or none")
         if st.trigger == "gradient":
             raise ConfigError(f"{source}: stage[{i}].trigger='gradient' is not supported with train.parallel="
                               f"'deepspeed' (it reads full gradients, which ZeRO partitions); use schedule, plateau "

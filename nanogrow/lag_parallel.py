@@ -94,7 +94,7 @@ def group_view(trainer, mesh):
     """The trainer as one group sees it: its loader, validation slices, world size and gradient accumulation."""
     n_groups, dp_size, dp_rank = mesh.size(0), mesh.size(1), mesh.get_local_rank("dp")
     cfg, t = trainer.cfg, trainer.t
-    saved = trainer.loader, trainer.val, trainer.t, trainer.world
+    saved = trainer.loader, trainer.val, trainer.t, trainer.world, trainer.dp_group
     loader = GroupLoader(cfg.data.dir, trainer.seq_len, trainer.micro_batch, dp_rank, dp_size, n_groups,
                          cfg.data.seed, trainer.model_config.vocab_size)
     loader.load_state_dict(trainer.loader.state_dict())
@@ -103,10 +103,11 @@ def group_view(trainer, mesh):
                               world_size=dp_size, vocab_size=trainer.model_config.vocab_size)
     trainer.t = dataclasses.replace(t, grad_accum=t.grad_accum * n_groups)
     trainer.world = dp_size
+    trainer.dp_group = mesh.get_group("dp")  # collectives inside a candidate's training stay within its group
     try:
         yield
     finally:
-        trainer.loader, trainer.val, trainer.t, trainer.world = saved
+        trainer.loader, trainer.val, trainer.t, trainer.world, trainer.dp_group = saved
         trainer.loader.set_batch_shape(micro_batch=trainer.micro_batch)  # a candidate's stage may change it
 
 

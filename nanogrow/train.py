@@ -67,6 +67,7 @@ class Trainer:
         self.device = dist_utils.pick_device(self.t.device)
         dist_utils.init_from_env(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.dp_group = None  # the data-parallel process group (None: the world; LAG groups narrow it)
         from .lag_parallel import check_world
         check_world(cfg.stage, self.world)  # LAG across process groups: G must divide the world
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
@@ -308,9 +309,11 @@ class Trainer:
             return False
         return self.trigger.should_grow(self.step, self.meter.total_tokens, self.meter.total_flops)
 
-    def _apply_plan(self, plan, st: StageConfig) -> None:
-        """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy."""
+    def _apply_plan(self, plan, st: StageConfig):
+        """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy.
+        Returns the plan applied (a learned plan is fitted first)."""
         g = self.cfg.growth
+        plan = self._fit_learned(plan)
         if self.zero is not None:
             self.model = self.zero.grow(plan, st.optimizer or g.optimizer, st.micro_batch or self.micro_batch)
             self.optimizer = self.zero.optimizer
@@ -327,6 +330,35 @@ class Trainer:
         self.stage_index += 1
         self._set_stage_batch()
         self.stage_stats.append(_new_stage_stats(self.stage_index, self.step, self.model_config))
+        return plan
+
+    def _fit_learned(self, plan):
+        """Fit a learned (LiGO-style) plan's maps on the grown model's LM loss before it is applied. Batches come
+        from the training loader (this rank's share, one micro-batch per map step): they count as tokens seen
+        and are not trained on again. The old weights are gathered in full on every rank (the maps are fitted
+        identically everywhere, their gradients averaged over ranks); the FLOPs spent, on every rank, count in
+        the run's total. Other plans pass through."""
+        from .grow.learned import LearnedPlan, fit
+
+        if not isinstance(plan, LearnedPlan) or plan.fitted:
+            return plan
+        reshard(self.model)
+        old = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+               for n, p in unwrap(self.model).named_parameters()}
+
+        def next_batch():
+            x, y = self.loader.next_batch()
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+        def average(flat):
+            torch.distributed.all_reduce(flat, group=self.dp_group)
+            flat.div_(self.world)
+
+        plan = fit(plan, old, next_batch, reduce_grads=average if self.world > 1 else None, autocast=self.autocast,
+                   log=self.log)
+        self.meter.add(plan.fit_record["tokens"] * self.world, 0.0)
+        self.meter.add_flops(plan.fit_record["flops"] * self.world)
+        return plan
 
     def grow_next_stage(self) -> dict:
         """Apply the next stage's growth plan in place (weights, optimizer state, ages, masks), log the event and
@@ -342,7 +374,7 @@ class Trainer:
             plan, lag_record = self._lag_select(st, old_cfg, new_cfg, seed=g.seed + i)
         else:
             plan = make_plan(st.op or g.op, old_cfg, new_cfg, seed=g.seed + i, **st.options)
-            self._apply_plan(plan, st)
+            plan = self._apply_plan(plan, st)
         seconds = time.perf_counter() - t0
         after = self.evaluate() if g.eval_at_growth else None
         event = {"event": "grow", "stage": i, "step": self.step, "tokens": self.meter.total_tokens,
@@ -396,9 +428,8 @@ class Trainer:
 
         def train_candidate(idx, cand):
             self._restore_soft_state(base)
-            plan = make_plan(cand.op, old_cfg, new_cfg, seed=seed, **cand.options)
+            plan = self._apply_plan(make_plan(cand.op, old_cfg, new_cfg, seed=seed, **cand.options), st)
             plans.append(plan)
-            self._apply_plan(plan, st)
             losses = []
             for j in range(k):
                 self._update_masks()
@@ -565,6 +596,10 @@ def grow_checkpoint(path: str | Path, to: dict, op: str, out_dir: str | Path, op
     old_cfg = ModelConfig(**meta["model_config"]).resolved()
     new_cfg = dataclasses.replace(old_cfg, **to).resolved()
     plan = make_plan(op, old_cfg, new_cfg, seed=seed, **(options or {}))  # every bad input fails here
+    if op == "learned" and plan.options["steps"] > 0:
+        raise ValueError("the learned operator fits its maps on training batches inside a run (a [[stage]] with "
+                         "op = 'learned'); offline growth has no data: use options steps=0 (its initial maps, the "
+                         "plain operator) or grow inside the run")
     run_cfg = RunConfig.from_dict(meta["run_config"], source=str(path))
     model = build_model(old_cfg, "cpu", seed=0)
     optimizer = make_optimizer(model, run_cfg.train, ages=meta.get("optimizer_ages", False))

@@ -33,6 +33,7 @@ def some_plans(cfg):
         "msg": make_plan("msg", cfg, replace(cfg, **wide), fade_steps=3),
         "joint": make_plan("joint", cfg, replace(cfg, n_layer=3, **wide), depth_op="lag", width_op="vt",
                            depth_options=dict(init="random")),
+        "learned": make_plan("learned", cfg, replace(cfg, n_layer=3, **wide)),
     }
 
 

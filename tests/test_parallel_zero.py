@@ -217,6 +217,7 @@ def _zero_config(**changes):
     ({"stage__lag": {"steps": 2}}, "stage\\[1\\].lag is not supported"),
     ({"stage__trigger": "gradient", "stage__at_step": -1}, "trigger='gradient' is not supported"),
     ({"train__replicate": 2}, "train.replicate=2"),
+    ({"stage__op": "learned"}, "stage\\[1\\].op='learned' is not supported"),
 ])
 def test_deepspeed_config_refuses_what_zero_cannot_hold(changes, message):
     from nanogrow.config import ConfigError

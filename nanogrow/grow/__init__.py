@@ -5,7 +5,8 @@
     ramp = plan.mask_ramp(step)          # None unless something fades in; checkpoint ramp.to_dict()
 
 Operators (``OPERATORS``): depth ``stack``, ``interleave``, ``lag``, ``identity``; width ``zero``, ``net2net``,
-``vt``, ``msg``; ``joint`` (one depth op and one width op composed into one plan).
+``vt``, ``msg``; ``joint`` (one depth op and one width op composed into one plan); ``learned`` (LiGO-style linear
+maps of the old weights, initialised from a plain operator and fitted on the LM loss: ``learned.fit``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import replace
 
-from nanogrow.grow import depth, width
+from nanogrow.grow import depth, learned, width
 from nanogrow.grow.plan import (
     Fresh, GrowthPlan, MaskRamp, ParamPlan, Piece, check_growth, compose, param_shapes,
 )
@@ -55,7 +56,8 @@ def joint(old: ModelConfig, new: ModelConfig, seed: int = 0, *, depth_op: str = 
                       parts=[a, b])
 
 
-OPERATORS = {**DEPTH_OPERATORS, **WIDTH_OPERATORS, "joint": joint}
+# ``learned`` (LiGO-style, learned.py): depth and/or width in one plan of linear maps, fitted by the caller.
+OPERATORS = {**DEPTH_OPERATORS, **WIDTH_OPERATORS, "joint": joint, "learned": learned.learned}
 
 
 def operator_options(op: str) -> list[str]:

@@ -27,6 +27,15 @@ Vocabulary
   their elements are new (fading 0 -> 1 over ``fade_steps``); ``MaskRamp`` is the small checkpointable state
   that gives mask values at a step and removes the masks when the ramp ends.
 
+* ``LinearPiece`` (learned operators, ``learned.py``): a target that is a dense linear function of old tensors,
+  target = sum over pieces of coef * L @ source @ R^T (L, R: expansion matrices, optionally Kronecker-expanded over
+  blocks such as attention heads; None = identity). A ParamPlan is made either of gather pieces or of linear
+  pieces. Moments: ``exp_avg`` maps like the weights; ``exp_avg_sq`` by the element-wise squared coefficients
+  (coef^2 * (L*L) @ v @ (R*R)^T: Adam keeps only the diagonal of the gradient covariance, so the cross terms are
+  unknown and taken as zero; for a map with one non-zero per row, i.e. any gather, this is exactly the gather's
+  scale**2 rule); ``age`` and ``lr_scale`` are the |coefficient|-weighted means of the contributing old elements
+  (again a plain copy for a gather-like map; an element no old element contributes to gets age 0, lr_scale 1).
+
 Plans compose (``compose(a, b)``: b's sources are a's targets): gathers of gathers are gathers, gathers of
 Fresh stay Fresh with the same seed, masks follow their units. A joint depth+width growth is one composed plan.
 """
@@ -228,6 +237,8 @@ class Piece:
     def is_fresh(self) -> bool:
         return isinstance(self.source, Fresh)
 
+    is_linear = False
+
     def scale_tensor(self, power: int, like: torch.Tensor) -> torch.Tensor | float:
         """The per-element multiplier (scale * outer(dim_scales)) ** power, broadcastable to the block."""
         total: torch.Tensor | float = float(self.scale) ** power
@@ -246,6 +257,82 @@ class Piece:
 def copy_piece(name: str, ndim: int) -> Piece:
     """The whole source, unchanged."""
     return Piece(name, (None,) * ndim, (None,) * ndim)
+
+
+def _kron_left(m: torch.Tensor, t: torch.Tensor, block: int) -> torch.Tensor:
+    """(m kron I_block) @ t, without building the Kronecker product: t's rows come in groups of ``block``."""
+    if block == 1:
+        return m @ t
+    rest = t.shape[1:]
+    u = t.reshape(m.shape[1], block, -1)
+    return torch.einsum("ab,bkr->akr", m, u).reshape(m.shape[0] * block, *rest)
+
+
+def _kron_right(t: torch.Tensor, m: torch.Tensor, block: int) -> torch.Tensor:
+    """t @ (m kron I_block)^T for a matrix t whose columns come in groups of ``block``."""
+    if block == 1:
+        return t @ m.t()
+    u = t.reshape(t.shape[0], m.shape[1], block)
+    return torch.einsum("rbk,ab->rak", u, m).reshape(t.shape[0], m.shape[0] * block)
+
+
+@dataclass(eq=False)
+class LinearPiece:
+    """target += coef * (left kron I_left_block) @ source @ (right kron I_right_block)^T.
+
+    ``left`` (n_out_new x n_out_old, blocks) maps dim 0, ``right`` (n_in_new x n_in_old, blocks) maps dim 1 of a
+    matrix; None = identity. A 1-D source (a norm gain) takes only ``left``. ``coef`` is a float or a 0-d tensor
+    (a learned depth coefficient; tensors may carry autograd, which is how ``learned.py`` fits its maps through
+    ``ParamPlan.materialize`` itself)."""
+
+    source: str
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    coef: torch.Tensor | float = 1.0
+    left_block: int = 1
+    right_block: int = 1
+
+    is_fresh = False
+    is_linear = True
+    add = False
+
+    def apply(self, t: torch.Tensor, power: int = 1, absolute: bool = False) -> torch.Tensor:
+        """The piece's contribution from ``t`` with every coefficient raised to ``power`` (``absolute``: of its
+        absolute value)."""
+        def f(x):
+            if x is None or isinstance(x, float):
+                return x
+            x = x.to(device=t.device, dtype=t.dtype)
+            x = x.abs() if absolute else x
+            return x if power == 1 else x ** power
+
+        c, left, right = f(self.coef), f(self.left), f(self.right)
+        if isinstance(c, float):
+            c = abs(c) ** power if absolute else c ** power
+        if left is not None:
+            t = _kron_left(left, t, self.left_block)
+        if right is not None:
+            t = _kron_right(t, right, self.right_block)
+        return t * c
+
+    def out_shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
+        s = list(source_shape)
+        if self.left is not None:
+            s[0] = self.left.shape[0] * self.left_block
+        if self.right is not None:
+            s[1] = self.right.shape[0] * self.right_block
+        return tuple(s)
+
+    def flops(self, source_shape: tuple[int, ...]) -> float:
+        """Multiply-add FLOPs (2 per MAC) of one application to a source of this shape."""
+        rows, cols = source_shape[0], math.prod(source_shape[1:])
+        total = 0.0
+        if self.left is not None:
+            total += 2.0 * self.left.shape[0] * self.left.shape[1] * self.left_block * cols
+            rows = self.left.shape[0] * self.left_block
+        if self.right is not None:
+            total += 2.0 * rows * self.right.shape[0] * self.right.shape[1] * self.right_block
+        return total + float(rows * cols)
 
 
 def _block_shape(piece: Piece, target_shape: tuple[int, ...], source_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -315,7 +402,7 @@ class ParamPlan:
         """Source name if this target is an unchanged copy of one old parameter, else None."""
         if len(self.pieces) == 1:
             p = self.pieces[0]
-            if not p.is_fresh and not p.add and p.scale == 1.0 and all(x is None for x in p.dst):
+            if not p.is_fresh and not p.is_linear and not p.add and p.scale == 1.0 and all(x is None for x in p.dst):
                 return p.source
         return None
 
@@ -345,6 +432,8 @@ class ParamPlan:
                 dtype = t.dtype if dtype is None else dtype
         device = torch.device("cpu") if device is None else torch.device(device)
         dtype = torch.float32 if dtype is None else dtype
+        if any(p.is_linear for p in self.pieces):
+            return self._materialize_linear(rd, kind, device, dtype)
         out = torch.zeros(self.shape, device=device, dtype=dtype)
         power = {"param": 1, "exp_avg": 1, "exp_avg_sq": 2}.get(kind, 0)
         # Set-pieces first, then additive ones (Net2Net noise) on top; additive pieces touch only the weights.
@@ -370,8 +459,32 @@ class ParamPlan:
             _write(out, p.dst, vals, p.add)
         return out
 
+    def _materialize_linear(self, rd, kind: str, device, dtype) -> torch.Tensor:
+        """A sum of LinearPieces (see the module docstring for the per-kind rules). Out-of-place, so autograd
+        flows into tensor coefficients and maps."""
+        if not all(p.is_linear for p in self.pieces):
+            raise ValueError(f"{self.name}: linear pieces cannot be mixed with gather pieces in one target")
+        if kind == "fresh":
+            return torch.zeros(self.shape, device=device, dtype=dtype)
+        if kind in ("param", "exp_avg", "exp_avg_sq"):
+            power = 2 if kind == "exp_avg_sq" else 1
+            terms = [p.apply(rd(p.source).to(device=device, dtype=dtype), power) for p in self.pieces]
+            return functools.reduce(torch.add, terms)
+        # age, lr_scale: |coefficient|-weighted mean of the contributing old elements.
+        num = functools.reduce(torch.add, [p.apply(rd(p.source).to(device=device, dtype=dtype), absolute=True)
+                                           for p in self.pieces])
+        den = functools.reduce(torch.add, [p.apply(torch.ones_like(rd(p.source), device=device, dtype=dtype),
+                                                   absolute=True) for p in self.pieces])
+        empty = 0.0 if kind == "age" else 1.0
+        return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.full_like(num, empty))
+
     def check(self, source_shapes: dict[str, tuple[int, ...]]) -> None:
         """Raise if the set-pieces do not cover every element exactly once or index out of range (for tests)."""
+        if any(p.is_linear for p in self.pieces):
+            for p in self.pieces:
+                if not p.is_linear or p.out_shape(source_shapes[p.source]) != tuple(self.shape):
+                    raise AssertionError(f"{self.name}: linear piece from {p.source} does not give shape {self.shape}")
+            return
         hits = torch.zeros(self.shape, dtype=torch.int32)
         for p in self.pieces:
             src_shape = p.source.shape if p.is_fresh else source_shapes[p.source]
@@ -556,6 +669,9 @@ class GrowthPlan:
 
         if d["op"] == "compose":
             return functools.reduce(compose, [GrowthPlan.from_dict(p) for p in d["parts"]])
+        if "maps" in d or "maps_omitted" in d:  # a fitted learned plan: its maps are data, not options
+            from nanogrow.grow.learned import plan_from_record
+            return plan_from_record(d)
         return make_plan(d["op"], ModelConfig(**d["old"]), ModelConfig(**d["new"]), seed=d["seed"], **d["options"])
 
     # --- masks ----------------------------------------------------------------------------------------------
@@ -768,6 +884,9 @@ def compose(a: GrowthPlan, b: GrowthPlan) -> GrowthPlan:
     if a.masks and b.masks and a.fade_steps != b.fade_steps:
         raise ValueError(f"compose(a, b): both plans fade masks in but over different lengths "
                          f"({a.fade_steps} and {b.fade_steps} steps); use one fade_steps")
+    if any(p.is_linear for plan in (a, b) for pp in plan.targets.values() for p in pp.pieces):
+        raise ValueError("compose(a, b): a learned plan (linear pieces) does not compose with other plans; the "
+                         "learned operator grows depth and width in one plan itself")
     old_shapes = param_shapes(a.old_cfg)
     like_map: dict[int, Fresh] = {}
 

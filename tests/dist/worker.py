@@ -194,6 +194,69 @@ def _grow(backend: str, op: str, policy: str = "map+age", before: int = 3, after
               f"{stats}")
 
 
+def mode_learned(backends: str, fit_steps: int = 4, before: int = 3, after: int = 3):
+    """The learned (LiGO-style) operator under FSDP / DDP: each rank fits the maps on its rows of the global
+    batches with the gradient averaged over ranks; the maps must be identical on every rank and equal (up to
+    float summation order) to one process fitting on the whole global batch; the grown state then matches
+    ``grow()`` with the one-process plan, and so do the next losses."""
+    from nanogrow.grow.learned import fit
+
+    for backend in backends.split(","):
+        cfg = tiny_config()
+        model, opt = build(cfg, backend)
+        for s in range(before):
+            step(model, opt, s, cfg, parallel=True)
+        if backend in ("fsdp", "hsdp"):  # an eval forward under no_grad leaves the root unsharded
+            with torch.no_grad():
+                model(batch(cfg, 7)[:, :-1])
+        pre = full_state(model, opt)
+        plan = make_plan("learned", cfg, replace(cfg, n_layer=3, d_model=64, n_head=8, n_kv_head=4, d_ff=96),
+                         seed=3, steps=fit_steps, lr=2e-2)
+
+        def batches(rows: bool):
+            it = iter(range(fit_steps))
+
+            def next_batch():
+                x = batch(cfg, 2000 + next(it), batch_size=GLOBAL_BATCH)
+                if rows:
+                    n = GLOBAL_BATCH // world()
+                    x = x[rank() * n:(rank() + 1) * n]
+                return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+            return next_batch
+
+        def average(flat):
+            dist.all_reduce(flat)
+            flat.div_(world())
+
+        reshard(unwrap(model))
+        old = {n: full(p).detach() for n, p in unwrap(model).named_parameters()}
+        mine = fit(plan, old, batches(rows=True), reduce_grads=average if world() > 1 else None)
+        ref_plan = fit(plan, {k[len("param/"):]: v for k, v in pre.items() if k.startswith("param/")},
+                       batches(rows=False))
+        flat = torch.cat([t.reshape(-1) for t in mine.maps.values()])
+        everyone = [torch.zeros_like(flat) for _ in range(world())]
+        dist.all_gather(everyone, flat)
+        assert all(torch.equal(everyone[0], e) for e in everyone), "learned maps differ across ranks"
+        # Adam magnifies summation-order differences of near-zero gradients to ~1e-5: a tolerance 100x below
+        # how far the fit moves the maps, so a wrong reduction (or none) still fails.
+        m = compare(mine.maps, ref_plan.maps, f"{backend} learned maps", tol=1e-4)
+        moved = max((ref_plan.maps[k] - plan.maps[k]).abs().max().item() for k in plan.maps)
+        assert moved > 1e-2, f"the fit barely moved the maps ({moved:.3g}): the comparison would prove nothing"
+        assert mine.fit_record["tokens"] * world() == ref_plan.fit_record["tokens"]
+        ref_m, ref_o = plain_copy(cfg, pre, ages=False)
+        ref_m, ref_o = grow(ref_m, ref_o, ref_plan, policy="map+age")
+        model, opt = grow_parallel(model, opt, mine, policy="map+age")
+        w = compare(full_state(model, opt), full_state(ref_m, ref_o), f"{backend} learned growth", tol=1e-4)
+        ncfg = mine.new_cfg
+        ref = [step(ref_m, ref_o, s, ncfg, parallel=False) for s in range(before, before + after)]
+        got = [step(model, opt, s, ncfg, parallel=True) for s in range(before, before + after)]
+        diff = max(abs(a - b) for a, b in zip(ref, got))
+        assert diff <= 1e-4, f"{backend} learned: losses after growth differ by {diff:.3g}: {ref} vs {got}"
+        if rank() == 0:
+            print(f"OK learned {backend}: map diff {m:.1e}, state diff {w:.1e}, loss diff {diff:.1e}, fit losses "
+                  f"{[round(x, 4) for x in mine.fit_record['losses']]}")
+
+
 def _ref_run(cfg, plan, before, after, extra):
     """One-process reference: ``before`` steps, growth, ``after`` steps (the save point), then ``extra`` steps."""
     m, o = build(cfg, "none")
