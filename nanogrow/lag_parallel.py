@@ -141,6 +141,7 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
     curves: list[list[float]] = [[] for _ in range(n)]
     spent = [0.0] * n
     winner, kept = None, None  # kept: the winner's state, on the ranks of the group that trained it
+    applied = {}  # candidate -> the plan this group applied (a learned plan: fitted)
 
     with group_view(trainer, mesh):
         for first in range(0, n, n_groups):
@@ -148,7 +149,7 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
             if mine < n:
                 trainer._restore_soft_state(base)
                 plan = make_plan(candidates[mine].op, old_cfg, new_cfg, seed=seed, **candidates[mine].options)
-                trainer._apply_plan(plan, st)
+                applied[mine] = trainer._apply_plan(plan, st)
                 if not fsdp:
                     trainer.model = replicate_in_group(trainer.model, mesh)
             for j in range(k):
@@ -170,8 +171,10 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
                 if winner is None or curves[idx][-1] < curves[winner][-1]:
                     winner, kept = idx, (trainer._soft_state() if idx == mine else None)
 
-    plan = make_plan(candidates[winner].op, old_cfg, new_cfg, seed=seed, **candidates[winner].options)
-    _continue_from_winner(trainer, mesh, winner % n_groups, kept, base, plan, st, world_mesh)
+    plan = applied.get(winner)
+    if plan is None:
+        plan = make_plan(candidates[winner].op, old_cfg, new_cfg, seed=seed, **candidates[winner].options)
+    plan = _continue_from_winner(trainer, mesh, winner % n_groups, kept, base, plan, st, world_mesh)
     # The losers' training is compute the run spent: count it, so compute-normalized comparisons stay honest.
     trainer.meter.add_flops(sum(f for j, f in enumerate(spent) if j != winner))
     record = LagResult(winner, curves).to_dict(candidates)
@@ -187,16 +190,18 @@ _COUNTERS = ("step", "loader", "meter", "growth_lr", "rng", "stage_index", "stag
 def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict, plan, st: StageConfig,
                           world_mesh=None) -> None:
     """Every rank takes the winning group's state, then the world-wide wrapping is rebuilt (FSDP: the winner is
-    re-sharded from the group's mesh onto ``world_mesh``)."""
+    re-sharded from the group's mesh onto ``world_mesh``). Returns the winner's plan as its group applied it (a
+    learned plan with the maps that group fitted; the other ranks only rebuild its structure, without fitting)."""
     if kept is not None:  # this group trained the winner
         trainer._restore_soft_state(kept)
         trainer.model = unwrap(trainer.model)
     else:  # rebuild the winner's structure from its plan; values follow by broadcast
         trainer._restore_soft_state(base)
-        trainer._apply_plan(plan, st)
+        trainer._apply_plan(plan, st, fit=False)
     # The winner's counters, and the layout its tensors have, travel as one small object.
     mine = {key: trainer._soft_state()[key] for key in _COUNTERS}
     mine["structure"] = state_structure(trainer.model, trainer.optimizer)
+    mine["plan"] = plan
     box = [mine]
     dist.broadcast_object_list(box, group=mesh.get_group("candidate"), group_src=src)
     winner = box[0]
@@ -213,7 +218,10 @@ def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict
         raise RuntimeError(f"LAG groups: the winner's state and its rebuild on some rank differ in layout "
                            f"(here: {diff or 'none'})")
     broadcast_group_state(src, mesh, model_and_optimizer_tensors(trainer.model, trainer.optimizer))
+    if hasattr(trainer.optimizer, "forget_uniform_cache"):
+        trainer.optimizer.forget_uniform_cache()  # the broadcast rewrote ages without bumping their versions
     if world_mesh is not None:
         trainer.model, trainer.optimizer = move_to_mesh(trainer.model, trainer.optimizer, world_mesh)
     else:
         trainer.model = trainer._parallelize(trainer.model)
+    return winner["plan"]

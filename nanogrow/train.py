@@ -309,11 +309,13 @@ class Trainer:
             return False
         return self.trigger.should_grow(self.step, self.meter.total_tokens, self.meter.total_flops)
 
-    def _apply_plan(self, plan, st: StageConfig):
+    def _apply_plan(self, plan, st: StageConfig, fit: bool = True):
         """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy.
-        Returns the plan applied (a learned plan is fitted first)."""
+        Returns the plan applied (a learned plan is fitted first, unless ``fit`` is False: a structure-only rebuild
+        whose values are about to be overwritten, as LAG across groups does)."""
         g = self.cfg.growth
-        plan = self._fit_learned(plan)
+        if fit:
+            plan = self._fit_learned(plan)
         if self.zero is not None:
             self.model = self.zero.grow(plan, st.optimizer or g.optimizer, st.micro_batch or self.micro_batch)
             self.optimizer = self.zero.optimizer
@@ -505,6 +507,8 @@ class Trainer:
         while self.step < t.max_steps:
             while self.growth_due():
                 self.grow_next_stage()
+            if self.step >= t.max_steps:  # LAG's candidate steps count as training steps and may reach the end
+                break
             last_loss = self.train_step()
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"loss became {last_loss} at step {self.step}; lower train.lr "
@@ -528,6 +532,10 @@ class Trainer:
                 self.meter.reset_window()  # evaluation time is not training throughput
             if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.max_steps:
                 self.save()
+        if val_loss is None or self.history[-1].get("event") != "eval":  # the loop ended inside a growth event
+            val_loss = self.evaluate()
+            self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
+                                 "flops": self.meter.total_flops, "val_loss": val_loss})
         self.save()
         summary = {"steps": self.step, "train_loss": last_loss, "val_loss": val_loss,
                    "tokens": self.meter.total_tokens, "flops": self.meter.total_flops,

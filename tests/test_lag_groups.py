@@ -152,3 +152,40 @@ def test_groups_config_rules(demo_data, tmp_path, capsys):
     # `nanogrow lag --groups G` sets lag.groups on every LAG stage, with the same rules
     assert main(["lag", "--config", str(write_config(tmp_path, demo_data, "cli", 4)), "--groups", "2"]) == 2
     assert "stage[1].lag.groups=2 must divide the world size 1" in capsys.readouterr().err
+
+
+def test_learned_candidate_across_groups_fits_within_its_group(demo_data, tmp_path):
+    """A learned candidate averages its map gradients over its own group only: with 2 groups x 2 processes, a
+    world-wide all-reduce would mix the two groups' candidates (or hang when only one group fits maps). The run must
+    finish with the same state on every rank and record the learned candidate's fit."""
+    text = write_config(tmp_path, demo_data, "learned", 2, "ddp", groups=2).read_text()
+    start = text.index("candidates = [")
+    text = text[:start] + ('candidates = [ { op = "stack" }, '
+                           '{ op = "learned", options = { init = "stack", steps = 2, lr = 0.01 } } ] }\n')
+    cfg = tmp_path / "learned.toml"
+    cfg.write_text(text)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=4", "tests/dist/worker.py",
+                           "lag_train", str(cfg), str(tmp_path / "learned")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, "\n".join(l for l in out.splitlines() if "rror" in l or "File " in l)[-4000:]
+    assert "OK lag_train at 4 processes" in out
+    event, meta = lag_event(tmp_path / "learned")
+    assert event["lag"]["groups"] == 2 and len(event["lag"]["curves"]) == 2
+    assert meta["step"] == 8
+    # The learned candidate (group 1) wins here, so group 0 (rank 0, which writes the history) only rebuilt its
+    # structure: the recorded plan must still be the one group 1 fitted, maps included.
+    assert event["lag"]["winner"] == 1
+    assert event["plan"]["fit"]["steps"] == 2 and "maps" in event["plan"]
+
+
+def test_run_that_ends_inside_lag_stops_at_max_steps(demo_data, tmp_path):
+    """LAG's candidate steps are training steps: when they reach train.max_steps the run ends there (no extra
+    step) and still reports a final validation loss."""
+    p = write_config(tmp_path, demo_data, "short", 4)
+    p.write_text(p.read_text().replace("max_steps = 8", "max_steps = 6"))
+    summary = Trainer(load_config(p), log=lambda *_: None).run()
+    assert summary["steps"] == 6 and summary["val_loss"] is not None
+    event, meta = lag_event(tmp_path / "short")
+    assert meta["step"] == 6 and meta["history"][-1]["event"] == "eval"

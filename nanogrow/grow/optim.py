@@ -155,6 +155,11 @@ class AdamW(torch.optim.Optimizer):
         cache[(id(p), key)] = (t, t._version, value)
         return value
 
+    def forget_uniform_cache(self) -> None:
+        """Call after writing state tensors by means that do not bump their version (collectives such as
+        ``dist.broadcast`` write the storage directly): the next step re-checks which ages are uniform."""
+        self.__dict__.pop("_uniform_cache", None)
+
     def _bump(self, p: torch.Tensor, age: torch.Tensor, value: float | None) -> None:
         self._uniform_cache[(id(p), "age")] = (age, age._version, None if value is None else value + 1)
 
