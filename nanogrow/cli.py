@@ -43,6 +43,9 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.what == "throughput":
         bench.throughput(cfg, warmup=args.warmup, steps=args.steps)
+    elif args.what == "speedup" and args.against:  # compound growth against a depth-only schedule
+        bench.speedup_compound(cfg, load_config(args.against, args.overrides), out_dir=args.out, png=args.png,
+                               seeds=[int(s) for s in args.seeds.split(",")])
     elif args.what == "speedup":
         bench.speedup(cfg, variants=args.variants.split(","), seeds=[int(s) for s in args.seeds.split(",")],
                       out_dir=args.out, png=args.png, budget=args.budget)
@@ -156,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", default="flops", choices=["flops", "steps"],
                    help="speedup: grown run spends the scratch run's FLOPs (default) or trains as many steps")
     p.add_argument("--png", default="runs/bench/speedup.png", help="speedup: loss-vs-FLOPs plot")
+    p.add_argument("--against", metavar="CONFIG",
+                   help="speedup: compare --config (e.g. compound growth: depth + width + seq_len) with this "
+                        "schedule (e.g. depth-only) ending in the same shape, at the same FLOPs budget")
     p.add_argument("--ks", help="lag: LAG@k steps to report, e.g. 5,10,20")
     p.add_argument("--backend", default="fsdp", choices=["none", "ddp", "fsdp"], help="grow: parallel backend")
     p.set_defaults(func=cmd_bench)

@@ -346,7 +346,7 @@ class Trainer:
         after = (self.evaluate() if plan is not None else before) if g.eval_at_growth else None
         event = {"event": "grow", "stage": i, "step": self.step, "tokens": self.meter.total_tokens,
                  "flops": self.meter.total_flops, "plan": plan.to_dict() if plan is not None else None,
-                 "optimizer": st.optimizer or g.optimizer,
+                 "optimizer": (st.optimizer or g.optimizer) if plan is not None else None,
                  "params_before": old_cfg.num_params(), "params_after": self.model_config.num_params(),
                  "seq_len_before": old_seq, "seq_len_after": self.seq_len, "micro_batch_before": old_mb,
                  "micro_batch_after": self.micro_batch, "max_seq_len": self.model_config.max_seq_len,

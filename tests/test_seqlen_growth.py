@@ -274,3 +274,37 @@ def test_fsdp_two_processes_match_one_process_across_seq_len_stages(demo_data, t
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     assert runs["two"]["seq_len"] == 64 and runs["two"]["model_config"]["max_seq_len"] == 64
     assert runs["one"]["loader"]["tokens_consumed"] == runs["two"]["loader"]["tokens_consumed"] == 3 * 128 + 2 * 256 + 3 * 128
+
+
+def test_lag_candidates_train_at_the_new_stages_seq_len(demo_data, tmp_path):
+    stages = [{"at_step": 3, "shape": {"n_layer": 4, "max_seq_len": 64}, "seq_len": 64, "micro_batch": 2,
+               "lag": {"candidates": [{"op": "stack"}, {"op": "interleave"}], "steps": 2}}]
+    cfg = seqlen_config(demo_data, tmp_path, stages=stages)
+    trainer = Trainer(cfg, log=QUIET)
+    batches = record_batches(trainer)
+    run_steps(trainer, 6)
+    event = [h for h in trainer.history if h["event"] == "grow"][0]
+    # every candidate trained its k = 2 steps on 64-token sequences with the context raised to 64
+    fpt = trainer.model_config.flops_per_token(64)
+    assert event["lag"]["flops_per_candidate"] == [pytest.approx(2 * 128 * fpt, rel=1e-12)] * 2
+    assert trainer.seq_len == 64 and trainer.model.rope_cos.shape[0] == 64
+    # both candidates read the same two batches (LAG forks the loader); the winner's state continues the stream
+    assert [tuple(x.shape) for x, _ in batches] == [(8, 16)] * 3 + [(2, 64)] * 2 * 2 + [(2, 64)] * 3
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[3:5], batches[5:7]))
+    run = batches[:5] + batches[7:]
+    xs = torch.cat([x.reshape(-1) for x, _ in run])
+    assert trainer.step == 8 and trainer.loader.tokens_consumed == xs.numel() == 8 * 128
+    assert torch.equal(xs, global_stream(demo_data, xs.numel())[:-1])
+
+
+def test_bench_flops_budget_costs_each_stage_at_its_own_length(demo_data, tmp_path):
+    from nanogrow.bench import equal_flops_steps, scratch_config
+
+    cfg = seqlen_config(demo_data, tmp_path)
+    cfg.train.max_steps = 40
+    ref = scratch_config(cfg)
+    assert (ref.model.n_layer, ref.data.seq_len, ref.train.micro_batch, ref.data.eval_seq_len) == (4, 64, 2, 32)
+    f = [ModelConfig(**{**cfg.model.__dict__, "n_layer": n, "max_seq_len": 64}).flops_per_token(t)
+         for n, t in ((2, 16), (2, 32), (4, 64))]
+    spent = 3 * 128 * f[0] + 3 * 128 * f[1]
+    assert equal_flops_steps(cfg) == 6 + round((40 * 128 * f[2] - spent) / (128 * f[2]))
