@@ -308,3 +308,31 @@ def test_bench_flops_budget_costs_each_stage_at_its_own_length(demo_data, tmp_pa
          for n, t in ((2, 16), (2, 32), (4, 64))]
     spent = 3 * 128 * f[0] + 3 * 128 * f[1]
     assert equal_flops_steps(cfg) == 6 + round((40 * 128 * f[2] - spent) / (128 * f[2]))
+
+
+def test_bench_compound_against_depth_only_spends_one_budget(demo_data, tmp_path):
+    from nanogrow.bench import speedup_compound
+
+    def make(stages, d_model, n_head, seq_len, mb):
+        cfg = tiny_run_config(demo_data, tmp_path, max_steps=8, eval_every=2)
+        cfg.model.d_model, cfg.model.n_head, cfg.model.n_kv_head, cfg.model.n_layer = d_model, n_head, 1, 1
+        cfg.data.seq_len, cfg.train.micro_batch = seq_len, mb
+        return with_stages(cfg, stages)
+
+    compound = make([{"at_step": 2, "shape": {"d_model": 64, "n_head": 4, "d_ff": 192}, "op": "zero",
+                      "seq_len": 32, "micro_batch": 4},
+                     {"at_step": 4, "shape": {"n_layer": 2}, "op": "stack", "seq_len": 64, "micro_batch": 2}],
+                    32, 2, 16, 8)
+    depth = make([{"at_step": 4, "shape": {"n_layer": 2}, "op": "stack"}], 64, 4, 64, 2)
+    res = speedup_compound(compound, depth, seeds=[0], out_dir=str(tmp_path / "bench"), log=QUIET)
+    runs = res["runs"][0]
+    assert set(runs) == {"scratch", "depth-only", "compound"}
+    step_flops = 128 * ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=1, vocab_size=512,
+                                   max_seq_len=64).flops_per_token(64)
+    for name in ("depth-only", "compound"):  # the same FLOPs as scratch, up to half a last-stage step
+        assert abs(runs[name]["flops"] - runs["scratch"]["flops"]) <= step_flops / 2 + 1
+        assert runs[name]["flops_ratio_vs_depth-only"] is None or runs[name]["flops_ratio_vs_depth-only"] > 0
+    assert runs["depth-only"]["flops_ratio_vs_depth-only"] == 1.0
+    with pytest.raises(ValueError, match="same shape, seq_len"):
+        speedup_compound(compound, make([{"at_step": 4, "shape": {"n_layer": 3}, "op": "stack"}], 64, 4, 64, 2),
+                         seeds=[0], out_dir=str(tmp_path / "bad"), log=QUIET)
