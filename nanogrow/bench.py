@@ -105,20 +105,46 @@ def first_crossing(curve: list[tuple], target: float) -> tuple[float, float] | N
     return None
 
 
+def scratch_config(cfg: RunConfig) -> RunConfig:
+    """The from-scratch reference of a grown schedule: its final shape at its final sequence length from the first
+    step, with the tokens per step the schedule starts with (``train.micro_batch * data.seq_len``), validated at
+    the schedule's validation length."""
+    import copy
+
+    from .config import eval_seq_len, validate
+    from .schedule import stage_layouts
+
+    final = stage_layouts(cfg.model, cfg.data.seq_len, cfg.train.micro_batch, cfg.stage)[-1]
+    tokens = cfg.train.micro_batch * cfg.data.seq_len
+    if tokens % final.seq_len:
+        raise ValueError(f"the scratch run trains at the final seq_len {final.seq_len} with the starting tokens per "
+                         f"sequence batch {tokens} (train.micro_batch x data.seq_len), which it does not divide")
+    scratch = copy.deepcopy(cfg)
+    scratch.model, scratch.stage = final.model, []
+    scratch.data.seq_len, scratch.train.micro_batch = final.seq_len, tokens // final.seq_len
+    scratch.data.eval_seq_len = eval_seq_len(cfg)
+    validate(scratch)
+    return scratch
+
+
 def equal_flops_steps(cfg: RunConfig) -> int:
     """Steps the grown schedule of ``cfg`` (manual ``at_step`` boundaries) needs to spend the FLOPs of training its
-    final shape from scratch for ``train.max_steps``: the extra steps go to the last stage."""
-    import dataclasses
+    final shape from scratch (``scratch_config``) for ``train.max_steps``: the extra steps go to the last stage.
+    Every stage is costed at its own tokens per step and FLOPs per token (micro-batch, seq_len, shape)."""
+    from .schedule import stage_layouts
 
     if cfg.growth.schedule != "manual" or any(st.at_step < 0 for st in cfg.stage):
         raise ValueError("--budget flops needs growth.schedule='manual' with at_step boundaries")
-    t, T = cfg.train, cfg.data.seq_len
-    shape, mb, prev, spent = cfg.model, t.micro_batch, 0, 0.0
-    for st in cfg.stage:
-        spent += (st.at_step - prev) * mb * T * t.grad_accum * shape.flops_per_token(T)
-        shape, mb, prev = dataclasses.replace(shape, **st.shape), st.micro_batch or mb, st.at_step
-    scratch = t.max_steps * t.micro_batch * T * t.grad_accum * shape.flops_per_token(T)
-    return prev + round((scratch - spent) / (mb * T * t.grad_accum * shape.flops_per_token(T)))
+    t = cfg.train
+    layouts = stage_layouts(cfg.model, cfg.data.seq_len, t.micro_batch, cfg.stage)
+    ends = [st.at_step for st in cfg.stage]
+    spent = sum((end - start) * lay.tokens_per_step(1, t.grad_accum) * lay.flops_per_token()
+                for lay, start, end in zip(layouts, [0] + ends, ends))
+    ref = scratch_config(cfg)
+    scratch = t.max_steps * ref.train.micro_batch * ref.data.seq_len * t.grad_accum * \
+        ref.model.flops_per_token(ref.data.seq_len)
+    last = layouts[-1]
+    return ends[-1] + round((scratch - spent) / (last.tokens_per_step(1, t.grad_accum) * last.flops_per_token()))
 
 
 def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str, png: str | None = None,
@@ -142,8 +168,7 @@ def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str,
     results: dict = {"seeds": seeds, "runs": {}}
     for seed in seeds:
         runs = {}
-        scratch = copy.deepcopy(cfg)
-        scratch.model, scratch.stage = final_shape, []
+        scratch = scratch_config(cfg)  # the final shape (and final seq_len) from the first step
         scratch.train.seed = scratch.data.seed = seed
         scratch.train.out_dir = f"{out_dir}/seed{seed}/scratch"
         runs["scratch"] = _run_curve(scratch)
@@ -268,7 +293,6 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
     its first two steps excluded), side by side with the same shape trained statically through the same
     ``Trainer.train_step``, plus the wall time of each growth event."""
     import copy
-    import dataclasses
 
     from .train import Trainer
 
@@ -286,21 +310,18 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
         per_stage[trainer.stage_index].append(time.perf_counter() - t0)
     peak = trainer.meter.peak
     rows = []
-    log("stage | shape (L x d, ff) | micro_batch | grown tok/s | static tok/s | ratio | MFU grown | growth event ms")
+    log("stage | shape (L x d, ff) | seq x micro_batch | grown tok/s | static tok/s | ratio | MFU grown | growth event ms")
     for k, times in per_stage.items():
         stats = trainer.stage_stats[k]
-        shape = dataclasses.replace(cfg.model)
-        mb = cfg.train.micro_batch
-        for st in cfg.stage[:k]:
-            shape = dataclasses.replace(shape, **st.shape)
-            mb = st.micro_batch or mb
-        shape = shape.resolved()
+        lay = trainer.layouts[k]
+        shape, mb = lay.model, lay.micro_batch
         steady = times[2:] or times
         tokens = stats["tokens"] / max(1, stats["steps"])
         grown_tps = tokens / statistics.median(steady)
         static_cfg = copy.deepcopy(cfg)
         static_cfg.model, static_cfg.stage = shape, []
-        static_cfg.train.micro_batch = mb
+        static_cfg.train.micro_batch, static_cfg.data.seq_len = mb, lay.seq_len
+        static_cfg.data.eval_seq_len = lay.seq_len
         static_cfg.train.max_steps = static_steps + 2
         static_cfg.train.warmup_steps = 1
         static_cfg.train.out_dir = f"{cfg.train.out_dir}/static{k}"
@@ -311,11 +332,12 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
             static.train_step()
             st_times.append(time.perf_counter() - t0)
         static_tps = tokens / statistics.median(st_times[2:])
-        mfu = grown_tps * shape.flops_per_token(cfg.data.seq_len) / peak if peak else 0.0
+        mfu = grown_tps * lay.flops_per_token() / peak if peak else 0.0
         ev_ms = 1e3 * events[k - 1]["seconds"] if k else 0.0
         rows.append({"stage": k, "grown_tokens_per_s": grown_tps, "static_tokens_per_s": static_tps,
                      "ratio": grown_tps / static_tps, "mfu": mfu, "growth_event_ms": ev_ms})
-        log(f"{k:>5} | {shape.n_layer} x {shape.d_model}, {shape.d_ff:<6} | {mb:>11} | {grown_tps:>11,.0f} | "
+        log(f"{k:>5} | {shape.n_layer} x {shape.d_model}, {shape.d_ff:<6} | {f'{lay.seq_len} x {mb}':>17} | "
+            f"{grown_tps:>11,.0f} | "
             f"{static_tps:>12,.0f} | {grown_tps / static_tps:5.3f} | {100 * mfu:8.1f}% | "
             + (f"{ev_ms:.0f}" if k else "-"))
     return {"stages": rows}
@@ -348,3 +370,67 @@ def lag(cfg: RunConfig, out_json: str, png_prefix: str | None = None, ks: list[i
         json.dump(record, f)
     log(f"wrote {out_json}")
     return lag_mod.report(record, ks=ks, png_prefix=png_prefix, log=log)
+
+
+# ---- compound growth (depth + width + sequence length) against depth-only ----------------------------------------
+
+def speedup_compound(cfg: RunConfig, baseline: RunConfig, seeds: list[int], out_dir: str, png: str | None = None,
+                     log=print) -> dict:
+    """Compound growth ``cfg`` (e.g. width, sequence length and depth stages) against the depth-only schedule
+    ``baseline`` that ends in the same shape, at the same sequence length, with the same step budget. All three
+    runs (scratch, depth-only, compound) spend the same FLOPs: each grown schedule's last stage is extended until
+    it has spent what scratch spends in ``train.max_steps`` (``equal_flops_steps``). Everything is validated at
+    one fixed length (``data.eval_seq_len``, by default the final seq_len), so the losses are comparable. Reports
+    the FLOPs each run needs to reach scratch's final validation loss and depth-only's, and the ratios."""
+    import copy
+
+    ref, ref_base = scratch_config(cfg), scratch_config(baseline)
+    same = (ref.model.resolved(), ref.data.seq_len, ref.train.micro_batch, ref.data.eval_seq_len, ref.train.max_steps)
+    other = (ref_base.model.resolved(), ref_base.data.seq_len, ref_base.train.micro_batch, ref_base.data.eval_seq_len,
+             ref_base.train.max_steps)
+    if same != other:
+        raise ValueError(f"bench speedup --against: both schedules must end in the same shape, seq_len, tokens per "
+                         f"step, eval_seq_len and train.max_steps (the common FLOPs budget); got {same} and {other}")
+    schedules = {"depth-only": baseline, "compound": cfg}
+    steps = {name: equal_flops_steps(c) for name, c in schedules.items()}
+    log(f"budget: the FLOPs of {cfg.train.max_steps} scratch steps of {ref.model.n_layer} x {ref.model.d_model} at "
+        f"seq_len {ref.data.seq_len}; " + ", ".join(f"{n} trains {s} steps" for n, s in steps.items()))
+    results: dict = {"seeds": seeds, "runs": {}}
+    for seed in seeds:
+        runs = {}
+        scratch = copy.deepcopy(ref)
+        scratch.train.seed = scratch.data.seed = seed
+        scratch.train.out_dir = f"{out_dir}/seed{seed}/scratch"
+        runs["scratch"] = _run_curve(scratch)
+        for name, c in schedules.items():
+            grown = copy.deepcopy(c)
+            grown.train.max_steps = steps[name]
+            grown.train.seed = grown.data.seed = grown.growth.seed = seed
+            grown.train.out_dir = f"{out_dir}/seed{seed}/{name}"
+            runs[name] = _run_curve(grown)
+        for target_name in ("scratch", "depth-only"):
+            target = runs[target_name]["final"]
+            ref_hit = first_crossing(runs[target_name]["curve"], target)
+            for name, r in runs.items():
+                hit = first_crossing(r["curve"], target)
+                r[f"flops_to_{target_name}"] = hit[0] if hit else None
+                r[f"flops_ratio_vs_{target_name}"] = ref_hit[0] / hit[0] if hit else None
+        for name, r in runs.items():
+            log(f"seed {seed} | {name:<10} | final val {r['final']:.4f} | {r['flops']:.3e} FLOPs, {r['seconds']:.0f} s"
+                f" | FLOPs to scratch's final loss: " + _ratio(r, "scratch") +
+                " | to depth-only's final loss: " + _ratio(r, "depth-only"))
+        results["runs"][seed] = runs
+    log("summary (mean over seeds): name | final val loss | FLOPs ratio vs scratch | FLOPs ratio vs depth-only")
+    for name in ("scratch", "depth-only", "compound"):
+        rs = [results["runs"][s][name] for s in seeds]
+        ratios = {t: [r[f"flops_ratio_vs_{t}"] for r in rs] for t in ("scratch", "depth-only")}
+        log(f"  {name:<10} | {statistics.mean(r['final'] for r in rs):.4f} | "
+            + " | ".join(", ".join(f"{x:.2f}x" if x else "n/r" for x in v) for v in ratios.values()))
+    if png:
+        _plot_curves(results, png, log)
+    return results
+
+
+def _ratio(r: dict, target: str) -> str:
+    f = r[f"flops_to_{target}"]
+    return f"{f:.3e} ({r[f'flops_ratio_vs_{target}']:.2f}x)" if f else "not reached"

@@ -53,6 +53,9 @@ def cmd_bench(args) -> int:
     elif args.what == "speedup" and args.ops:
         bench.speedup_ops(cfg, ops=args.ops.split(","), seeds=[int(s) for s in args.seeds.split(",")],
                           out_dir=args.out, png=args.png, budget=args.budget)
+    elif args.what == "speedup" and args.against:  # compound growth against a depth-only schedule
+        bench.speedup_compound(cfg, load_config(args.against, args.overrides), out_dir=args.out, png=args.png,
+                               seeds=[int(s) for s in args.seeds.split(",")])
     elif args.what == "speedup":
         bench.speedup(cfg, variants=args.variants.split(","), seeds=[int(s) for s in args.seeds.split(",")],
                       out_dir=args.out, png=args.png, budget=args.budget)
@@ -184,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", default="runs/bench/speedup.png", help="speedup: loss-vs-FLOPs plot")
     p.add_argument("--ops", help="speedup: compare growth operators instead of policies, e.g. stack,learned "
                                  "(FLOPs to scratch's final loss, map fitting included)")
+    p.add_argument("--against", metavar="CONFIG",
+                   help="speedup: compare --config (e.g. compound growth: depth + width + seq_len) with this "
+                        "schedule (e.g. depth-only) ending in the same shape, at the same FLOPs budget")
     p.add_argument("--ks", help="lag: LAG@k steps to report, e.g. 5,10,20")
     p.add_argument("--backend", default="fsdp", choices=["none", "ddp", "fsdp", "deepspeed"],
                    help="grow: parallel backend")

@@ -23,6 +23,7 @@ class DataConfig:
     dir: str = "data/demo"  # shards written by `nanogrow prep`
     seq_len: int = 256  # training context length (<= model.max_seq_len)
     seed: int = 0  # data order (shard permutation per epoch)
+    eval_seq_len: int = 0  # validation sequence length, fixed for the whole run; 0 = the longest training seq_len
 
 
 @dataclass
@@ -85,6 +86,7 @@ class StageConfig:
     at_tokens: int = -1  # ... or the token count,
     at_flops: float = -1.0  # ... or the FLOP count at which it fires
     micro_batch: int = 0  # 0 = unchanged; small early stages can fill the device with larger batches
+    seq_len: int = 0  # 0 = unchanged; training sequence length from this stage on (<= max_seq_len after it)
     lr: float = 0.0  # 0 = train.lr; otherwise this stage's peak lr (scales the whole schedule)
     optimizer: str = ""  # "" = growth.optimizer
     lr_policy: str = ""  # "" = growth.lr_policy
@@ -241,7 +243,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be > 0, got {value!r}")
     non_negative = {"train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
                     "train.grad_clip": t.grad_clip, "train.eval_every": t.eval_every,
-                    "train.ckpt_every": t.ckpt_every, "train.eps": t.eps}
+                    "train.ckpt_every": t.ckpt_every, "train.eps": t.eps, "data.eval_seq_len": dcfg.eval_seq_len}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{source}: {key} must be >= 0, got {value!r}")
@@ -355,6 +357,7 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
     if g.lr_policy == "rewarm" and g.rewarm_steps == 0 and cfg.stage:
         raise ConfigError(f"{source}: growth.lr_policy='rewarm' needs growth.rewarm_steps > 0")
     shape = cfg.model
+    seq_len, micro_batch, seq_lens = cfg.data.seq_len, cfg.train.micro_batch, [cfg.data.seq_len]
     fields_ = set(ModelConfig.field_names()) - {"kernels"}  # an implementation choice, not a shape
     for i, st in enumerate(cfg.stage, start=1):
         key = f"stage[{i}]"
@@ -384,21 +387,87 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
         if g.schedule != "manual" and whens:
             raise ConfigError(f"{source}: {key}.{whens[0]} is set but growth.schedule={g.schedule!r} places the "
                               f"stages itself; use growth.schedule='manual' or drop {whens[0]}")
-        if st.micro_batch < 0 or st.lr < 0:
-            raise ConfigError(f"{source}: {key}.micro_batch and {key}.lr must be >= 0")
+        if st.micro_batch < 0 or st.lr < 0 or st.seq_len < 0:
+            raise ConfigError(f"{source}: {key}.micro_batch, {key}.lr and {key}.seq_len must be >= 0")
         try:
             new = ModelConfig(**{**dataclasses.asdict(shape), **st.shape})
             new.validate(f"{key}.shape")
-            if st.lag:
-                _check_lag(st.lag, shape, new, g.seed + i, f"{key}.lag")
-            else:
-                make_plan(st.op or g.op, shape, new, seed=g.seed + i, **st.options)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{source}: {key} (op {st.op or g.op!r}): {e}") from None
-        if cfg.data.seq_len > new.max_seq_len:
-            raise ConfigError(f"{source}: data.seq_len={cfg.data.seq_len} exceeds {key} max_seq_len={new.max_seq_len}")
+            raise ConfigError(f"{source}: {key}: {e}") from None
+        seq_len, micro_batch = _check_stage_context(st, key, shape, new, seq_len, micro_batch, source)
+        # The growth plan maps parameters; the context length is not one (only RoPE tables depend on it).
+        param_new = dataclasses.replace(new, max_seq_len=shape.max_seq_len)
+        if changes_parameters(shape, param_new):
+            try:
+                if st.lag:
+                    _check_lag(st.lag, shape, param_new, g.seed + i, f"{key}.lag")
+                else:
+                    make_plan(st.op or g.op, shape, param_new, seed=g.seed + i, **st.options)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{source}: {key} (op {st.op or g.op!r}): {e}") from None
+        else:
+            given = [k for k, v in (("op", st.op), ("options", st.options), ("lag", st.lag)) if v]
+            if given:
+                raise ConfigError(f"{source}: {key} changes no parameter shape, so {key}.{given[0]} has nothing to "
+                                  f"grow; drop it (a stage that only changes seq_len / micro_batch applies no plan)")
         shape = new
+        seq_lens.append(seq_len)
+    _check_eval_seq_len(cfg, max(seq_lens), source)
     for w in ("at_step", "at_tokens", "at_flops"):
         marks = [getattr(st, w) for st in cfg.stage]
         if g.schedule == "manual" and min(marks, default=0) >= 0 and marks != sorted(set(marks)):
             raise ConfigError(f"{source}: stage {w} values must strictly increase, got {marks}")
+
+
+# ---- sequence-length stages -------------------------------------------------------------------------------------
+
+def changes_parameters(old: ModelConfig, new: ModelConfig) -> bool:
+    """Does old -> new change any parameter (shape or init-relevant field)? ``max_seq_len`` is not compared: no
+    parameter depends on it."""
+    return dataclasses.replace(old.resolved(), max_seq_len=0) != dataclasses.replace(new.resolved(), max_seq_len=0)
+
+
+def _check_stage_context(st: StageConfig, key: str, old: ModelConfig, new: ModelConfig, seq_len: int,
+                         micro_batch: int, source: str) -> tuple[int, int]:
+    """A stage's context: max_seq_len never shrinks, the training seq_len fits the model after the stage, and
+    the stage changes something. Returns the (seq_len, micro_batch) the stage trains at."""
+    if new.max_seq_len < old.max_seq_len:
+        raise ConfigError(f"{source}: {key}.shape.max_seq_len={new.max_seq_len} is below the model's "
+                          f"max_seq_len={old.max_seq_len} before the stage; the context can only grow (train at a "
+                          f"shorter length with {key}.seq_len instead)")
+    new_seq = st.seq_len or seq_len
+    if new_seq > new.max_seq_len:
+        what = f"{key}.seq_len={new_seq}" if st.seq_len else f"the training seq_len {new_seq} (from earlier stages)"
+        raise ConfigError(f"{source}: {what} exceeds the model's max_seq_len={new.max_seq_len} after {key}; raise it "
+                          f"in the same stage with {key}.shape = {{ max_seq_len = {new_seq} }} (only the RoPE "
+                          f"tables depend on it) or start with a larger model.max_seq_len")
+    new_mb = st.micro_batch or micro_batch
+    if (new_seq, new_mb, new.max_seq_len) == (seq_len, micro_batch, old.max_seq_len) and \
+            not changes_parameters(old, new):
+        raise ConfigError(f"{source}: {key} changes nothing: give it a shape, seq_len or micro_batch that differs "
+                          f"from the stage before (shape {old.n_layer} x {old.d_model}, seq_len {seq_len}, "
+                          f"micro_batch {micro_batch})")
+    return new_seq, new_mb
+
+
+def _check_eval_seq_len(cfg: RunConfig, longest: int, source: str) -> None:
+    """Validation runs at one length from the first step to the last, so the first model must accept it."""
+    e, m = eval_seq_len(cfg, longest), cfg.model.max_seq_len
+    if e <= m:
+        return
+    if cfg.data.eval_seq_len:
+        raise ConfigError(f"{source}: data.eval_seq_len={e} exceeds model.max_seq_len={m}: validation runs from the "
+                          f"first step, so the starting model must accept it")
+    raise ConfigError(f"{source}: the validation seq_len (data.eval_seq_len=0: the run's longest training seq_len, "
+                      f"{e}) exceeds model.max_seq_len={m} of the starting model; set model.max_seq_len = {e} "
+                      f"(RoPE tables only) so that every stage is evaluated at the same length, or set "
+                      f"data.eval_seq_len <= {m}")
+
+
+def eval_seq_len(cfg: RunConfig, longest: int | None = None) -> int:
+    """The validation sequence length of the run: ``data.eval_seq_len``, or (0) the longest training seq_len of
+    any stage, so that validation losses of all stages (and of runs with other seq_len schedules reaching the
+    same final length) are measured on the same windows and stay comparable."""
+    if cfg.data.eval_seq_len:
+        return cfg.data.eval_seq_len
+    return longest if longest is not None else max([cfg.data.seq_len] + [st.seq_len for st in cfg.stage])

@@ -108,7 +108,8 @@ def group_view(trainer, mesh):
         yield
     finally:
         trainer.loader, trainer.val, trainer.t, trainer.world, trainer.dp_group = saved
-        trainer.loader.set_batch_shape(micro_batch=trainer.micro_batch)  # a candidate's stage may change it
+        # The world loader takes the batch shape the trainer now has (a candidate's stage may change both).
+        trainer.loader.set_batch_shape(micro_batch=trainer.micro_batch, seq_len=trainer.seq_len)
 
 
 def _mesh(trainer, n_groups: int):

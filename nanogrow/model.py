@@ -17,7 +17,7 @@ can run them, their plain torch references otherwise (``kernels/reference.py`` h
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, fields, replace
 
 import torch
 import torch.nn as nn
@@ -246,6 +246,16 @@ class Transformer(nn.Module):
         c = self.config
         cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=self.tok_emb.weight.device)
         self.rope_cos, self.rope_sin = cos, sin
+
+    @torch.no_grad()
+    def set_max_seq_len(self, max_seq_len: int) -> None:
+        """Change the context the model accepts (a sequence-length stage raises it): only the RoPE tables depend
+        on it, no parameter does. The tables are non-persistent buffers, recomputed here on every process: FSDP2
+        shards parameters only and DDP is built without buffer broadcast, so each rank must (and does) call this."""
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+        self.config = replace(self.config, max_seq_len=max_seq_len)
+        self.reset_rope()
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight

@@ -14,6 +14,8 @@ seed 003): later, larger stages train longer; r = 1 gives equal-tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from .model import ModelConfig
 
 
@@ -61,3 +63,34 @@ def exponential_shapes(start: ModelConfig, target: ModelConfig, n_stages: int, f
             changes[f] = b if k == n_stages else max(a, int(round(v / m)) * m)
         shapes.append(replace(s, **changes))
     return shapes
+
+
+# ---- what every stage trains: shape, batch shape, context -------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageLayout:
+    """What stage k trains: its model shape (``model.max_seq_len`` included), the per-rank micro-batch and the
+    training sequence length. One source of truth for the trainer (batch shape, RoPE length, schedule
+    boundaries), the config check and the benchmarks."""
+
+    model: ModelConfig
+    micro_batch: int
+    seq_len: int
+
+    def tokens_per_step(self, world: int = 1, grad_accum: int = 1) -> int:
+        return world * self.micro_batch * self.seq_len * grad_accum
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token at this stage's own sequence length (the attention term grows with it)."""
+        return self.model.flops_per_token(self.seq_len)
+
+
+def stage_layouts(model: ModelConfig, seq_len: int, micro_batch: int, stages: list) -> list[StageLayout]:
+    """Layouts of stage 0 (``model``, ``data.seq_len``, ``train.micro_batch``) and of every [[stage]] after it:
+    each stage inherits what it does not change (``shape`` fields, ``micro_batch = 0``, ``seq_len = 0``)."""
+    out = [StageLayout(model.resolved(), micro_batch, seq_len)]
+    for st in stages:
+        prev = out[-1]
+        out.append(StageLayout(replace(prev.model, **st.shape).resolved(), st.micro_batch or prev.micro_batch,
+                               st.seq_len or prev.seq_len))
+    return out

@@ -17,14 +17,14 @@ import torch
 
 from . import dist_utils
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from .config import RunConfig, StageConfig
+from .config import RunConfig, StageConfig, changes_parameters, eval_seq_len
 from .data import TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, grow, make_plan
 from .triggers import GradientTrigger, Observation, make_trigger, trigger_from_state
 from .metrics import ThroughputMeter, device_peak_flops
 from .parallel import grow_parallel, make_mesh, parallelize, reshard, unwrap
 from .model import ModelConfig, Transformer, build_model
-from .schedule import stage_start_steps
+from .schedule import stage_layouts, stage_start_steps
 
 
 def lr_at(step: int, t) -> float:
@@ -83,18 +83,20 @@ class Trainer:
         self.micro_batch = self.t.micro_batch
         self.loader = TokenLoader(cfg.data.dir, "train", self.seq_len, self.micro_batch, rank=self.rank,
                                   world_size=self.world, seed=cfg.data.seed, vocab_size=self.model_config.vocab_size)
-        self.val = val_batches(cfg.data.dir, self.seq_len, self.t.eval_batch_size, self.t.eval_batches,
+        # Validation at one fixed length for the whole run (see config.eval_seq_len): comparable across stages.
+        self.val = val_batches(cfg.data.dir, eval_seq_len(cfg), self.t.eval_batch_size, self.t.eval_batches,
                                rank=self.rank, world_size=self.world, vocab_size=self.model_config.vocab_size)
 
         # Growth: stage i >= 1 starts with the i-th growth event. Boundaries of a budgeted schedule are fixed now.
         self.stages: list[StageConfig] = cfg.stage
+        self.layouts = stage_layouts(cfg.model, cfg.data.seq_len, self.t.micro_batch, cfg.stage)
         self.stage_starts = self._stage_boundaries()
         self.stage_index = 0
         g = cfg.growth
         self.growth_lr = GrowthLR(g.lr_policy, g.rewarm_steps if g.lr_policy != "continue" else 0,
                                   g.rewarm_start, peak_step=self.t.warmup_steps)
         self.ramp: MaskRamp | None = None
-        self.stage_stats: list[dict] = [_new_stage_stats(0, 0, self.model_config)]
+        self.stage_stats: list[dict] = [_new_stage_stats(0, 0, self.model_config, self.seq_len, self.micro_batch)]
 
         torch.manual_seed(self.t.seed)
         self.parallel = self.t.parallel if self.t.parallel != "auto" else ("ddp" if self.world > 1 else "none")
@@ -134,6 +136,11 @@ class Trainer:
             self.stage_stats = meta.get("stage_stats", self.stage_stats)
             self.trigger = trigger_from_state(meta["trigger"]) if meta.get("trigger") else self._make_trigger()
             self._set_stage_batch()
+            if meta.get("seq_len", self.seq_len) != self.seq_len or \
+                    meta.get("micro_batch", self.micro_batch) != self.micro_batch:
+                self.log(f"note: the config trains stage {self.stage_index} at seq_len {self.seq_len} x micro_batch "
+                         f"{self.micro_batch}, the checkpoint was at {meta.get('seq_len')} x "
+                         f"{meta.get('micro_batch')}; the token stream continues from the same global position")
             self.log(f"resumed from {ckpt} at step {self.step} ({self.meter.total_tokens:,} tokens, "
                      f"stage {self.stage_index})")
         self.autocast = self._autocast()
@@ -168,23 +175,23 @@ class Trainer:
         if g.schedule == "manual":
             return [{k: getattr(st, k)} for st in self.stages for k in ("at_step", "at_tokens", "at_flops")
                     if getattr(st, k) >= 0]
-        shapes, batches = [self.cfg.model.resolved()], [self.t.micro_batch]
-        for st in self.stages:
-            shapes.append(dataclasses.replace(shapes[-1], **st.shape).resolved())
-            batches.append(st.micro_batch or batches[-1])
-        tps = [self.world * b * self.seq_len * self.t.grad_accum for b in batches]
-        fpt = [c.flops_per_token(self.seq_len) for c in shapes]
+        # Each stage's own tokens per step and FLOPs per token (its micro-batch, sequence length and shape).
+        tps = [lay.tokens_per_step(self.world, self.t.grad_accum) for lay in self.layouts]
+        fpt = [lay.flops_per_token() for lay in self.layouts]
         starts = stage_start_steps(g.schedule, self.t.max_steps, tps, fpt, g.exp_ratio)
         return [{"at_step": s} for s in starts]
 
     def _set_stage_batch(self) -> None:
-        """Micro-batch of the current stage (later stages may change it); the loader keeps its global position."""
-        mb = self.t.micro_batch
-        for st in self.stages[: self.stage_index]:
-            mb = st.micro_batch or mb
-        if mb != self.micro_batch:
-            self.micro_batch = mb
-            self.loader.set_batch_shape(micro_batch=mb)
+        """Batch shape and context of the current stage (later stages may change micro-batch, seq_len and
+        max_seq_len). The loader keeps its global position: the next batch starts at the token after the last
+        one consumed, whatever the new shape."""
+        lay = self.layouts[self.stage_index]
+        if (lay.micro_batch, lay.seq_len) != (self.micro_batch, self.seq_len):
+            self.micro_batch, self.seq_len = lay.micro_batch, lay.seq_len
+            self.loader.set_batch_shape(micro_batch=lay.micro_batch, seq_len=lay.seq_len)
+        if lay.model.max_seq_len != self.model_config.max_seq_len:
+            unwrap(self.model).set_max_seq_len(lay.model.max_seq_len)  # every rank: RoPE tables are not sharded
+            self.model_config = dataclasses.replace(self.model_config, max_seq_len=lay.model.max_seq_len)
 
     def lr_mult(self) -> float:
         """A stage's own peak lr, as a multiple of train.lr (the schedule's shape is kept)."""
@@ -331,7 +338,8 @@ class Trainer:
             self.growth_lr.on_growth(self.step)
         self.stage_index += 1
         self._set_stage_batch()
-        self.stage_stats.append(_new_stage_stats(self.stage_index, self.step, self.model_config))
+        self.stage_stats.append(_new_stage_stats(self.stage_index, self.step, self.model_config, self.seq_len,
+                                                 self.micro_batch))
         return plan
 
     def _fit_learned(self, plan):
@@ -362,33 +370,55 @@ class Trainer:
         self.meter.add_flops(plan.fit_record["flops"] * self.world)
         return plan
 
+    def _enter_stage_without_growth(self, st: StageConfig) -> None:
+        """A stage that changes no parameter (only seq_len, micro_batch or max_seq_len): no plan, no copy of the
+        weights, no optimizer change. The lr is re-warmed only if the stage asks for it (lr_policy): the default
+        growth.lr_policy is about fresh weights and moments, which this stage does not make."""
+        if st.lr_policy and st.lr_policy != "continue":
+            self.growth_lr.on_growth(self.step)
+        self.stage_index += 1
+        self._set_stage_batch()
+        self.stage_stats.append(_new_stage_stats(self.stage_index, self.step, self.model_config, self.seq_len,
+                                                 self.micro_batch))
+
     def grow_next_stage(self) -> dict:
         """Apply the next stage's growth plan in place (weights, optimizer state, ages, masks), log the event and
         write a checkpoint. With ``lag`` set, the operator is chosen by LAG first."""
         i = self.stage_index + 1
         st, g = self.stages[i - 1], self.cfg.growth
-        old_cfg = self.model_config
-        new_cfg = dataclasses.replace(old_cfg, **st.shape).resolved()
+        old_cfg, old_seq, old_mb = self.model_config, self.seq_len, self.micro_batch
+        # The plan maps parameters at the old context length; the stage's max_seq_len (RoPE tables only) and its
+        # batch shape are applied by _set_stage_batch once the stage is entered.
+        new_cfg = dataclasses.replace(old_cfg, **{**st.shape, "max_seq_len": old_cfg.max_seq_len}).resolved()
         before = self.evaluate() if g.eval_at_growth else None
         t0 = time.perf_counter()
-        lag_record = None
-        if st.lag:
+        lag_record, plan = None, None
+        if not changes_parameters(old_cfg, new_cfg):
+            self._enter_stage_without_growth(st)
+        elif st.lag:
             plan, lag_record = self._lag_select(st, old_cfg, new_cfg, seed=g.seed + i)
         else:
             plan = make_plan(st.op or g.op, old_cfg, new_cfg, seed=g.seed + i, **st.options)
             plan = self._apply_plan(plan, st)
         seconds = time.perf_counter() - t0
-        after = self.evaluate() if g.eval_at_growth else None
+        # Same weights and the same (fixed-length) validation batches: the loss after a plan-free stage is the same.
+        after = (self.evaluate() if plan is not None else before) if g.eval_at_growth else None
         event = {"event": "grow", "stage": i, "step": self.step, "tokens": self.meter.total_tokens,
-                 "flops": self.meter.total_flops, "plan": plan.to_dict(), "optimizer": st.optimizer or g.optimizer,
+                 "flops": self.meter.total_flops, "plan": plan.to_dict() if plan is not None else None,
+                 "optimizer": (st.optimizer or g.optimizer) if plan is not None else None,
                  "params_before": old_cfg.num_params(), "params_after": self.model_config.num_params(),
+                 "seq_len_before": old_seq, "seq_len_after": self.seq_len, "micro_batch_before": old_mb,
+                 "micro_batch_after": self.micro_batch, "max_seq_len": self.model_config.max_seq_len,
                  "val_loss_before": before, "val_loss_after": after, "seconds": seconds,
                  "trigger": self.trigger.state_dict() if self.trigger else None}
         if lag_record:
             event["lag"] = lag_record
         self.history.append(event)
         self.trigger = self._make_trigger()
-        self.log(f"grow -> stage {i} at step {self.step}: {plan.describe().splitlines()[0]} | "
+        what = plan.describe().splitlines()[0] if plan is not None else "no parameter change"
+        if (old_seq, old_mb) != (self.seq_len, self.micro_batch):
+            what += f" | seq_len {old_seq} -> {self.seq_len}, micro_batch {old_mb} -> {self.micro_batch}"
+        self.log(f"grow -> stage {i} at step {self.step}: {what} | "
                  f"{event['params_before']:,} -> {event['params_after']:,} params | val loss "
                  f"{_fmt(before)} -> {_fmt(after)} | {1e3 * seconds:.0f} ms")
         self.save()  # every growth event is a checkpoint: the grown shape is recoverable from here on
@@ -484,6 +514,8 @@ class Trainer:
             "ramp": self.ramp.to_dict() if self.ramp is not None else None,
             "optimizer_ages": bool(getattr(self.optimizer, "track_ages", False)),
             "trigger": self.trigger.state_dict() if self.trigger is not None else None,
+            "seq_len": self.seq_len,  # the current stage's batch shape (the config's stages decide it on resume)
+            "micro_batch": self.micro_batch,
         }
 
     def save(self) -> Path:
@@ -552,11 +584,13 @@ class Trainer:
 
     def stage_table(self) -> str:
         peak = self.meter.peak
-        rows = ["stage | from step | shape (L x d, ff, heads) | params | steps | tokens | FLOPs | tok/s | MFU | val loss"]
+        rows = ["stage | from step | shape (L x d, ff, heads) | seq x mb | params | steps | tokens | FLOPs | tok/s | "
+                "MFU | val loss"]
         for st in self.stage_stats:
             tps = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
             mfu = st["flops"] / st["seconds"] / peak if st["seconds"] and peak else 0.0
-            rows.append(f"{st['stage']:>5} | {st['start_step']:>9} | {st['shape']:<24} | {st['params']:>10,} | "
+            batch = f"{st.get('seq_len', '?')} x {st.get('micro_batch', '?')}"
+            rows.append(f"{st['stage']:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | {st['params']:>10,} | "
                         f"{st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | {tps:>7,.0f} | "
                         f"{100 * mfu:4.1f}% | {_fmt(st.get('val_loss'))}")
         return "\n".join(rows)
@@ -566,8 +600,10 @@ def _grad_sq(model: torch.nn.Module) -> float:
     return sum(float(p.grad.detach().float().pow(2).sum()) for p in model.parameters() if p.grad is not None)
 
 
-def _new_stage_stats(stage: int, start_step: int, c: ModelConfig) -> dict:
-    return {"stage": stage, "start_step": start_step, "params": c.num_params(),
+def _new_stage_stats(stage: int, start_step: int, c: ModelConfig, seq_len: int | None = None,
+                     micro_batch: int | None = None) -> dict:
+    return {"stage": stage, "start_step": start_step, "params": c.num_params(), "seq_len": seq_len,
+            "micro_batch": micro_batch,
             "shape": f"{c.n_layer} x {c.d_model}, {c.d_ff}, {c.n_head}/{c.n_kv_head}",
             "steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": None}
 
