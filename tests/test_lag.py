@@ -47,6 +47,37 @@ def test_lag_picks_lowest_loss_and_continues_like_the_direct_operator(demo_data,
     assert lag.meter.total_flops == pytest.approx(direct.meter.total_flops + sum(per_cand) - per_cand[winner])
 
 
+def test_adaptive_stacking_lag_at_every_stage_equals_its_winners_applied_directly(demo_data, tmp_path):
+    """Adaptive stacking (LAG paper section 4.2): LAG at every stage of a gradual-stacking schedule, 2 -> 3 -> 4
+    layers over the design space (copy and random inits). Each stage keeps its winner's k steps, and the whole run
+    equals the schedule that applies the two winners directly; both stages' losers' FLOPs are counted."""
+    def config(out, stage_opts):
+        cfg = tiny_run_config(demo_data, tmp_path / out)
+        cfg.model.n_layer = 2
+        shapes = [({"n_layer": 3}, 3), ({"n_layer": 4}, 8)]
+        return with_stages(cfg, [dict({"shape": sh, "at_step": at}, **opt) for (sh, at), opt in zip(shapes, stage_opts)],
+                           lr_policy="continue")
+
+    lag_opt = {"lag": {"candidates": "design-space", "steps": 2}}
+    lag = Trainer(config("adaptive", [lag_opt, lag_opt]), log=QUIET)
+    lag_losses = run(lag, 7)  # steps 1-3, LAG (steps 4-5 inside the event), 6-8, LAG (9-10), 11
+    events = [h for h in lag.history if h["event"] == "grow"]
+    assert len(events) == 2 and lag.model_config.n_layer == 4 and lag.step == 11
+    assert [len(e["lag"]["candidates"]) for e in events] == [4, 6]  # L->L+1: starts 1..L x block 1 x copy/random
+    winners = [e["lag"]["candidates"][e["lag"]["winner"]] for e in events]
+
+    direct = Trainer(config("direct", [{"op": w["op"], "options": w["options"]} for w in winners]), log=QUIET)
+    direct_losses = run(direct, 11)
+    assert lag_losses[:3] == direct_losses[:3]
+    assert lag_losses[3:6] == direct_losses[5:8]  # each winner's 2 LAG steps are kept: direct steps 4-5 and 9-10
+    assert lag_losses[6] == direct_losses[10]
+    a, b = lag.model.state_dict(), direct.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    losers = sum(sum(f) - f[e["lag"]["winner"]] for e in events for f in [e["lag"]["flops_per_candidate"]])
+    assert lag.meter.total_flops == pytest.approx(direct.meter.total_flops + losers)
+
+
 def test_lag_design_space_candidates(demo_data, tmp_path):
     cfg = lag_config(demo_data, tmp_path, {"lag": {"candidates": "design-space", "steps": 1}})
     trainer = Trainer(cfg, log=QUIET)
