@@ -147,14 +147,8 @@ def equal_flops_steps(cfg: RunConfig) -> int:
     return ends[-1] + round((scratch - spent) / (last.tokens_per_step(1, t.grad_accum) * last.flops_per_token()))
 
 
-def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str, png: str | None = None,
-            budget: str = "flops", log=print) -> dict:
-    """Scratch (the final shape, trained from the start for ``train.max_steps``) against the grown schedule of
-    ``cfg`` with each optimizer transfer policy in ``variants``, on the same data order, for every seed. With
-    ``budget='flops'`` the grown run trains until it has spent the scratch run's FLOPs (its last stage is
-    longer); with ``'steps'`` both train ``max_steps``. Prints FLOPs and wall time to reach the scratch run's
-    final validation loss and the ratio scratch / grown."""
-    import copy
+def _speedup_budget(cfg: RunConfig, budget: str):
+    """The scratch reference's final shape and the grown run's step count (``'flops'``: the scratch run's FLOPs)."""
     import dataclasses
 
     if not cfg.stage:
@@ -163,6 +157,19 @@ def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str,
     for st in cfg.stage:
         final_shape = dataclasses.replace(final_shape, **st.shape)
     grown_steps = equal_flops_steps(cfg) if budget == "flops" else cfg.train.max_steps
+    return final_shape, grown_steps
+
+
+def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str, png: str | None = None,
+            budget: str = "flops", log=print) -> dict:
+    """Scratch (the final shape, trained from the start for ``train.max_steps``) against the grown schedule of
+    ``cfg`` with each optimizer transfer policy in ``variants``, on the same data order, for every seed. With
+    ``budget='flops'`` the grown run trains until it has spent the scratch run's FLOPs (its last stage is
+    longer); with ``'steps'`` both train ``max_steps``. Prints FLOPs and wall time to reach the scratch run's
+    final validation loss and the ratio scratch / grown."""
+    import copy
+
+    final_shape, grown_steps = _speedup_budget(cfg, budget)
     log(f"budget: {budget}; scratch {cfg.train.max_steps} steps of {final_shape.n_layer} x {final_shape.d_model}; "
         f"grown {grown_steps} steps")
     results: dict = {"seeds": seeds, "runs": {}}
@@ -216,20 +223,13 @@ def speedup_ops(cfg: RunConfig, ops: list[str], seeds: list[int], out_dir: str, 
     op's FLOPs-to-target ratio against scratch and against the first op (``--ops stack,learned``: the ratio
     stack / learned > 1 means learned reached the target with fewer FLOPs)."""
     import copy
-    import dataclasses
 
-    if not cfg.stage:
-        raise ValueError("bench speedup needs a config with [[stage]] growth stages")
-    final_shape = dataclasses.replace(cfg.model)
-    for st in cfg.stage:
-        final_shape = dataclasses.replace(final_shape, **st.shape)
-    grown_steps = equal_flops_steps(cfg) if budget == "flops" else cfg.train.max_steps
+    final_shape, grown_steps = _speedup_budget(cfg, budget)
     log(f"operators {', '.join(ops)}; budget: {budget}; scratch {cfg.train.max_steps} steps of "
         f"{final_shape.n_layer} x {final_shape.d_model}; grown {grown_steps} steps")
     results: dict = {"seeds": seeds, "runs": {}}
     for seed in seeds:
-        scratch = copy.deepcopy(cfg)
-        scratch.model, scratch.stage = final_shape, []
+        scratch = scratch_config(cfg)  # the final shape (and final seq_len) from the first step
         scratch.train.seed = scratch.data.seed = seed
         scratch.train.out_dir = f"{out_dir}/seed{seed}/scratch"
         runs = {"scratch": _run_curve(scratch)}
