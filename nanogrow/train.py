@@ -336,10 +336,7 @@ class Trainer:
             self.ramp.apply(unwrap(self.model), self.step)
         if (st.lr_policy or g.lr_policy) != "continue":
             self.growth_lr.on_growth(self.step)
-        self.stage_index += 1
-        self._set_stage_batch()
-        self.stage_stats.append(_new_stage_stats(self.stage_index, self.step, self.model_config, self.seq_len,
-                                                 self.micro_batch))
+        self._enter_next_stage()
         return plan
 
     def _fit_learned(self, plan):
@@ -376,6 +373,10 @@ class Trainer:
         growth.lr_policy is about fresh weights and moments, which this stage does not make."""
         if st.lr_policy and st.lr_policy != "continue":
             self.growth_lr.on_growth(self.step)
+        self._enter_next_stage()
+
+    def _enter_next_stage(self) -> None:
+        """The stage counter, its batch shape and context, and a fresh row of per-stage statistics."""
         self.stage_index += 1
         self._set_stage_batch()
         self.stage_stats.append(_new_stage_stats(self.stage_index, self.step, self.model_config, self.seq_len,
