@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist.tolerance import state_tol  # tests/dist/tolerance.py
+
 from nanogrow.config import ConfigError, load_config
 from nanogrow.data import TokenLoader
 from nanogrow.lag_parallel import GroupLoader, check_world
@@ -120,7 +122,9 @@ def test_lag_across_groups_matches_one_process_lag(demo_data, tmp_path, nproc, p
     got = load_file(str(tmp_path / "groups" / "state.safetensors"))
     assert sorted(got) == sorted(want)
     worst = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
-    assert worst < 1e-4, f"state after LAG across groups differs from the one-process LAG's by {worst:.3g}"
+    # 8 steps at lr 0.01: reduction order moves an element by at most 0.25% of an Adam step per step
+    # (tests/dist/tolerance.py); a candidate trained on the wrong rows or an unreduced gradient moves it by O(lr).
+    assert worst <= state_tol(lr=0.01, steps=8), f"state after LAG across groups differs from the one-process LAG's by {worst:.3g}"
     print(f"{nproc} processes, {parallel}, {optimizer}: winner {b['lag']['winner']}, curves within {curve_diff:.1e}, "
           f"state within {worst:.1e} of the one-process LAG")
 

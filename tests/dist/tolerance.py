@@ -1,0 +1,37 @@
+"""Tolerances for comparing a multi-process run with its one-process reference, derived rather than guessed.
+
+Two runs that differ only in how fp32 sums are ordered (a gradient all-reduced over ranks vs summed over one batch;
+a sharded vs a whole matmul) give gradients that differ by rounding: |dg| <= n * u * sum|x_i| with u = 2**-24, about
+1e-7 relative for the sums here. Adam normalises each element by its own gradient scale, update = lr * m / (sqrt(v)
++ eps), so an element whose gradient is a near-cancellation (|g| << sum|x_i|) turns that rounding into a large
+*relative* change of its update, but never more than the update itself: at most ~lr per step. Within a handful of
+steps only a few elements are that close to cancelling, and they move by a small fraction of one step.
+
+So the state tolerance is ``KAPPA * lr * steps``: reduction order may move any element by at most KAPPA (0.25%) of
+one Adam step per step taken. Measured on one AMD EPYC (tests/dist/worker.py's tiny model, lr 1e-2, 4 steps, the
+batch split over ranks and the gradients averaged in another order): 6.2e-6 with 2 ranks and 3.6e-5 with 3 (the
+Intel Xeon kind read 1.06e-5 at 2), against a bound of 1e-4. A real bug is far outside it: a missed all-reduce (each
+rank steps on its own part of the batch) moved elements by 7.8e-2 in the same 4 steps (Adam moves every element by
+O(lr) per step), a wrong shard by the parameter scale (0.05-1), weight decay skipped on a shard by lr * wd * |w| per
+step (1e-3 * |w|: 1e-4 after 4 steps on a unit gain).
+
+Losses are O(ln vocab) ~ 4, where one fp32 ulp is 2**-21 (4.8e-7). They differ by the reduction order of the loss
+itself (a few ulps) plus the first-order effect of the weight drift above, which stays within a few ulps per step at
+these sizes: the tolerance is LOSS_ULPS_PER_STEP ulps per step (measured: 9.5e-7 after 8 steps at 3 ranks; a missed
+all-reduce: 3.8e-2)."""
+
+from __future__ import annotations
+
+KAPPA = 2.5e-3             # fraction of one Adam step that reduction order may move an element, per step
+LOSS_ULP = 2.0 ** -21      # fp32 spacing at losses in [4, 8)
+LOSS_ULPS_PER_STEP = 4
+
+
+def state_tol(lr: float, steps: int) -> float:
+    """Largest allowed |difference| of a parameter or Adam moment after ``steps`` steps at learning rate ``lr``."""
+    return KAPPA * lr * max(steps, 1)
+
+
+def loss_tol(steps: int) -> float:
+    """Largest allowed |difference| of a training loss after ``steps`` optimizer steps (losses of order 4)."""
+    return LOSS_ULPS_PER_STEP * LOSS_ULP * max(steps, 1)
