@@ -73,6 +73,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_handbook(args) -> int:
+    """Studies that answer the Handbook's questions: run what is missing, report, list."""
+    from .handbook import report, runner
+    from .handbook.study import budget_check, load_study, studies_in
+
+    if args.action == "run":
+        study = load_study(args.study)
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        runner.run_study(study, seeds=seeds, arms=args.arms.split(",") if args.arms else None,
+                         dry_run=args.dry_run)
+        if not args.dry_run:
+            report.write_handbook(log=print)
+    elif args.action == "report":
+        studies = [load_study(args.study)] if args.study else studies_in()
+        for study in studies:
+            print(report.study_markdown(study))
+        report.write_handbook(log=print)
+    elif args.action == "list":
+        for study in studies_in():
+            print(report.completeness(study))
+            if args.verbose:
+                print("  " + "\n  ".join(budget_check(study)))
+    return 0
+
+
 def cmd_lag(args) -> int:
     """A LAG selection alone: train (or resume) up to the next stage that has ``lag``, select, save, stop."""
     from . import dist_utils
@@ -171,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("lag-report", help="correlations, recall and regret of a LAG selection")
     p.add_argument("run_dir", help="a run directory (train.out_dir) or a bench lag output directory")
     p.set_defaults(func=cmd_lag_report)
+
+    p = sub.add_parser("handbook", help="studies behind HANDBOOK.md: run STUDY | report [STUDY] | list")
+    p.add_argument("action", choices=["run", "report", "list"])
+    p.add_argument("study", nargs="?", help="a study file, e.g. configs/handbook/growth-time.toml")
+    p.add_argument("--seeds", help="run: these seeds instead of the study's, e.g. 0,1,2")
+    p.add_argument("--arms", help="run: only these arms (comma-separated; the reference's lr grid always runs)")
+    p.add_argument("--dry-run", action="store_true", help="run: list the runs that are missing, run nothing")
+    p.add_argument("--verbose", "-v", action="store_true", help="list: each arm's steps, growth step and budget")
+    p.set_defaults(func=cmd_handbook)
 
     p = sub.add_parser("bench", help="benchmarks that print numbers")
     p.add_argument("what", choices=["throughput", "speedup", "stages", "lag", "grow"],

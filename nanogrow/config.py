@@ -24,6 +24,8 @@ class DataConfig:
     seq_len: int = 256  # training context length (<= model.max_seq_len)
     seed: int = 0  # data order (shard permutation per epoch)
     eval_seq_len: int = 0  # validation sequence length, fixed for the whole run; 0 = the longest training seq_len
+    shuffle_block: int = 0  # tokens; > 0: read each epoch in blocks of this size in a permuted order (a multiple of
+    #                         every seq_len); 0: each shard in order, only the shard order permuted
 
 
 @dataclass
@@ -413,6 +415,10 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
         shape = new
         seq_lens.append(seq_len)
     _check_eval_seq_len(cfg, max(seq_lens), source)
+    block = cfg.data.shuffle_block
+    if block < 0 or (block and any(block % n for n in seq_lens)):
+        raise ConfigError(f"{source}: data.shuffle_block={block} must be 0 or a multiple of every seq_len the run "
+                          f"trains at ({sorted(set(seq_lens))}), so that no window straddles two blocks")
     for w in ("at_step", "at_tokens", "at_flops"):
         marks = [getattr(st, w) for st in cfg.stage]
         if g.schedule == "manual" and min(marks, default=0) >= 0 and marks != sorted(set(marks)):

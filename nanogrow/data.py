@@ -29,6 +29,13 @@ tokens of it and rank ``r`` takes the windows of ``seq_len + 1`` tokens that sta
 ``p + (r * micro_batch + j) * seq_len`` (``j < micro_batch``). Rank slices are thus disjoint and together cover
 the stream, and the state (epoch, position, tokens consumed) is topology-free, as in OLMo-core: a run may resume
 at another world size, micro-batch or sequence length and continue from the same global token.
+
+Shuffling (``shuffle_block = B`` tokens, ``data.shuffle_block``): the epoch's stream is cut into blocks of B tokens,
+which are read in an order permuted from (seed, epoch), so consecutive steps read unrelated parts of the corpus
+instead of one book after another (with shard-order permutation alone, a small corpus's validation loss swings
+with the text being read). B is a multiple of every sequence length a run uses, so a window never straddles two
+blocks except for its one extra target token; the tail of fewer than B tokens is left out of that epoch. The
+position stays a token offset in the (permuted) stream: still topology-free and exactly resumable.
 """
 
 from __future__ import annotations
@@ -273,6 +280,25 @@ def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
     return sorted(range(n_shards), key=key)
 
 
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a fixed, version-independent hash."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(_MIX[0])
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX[1])
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX[2])
+        return z ^ (z >> np.uint64(31))
+
+
+def block_order(n_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    """The block permutation of an epoch: blocks sorted by a hash of (seed, epoch, index). Arithmetic rather than
+    numpy's generator, for the reason ``shard_order`` gives; vectorised, so millions of blocks take a second."""
+    key = _mix64(np.array([(seed & 0xFFFFFFFF) << 32 | (epoch & 0xFFFFFFFF)], dtype=np.uint64))
+    return np.argsort(_mix64(np.arange(n_blocks, dtype=np.uint64) ^ key), kind="stable")
+
+
 def _xy(buf: np.ndarray, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets from ``batch * seq_len + 1`` contiguous tokens (separate storage)."""
     import torch  # here, not at the top: data preparation writes shards with this module and need not load torch
@@ -291,12 +317,22 @@ class TokenLoader:
     """
 
     def __init__(self, data_dir, split: str, seq_len: int, micro_batch: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, vocab_size: int | None = None, verify: bool = False):
+                 seed: int = 0, vocab_size: int | None = None, verify: bool = False, shuffle_block: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if shuffle_block < 0:
+            raise ValueError(f"shuffle_block must be >= 0 (0 = read each shard in order), got {shuffle_block}")
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.shards = ShardSet(data_dir, split, vocab_size, verify)
         self.fingerprint = self.shards.fingerprint
+        self.shuffle_block = int(shuffle_block)
+        # Tokens of one epoch's stream: whole blocks only when shuffling.
+        self.epoch_tokens = (self.shards.total // self.shuffle_block * self.shuffle_block if self.shuffle_block
+                             else self.shards.total)
+        if self.shuffle_block and self.epoch_tokens == 0:
+            raise DataError(f"data directory {self.shards.data_dir}: split '{split}' has {self.shards.total} tokens, "
+                            f"fewer than one shuffle block of {self.shuffle_block}")
+        self._blocks: tuple[int, np.ndarray] | None = None
         self.seq_len = self.micro_batch = 0
         self.set_batch_shape(micro_batch, seq_len)
         self.epoch = 0
@@ -310,8 +346,11 @@ class TokenLoader:
         seq_len = self.seq_len if seq_len is None else int(seq_len)
         if micro_batch < 1 or seq_len < 1:
             raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch} and {seq_len}")
+        if self.shuffle_block and self.shuffle_block % seq_len:
+            raise ValueError(f"data.shuffle_block {self.shuffle_block} must be a multiple of every seq_len the run "
+                             f"uses, got seq_len {seq_len}")
         need = self.world_size * micro_batch * seq_len + 1
-        if need > self.shards.total:
+        if need > self.epoch_tokens:
             raise DataError(f"data directory {self.shards.data_dir}: split '{self.shards.split}' has "
                             f"{self.shards.total} tokens, fewer than one step needs ({self.world_size} ranks x "
                             f"{micro_batch} x {seq_len} + 1 = {need})")
@@ -327,13 +366,29 @@ class TokenLoader:
             self._order = (self.epoch, shard_order(len(self.shards.paths), self.seed, self.epoch))
         return self._order[1]
 
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of this epoch's stream (block-permuted when shuffling)."""
+        if not self.shuffle_block:
+            return self.shards.read(self._epoch_order(), start, stop)
+        B = self.shuffle_block
+        if self._blocks is None or self._blocks[0] != self.epoch:
+            self._blocks = (self.epoch, block_order(self.epoch_tokens // B, self.seed, self.epoch))
+        perm, pieces, pos = self._blocks[1], [], start
+        while pos < stop:
+            block, offset = divmod(pos, B)
+            take = min(stop - pos, B - offset)
+            physical = int(perm[block]) * B + offset
+            pieces.append(self.shards.read(self._epoch_order(), physical, physical + take))
+            pos += take
+        return np.concatenate(pieces)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         step = self.tokens_per_step
-        if self.position + step + 1 > self.shards.total:
+        if self.position + step + 1 > self.epoch_tokens:
             self.epoch, self.position = self.epoch + 1, 0
         per_rank = self.micro_batch * self.seq_len
         start = self.position + self.rank * per_rank
-        buf = self.shards.read(self._epoch_order(), start, start + per_rank + 1)
+        buf = self._read(start, start + per_rank + 1)
         self.position += step
         self.tokens_consumed += step
         return _xy(buf, self.micro_batch, self.seq_len)
@@ -341,6 +396,7 @@ class TokenLoader:
     def state_dict(self) -> dict:
         """Global, JSON-able state; identical on every rank. The batch shape is recorded for information only."""
         return {"version": 1, "split": self.shards.split, "seed": self.seed, "fingerprint": self.fingerprint,
+                "shuffle_block": self.shuffle_block,
                 "epoch": self.epoch, "position_in_epoch": self.position, "tokens_consumed": self.tokens_consumed,
                 "world_size": self.world_size, "micro_batch": self.micro_batch, "seq_len": self.seq_len}
 
@@ -353,6 +409,9 @@ class TokenLoader:
         if sd.get("seed") != self.seed:
             raise DataError(f"loader state was saved with seed {sd.get('seed')!r} but this loader has seed "
                             f"{self.seed!r}; the token stream would differ")
+        if int(sd.get("shuffle_block", 0)) != self.shuffle_block:
+            raise DataError(f"loader state was saved with data.shuffle_block {sd.get('shuffle_block', 0)} but this "
+                            f"run has {self.shuffle_block}; the token stream would differ")
         if not 0 <= int(sd["position_in_epoch"]) <= self.shards.total:
             raise DataError(f"loader state position {sd['position_in_epoch']} is outside the split's "
                             f"{self.shards.total} tokens")

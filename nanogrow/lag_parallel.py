@@ -63,9 +63,10 @@ class GroupLoader:
     n_groups times as often as the world loader; its state is the world loader's after every n_groups calls."""
 
     def __init__(self, data_dir, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, n_groups: int,
-                 seed: int, vocab_size: int):
+                 seed: int, vocab_size: int, shuffle_block: int = 0):
         self.loaders = [TokenLoader(data_dir, "train", seq_len, micro_batch, rank=j * dp_size + dp_rank,
-                                    world_size=dp_size * n_groups, seed=seed, vocab_size=vocab_size)
+                                    world_size=dp_size * n_groups, seed=seed, vocab_size=vocab_size,
+                                    shuffle_block=shuffle_block)
                         for j in range(n_groups)]
         self.calls = 0
 
@@ -96,7 +97,7 @@ def group_view(trainer, mesh):
     cfg, t = trainer.cfg, trainer.t
     saved = trainer.loader, trainer.val, trainer.t, trainer.world, trainer.dp_group
     loader = GroupLoader(cfg.data.dir, trainer.seq_len, trainer.micro_batch, dp_rank, dp_size, n_groups,
-                         cfg.data.seed, trainer.model_config.vocab_size)
+                         cfg.data.seed, trainer.model_config.vocab_size, cfg.data.shuffle_block)
     loader.load_state_dict(trainer.loader.state_dict())
     trainer.loader = loader
     trainer.val = val_batches(cfg.data.dir, trainer.seq_len, t.eval_batch_size, t.eval_batches, rank=dp_rank,

@@ -82,7 +82,8 @@ class Trainer:
         self.seq_len = cfg.data.seq_len
         self.micro_batch = self.t.micro_batch
         self.loader = TokenLoader(cfg.data.dir, "train", self.seq_len, self.micro_batch, rank=self.rank,
-                                  world_size=self.world, seed=cfg.data.seed, vocab_size=self.model_config.vocab_size)
+                                  world_size=self.world, seed=cfg.data.seed, vocab_size=self.model_config.vocab_size,
+                                  shuffle_block=cfg.data.shuffle_block)
         # Validation at one fixed length for the whole run (see config.eval_seq_len): comparable across stages.
         self.val = val_batches(cfg.data.dir, eval_seq_len(cfg), self.t.eval_batch_size, self.t.eval_batches,
                                rank=self.rank, world_size=self.world, vocab_size=self.model_config.vocab_size)
@@ -557,7 +558,8 @@ class Trainer:
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
                 val_loss = self.evaluate()
                 self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
-                                     "flops": self.meter.total_flops, "val_loss": val_loss})
+                                     "flops": self.meter.total_flops, "val_loss": val_loss,
+                                     "seconds": round(time.perf_counter() - start, 3)})
                 self.stage_stats[-1]["val_loss"] = val_loss
                 self.log(f"step {self.step:>6} | val loss {val_loss:.4f} | {self.meter.total_flops:.3e} FLOPs")
                 for emit in self._loggers:

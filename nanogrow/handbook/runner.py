@@ -1,0 +1,156 @@
+"""Run a study: every arm x seed (x lr for the reference, x budget scale for its longer runs) not yet in the store.
+
+Order: the reference over its learning-rate grid first (its best lr, the "tuned" one, is what every grown arm
+trains at), then the grown arms, then the reference at the larger budgets. Each finished run is appended to the
+store at once, so a study stopped at any point loses at most the run in progress.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from .store import Store
+from .study import Run, Study, config_hash
+
+FULL_VAL_BATCHES, FULL_VAL_BATCH = 15, 32  # 480 sequences: nearly all of a 65,536-token val split at seq 128
+
+
+def tuned_lr(study: Study, store: Store, seeds: list[int]) -> tuple[float | None, dict]:
+    """The reference's best lr: lowest mean final loss (full validation set) over ``seeds``, among the lrs of the
+    grid that have all of them. Returns (lr or None, {lr: mean final loss})."""
+    means = {}
+    for lr in study.lr_grid:
+        finals = {r["seed"]: r["final_loss"] for r in store.select(study.reference, scale=1.0, lr=lr)
+                  if r["seed"] in seeds}
+        if len(finals) == len(seeds):
+            means[lr] = statistics.fmean(finals.values())
+    if len(means) < len(study.lr_grid):
+        return None, means
+    return min(means, key=means.get), means
+
+
+def plan_runs(study: Study, store: Store, seeds: list[int], arms: list[str] | None = None) -> list[Run]:
+    """The runs still to do, in order, with the tuned lr resolved where the store already allows it."""
+    todo = [r for lr in study.lr_grid for r in study.runs(study.reference, seeds, lr)]
+    lr, _ = tuned_lr(study, store, seeds)
+    if lr is not None:
+        for name in study.arms:
+            if name != study.reference and (arms is None or name in arms):
+                todo += study.runs(name, seeds, lr)
+        todo += study.runs(study.reference, seeds, lr, study.scratch_scales)
+    return [r for r in todo if not store.has(r.key)]
+
+
+def run_study(study: Study, seeds: list[int] | None = None, arms: list[str] | None = None, log=print,
+              dry_run: bool = False) -> int:
+    """Run what is missing; returns the number of runs made. The tuned lr is decided once the grid is done."""
+    seeds = seeds or study.seeds
+    unknown = [a for a in arms or [] if a not in study.arms]
+    if unknown:
+        raise ValueError(f"{study.path}: no arm(s) {unknown}; the study has {', '.join(study.arms)}")
+    store = Store(study.store_path)
+    ensure_data(study, log)
+    made = 0
+    while True:
+        todo = plan_runs(study, store, seeds, arms)
+        if not todo:
+            break
+        if dry_run:
+            for r in todo:
+                log(f"would run {r.arm} seed {r.seed} lr {r.lr:g} x{r.scale:g} ({r.cfg.train.max_steps} steps)")
+            return 0
+        run = todo[0]
+        log(f"[{study.name}] {run.arm} | seed {run.seed} | lr {run.lr:g} | budget x{run.scale:g} | "
+            f"{run.cfg.train.max_steps} steps | {len(todo) - 1} more queued")
+        record = execute(study, run)
+        store.append(record)
+        made += 1
+        log(f"    final loss {record['final_loss']:.4f} (+- {record['final_loss_se']:.4f}), "
+            f"{record['flops']:.3e} FLOPs, {record['wall_seconds']:.0f} s")
+    lr, means = tuned_lr(study, store, seeds)
+    log(f"[{study.name}] complete for seeds {seeds}: tuned lr {lr:g} "
+        f"({', '.join(f'{k:g}: {v:.4f}' for k, v in means.items())})")
+    return made
+
+
+def ensure_data(study: Study, log) -> None:
+    d = Path(study.base.data.dir)
+    if (d / "meta.json").exists():
+        return
+    if not study.prep:
+        raise FileNotFoundError(f"{d} does not exist and {study.path} has no study.prep to make it")
+    from data_prep.prepare import main as prep_main
+    log(f"preparing {d}: nanogrow prep {' '.join(study.prep)} --out {d}")
+    prep_main([*study.prep, "--out", str(d)])
+
+
+def execute(study: Study, run: Run) -> dict:
+    """Train one run and return its store record."""
+    from ..train import Trainer
+
+    trainer = Trainer(run.cfg, log=lambda *a, **k: None)
+    t0 = time.perf_counter()
+    summary = trainer.run()
+    wall = time.perf_counter() - t0
+    final, se = full_validation(trainer)
+    curve = [[h["flops"], h["tokens"], h.get("seconds"), h["val_loss"]] for h in trainer.history
+             if h["event"] == "eval"]
+    events = [{k: h.get(k) for k in ("step", "tokens", "flops", "old_shape", "new_shape", "op", "val_loss_before",
+                                     "val_loss_after", "seconds")} for h in trainer.history if h["event"] == "grow"]
+    shutil.rmtree(run.cfg.train.out_dir, ignore_errors=True)  # checkpoints of a finished study run are not kept
+    return {
+        "study": study.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
+        "config_hash": config_hash(run.cfg), "config": run.cfg.to_dict(), "commit": git_commit(),
+        "curve": curve, "growth_events": events, "final_loss": final, "final_loss_se": se,
+        "final_curve_loss": summary["val_loss"], "flops": summary["flops"], "tokens": summary["tokens"],
+        "steps": summary["steps"], "wall_seconds": wall, "machine": machine(),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@torch.no_grad()
+def full_validation(trainer) -> tuple[float, float]:
+    """Final loss on 480 validation sequences (15 batches of 32) and its standard error over the batches."""
+    from ..config import eval_seq_len
+    from ..data import val_batches
+    from ..parallel import unwrap
+
+    model = unwrap(trainer.model)
+    model.eval()
+    losses = []
+    for x, y in val_batches(trainer.cfg.data.dir, eval_seq_len(trainer.cfg), FULL_VAL_BATCH, FULL_VAL_BATCHES,
+                            vocab_size=trainer.model_config.vocab_size):
+        losses.append(float(model(x.to(trainer.device), y.to(trainer.device))))
+    model.train()
+    return statistics.fmean(losses), statistics.stdev(losses) / len(losses) ** 0.5
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "nanogrow"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads()}

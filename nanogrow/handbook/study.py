@@ -1,0 +1,250 @@
+"""A study: a base run config, a FLOPs budget, named arms, seeds; resolved into one RunConfig per run.
+
+A study file (``configs/handbook/*.toml``)::
+
+    [study]
+    title = "G1: when to grow"             # shown in HANDBOOK.md
+    base = "base.toml"                     # a run config, relative to the study file: the target shape and the
+                                           # from-scratch budget (train.max_steps at the final shape)
+    seeds = [0, 1, 2]
+    reference = "scratch"                  # the from-scratch arm every grown arm is compared with
+    lr_grid = [1e-3, 3e-3, 1e-2]           # the reference is trained at each; the best mean final loss is "tuned"
+    scratch_scales = [2, 4]                # extra reference runs at k x the budget (effective compute multiplier)
+    prep = ["--source", "demo", ...]       # `nanogrow prep` arguments that make the base's data.dir if missing
+
+    [arms.scratch]                         # an arm with no stages trains the final shape from step 0
+
+    [arms."L/2 at 25%"]
+    model = { n_layer = 4 }                # start shape (fields of [model] that differ from the base)
+    stage = [{ at_frac = 0.25, shape = { n_layer = 8 } }]
+    set = { "growth.optimizer" = "map" }   # any other config key, dotted
+
+Budget: every arm spends the FLOPs of the reference trained for ``train.max_steps`` steps (the base), to within one
+step. A stage's ``at_frac`` is the fraction of that budget spent before its growth event; it is resolved to
+``at_step`` from the stage shapes, and the last stage trains until the budget is spent. Grown arms train at the
+tuned learning rate (the reference's best over ``lr_grid``) unless they set ``train.lr`` themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import SECTIONS, ConfigError, RunConfig, load_config, validate
+from ..schedule import stage_layouts
+
+STUDY_KEYS = {"title", "question", "base", "seeds", "reference", "lr_grid", "scratch_scales", "prep", "notes"}
+ARM_KEYS = {"model", "stage", "set", "about"}
+
+
+@dataclass
+class Arm:
+    name: str
+    model: dict = field(default_factory=dict)
+    stage: list[dict] = field(default_factory=list)
+    set: dict = field(default_factory=dict)
+    about: str = ""
+
+
+@dataclass
+class Run:
+    """One run of a study: which arm, seed, lr and budget scale, and the config it resolves to."""
+    arm: str
+    seed: int
+    lr: float
+    scale: float
+    cfg: RunConfig
+
+    @property
+    def key(self) -> str:
+        return config_hash(self.cfg)
+
+
+@dataclass
+class Study:
+    path: Path
+    name: str
+    title: str
+    base: RunConfig
+    base_path: Path
+    seeds: list[int]
+    reference: str
+    lr_grid: list[float]
+    scratch_scales: list[float]
+    arms: dict[str, Arm]
+    prep: list[str] = field(default_factory=list)
+    question: str = ""
+    notes: str = ""
+
+    @property
+    def store_path(self) -> Path:
+        return self.path.with_suffix(".jsonl")
+
+    @property
+    def budget_flops(self) -> float:
+        """FLOPs of the reference: the final shape trained for the base's ``train.max_steps`` steps."""
+        lay = stage_layouts(self.base.model, self.base.data.seq_len, self.base.train.micro_batch, [])[0]
+        return self.base.train.max_steps * lay.tokens_per_step(1, self.base.train.grad_accum) * lay.flops_per_token()
+
+    def arm_config(self, arm: str, seed: int, lr: float, scale: float = 1.0) -> RunConfig:
+        """The run config of ``arm`` at ``seed``: base, then the arm's start shape, stages and overrides, then the
+        budget resolved (``at_frac`` -> ``at_step``, ``train.max_steps`` so that the run spends the budget)."""
+        a = self.arms[arm]
+        raw = copy.deepcopy(self.base.to_dict())
+        raw["model"].update(a.model)
+        raw["stage"] = []
+        for key, value in a.set.items():
+            section, _, name = key.partition(".")
+            if section not in SECTIONS or not name or "." in name:
+                raise ConfigError(f"{self.path}: arms.{arm}.set key {key!r} must be one of "
+                                  f"{', '.join(s + '.<key>' for s in SECTIONS)}")
+            raw[section][name] = value
+        raw["train"]["lr"] = raw["train"]["lr"] if "train.lr" in a.set else lr
+        raw["train"]["max_steps"] = round(self.base.train.max_steps * scale)
+        for key in ("train.seed", "data.seed", "growth.seed"):
+            section, name = key.split(".")
+            raw[section][name] = seed
+        raw["train"]["out_dir"] = f"runs/handbook/{self.name}/{_slug(arm)}-s{seed}-lr{lr:g}-x{scale:g}"
+        source = f"{self.path} arm {arm!r}"
+        fracs = []
+        for i, st in enumerate(a.stage, start=1):
+            st = dict(st)
+            frac = st.pop("at_frac", None)
+            if frac is not None and not 0.0 < float(frac) < 1.0:
+                raise ConfigError(f"{source}: stage[{i}].at_frac={frac} must be in (0, 1)")
+            fracs.append(frac)
+            if frac is not None:
+                st["at_step"] = 0  # placeholder, resolved below once the layouts are known
+            raw["stage"].append(st)
+        cfg = RunConfig.from_dict(raw, source=source)
+        if any(f is not None for f in fracs):
+            if not all(f is not None for f in fracs):
+                raise ConfigError(f"{source}: give every stage an at_frac, or none")
+            _resolve_fractions(cfg, fracs, self.budget_flops * scale, source)
+        validate(cfg, source)
+        return cfg
+
+    def runs(self, arm: str, seeds: list[int], lr: float, scales: list[float] = (1.0,)) -> list[Run]:
+        return [Run(arm, s, lr, k, self.arm_config(arm, s, lr, k)) for s in seeds for k in scales]
+
+    def check(self) -> None:
+        """Refuse a study whose arms do not end in the reference's shape (losses would not be comparable)."""
+        if self.reference not in self.arms:
+            raise ConfigError(f"{self.path}: study.reference {self.reference!r} is not an arm ({', '.join(self.arms)})")
+        want = final_shape(self.arm_config(self.reference, self.seeds[0], self.lr_grid[0]))
+        for name in self.arms:
+            got = final_shape(self.arm_config(name, self.seeds[0], self.lr_grid[0]))
+            if got != want:
+                diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+                raise ConfigError(f"{self.path}: arm {name!r} ends in another shape than the reference "
+                                  f"{self.reference!r}: {diff} (arm, reference)")
+        if self.arms[self.reference].stage:
+            raise ConfigError(f"{self.path}: the reference arm {self.reference!r} must train from scratch (no stages)")
+
+
+def final_shape(cfg: RunConfig) -> dict:
+    lay = stage_layouts(cfg.model, cfg.data.seq_len, cfg.train.micro_batch, cfg.stage)[-1]
+    return {**dataclasses.asdict(dataclasses.replace(lay.model, kernels=lay.model.kernels)), "seq_len": lay.seq_len}
+
+
+def _resolve_fractions(cfg: RunConfig, fracs: list[float], budget: float, source: str) -> None:
+    """Stage i starts once ``fracs[i]`` of ``budget`` is spent; the last stage runs until all of it is."""
+    t = cfg.train
+    layouts = stage_layouts(cfg.model, cfg.data.seq_len, t.micro_batch, cfg.stage)
+    per_step = [lay.tokens_per_step(1, t.grad_accum) * lay.flops_per_token() for lay in layouts]
+    step, spent = 0, 0.0
+    for i, (st, frac) in enumerate(zip(cfg.stage, fracs)):
+        n = max(1, round((frac * budget - spent) / per_step[i]))
+        step, spent = step + n, spent + n * per_step[i]
+        if spent >= budget:
+            raise ConfigError(f"{source}: stage[{i + 1}].at_frac={frac} leaves no budget for the stages after it")
+        st.at_step = step
+    t.max_steps = step + max(1, round((budget - spent) / per_step[-1]))
+    if t.warmup_steps >= cfg.stage[0].at_step:
+        raise ConfigError(f"{source}: the first growth (step {cfg.stage[0].at_step}) comes before the end of the "
+                          f"warm-up (train.warmup_steps={t.warmup_steps}); grow later")
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """What identifies a run's result: its whole config but where it writes (out_dir)."""
+    d = cfg.to_dict()
+    d["train"].pop("out_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def load_study(path: str | Path) -> Study:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study file {str(p)!r} does not exist")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    unknown = set(raw) - {"study", "arms"}
+    if unknown or "study" not in raw or "arms" not in raw:
+        raise ConfigError(f"{p}: a study has exactly a [study] table and [arms.NAME] tables; found "
+                          f"{sorted(raw)}")
+    s = raw["study"]
+    bad = set(s) - STUDY_KEYS
+    if bad:
+        raise ConfigError(f"{p}: unknown key(s) {sorted(bad)} in [study]; allowed: {', '.join(sorted(STUDY_KEYS))}")
+    for key in ("title", "base", "seeds", "reference", "lr_grid"):
+        if key not in s:
+            raise ConfigError(f"{p}: [study] needs {key!r}")
+    if not s["seeds"] or not all(isinstance(x, int) for x in s["seeds"]):
+        raise ConfigError(f"{p}: study.seeds must be a non-empty list of integers, got {s['seeds']!r}")
+    if not s["lr_grid"] or not all(isinstance(x, (int, float)) and x > 0 for x in s["lr_grid"]):
+        raise ConfigError(f"{p}: study.lr_grid must be a non-empty list of positive numbers, got {s['lr_grid']!r}")
+    scales = s.get("scratch_scales", [])
+    if not all(isinstance(x, (int, float)) and x > 1 for x in scales):
+        raise ConfigError(f"{p}: study.scratch_scales must be numbers > 1 (multiples of the budget), got {scales!r}")
+    base_path = (p.parent / s["base"]).resolve()
+    base = load_config(base_path)
+    arms = {}
+    for name, a in raw["arms"].items():
+        if not isinstance(a, dict) or set(a) - ARM_KEYS:
+            raise ConfigError(f"{p}: arms.{name} may only have {', '.join(sorted(ARM_KEYS))}; got "
+                              f"{sorted(a) if isinstance(a, dict) else a!r}")
+        arms[name] = Arm(name, **a)
+    study = Study(path=p, name=p.stem, title=s["title"], base=base, base_path=base_path, seeds=list(s["seeds"]),
+                  reference=s["reference"], lr_grid=[float(x) for x in s["lr_grid"]],
+                  scratch_scales=[float(x) for x in scales], arms=arms, prep=list(s.get("prep", [])),
+                  question=s.get("question", ""), notes=s.get("notes", ""))
+    study.check()
+    return study
+
+
+STUDY_DIR = Path(__file__).resolve().parents[2] / "configs" / "handbook"
+
+
+def studies_in(directory: str | Path = STUDY_DIR) -> list[Study]:
+    """Every study file in ``directory`` (TOML files with a [study] table; base configs are skipped)."""
+    out = []
+    for p in sorted(Path(directory).glob("*.toml")):
+        if "[study]" in p.read_text():
+            out.append(load_study(p))
+    return out
+
+
+def budget_check(study: Study) -> list[str]:
+    """Each arm's FLOPs as a multiple of the budget (should be 1 to within a step): lines for `handbook list`."""
+    lines = []
+    for name in study.arms:
+        cfg = study.arm_config(name, study.seeds[0], study.lr_grid[0])
+        t = cfg.train
+        layouts = stage_layouts(cfg.model, cfg.data.seq_len, t.micro_batch, cfg.stage)
+        ends = [st.at_step for st in cfg.stage] + [t.max_steps]
+        flops = sum((e - b) * lay.tokens_per_step(1, t.grad_accum) * lay.flops_per_token()
+                    for lay, b, e in zip(layouts, [0] + ends[:-1], ends))
+        lines.append(f"{name}: {t.max_steps} steps, growth at {[st.at_step for st in cfg.stage]}, "
+                     f"{flops / study.budget_flops:.4f} x budget")
+    return lines
