@@ -62,7 +62,11 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         """Raise ValueError naming the key for an impossible shape."""
-        positive = ["n_layer", "d_model", "n_head", "n_kv_head", "vocab_size", "max_seq_len"]
+        # n_layer = 0 is a model of embeddings and head only: the start of zero-layer progressive training
+        # (Bu, ICML 2026), grown by inserting blocks (op 'identity').
+        if not isinstance(self.n_layer, int) or isinstance(self.n_layer, bool) or self.n_layer < 0:
+            raise ValueError(f"{prefix}.n_layer must be a non-negative integer, got {self.n_layer!r}")
+        positive = ["d_model", "n_head", "n_kv_head", "vocab_size", "max_seq_len"]
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -231,7 +235,7 @@ class Transformer(nn.Module):
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.tok_emb.weight.device).manual_seed(seed)
-        out_std = c.init_std / math.sqrt(2 * c.n_layer)
+        out_std = c.init_std / math.sqrt(2 * max(1, c.n_layer))
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)

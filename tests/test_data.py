@@ -249,3 +249,52 @@ def test_val_batches_fixed_and_rank_sliced(data):
     with pytest.raises(DataError, match=r"val split has 1100 tokens, fewer than 5 batches x 16 sequences x 16 "
                                         r"tokens \+ 1 = 1281"):
         val_batches(data, 16, 16, 5)
+
+
+# ---- block shuffling (data.shuffle_block) -----------------------------------------------------------------------
+
+def test_shuffled_epoch_reads_every_block_once_in_a_seeded_order(data):
+    """An epoch of 5300 tokens in blocks of 64: 82 whole blocks (the 52-token tail is left out), each read once,
+    whole, in an order that depends on seed and epoch; the windows inside a block are the stream's."""
+    B, T = 64, 16
+    s = stream(data, seed=4, epoch=0)
+    where = {int(tok): i for i, tok in enumerate(s)}  # tokens are distinct: a token names its place in the stream
+    loader = TokenLoader(data, "train", T, 4, seed=4, shuffle_block=B)  # 64 tokens per step: one block
+    assert loader.epoch_tokens == 5300 // B * B
+    starts = []
+    for _ in range(5300 // B - 1):  # the last block cannot give its final target token inside the epoch
+        x, y = loader.next_batch()
+        flat = x.flatten().numpy()
+        i = where[int(flat[0])]
+        assert i % B == 0, "a step starts at a block boundary"
+        np.testing.assert_array_equal(flat, s[i:i + B])
+        starts.append(i // B)
+    assert len(set(starts)) == len(starts) == 5300 // B - 1
+    assert starts != sorted(starts)
+    other = TokenLoader(data, "train", T, 4, seed=5, shuffle_block=B)
+    assert [where[other.next_batch()[0][0, 0].item()] // B for _ in range(5)] != starts[:5]
+
+
+def test_shuffled_stream_resumes_exactly_at_another_world_size(data):
+    ref = TokenLoader(data, "train", 16, 4, seed=2, shuffle_block=128)
+    for _ in range(7):
+        ref.next_batch()
+    state = json.loads(json.dumps(ref.state_dict()))
+    ranks = [TokenLoader(data, "train", 16, 2, rank=r, world_size=2, seed=2, shuffle_block=128) for r in range(2)]
+    for loader in ranks:
+        loader.load_state_dict(state)
+    for _ in range(100):  # crosses epoch wraps
+        x_ref, _ = ref.next_batch()
+        assert torch.equal(torch.cat([loader.next_batch()[0] for loader in ranks]), x_ref)
+    assert ref.epoch >= 1
+    with pytest.raises(DataError, match="shuffle_block 128 but this run has 0"):
+        TokenLoader(data, "train", 16, 4, seed=2).load_state_dict(state)
+
+
+def test_shuffle_block_must_be_a_multiple_of_seq_len(data, tmp_path):
+    from nanogrow.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="shuffle_block 100 must be a multiple of every seq_len"):
+        TokenLoader(data, "train", 16, 4, shuffle_block=100)
+    with pytest.raises(ConfigError, match=r"data.shuffle_block=96 must be 0 or a multiple of every seq_len.*\[64\]"):
+        load_config(None, ["data.shuffle_block=96", "data.seq_len=64", "model.max_seq_len=64"])

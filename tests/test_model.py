@@ -68,7 +68,7 @@ def test_loss_is_cross_entropy_of_logits():
 @pytest.mark.parametrize("bad,match", [
     (dict(d_model=30, n_head=4), "d_model=30 is not divisible by model.n_head=4"),
     (dict(n_head=4, n_kv_head=3), "n_head=4 is not divisible by model.n_kv_head=3"),
-    (dict(n_layer=0), "model.n_layer must be a positive integer"),
+    (dict(n_layer=-1), "model.n_layer must be a non-negative integer"),
 ])
 def test_impossible_shapes_name_the_key(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -36,6 +36,9 @@ def _depth_only(op: str, old: ModelConfig, new: ModelConfig) -> tuple[ModelConfi
             raise ValueError(
                 f"{op} grows depth only (n_layer), but {k} changes {getattr(o, k)} -> {getattr(n, k)}: use "
                 f"op='joint' with depth_op='{op}' and a width_op")
+    if o.n_layer == 0 and op != "identity":
+        raise ValueError(f"{op}: the model has 0 layers, so there is no layer to copy; grow it with op 'identity' "
+                         f"(new blocks with zero output projections: the function is kept)")
     # Depth growth never touches RMSNorm, so the grown model keeps the old epsilon (see width.py for why a
     # d_model growth rescales it).
     return o, replace(n, norm_eps=o.norm_eps)

@@ -177,7 +177,7 @@ class _Ctx:
 
     def __init__(self, method, seed, n: ModelConfig, state: str, noise: float = 0.0, rescale: bool = True):
         self.method, self.seed, self.n, self.state, self.noise, self.rescale = method, seed, n, state, noise, rescale
-        self.out_std = n.init_std / math.sqrt(2 * n.n_layer)
+        self.out_std = n.init_std / math.sqrt(2 * max(1, n.n_layer))
 
     def fresh(self, name: str, tag: str, shape, init: str, std: float = 0.0, value: float = 0.0) -> Fresh:
         seed = derive_seed(self.seed, self.method, name, tag) if init == "normal" else 0

@@ -21,7 +21,7 @@ import torch
 from .store import Store
 from .study import Run, Study, config_hash
 
-FULL_VAL_BATCHES, FULL_VAL_BATCH = 15, 32  # 480 sequences: nearly all of a 65,536-token val split at seq 128
+FULL_VAL_BATCHES, FULL_VAL_BATCH = 15, 32  # 480 sequences: 94% of a 65,536-token val split at seq 128
 
 
 def tuned_lr(study: Study, store: Store, seeds: list[int]) -> tuple[float | None, dict]:
@@ -119,16 +119,18 @@ def execute(study: Study, run: Run) -> dict:
 
 @torch.no_grad()
 def full_validation(trainer) -> tuple[float, float]:
-    """Final loss on 480 validation sequences (15 batches of 32) and its standard error over the batches."""
+    """Final loss on up to 480 validation sequences (15 batches of 32; fewer where the split is smaller) and its
+    standard error over the batches."""
     from ..config import eval_seq_len
-    from ..data import val_batches
+    from ..data import ShardSet, val_batches
     from ..parallel import unwrap
 
+    seq = eval_seq_len(trainer.cfg)
+    n = min(FULL_VAL_BATCHES, (ShardSet(trainer.cfg.data.dir, "val").total - 1) // (FULL_VAL_BATCH * seq))
     model = unwrap(trainer.model)
     model.eval()
     losses = []
-    for x, y in val_batches(trainer.cfg.data.dir, eval_seq_len(trainer.cfg), FULL_VAL_BATCH, FULL_VAL_BATCHES,
-                            vocab_size=trainer.model_config.vocab_size):
+    for x, y in val_batches(trainer.cfg.data.dir, seq, FULL_VAL_BATCH, n, vocab_size=trainer.model_config.vocab_size):
         losses.append(float(model(x.to(trainer.device), y.to(trainer.device))))
     model.train()
     return statistics.fmean(losses), statistics.stdev(losses) / len(losses) ** 0.5

@@ -1,0 +1,201 @@
+"""Tables, plots and HANDBOOK.md from the result stores.
+
+Every grown arm is compared with the tuned reference of the same seed (paired), on five measures:
+
+  final loss        the arm's loss on the full validation set (480 sequences) at the end of the common budget,
+                    and its difference from the reference's (paired by seed)
+  FLOPs ratio       reference FLOPs to reach the reference's own final loss / the arm's FLOPs to reach it (first
+                    crossing, interpolated between evaluations); "never" if the arm does not get there
+  effective x       FLOPs the reference needs to end at the arm's final loss, read off the reference runs at
+                    1x, 2x, 4x the budget (interpolated in log-FLOPs), / the arm's FLOPs
+  wall ratio        as the FLOPs ratio, in wall-clock seconds (growth overhead included; evaluation time too)
+
+Means are over seeds with 95% t-intervals; ratios use the geometric mean and a t-interval on their logarithms.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .runner import tuned_lr
+from .stats import effective_flops, first_crossing, fmt_ci, mean_ci, ratio_ci
+from .store import Store
+from .study import Study, config_hash, studies_in
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, dict, list[dict]]:
+    """(tuned lr, {lr: mean final loss of the reference}, one row of statistics per arm)."""
+    store = store or Store(study.store_path)
+    lr, grid = tuned_lr(study, store, study.seeds)
+    if lr is None:
+        return None, grid, []
+    ref = {r["seed"]: r for r in store.select(study.reference, scale=1.0, lr=lr)}
+    scales = {s: [r for r in store.select(study.reference, lr=lr) if r["seed"] == s] for s in ref}
+    rows = []
+    for name in study.arms:
+        runs = {r["seed"]: r for r in store.select(name, scale=1.0, lr=lr if name == study.reference else None)
+                if r["seed"] in ref and r["config_hash"] in _current_keys(study, name, r["seed"], lr)}
+        if not runs:
+            rows.append({"arm": name, "seeds": 0})
+            continue
+        row: dict = {"arm": name, "seeds": len(runs), "finals": [], "diffs": [], "flops_ratio": [], "never": 0,
+                     "effective": [], "extrapolated": 0, "wall_ratio": [], "jumps": []}
+        for seed, r in sorted(runs.items()):
+            base = ref[seed]
+            row["finals"].append(r["final_loss"])
+            row["diffs"].append(r["final_loss"] - base["final_loss"])
+            target = base["curve"][-1][3]
+            ref_cost, cost = first_crossing(base["curve"], target), first_crossing(r["curve"], target)
+            if cost:
+                row["flops_ratio"].append(ref_cost / cost)
+                ref_s, s = first_crossing(base["curve"], target, x=2), first_crossing(r["curve"], target, x=2)
+                if ref_s and s:
+                    row["wall_ratio"].append(ref_s / s)
+            else:
+                row["never"] += 1
+            points = [(x["flops"], x["final_loss"]) for x in scales[seed]]
+            if len(points) >= 2:
+                eff, extrapolated = effective_flops(points, r["final_loss"])
+                row["effective"].append(eff / r["flops"])
+                row["extrapolated"] += extrapolated
+            for ev in r.get("growth_events", []):
+                if ev.get("val_loss_before") is not None and ev.get("val_loss_after") is not None:
+                    row["jumps"].append(ev["val_loss_after"] - ev["val_loss_before"])
+        rows.append(row)
+    return lr, grid, rows
+
+
+def _current_keys(study: Study, arm: str, seed: int, lr: float) -> set[str]:
+    """Config hashes the study's current definition gives this arm (stale records of an edited arm are left out)."""
+    scales = [1.0] + (study.scratch_scales if arm == study.reference else [])
+    lrs = study.lr_grid if arm == study.reference else [lr]
+    return {config_hash(study.arm_config(arm, seed, x, k)) for x in lrs for k in scales}
+
+
+def table(study: Study, rows: list[dict]) -> str:
+    head = ("| arm | seeds | final loss | vs scratch (paired) | FLOPs ratio to scratch's loss | effective compute x "
+            "| wall-clock ratio | loss jump at growth |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for row in rows:
+        if not row["seeds"]:
+            lines.append(f"| {row['arm']} | 0 | not run | | | | | |")
+            continue
+        is_ref = row["arm"] == study.reference
+        never = f", never in {row['never']}" if row["never"] else ""
+        eff = fmt_ci(*ratio_ci(row["effective"]), suffix="x") if row["effective"] else "n/a"
+        if row["extrapolated"]:
+            eff += f" ({row['extrapolated']} extrapolated)"
+        lines.append(
+            f"| {row['arm']} | {row['seeds']} | {fmt_ci(*mean_ci(row['finals']), digits=3)} | "
+            f"{'-' if is_ref else fmt_ci(*mean_ci(row['diffs']), digits=3)} | "
+            f"{'1' if is_ref else (fmt_ci(*ratio_ci(row['flops_ratio']), suffix='x') if row['flops_ratio'] else 'never')}{never} | "
+            f"{eff} | {'1' if is_ref else (fmt_ci(*ratio_ci(row['wall_ratio']), suffix='x') if row['wall_ratio'] else 'n/a')} | "
+            f"{fmt_ci(*mean_ci(row['jumps']), digits=3) if row['jumps'] else '-'} |")
+    return "\n".join(lines)
+
+
+def plot(study: Study, lr: float, path: Path) -> Path | None:
+    """Validation loss against FLOPs, every arm (seeds as thin lines of one colour), the reference in black."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    store = Store(study.store_path)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, name in enumerate(study.arms):
+        runs = store.select(name, scale=1.0, lr=lr)
+        color = "black" if name == study.reference else f"C{i % 10}"
+        for j, r in enumerate(sorted(runs, key=lambda r: r["seed"])):
+            xs, ys = [p[0] for p in r["curve"]], [p[3] for p in r["curve"]]
+            ax.plot(xs, ys, color=color, lw=1.6 if name == study.reference else 1.0, alpha=0.8,
+                    label=name if j == 0 else None)
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss")
+    ax.set_title(study.title, fontsize=10)
+    lows = [p[3] for r in store.select(lr=lr, scale=1.0) for p in r["curve"]]
+    if lows:
+        ax.set_ylim(min(lows) - 0.05, min(lows) + 1.5)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def study_markdown(study: Study, plots: bool = True) -> str:
+    store = Store(study.store_path)
+    lr, grid, rows = arm_rows(study, store)
+    rel = study.path.resolve().relative_to(ROOT) if study.path.resolve().is_relative_to(ROOT) else study.path
+    out = [f"## {study.title}", ""]
+    if study.question:
+        out += [f"*{study.question}*", ""]
+    out += [f"Reproduce: `nanogrow handbook run {rel}` (then `nanogrow handbook report`). "
+            f"Result store: `{Path(rel).with_suffix('.jsonl')}`, {len(store.records)} runs."]
+    if store.torn:
+        out.append(f"(lines {store.torn} of the store are torn and were skipped)")
+    if lr is None:
+        done = {k: f"{v:.4f}" for k, v in grid.items()}
+        return "\n".join(out + ["", f"Incomplete: the reference's lr grid is not done for seeds {study.seeds} "
+                                    f"(done: {done or 'none'})."])
+    commits = sorted({r["commit"][:10] for r in store.records})
+    machines = sorted({f"{r['machine']['cpu']} ({r['machine']['cores']} cores, torch {r['machine']['torch']})"
+                       for r in store.records})
+    ref = store.select(study.reference, scale=1.0, lr=lr)
+    se = statistics.fmean(r["final_loss_se"] for r in ref)
+    out += ["", f"Budget: {study.budget_flops:.3e} FLOPs (the reference, {study.base.train.max_steps} steps). "
+                f"Reference tuned over lr {', '.join(f'{k:g} ({v:.4f})' for k, v in grid.items())}: best **{lr:g}**; "
+                f"grown arms train at it. Seeds {study.seeds} (paired: same data order and initial weights per "
+                f"seed). Commit(s) {', '.join(commits)}; machine(s) {'; '.join(machines)}.",
+            "", table(study, rows), "",
+            f"Final losses are on 480 validation sequences; their standard error over the 15 batches is {se:.3f}, "
+            f"but every run is scored on the same sequences, so the paired differences in the table are far more "
+            f"precise than that (their interval is over seeds). Intervals: 95% t over seeds; ratios: geometric "
+            f"mean. Effective compute: from the reference at "
+            f"{', '.join(['1'] + [f'{k:g}' for k in study.scratch_scales])}x the budget."]
+    if plots:
+        png = plot(study, lr, study.path.parent / "plots" / f"{study.name}.png")
+        if png:
+            out += ["", f"![{study.title}]({png.resolve().relative_to(ROOT) if png.resolve().is_relative_to(ROOT) else png})"]
+    notes = study.path.with_suffix(".md")
+    if notes.exists():
+        out += ["", notes.read_text().strip()]
+    return "\n".join(out)
+
+
+def completeness(study: Study) -> str:
+    store = Store(study.store_path)
+    lr, _ = tuned_lr(study, store, study.seeds)
+    total = len(study.lr_grid) * len(study.seeds) + (len(study.arms) - 1 + len(study.scratch_scales)) * len(study.seeds)
+    from .runner import plan_runs
+    missing = len(plan_runs(study, store, study.seeds))
+    if lr is None:  # grown arms wait for the tuned lr: count them as missing too
+        missing += (len(study.arms) - 1 + len(study.scratch_scales)) * len(study.seeds)
+    return f"{study.name}: {total - missing}/{total} runs ({study.path})"
+
+
+HEADER = """# The Handbook of Growing
+
+Generated by `nanogrow handbook report` from the result stores in `configs/handbook/` (one JSON line per run:
+config and its hash, commit, machine, full validation curve, growth events). Each section says the command that
+reproduces it. Hand-written recommendations (from `configs/handbook/<study>.md`) follow each table and cite it; a
+recommendation is written only where the interval excludes "no difference".
+
+How to read the tables: see the docstring of `nanogrow/handbook/report.py`. Every arm spends the same FLOPs as the
+reference (to within one step); grown arms train at the reference's tuned learning rate.
+"""
+
+
+def write_handbook(path: str | Path = ROOT / "HANDBOOK.md", log=print) -> Path:
+    parts = [HEADER]
+    for study in studies_in():
+        parts.append(study_markdown(study))
+    path = Path(path)
+    path.write_text("\n\n".join(parts).rstrip() + "\n")
+    log(f"wrote {path}")
+    return path

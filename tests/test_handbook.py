@@ -1,0 +1,216 @@
+"""The Handbook's study engine: statistics on hand-made curves, config hashing, the budget, the store's skip/resume,
+refusals, and one real (tiny) study run end to end."""
+
+import json
+import math
+
+import pytest
+
+from nanogrow.config import ConfigError
+from nanogrow.handbook import report, runner
+from nanogrow.handbook.stats import effective_flops, first_crossing, mean_ci, ratio_ci, t975
+from nanogrow.handbook.store import Store
+from nanogrow.handbook.study import budget_check, config_hash, load_study
+
+BASE = """
+[model]
+n_layer = 4
+d_model = 32
+n_head = 2
+n_kv_head = 1
+vocab_size = 512
+max_seq_len = 32
+
+[data]
+dir = "{data}"
+seq_len = 32
+shuffle_block = 256
+
+[train]
+out_dir = "unused"
+micro_batch = 4
+max_steps = 24
+warmup_steps = 2
+eval_every = 4
+eval_batches = 2
+eval_batch_size = 4
+log_every = 1000
+keep_last = 1
+
+[growth]
+op = "stack"
+lr_policy = "rewarm"
+rewarm_steps = 2
+"""
+
+STUDY = """
+[study]
+title = "test study"
+base = "base.toml"
+seeds = [0, 1]
+reference = "scratch"
+lr_grid = [3e-3, 1e-2]
+scratch_scales = [2]
+
+[arms.scratch]
+
+[arms."half at 50%"]
+model = {{ n_layer = 2 }}
+stage = [{{ at_frac = 0.5, shape = {{ n_layer = 4 }} }}]
+{extra}
+"""
+
+
+def write_study(tmp_path, data, extra=""):
+    (tmp_path / "base.toml").write_text(BASE.format(data=data))
+    p = tmp_path / "s.toml"
+    p.write_text(STUDY.format(extra=extra))
+    return p
+
+
+# ---- statistics ----------------------------------------------------------------------------------------------
+
+def test_first_crossing_interpolates_between_evaluations():
+    curve = [[0, 0, 0, 6.0], [10, 0, 1, 5.0], [20, 0, 3, 4.0], [30, 0, 4, 3.5]]
+    assert first_crossing(curve, 4.5) == pytest.approx(15.0)
+    assert first_crossing(curve, 4.5, x=2) == pytest.approx(2.0)  # seconds column
+    assert first_crossing(curve, 6.5) == 0  # already there at the first evaluation
+    assert first_crossing(curve, 3.0) is None  # never reached
+    assert first_crossing([[0, 0, 0, 5.0], [10, 0, 1, 4.0], [20, 0, 2, 4.4], [30, 0, 3, 3.9]], 4.2) == \
+        pytest.approx(8.0)  # the *first* crossing, not a later one
+
+
+def test_effective_flops_interpolates_in_log_flops_and_flags_extrapolation():
+    scratch = [(1e10, 5.0), (2e10, 4.6), (4e10, 4.3)]
+    f, extra = effective_flops(scratch, 4.8)
+    assert not extra and f == pytest.approx(math.sqrt(1e10 * 2e10))  # halfway in loss = geometric mean
+    f, extra = effective_flops(scratch, 4.3)
+    assert not extra and f == pytest.approx(4e10)
+    f, extra = effective_flops(scratch, 4.0)  # below the 4x run: extrapolated from the last two points
+    assert extra and f == pytest.approx(8e10)
+    with pytest.raises(ValueError, match="two or more budgets"):
+        effective_flops(scratch[:1], 4.5)
+
+
+def test_confidence_intervals_on_known_values():
+    m, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # t(0.975, 2) * sd / sqrt(n)
+    assert mean_ci([5.0])[1:] == (-math.inf, math.inf)
+    g, lo, hi = ratio_ci([2.0, 2.0, 2.0])
+    assert g == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    g, lo, hi = ratio_ci([1.0, 4.0])
+    assert g == pytest.approx(2.0) and lo < 1.0 < 4.0 < hi
+    assert t975(40) == 1.96 and t975(11) == 2.228
+
+
+# ---- studies -------------------------------------------------------------------------------------------------
+
+def test_arms_spend_the_budget_and_hashes_identify_configs(tmp_path, demo_data):
+    study = load_study(write_study(tmp_path, demo_data))
+    lines = budget_check(study)
+    assert len(lines) == 2 and all(l.split(", ")[-1].startswith(("1.0", "0.9")) for l in lines), lines
+    for line in lines:
+        assert abs(float(line.rsplit(", ", 1)[1].split(" x")[0]) - 1) < 0.05, line  # within one step of 24
+    a = study.arm_config("half at 50%", 0, 1e-2)
+    assert a.model.n_layer == 2 and a.stage[0].at_step > 0 and a.train.max_steps > 24 and a.train.lr == 1e-2
+    assert (a.train.seed, a.data.seed, a.growth.seed) == (0, 0, 0)
+    same = study.arm_config("half at 50%", 0, 1e-2)
+    same.train.out_dir = "elsewhere"
+    assert config_hash(same) == config_hash(a)  # where a run writes is not what it is
+    assert config_hash(study.arm_config("half at 50%", 1, 1e-2)) != config_hash(a)
+    assert config_hash(study.arm_config("half at 50%", 0, 3e-3)) != config_hash(a)
+    edited = load_study(write_study(tmp_path, demo_data).parent / "s.toml")
+    edited.arms["half at 50%"].stage[0]["at_frac"] = 0.6
+    assert config_hash(edited.arm_config("half at 50%", 0, 1e-2)) != config_hash(a)  # a new arm, not mixed
+
+
+def test_study_refusals_name_the_arm(tmp_path, demo_data):
+    with pytest.raises(ConfigError, match=r"arm 'wide' ends in another shape than the reference 'scratch'.*n_layer"):
+        load_study(write_study(tmp_path, demo_data, extra='[arms.wide]\nmodel = { n_layer = 2 }\n'))
+    with pytest.raises(ConfigError, match=r"stage\[1\].at_frac=1.5 must be in \(0, 1\)"):
+        load_study(write_study(tmp_path, demo_data, extra='[arms.late]\nmodel = { n_layer = 2 }\n'
+                                                          'stage = [{ at_frac = 1.5, shape = { n_layer = 4 } }]\n'))
+    with pytest.raises(ConfigError, match=r"arms.bad.set key 'lr'"):
+        load_study(write_study(tmp_path, demo_data, extra='[arms.bad]\nset = { lr = 1 }\n'))
+    p = write_study(tmp_path, demo_data)
+    with pytest.raises(ValueError, match=r"no arm\(s\) \['nope'\]"):
+        runner.run_study(load_study(p), arms=["nope"], log=lambda *a: None)
+
+
+def fake_record(study, run):
+    """A record as ``execute`` returns it, without training: the loss falls with FLOPs and with the lr."""
+    flops = study.budget_flops * run.scale
+    final = 5.0 - 0.1 * math.log2(run.scale) - (0.05 if run.lr == 1e-2 else 0) - 0.01 * run.seed - \
+        (0.03 if run.arm != study.reference else 0)
+    curve = [[flops * k / 4, 0, 10.0 * k, final + 0.5 * (4 - k) / 4] for k in range(1, 5)]
+    return {"study": study.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
+            "config_hash": run.key, "curve": curve, "growth_events": [], "final_loss": final, "final_loss_se": 0.01,
+            "flops": flops, "wall_seconds": 1.0, "commit": "abc", "machine": {"cpu": "test", "cores": 2, "torch": "x"}}
+
+
+def test_store_skips_what_is_done_and_resumes_after_an_interruption(tmp_path, demo_data, monkeypatch):
+    study = load_study(write_study(tmp_path, demo_data))
+    calls = []
+
+    def execute(study_, run):
+        calls.append((run.arm, run.seed, run.lr, run.scale))
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the end of a working day, mid-study
+        return fake_record(study_, run)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(runner, "ensure_data", lambda *a: None)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_study(study, log=lambda *a: None)
+    # The lr grid ran first (2 lrs x 2 seeds); the tuned lr (1e-2, lower loss) then picked the grown arm's lr.
+    assert calls[:4] == [("scratch", 0, 3e-3, 1.0), ("scratch", 1, 3e-3, 1.0), ("scratch", 0, 1e-2, 1.0),
+                         ("scratch", 1, 1e-2, 1.0)]
+    assert calls[4] == ("half at 50%", 0, 1e-2, 1.0)
+    assert len(Store(study.store_path).records) == 5
+    calls.clear()
+    # The rest: the grown arm's seed 1 (interrupted, so not stored) and the reference at 2x for both seeds.
+    assert runner.run_study(study, log=lambda *a: None) == 3
+    assert calls == [("half at 50%", 1, 1e-2, 1.0), ("scratch", 0, 1e-2, 2.0), ("scratch", 1, 1e-2, 2.0)]
+    assert runner.run_study(study, log=lambda *a: None) == 0 and len(calls) == 3  # complete: nothing runs
+    # A torn last line (a machine that died mid-write) is reported, not read.
+    with open(study.store_path, "a") as f:
+        f.write('{"arm": "scr')
+    store = Store(study.store_path)
+    assert store.torn == [9] and len(store.records) == 8
+    lr, grid, rows = report.arm_rows(study)
+    assert lr == 1e-2 and set(grid) == {3e-3, 1e-2}
+    grown = next(r for r in rows if r["arm"] == "half at 50%")
+    assert grown["seeds"] == 2 and grown["diffs"] == pytest.approx([-0.03, -0.03])
+    assert all(r > 1 for r in grown["flops_ratio"]) and all(e > 1 for e in grown["effective"])
+    md = report.study_markdown(study, plots=False)
+    assert "| half at 50% | 2 |" in md and "best **0.01**" in md and "torn" in md
+
+
+def test_report_shows_an_arm_not_run_yet(tmp_path, demo_data, monkeypatch):
+    study = load_study(write_study(tmp_path, demo_data))
+    monkeypatch.setattr(runner, "execute", fake_record)
+    monkeypatch.setattr(runner, "ensure_data", lambda *a: None)
+    runner.run_study(study, arms=["scratch"], log=lambda *a: None)
+    md = report.study_markdown(study, plots=False)
+    assert "| half at 50% | 0 | not run |" in md
+    assert report.completeness(study).startswith("s: 6/8 runs")  # the grown arm (2 seeds) is missing
+
+
+def test_a_real_study_runs_end_to_end(tmp_path, demo_data):
+    """Two tiny arms, one seed, one lr, trained for real: curves, full-validation loss with its standard error,
+    growth events and the machine land in the store; the report renders."""
+    p = write_study(tmp_path, demo_data)
+    p.write_text(p.read_text().replace("seeds = [0, 1]", "seeds = [0]").replace("lr_grid = [3e-3, 1e-2]",
+                                                                                "lr_grid = [1e-2]")
+                 .replace("scratch_scales = [2]", "scratch_scales = []"))
+    study = load_study(p)
+    assert runner.run_study(study, log=lambda *a: None) == 2
+    recs = {r["arm"]: r for r in Store(study.store_path).records}
+    grown, scratch = recs["half at 50%"], recs["scratch"]
+    assert grown["flops"] == pytest.approx(scratch["flops"], rel=0.05)
+    assert len(grown["growth_events"]) == 1 and grown["growth_events"][0]["step"] == grown["config"]["stage"][0]["at_step"]
+    assert all(len(point) == 4 and point[2] is not None for point in grown["curve"])
+    assert 0 < grown["final_loss_se"] < 0.5 and math.isfinite(grown["final_loss"])
+    assert grown["machine"]["cores"] >= 1 and grown["commit"]
+    json.dumps(recs)  # plain JSON
+    assert "| half at 50% | 1 |" in report.study_markdown(study, plots=False)
