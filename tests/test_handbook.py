@@ -214,3 +214,18 @@ def test_a_real_study_runs_end_to_end(tmp_path, demo_data):
     assert grown["machine"]["cores"] >= 1 and grown["commit"]
     json.dumps(recs)  # plain JSON
     assert "| half at 50% | 1 |" in report.study_markdown(study, plots=False)
+
+
+def test_a_run_stored_for_another_study_is_copied_not_rerun(tmp_path, demo_data, monkeypatch):
+    first = load_study(write_study(tmp_path, demo_data))
+    monkeypatch.setattr(runner, "execute", fake_record)
+    monkeypatch.setattr(runner, "ensure_data", lambda *a: None)
+    runner.run_study(first, arms=["scratch"], log=lambda *a: None)
+    (tmp_path / "t.toml").write_text((tmp_path / "s.toml").read_text())
+    second = load_study(tmp_path / "t.toml")
+    trained = []
+    monkeypatch.setattr(runner, "execute", lambda s, r: trained.append(r.arm) or fake_record(s, r))
+    runner.run_study(second, log=lambda *a: None)
+    assert trained == ["half at 50%", "half at 50%"]  # the shared reference (lr grid and 2x) came from s.jsonl
+    copied = [r for r in Store(second.store_path).records if r.get("copied_from") == "s"]
+    assert len(copied) == 6 and all(r["study"] == "t" for r in copied)

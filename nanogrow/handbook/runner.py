@@ -71,7 +71,12 @@ def run_study(study: Study, seeds: list[int] | None = None, arms: list[str] | No
         run = todo[0]
         log(f"[{study.name}] {run.arm} | seed {run.seed} | lr {run.lr:g} | budget x{run.scale:g} | "
             f"{run.cfg.train.max_steps} steps | {len(todo) - 1} more queued")
-        record = execute(study, run)
+        record = stored_elsewhere(study, run.key)
+        if record is not None:  # the same config was run for another study (e.g. the shared reference)
+            record = {**record, "study": study.name, "arm": run.arm, "copied_from": record["study"]}
+            log(f"    the same config is in {record['copied_from']}'s store: copied, not rerun")
+        else:
+            record = execute(study, run)
         store.append(record)
         made += 1
         log(f"    final loss {record['final_loss']:.4f} (+- {record['final_loss_se']:.4f}), "
@@ -80,6 +85,17 @@ def run_study(study: Study, seeds: list[int] | None = None, arms: list[str] | No
     log(f"[{study.name}] complete for seeds {seeds}: tuned lr {lr:g} "
         f"({', '.join(f'{k:g}: {v:.4f}' for k, v in means.items())})")
     return made
+
+
+def stored_elsewhere(study: Study, key: str) -> dict | None:
+    """A record of the config ``key`` in another study's store next to this one (runs are identified by their
+    config, so a reference shared by several studies is trained once)."""
+    for path in sorted(study.store_path.parent.glob("*.jsonl")):
+        if path != study.store_path:
+            for r in Store(path).records:
+                if r["config_hash"] == key:
+                    return r
+    return None
 
 
 def ensure_data(study: Study, log) -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import SECTIONS, ConfigError, RunConfig, load_config, validate
-from ..schedule import stage_layouts
+from ..schedule import stage_layouts, stage_start_steps
 
 STUDY_KEYS = {"title", "question", "base", "seeds", "reference", "lr_grid", "scratch_scales", "prep", "notes"}
 ARM_KEYS = {"model", "stage", "set", "about"}
@@ -126,6 +126,8 @@ class Study:
             if not all(f is not None for f in fracs):
                 raise ConfigError(f"{source}: give every stage an at_frac, or none")
             _resolve_fractions(cfg, fracs, self.budget_flops * scale, source)
+        elif cfg.stage and cfg.growth.schedule != "manual":
+            _resolve_budgeted_schedule(cfg, self.budget_flops * scale, source)
         validate(cfg, source)
         return cfg
 
@@ -168,6 +170,41 @@ def _resolve_fractions(cfg: RunConfig, fracs: list[float], budget: float, source
     if t.warmup_steps >= cfg.stage[0].at_step:
         raise ConfigError(f"{source}: the first growth (step {cfg.stage[0].at_step}) comes before the end of the "
                           f"warm-up (train.warmup_steps={t.warmup_steps}); grow later")
+
+
+def run_flops(cfg: RunConfig) -> float:
+    """Training FLOPs of a run whose stage boundaries are known in advance (at_step, or a budgeted schedule)."""
+    t, g = cfg.train, cfg.growth
+    layouts = stage_layouts(cfg.model, cfg.data.seq_len, t.micro_batch, cfg.stage)
+    if cfg.stage and g.schedule != "manual":
+        starts = stage_start_steps(g.schedule, t.max_steps, [lay.tokens_per_step(1, t.grad_accum) for lay in layouts],
+                                   [lay.flops_per_token() for lay in layouts], g.exp_ratio)
+    else:
+        starts = [st.at_step for st in cfg.stage]
+    ends = starts + [t.max_steps]
+    return sum((e - b) * lay.tokens_per_step(1, t.grad_accum) * lay.flops_per_token()
+               for lay, b, e in zip(layouts, [0] + starts, ends))
+
+
+def _resolve_budgeted_schedule(cfg: RunConfig, budget: float, source: str) -> None:
+    """growth.schedule = equal-tokens | equal-flops | exponential places the stages from train.max_steps: choose the
+    max_steps whose run spends ``budget`` (FLOPs grow with max_steps; bisection)."""
+    lo = hi = 4 * (len(cfg.stage) + 1)  # fewer steps leave some stage none
+    while run_flops(_with_steps(cfg, hi)) < budget:
+        lo, hi = hi, hi * 2
+        if hi > 10**8:
+            raise ConfigError(f"{source}: no step count spends the budget {budget:.3e}")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if run_flops(_with_steps(cfg, mid)) < budget else (lo, mid)
+    best = min((lo, hi), key=lambda n: abs(run_flops(_with_steps(cfg, n)) - budget))
+    cfg.train.max_steps = best
+
+
+def _with_steps(cfg: RunConfig, n: int) -> RunConfig:
+    c = copy.copy(cfg)
+    c.train = dataclasses.replace(cfg.train, max_steps=n)
+    return c
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -240,11 +277,7 @@ def budget_check(study: Study) -> list[str]:
     lines = []
     for name in study.arms:
         cfg = study.arm_config(name, study.seeds[0], study.lr_grid[0])
-        t = cfg.train
-        layouts = stage_layouts(cfg.model, cfg.data.seq_len, t.micro_batch, cfg.stage)
-        ends = [st.at_step for st in cfg.stage] + [t.max_steps]
-        flops = sum((e - b) * lay.tokens_per_step(1, t.grad_accum) * lay.flops_per_token()
-                    for lay, b, e in zip(layouts, [0] + ends[:-1], ends))
-        lines.append(f"{name}: {t.max_steps} steps, growth at {[st.at_step for st in cfg.stage]}, "
-                     f"{flops / study.budget_flops:.4f} x budget")
+        flops = run_flops(cfg)
+        at = ([st.at_step for st in cfg.stage] if cfg.growth.schedule == "manual" else f"{cfg.growth.schedule}")
+        lines.append(f"{name}: {cfg.train.max_steps} steps, growth at {at}, {flops / study.budget_flops:.4f} x budget")
     return lines
