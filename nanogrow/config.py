@@ -37,6 +37,9 @@ class TrainConfig:
     micro_batch: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 200
+    max_flops: float = 0.0  # > 0: a FLOPs budget. The run stops once it is spent; max_steps is re-derived from the
+    #                         FLOPs left at the current stage's cost per step at the start and after every growth
+    #                         (so the lr schedule ends with the budget wherever a trigger puts the growth)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 20
@@ -92,7 +95,7 @@ class StageConfig:
     lr: float = 0.0  # 0 = train.lr; otherwise this stage's peak lr (scales the whole schedule)
     optimizer: str = ""  # "" = growth.optimizer
     lr_policy: str = ""  # "" = growth.lr_policy
-    trigger: str = "schedule"  # schedule (at_* or the growth.schedule) | plateau | gradient | scaling-law
+    trigger: str = "schedule"  # schedule (at_* or the growth.schedule) | plateau | gradient | scaling-law | curvature
     trigger_options: dict = field(default_factory=dict)  # e.g. { window = 50, threshold = 0.05, min_steps = 100 }
     lag: dict = field(default_factory=dict)  # LAG: { candidates = "design-space" | [{op, options}], steps = k,
     #                                            eval_every = 1, eval_batches = 0 (all), groups = 1 (process
@@ -255,6 +258,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     for key, value in {"train.min_lr_ratio": t.min_lr_ratio, "train.decay_frac": t.decay_frac}.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{source}: {key} must be in [0, 1], got {value!r}")
+    if t.max_flops < 0 or (t.max_flops and cfg.growth.schedule != "manual"):
+        raise ConfigError(f"{source}: train.max_flops={t.max_flops} must be >= 0, and > 0 only with "
+                          f"growth.schedule='manual' (a budgeted schedule places its stages from train.max_steps)")
     if t.warmup_steps >= t.max_steps and t.schedule != "constant":
         raise ConfigError(f"{source}: train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps}")
     if dcfg.seq_len > cfg.model.max_seq_len:
@@ -298,6 +304,9 @@ def validate_deepspeed(cfg: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key}='learned' is not supported with train.parallel='deepspeed' (fitting "
                               f"its maps reads the old weights whole, which ZeRO 3 partitions); use its init "
                               f"operator (e.g. 'stack'), or fsdp, ddp or none")
+        if st.trigger == "curvature":
+            raise ConfigError(f"{source}: stage[{i}].trigger='curvature' is not supported with train.parallel="
+                              f"'deepspeed' (it reads gradients and updates whole); use none, ddp, or plateau")
         if st.trigger == "gradient":
             raise ConfigError(f"{source}: stage[{i}].trigger='gradient' is not supported with train.parallel="
                               f"'deepspeed' (it reads full gradients, which ZeRO partitions); use schedule, plateau "
@@ -371,6 +380,9 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
             if value and value not in allowed:
                 raise ConfigError(f"{source}: {key}.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
         whens = [w for w in ("at_step", "at_tokens", "at_flops") if getattr(st, w) >= 0]
+        if st.trigger == "curvature" and cfg.train.parallel == "fsdp":
+            raise ConfigError(f"{source}: {key}.trigger='curvature' is not supported with train.parallel='fsdp' (its "
+                              f"probe multiplies whole gradients and updates); use none or ddp, or another trigger")
         if st.trigger != "schedule":
             from .triggers import make_trigger
             if whens:

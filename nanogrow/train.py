@@ -20,7 +20,7 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rea
 from .config import RunConfig, StageConfig, changes_parameters, eval_seq_len
 from .data import TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, grow, make_plan
-from .triggers import GradientTrigger, Observation, make_trigger, trigger_from_state
+from .triggers import CurvatureTrigger, GradientTrigger, Observation, make_trigger, trigger_from_state
 from .metrics import ThroughputMeter, device_peak_flops
 from .parallel import grow_parallel, make_mesh, parallelize, reshard, unwrap
 from .model import ModelConfig, Transformer, build_model
@@ -146,6 +146,16 @@ class Trainer:
                      f"stage {self.stage_index})")
         self.autocast = self._autocast()
         self._loggers = self._external_loggers()
+        self._fit_steps_to_flops()
+
+    def _fit_steps_to_flops(self) -> None:
+        """With train.max_flops: the step count that spends what is left of the budget at the current stage's cost
+        per step (called at the start, on resume, and after every growth event, so it is exact and resumable)."""
+        if not self.t.max_flops:
+            return
+        per_step = self.tokens_per_step() * self.model_config.flops_per_token(self.seq_len)
+        left = max(0.0, self.t.max_flops - self.meter.total_flops)
+        self.t.max_steps = self.step + max(1, round(left / per_step))
 
     # ---- set-up helpers -------------------------------------------------------------------------------------
     def _resolve_resume(self, resume: str | None) -> Path | None:
@@ -256,10 +266,16 @@ class Trainer:
         self._update_masks()
         # The gradient trigger compares one micro-batch's gradient with the whole step's (two batch sizes).
         want_noise = isinstance(self.trigger, GradientTrigger) and self.t.grad_accum > 1
+        # The curvature trigger re-evaluates this step's batches after the update (see CurvatureTrigger).
+        probe = (isinstance(self.trigger, CurvatureTrigger) and self.zero is None and
+                 self.trigger.probe_due(self.step))
+        batches: list = []
         loss_sum, grad_sq_small = 0.0, None
         for micro in range(self.t.grad_accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if probe:
+                batches.append((x, y))
             with self.autocast():
                 loss = self.model(x, y) / self.t.grad_accum
             if self.zero is not None:
@@ -271,13 +287,22 @@ class Trainer:
             if want_noise and micro == 0:
                 grad_sq_small = _grad_sq(self.model) * self.t.grad_accum ** 2
         grad_sq_big = _grad_sq(self.model) if want_noise else None
+        decrease = (None, None)
         if self.zero is None:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            before = [p.detach().clone() for p in params] if probe else None
+            unclip = 1.0
             if self.t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+                norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip))
+                unclip = max(1.0, norm / self.t.grad_clip)  # clipping scaled the gradient by 1 / unclip
             self.optimizer.step()
+            if probe:
+                decrease = self._probe_decrease(params, before, unclip, batches, loss_sum)
             self.optimizer.zero_grad(set_to_none=True)
         tokens, fpt = self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len)
         self.meter.add(tokens, fpt)
+        if probe:
+            self.meter.add_flops(tokens * fpt / 3)  # the probe's forward pass (2N of the 6N FLOPs per token)
         self.step += 1
         st = self.stage_stats[-1]
         st["steps"] += 1
@@ -287,8 +312,18 @@ class Trainer:
         if self.trigger is not None:
             self.trigger.observe(Observation(
                 self.step, self.meter.total_tokens, self.meter.total_flops, loss_sum, grad_sq_small, grad_sq_big,
-                self.micro_batch * self.seq_len, tokens))
+                self.micro_batch * self.seq_len, tokens, *decrease))
         return loss_sum
+
+    @torch.no_grad()
+    def _probe_decrease(self, params, before, unclip: float, batches, loss_before: float) -> tuple[float, float]:
+        """(actual, predicted) loss decrease of the step just taken on its own batches: the loss re-evaluated at
+        the new weights, and -g . delta with g the unclipped gradient (averaged over ranks by DDP already)."""
+        predicted = -unclip * sum(float((p.grad * (p.detach() - b)).sum()) for p, b in zip(params, before))
+        with self.autocast():
+            after = sum(self.model(x, y).item() for x, y in batches) / len(batches)
+        actual = dist_utils.all_reduce_mean(loss_before - after, self.device)
+        return actual, predicted
 
     # ---- growth ---------------------------------------------------------------------------------------------
     def _update_masks(self) -> None:
@@ -417,6 +452,7 @@ class Trainer:
             event["lag"] = lag_record
         self.history.append(event)
         self.trigger = self._make_trigger()
+        self._fit_steps_to_flops()
         what = plan.describe().splitlines()[0] if plan is not None else "no parameter change"
         if (old_seq, old_mb) != (self.seq_len, self.micro_batch):
             what += f" | seq_len {old_seq} -> {self.seq_len}, micro_batch {old_mb} -> {self.micro_batch}"
