@@ -140,3 +140,46 @@ def test_checkpoint_before_the_first_step_keeps_step_zero(demo_data, tmp_path):
     assert all(float(s["step"]) == 0.0 for s in resumed.optimizer.state.values())
     fresh = Trainer(tiny_run_config(demo_data, tmp_path / "fresh"), log=lambda *_: None)
     assert resumed.train_step() == fresh.train_step()
+
+
+def test_max_flops_budget_is_spent_through_a_growth_and_on_resume(demo_data, tmp_path):
+    """train.max_flops: the step count is re-derived at the start and after the growth, so the run spends the
+    budget to within half a step of the grown model; a resumed run derives the same count."""
+    import dataclasses
+
+    from conftest import with_stages
+
+    small = tiny_run_config(demo_data, tmp_path).model  # 2 layers
+    per_step_small = 4 * 64 * small.flops_per_token(64)
+    per_step_big = 4 * 64 * dataclasses.replace(small, n_layer=4).flops_per_token(64)
+
+    def config():
+        return with_stages(tiny_run_config(demo_data, tmp_path / "a", max_steps=10, max_flops=30 * per_step_small),
+                           [{"at_step": 6, "shape": {"n_layer": 4}}])
+
+    trainer = Trainer(config(), log=lambda *_: None)
+    assert trainer.t.max_steps == 30  # train.max_steps = 10 is replaced by what the budget buys at 2 layers
+    summary = trainer.run()
+    assert summary["steps"] == 6 + round(24 * per_step_small / per_step_big) < 30
+    assert abs(summary["flops"] - 30 * per_step_small) <= per_step_big / 2
+    resumed = Trainer(config(), resume=str(sorted((tmp_path / "a").glob("ckpt_*"))[0]), log=lambda *_: None)
+    assert resumed.step == 6 and resumed.t.max_steps == summary["steps"]
+
+
+def test_curvature_trigger_probes_count_their_flops_and_grow_the_model(demo_data, tmp_path):
+    from conftest import with_stages
+
+    cfg = with_stages(tiny_run_config(demo_data, tmp_path, max_steps=40),
+                      [{"shape": {"n_layer": 4}, "trigger": "curvature",
+                        "trigger_options": {"threshold": 2.0, "every": 4, "window": 2, "min_steps": 0}}])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    for _ in range(8):
+        trainer.train_step()
+    fpt = cfg.model.flops_per_token(64)
+    assert trainer.trigger.probes == 2 and trainer.trigger.last_kappa is not None
+    assert trainer.meter.total_flops == pytest.approx(8 * 256 * fpt + 2 * 256 * fpt / 3)
+    assert trainer.growth_due()  # kappa < 2 always: fires once the window is full
+    trainer.grow_next_stage()
+    assert trainer.model_config.n_layer == 4
+    event = trainer.history[-1]
+    assert event["trigger"]["kind"] == "curvature" and event["trigger"]["probes"] == 2

@@ -102,3 +102,18 @@ def test_unknown_trigger_or_option_is_named():
         make_trigger("plateu")
     with pytest.raises(ValueError, match="unknown option 'windw' for trigger 'plateau'"):
         make_trigger("plateau", windw=3)
+
+
+def test_curvature_trigger_smooths_the_curvature_share_and_fires_below_threshold():
+    trig = make_trigger("curvature", threshold=0.15, every=5, ema=0.5, window=3, min_steps=0)
+    assert [s for s in range(12) if trig.probe_due(s)] == [4, 9]  # the 5th, 10th... step of the stage
+    for step, (actual, predicted) in enumerate([(0.5, 1.0), (0.8, 1.0), (0.95, 1.0)]):
+        trig.observe(Observation(step, 0, 0.0, 1.0, decrease_actual=actual, decrease_predicted=predicted))
+    assert trig.last_kappa == pytest.approx(0.05)
+    assert trig.kappa == pytest.approx(0.5 * (0.5 * 0.5 + 0.5 * 0.2) + 0.5 * 0.05)  # 0.2
+    assert not trig.should_grow(3, 0, 0.0)
+    trig.observe(Observation(4, 0, 0.0, 1.0, decrease_actual=0.99, decrease_predicted=1.0))
+    assert trig.kappa == pytest.approx(0.5 * 0.2 + 0.5 * 0.01) and trig.should_grow(5, 0, 0.0)
+    trig.observe(Observation(5, 0, 0.0, 1.0))  # steps without a probe change nothing
+    trig.observe(Observation(6, 0, 0.0, 1.0, decrease_actual=0.1, decrease_predicted=-1.0))  # an uphill step
+    assert trig.probes == 4

@@ -106,6 +106,7 @@ class Study:
             raw[section][name] = value
         raw["train"]["lr"] = raw["train"]["lr"] if "train.lr" in a.set else lr
         raw["train"]["max_steps"] = round(self.base.train.max_steps * scale)
+        raw["train"]["max_flops"] = raw["train"].get("max_flops", 0.0) * scale  # a FLOPs budget scales with it
         for key in ("train.seed", "data.seed", "growth.seed"):
             section, name = key.split(".")
             raw[section][name] = seed
@@ -283,6 +284,10 @@ def budget_check(study: Study) -> list[str]:
     lines = []
     for name in study.arms:
         cfg = study.arm_config(name, study.seeds[0], study.lr_grid[0])
+        if any(st.trigger != "schedule" for st in cfg.stage):
+            lines.append(f"{name}: growth decided by trigger(s) {[st.trigger for st in cfg.stage]} while training; "
+                         f"train.max_flops = {cfg.train.max_flops / study.budget_flops:.4f} x budget")
+            continue
         flops = run_flops(cfg)
         at = ([st.at_step for st in cfg.stage] if cfg.growth.schedule == "manual" else f"{cfg.growth.schedule}")
         lines.append(f"{name}: {cfg.train.max_steps} steps, growth at {at}, {flops / study.budget_flops:.4f} x budget")
