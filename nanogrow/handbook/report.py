@@ -21,7 +21,7 @@ from pathlib import Path
 from .runner import tuned_lr
 from .stats import effective_flops, first_crossing, fmt_ci, mean_ci, ratio_ci
 from .store import Store
-from .study import Study, config_hash, studies_in
+from .study import STUDY_DIR, Study, config_hash, studies_in
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -195,6 +195,9 @@ def write_handbook(path: str | Path = ROOT / "HANDBOOK.md", log=print) -> Path:
     parts = [HEADER]
     for study in studies_in():
         parts.append(study_markdown(study))
+    earlier = STUDY_DIR / "earlier.md"  # hand-written: measurements made before the study engine
+    if earlier.exists():
+        parts.append(earlier.read_text().strip())
     path = Path(path)
     path.write_text("\n\n".join(parts).rstrip() + "\n")
     log(f"wrote {path}")
