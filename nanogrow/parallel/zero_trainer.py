@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from nanogrow.checkpoint import (DEEPSPEED_TAG, CheckpointError, atomic_save, is_deepspeed, load_checkpoint,
-                                 read_meta, restore_rng, save_checkpoint)
+                                 read_meta, restore_rng, save_checkpoint, verify_tree)
 from nanogrow.grow.optim import AdamW
 from nanogrow.grow.plan import GrowthPlan, MaskRamp, set_buffer
 
@@ -88,6 +88,7 @@ class ZeroBackend:
         if meta.get("ramp"):  # masks exist in the saved module exactly while a ramp is on: create the buffers
             ramp = MaskRamp.from_dict(meta["ramp"])
             ramp.apply(model, ramp.start_step)
+        verify_tree(path, meta, DEEPSPEED_TAG)  # DeepSpeed unpickles these files: check them before it opens any
         self.run = zero_initialize(model, groups, self.config(micro_batch))
         loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
         if loaded is None:
@@ -96,7 +97,7 @@ class ZeroBackend:
         # the learning rate is set every step.
         for group, hyper in zip(self.optimizer.param_groups, self.run.groups):
             group.update({k: v for k, v in hyper.items() if k in ("weight_decay", "betas", "eps")})
-        restore_rng(path)
+        restore_rng(path, meta)
 
     def _resume_dcp(self, model, groups, micro_batch, path: Path, meta: dict) -> None:
         """Any DCP checkpoint (one process, DDP, FSDP, consolidated): weights and moments in full on every rank,
