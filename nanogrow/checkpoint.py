@@ -108,7 +108,6 @@ _NESTED_SCHEMA = {  # required keys of nested records that code reads by key
     "loader": {"seed": (int,), "fingerprint": (str,), "epoch": (int,), "position_in_epoch": (int,),
                "tokens_consumed": (int,)},
     "meter": {"total_tokens": (int,), "total_flops": (int, float)},
-    "run_config": {"model": (dict,)},
 }
 
 

@@ -220,7 +220,10 @@ class Trainer:
 
     def _check_compatible(self, meta: dict, path: Path) -> None:
         """The run being resumed must have started from the same shape; later shapes come from its history."""
-        started = meta["run_config"]["model"]
+        started = meta["run_config"].get("model")
+        if not isinstance(started, dict):
+            raise CheckpointError(f"checkpoint {str(path / 'meta.json')!r}: run_config.model should be the table "
+                                  f"the run started with, found {type(started).__name__}")
         ours = dataclasses.asdict(self.cfg.model)
         diff = [k for k in ours if ours[k] != started.get(k) and k != "kernels"]  # kernels: not a shape
         if diff:
