@@ -81,7 +81,7 @@ def _run_curve(cfg: RunConfig, log=_quiet) -> dict:
     """Train ``cfg`` to the end; return its validation curve (FLOPs, tokens, val loss) and wall time."""
     from .train import Trainer
 
-    trainer = Trainer(cfg, log=log)
+    trainer = Trainer(cfg, log=log, overwrite=True)  # a benchmark run is a new measurement: replace a previous one
     t0 = time.perf_counter()
     summary = trainer.run()
     curve = [(h["flops"], h["tokens"], h["val_loss"], h.get("seconds_since_start")) for h in trainer.history
@@ -298,7 +298,7 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
 
     cfg = copy.deepcopy(cfg)
     cfg.train.eval_every, cfg.growth.eval_at_growth = 0, False
-    trainer = Trainer(cfg, log=_quiet)
+    trainer = Trainer(cfg, log=_quiet, overwrite=True)
     per_stage: dict[int, list[float]] = {0: []}
     events = []
     while trainer.step < cfg.train.max_steps:
@@ -325,7 +325,7 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
         static_cfg.train.max_steps = static_steps + 2
         static_cfg.train.warmup_steps = 1
         static_cfg.train.out_dir = f"{cfg.train.out_dir}/static{k}"
-        static = Trainer(static_cfg, log=_quiet)
+        static = Trainer(static_cfg, log=_quiet, overwrite=True)
         st_times = []
         for _ in range(static_steps + 2):
             t0 = time.perf_counter()
@@ -359,7 +359,7 @@ def lag(cfg: RunConfig, out_json: str, png_prefix: str | None = None, ks: list[i
         raise ValueError("bench lag needs exactly one [[stage]] with lag = {...} and at_step")
     st = cfg.stage[0]
     st.lag = dict(st.lag, steps=cfg.train.max_steps - st.at_step)  # every candidate to the end of its stage
-    trainer = Trainer(cfg, log=log)
+    trainer = Trainer(cfg, log=log, overwrite=True)
     while not trainer.history or trainer.history[-1]["event"] != "grow":
         while trainer.growth_due():
             trainer.grow_next_stage()

@@ -1,34 +1,50 @@
 """Checkpoints: model and optimizer through torch.distributed.checkpoint (DCP, sharded, reshards on load), plus a
-small JSON sidecar (config, current grown shape, step, schedule, data position, growth history) and per-rank RNG
-state in safetensors.
+small JSON sidecar (config, current grown shape, step, schedule, data position, growth history, optimizer
+hyper-parameters, checksums) and per-rank RNG state in safetensors.
 
 Atomicity: everything is written into ``ckpt_XXXXXXX.tmp`` and renamed to ``ckpt_XXXXXXX`` only after every rank
 has finished and ``meta.json`` (written last) is in place, so a crash never leaves a directory that looks valid.
-Loading never unpickles: DCP tensors, JSON and safetensors only. The exception is a DeepSpeed ZeRO checkpoint
-(``meta["format"] == "deepspeed"``, written by ``nanogrow.parallel.zero_trainer``): its tensors are DeepSpeed's own
-files (``torch.save``), inside the same atomic directory, next to the same meta.json and rng files.
+
+Trust: loading runs no code from the checkpoint. DCP's ``.metadata`` is read by a restricted unpickler and only
+tensor entries are loaded (``nanogrow.safe_dcp``); nanogrow writes no pickled byte entries (optimizer
+hyper-parameters go to meta.json); JSON and safetensors are data formats. Every file's sha256 is recorded in
+meta.json at save and checked before the file is used; meta.json itself is checked against ``META_SCHEMA``.
+Nothing non-finite is ever written (``check_finite``), so rotation only ever deletes finite checkpoints older than
+a finite one. The exception is a DeepSpeed ZeRO checkpoint (``meta["format"] == "deepspeed"``, written by
+``nanogrow.parallel.zero_trainer``): its tensors are DeepSpeed's own files (``torch.save``, unpickled by
+DeepSpeed on load), inside the same atomic directory, next to the same meta.json and rng files; their checksums
+are verified before DeepSpeed opens them, which guards against corruption, not against a crafted checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import warnings
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from . import dist_utils
+from . import dist_utils, safe_dcp
+from .integrity import digest_tree, mismatch
 from .parallel.state import placeholder
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
+TMP_RE = re.compile(r"^ckpt_(\d{7,})\.tmp$")
 META = "meta.json"
-FORMAT_VERSION = 1
+# 2: optimizer hyper-parameters in meta.json (no byte entries), sha256 of every file in meta.json["checksums"].
+# 1 (before): still readable; its byte entries are skipped (never unpickled) and it has no checksums to verify.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DEEPSPEED_TAG = "deepspeed"  # the subdirectory (DeepSpeed "tag") holding a ZeRO checkpoint's tensors
 
 
@@ -39,6 +55,10 @@ def is_deepspeed(meta: dict) -> bool:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the path and what is wrong."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Parameters, optimizer state, loss or gradients are NaN/inf; the message names the step or tensor."""
 
 
 def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
@@ -55,6 +75,80 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def remove_stray_tmp(out_dir: str | Path, log=print) -> None:
+    """Delete ``ckpt_*.tmp`` directories left by a save that crashed (never complete, never loaded). Rank 0."""
+    out = Path(out_dir)
+    for tmp in sorted(out.iterdir()) if out.is_dir() else ():
+        if TMP_RE.match(tmp.name) and tmp.is_dir():
+            shutil.rmtree(tmp)
+            log(f"removed {tmp}: an unfinished checkpoint write (a crash during a save)")
+
+
+def remove_checkpoints(out_dir: str | Path, log=print) -> None:
+    """``--overwrite``: delete every checkpoint in ``out_dir``, deliberately. Rank 0."""
+    for d in checkpoint_dirs(out_dir):
+        shutil.rmtree(d)
+        log(f"--overwrite: removed {d}")
+
+
+_NONE = type(None)
+# meta.json, key -> (allowed types, required). Checked on every read, so a corrupt or hand-edited file fails here
+# naming the key, not later as a TypeError or KeyError deep in the trainer. Keys not listed are carried along.
+META_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "format_version": ((int,), True), "step": ((int,), True), "world_size": ((int,), True),
+    "model_config": ((dict,), True), "run_config": ((dict,), True),
+    "checksums": ((dict,), False),  # required from format 2 on (checked below)
+    "optim_param_groups": ((list,), False), "format": ((str,), False), "zero_stage": ((int,), False),
+    "loader": ((dict, _NONE), False), "meter": ((dict,), False), "history": ((list,), False),
+    "stage_index": ((int,), False), "stage_stats": ((list,), False), "growth_lr": ((dict,), False),
+    "ramp": ((dict, _NONE), False), "optimizer_ages": ((bool,), False), "trigger": ((dict, _NONE), False),
+    "seq_len": ((int,), False), "micro_batch": ((int,), False),
+}
+_NESTED_SCHEMA = {  # required keys of nested records that code reads by key
+    "loader": {"seed": (int,), "fingerprint": (str,), "epoch": (int,), "position_in_epoch": (int,),
+               "tokens_consumed": (int,)},
+    "meter": {"total_tokens": (int,), "total_flops": (int, float)},
+}
+
+
+def _type_ok(value, types: tuple[type, ...]) -> bool:
+    # bool is an int to Python; a JSON true where a number belongs is still a mistake
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def _names(types: tuple[type, ...]) -> str:
+    return " or ".join("null" if t is _NONE else t.__name__ for t in types)
+
+
+def check_meta_schema(meta, where: str) -> None:
+    """Types and required keys of a meta.json (see META_SCHEMA); the error names the file and key."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, found {type(meta).__name__}")
+    for key, (types, required) in META_SCHEMA.items():
+        if key not in meta:
+            if required:
+                raise CheckpointError(f"{where}: lacks the key {key!r} (expected {_names(types)})")
+            continue
+        if not _type_ok(meta[key], types):
+            raise CheckpointError(f"{where}: key {key!r} should be {_names(types)}, found "
+                                  f"{type(meta[key]).__name__} {str(meta[key])[:40]!r}")
+    for key, fields in _NESTED_SCHEMA.items():
+        record = meta.get(key)
+        for name, types in (fields.items() if isinstance(record, dict) else ()):
+            if name not in record or not _type_ok(record[name], types):
+                found = f"{type(record[name]).__name__}" if name in record else "nothing"
+                raise CheckpointError(f"{where}: key {key}.{name} should be {_names(types)}, found {found}")
+    from .model import ModelConfig  # here: model imports nothing of ours, but keep checkpoint light to import
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for name, value in meta["model_config"].items():
+        if name not in defaults:
+            raise CheckpointError(f"{where}: model_config.{name} is not a model field "
+                                  f"({', '.join(defaults)})")
+        want = (int, float) if isinstance(defaults[name], float) else (type(defaults[name]),)
+        if not _type_ok(value, want):
+            raise CheckpointError(f"{where}: model_config.{name} should be {_names(want)}, found {value!r}")
+
+
 def read_meta(path: str | Path) -> dict:
     """Read and check a checkpoint's sidecar; raises CheckpointError naming the path for anything incomplete."""
     p = Path(path)
@@ -63,21 +157,71 @@ def read_meta(path: str | Path) -> dict:
     if not (p / META).is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: no {META} (an interrupted save?)")
     try:
-        meta = json.loads((p / META).read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads((p / META).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {str(p / META)!r} is not valid JSON: {e}") from None
+    if isinstance(meta, dict) and meta.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"checkpoint {str(p)!r} has format_version={meta.get('format_version')!r}, "
+                              f"this nanogrow reads {', '.join(map(str, READABLE_VERSIONS))}")
+    check_meta_schema(meta, str(p / META))
+    if meta["format_version"] >= 2 and "checksums" not in meta:
+        raise CheckpointError(f"checkpoint {str(p / META)!r} lacks the key 'checksums' (format 2 records the "
+                              f"sha256 of every file)")
     if is_deepspeed(meta):
         if not (p / DEEPSPEED_TAG).is_dir():
             raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: no DeepSpeed directory {DEEPSPEED_TAG!r}")
     elif not (p / ".metadata").is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: no DCP .metadata file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {str(p)!r} has format_version={meta.get('format_version')!r}, "
-                              f"this nanogrow reads {FORMAT_VERSION}")
-    for key in ("step", "model_config", "run_config"):
-        if key not in meta:
-            raise CheckpointError(f"checkpoint {str(p / META)!r} lacks the key {key!r}")
     return meta
+
+
+def verify_file(path: str | Path, meta: dict, rel: str) -> None:
+    """Check ``path/rel`` against the sha256 recorded in meta.json (format 1 has none: nothing to check)."""
+    if meta["format_version"] < 2:
+        return
+    sums = meta["checksums"]
+    if rel not in sums:
+        raise CheckpointError(f"checkpoint {str(path)!r}: file {rel!r} has no checksum in {META}; refusing to "
+                              f"read a file the save did not write")
+    problem = mismatch(Path(path) / rel, sums[rel])
+    if problem:
+        raise CheckpointError(f"checkpoint file {str(Path(path) / rel)!r} {problem}")
+
+
+def verify_tree(path: str | Path, meta: dict, under: str) -> None:
+    """Check every recorded file below ``under`` (a DeepSpeed checkpoint's directory) and that none is missing."""
+    if meta["format_version"] < 2:
+        return
+    for rel in sorted(r for r in meta["checksums"] if r.startswith(under + "/")):
+        verify_file(path, meta, rel)
+
+
+def check_finite(named_tensors, where: str, device=None) -> None:
+    """Raise NonFiniteError naming the first NaN/inf tensor (agreed on by every rank: one flag all-reduced).
+    One pass over the tensors, at save time only."""
+    bad = None
+    for name, t in named_tensors:
+        if isinstance(t, torch.Tensor):
+            local = t.to_local() if hasattr(t, "to_local") else t
+            if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
+                bad = name
+                break
+    if dist_utils.is_distributed():
+        ok = dist_utils.all_reduce_mean(0.0 if bad else 1.0, device or torch.device("cpu"))
+        if ok < 1.0 and bad is None:
+            bad = "a tensor on another rank"
+    if bad is not None:
+        raise NonFiniteError(f"{where}: {bad} holds NaN or inf; refusing to write a non-finite checkpoint")
+
+
+def _flat(state: dict, prefix: str = ""):
+    """(DCP key, tensor) pairs of a nested state dict, keys joined by '.' as DCP flattens them."""
+    for k, v in state.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flat(v, key + ".")
+        else:
+            yield key, v
 
 
 def _model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -90,13 +234,45 @@ def _model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     return {"model": msd, "optim": osd}
 
 
+def _param_groups_to_json(groups: list[dict]) -> list[dict]:
+    """Optimizer hyper-parameters (lr, betas, eps, weight decay, parameter names) for meta.json: DCP would pickle
+    them as byte entries, which loading would have to unpickle."""
+    out = []
+    for g in groups:
+        rec = {}
+        for k, v in g.items():
+            v = list(v) if isinstance(v, tuple) else v
+            if not (v is None or isinstance(v, (bool, int, float, str)) or
+                    (isinstance(v, list) and all(isinstance(x, (bool, int, float, str)) for x in v))):
+                raise TypeError(f"optimizer param-group value {k}={v!r} is not JSON-able; nanogrow keeps "
+                                f"hyper-parameters out of the tensor files")
+            rec[k] = v
+        out.append(rec)
+    return out
+
+
+def _param_groups_from_json(groups: list[dict]) -> list[dict]:
+    # torch optimizers keep sequences of hyper-parameters (betas) as tuples; "params" is a list of names
+    return [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()} for g in groups]
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     meta: dict, keep_last: int = 2) -> Path:
     """Write ``out_dir/ckpt_{step}`` atomically on every rank (a collective); keep the newest ``keep_last``."""
+    state = _model_and_optim_state(model, optimizer)
+    like = next(model.parameters(), torch.empty(0))
+    check_finite(_flat(state), f"step {step}", device=like.device)  # before anything is written or rotated
+    if "optim" in state:  # tensors go to DCP, hyper-parameters to meta.json: no byte entry is ever written
+        meta = dict(meta, optim_param_groups=_param_groups_to_json(state["optim"]["param_groups"]))
+        state["optim"] = {"state": state["optim"]["state"]}
+    bytes_entries = [k for k, v in _flat(state) if not isinstance(v, torch.Tensor)]
+    if bytes_entries:
+        raise TypeError(f"refusing to save non-tensor entries {bytes_entries[:4]}: DCP would pickle them")
+
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():  # DCP warns that one process without a process group "assumes" single process
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp))
 
     return atomic_save(out_dir, step, write, meta, keep_last)
 
@@ -122,7 +298,8 @@ def atomic_save(out_dir: str | Path, step: int, write, meta: dict, keep_last: in
     save_file(rng, str(tmp / "rng" / f"rank_{rank:05d}.safetensors"))
     dist_utils.barrier()
     if rank == 0:
-        meta = dict(meta, format_version=FORMAT_VERSION, step=step, world_size=dist_utils.world_size())
+        meta = dict(meta, format_version=FORMAT_VERSION, step=step, world_size=dist_utils.world_size(),
+                    checksums=digest_tree(tmp, skip=(META,)))  # every rank's files, written by now (barrier)
         (tmp / META).write_text(json.dumps(meta, indent=1))
         if final.exists():  # re-saving the same step (e.g. a growth event at a checkpoint step)
             shutil.rmtree(final)
@@ -174,36 +351,75 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
                                   f"only with train.parallel='deepspeed' at world size {meta.get('world_size')}; "
                                   f"restart from its weights with `nanogrow consolidate {p} --out DIR`")
         from .parallel.zero_trainer import load_consolidated_weights
+        verify_tree(p, meta, DEEPSPEED_TAG)  # DeepSpeed unpickles these files: check them before it opens any
         load_consolidated_weights(p, model)
     else:
-        _load_dcp(p, model, optimizer)
+        _load_dcp(p, meta, model, optimizer)
     if load_rng:
-        restore_rng(p)
+        restore_rng(p, meta)
     return meta
 
 
-def _load_dcp(p: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def _check_fits(p: Path, metadata, state: dict) -> None:
+    """Every tensor the destination wants is a tensor entry of the same shape in the checkpoint; else one line
+    naming the key (DCP's own errors arrive as a multi-line CheckpointException)."""
+    entries = metadata.state_dict_metadata
+    for key, t in _flat(state):
+        md = entries.get(key)
+        if md is None:
+            raise CheckpointError(f"checkpoint {str(p)!r} lacks the tensor {key!r} that this model/optimizer has "
+                                  f"(.metadata lists {len(entries)} entries)")
+        if isinstance(md, BytesStorageMetadata) or not isinstance(md, TensorStorageMetadata):
+            raise safe_dcp.UnsafeCheckpoint(f"checkpoint {str(p / '.metadata')!r}: entry {key!r} is a pickled "
+                                            f"(byte) entry; nanogrow never writes those and never unpickles them")
+        if tuple(md.size) != tuple(t.shape):
+            raise CheckpointError(f"checkpoint {str(p)!r}: tensor {key!r} is {list(md.size)} in .metadata but "
+                                  f"{META}'s model_config makes it {list(t.shape)}")
+
+
+def _load_dcp(p: Path, meta: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     state = _model_and_optim_state(model, optimizer)
-    reader = dcp.FileSystemReader(str(p))
-    _materialise_missing(state, model, reader.read_metadata())
+    groups = None
+    if "optim" in state:  # hyper-parameters from meta.json (format 1: the optimizer's own, its bytes never read)
+        saved = meta.get("optim_param_groups")
+        groups = _param_groups_from_json(saved) if saved is not None else state["optim"]["param_groups"]
+        state["optim"] = {"state": state["optim"]["state"]}
+    verify_file(p, meta, ".metadata")  # before unpickling anything, restricted as that is
+    metadata = safe_dcp.read_metadata(p)
+    _materialise_missing(state, model, metadata)
+    _check_fits(p, metadata, state)
+    reader = safe_dcp.SafeReader(p, metadata, verify=lambda rel: verify_file(p, meta, rel))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(p))
-    except Exception as e:  # DCP wraps shape mismatches in CheckpointException
-        raise CheckpointError(f"checkpoint {str(p)!r} does not fit this model: {e}") from None
+            dcp.load(state, storage_reader=reader, planner=safe_dcp.TensorsOnlyPlanner())
+    except CheckpointException as e:  # a BaseException: DCP wraps every rank's failure in it
+        errors = [exc for exc, _ in e.failures.values()]
+        ours = next((x for x in errors if isinstance(x, ValueError)), None)  # our checks' one-line errors
+        if ours is not None:
+            raise ours from None
+        first = errors[0] if errors else e
+        raise CheckpointError(f"checkpoint {str(p)!r} could not be read: {type(first).__name__}: "
+                              f"{str(first).splitlines()[0] if str(first) else ''}") from None
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        osd = {"state": state["optim"]["state"], "param_groups": groups}
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=osd)
 
 
-def restore_rng(path: str | Path) -> None:
+def restore_rng(path: str | Path, meta: dict | None = None) -> None:
     """This rank's RNG state as saved (nothing when the checkpoint has none for this rank)."""
-    rng_file = Path(path) / "rng" / f"rank_{dist_utils.rank():05d}.safetensors"
-    if rng_file.is_file():
-        rng = load_file(str(rng_file))
-        torch.set_rng_state(rng["cpu"])
+    p = Path(path)
+    rel = f"rng/rank_{dist_utils.rank():05d}.safetensors"
+    if (p / rel).is_file():
+        verify_file(p, meta if meta is not None else read_meta(p), rel)
+        try:
+            rng = load_file(str(p / rel))
+            torch.set_rng_state(rng["cpu"])
+        except (SafetensorError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint file {str(p / rel)!r} is not a usable RNG state "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

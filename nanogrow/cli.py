@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,7 +19,7 @@ def cmd_train(args) -> int:
     from . import dist_utils
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     trainer.run()
     dist_utils.shutdown_and_exit()
     return 0
@@ -110,7 +111,7 @@ def cmd_lag(args) -> int:
             if st.lag:
                 st.lag = dict(st.lag, groups=args.groups)
         cfg.validate()
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     if not any(st.lag for st in trainer.stages[trainer.stage_index:]):
         raise ValueError(f"{args.config}: no [[stage]] with lag = {{...}} left to run")
     while True:
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train (and grow) a model")
     _config_args(p)
     p.add_argument("--resume", help="'auto' (latest checkpoint in train.out_dir, if any) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a train.out_dir that holds an earlier "
+                                                            "run's checkpoints, deleting them first")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("grow", help="grow a saved checkpoint offline (weights and optimizer state)")
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("lag", help="train up to the next LAG stage, select its operator, save and stop")
     _config_args(p)
     p.add_argument("--resume", help="'auto' or a checkpoint path to start from")
+    p.add_argument("--overwrite", action="store_true", help="start afresh, deleting train.out_dir's checkpoints")
     p.add_argument("--groups", type=int, help="process groups training candidates at the same time (sets "
                                                "lag.groups of every LAG stage; must divide the world size)")
     p.set_defaults(func=cmd_lag)
@@ -231,15 +235,30 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
+    return run_reporting_errors("nanogrow", args.func, args)
+
+
+def user_error(e: BaseException) -> bool:
+    """Is ``e`` about the user's inputs (config, data, checkpoint, growth plan, a run gone non-finite) rather than
+    a bug? Ours are ValueError / FileNotFoundError / FloatingPointError subclasses defined in nanogrow or
+    data_prep, or those exact built-in types raised with a message we wrote."""
+    if not isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
+        return False
+    return (type(e).__module__.split(".")[0] in ("nanogrow", "data_prep")
+            or type(e) in (ValueError, FileNotFoundError, FloatingPointError))
+
+
+def run_reporting_errors(prog: str, fn, args) -> int:
+    """``fn(args)``; an error about the user's inputs becomes one line on stderr and exit code 2, naming what is at
+    fault. Anything else is a bug and keeps its traceback; NANOGROW_DEBUG=1 shows the traceback for everything."""
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input (config, data, checkpoint, growth plan) is reported in one line naming what is at fault;
-        # anything else is a bug and keeps its traceback.
-        if type(e).__module__.split(".")[0] in ("nanogrow", "data_prep") or type(e) in (ValueError, FileNotFoundError):
-            print(f"nanogrow: error: {e}", file=sys.stderr)
-            return 2
-        raise
+        result = fn(args)
+        return 0 if result is None else result
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if os.environ.get("NANOGROW_DEBUG", "") not in ("", "0") or not user_error(e):
+            raise
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
+        return 2
 
 
 if __name__ == "__main__":

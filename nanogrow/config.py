@@ -50,6 +50,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    skip_nonfinite_steps: int = 0  # non-finite loss/gradient steps skipped in a row before the run stops
     eval_every: int = 50  # steps; 0 disables periodic evaluation
     eval_batches: int = 4
     eval_batch_size: int = 8
@@ -248,7 +249,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be > 0, got {value!r}")
     non_negative = {"train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
                     "train.grad_clip": t.grad_clip, "train.eval_every": t.eval_every,
-                    "train.ckpt_every": t.ckpt_every, "train.eps": t.eps, "data.eval_seq_len": dcfg.eval_seq_len}
+                    "train.ckpt_every": t.ckpt_every, "train.eps": t.eps,
+                    "train.skip_nonfinite_steps": t.skip_nonfinite_steps, "data.eval_seq_len": dcfg.eval_seq_len}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{source}: {key} must be >= 0, got {value!r}")

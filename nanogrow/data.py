@@ -6,14 +6,19 @@ A shard is a 1024-byte header of 256 little-endian int32 followed by the tokens,
 modded-nanogpt, but self-describing enough to be checked without any side file::
 
     header[0]  MAGIC            int.from_bytes(b"grow", "little"); a hex dump of a shard starts with "grow"
-    header[1]  VERSION          1
+    header[1]  VERSION          2 (1: the same without a checksum; still read)
     header[2]  token_bytes      2 (uint16, when vocab_size <= 65536) or 4 (uint32)
     header[3]  n_tokens low     n_tokens = lo + (hi << 32), both read as uint32, so shards may hold > 2^31 tokens
     header[4]  n_tokens high
     header[5]  vocab_size       of the tokenizer that wrote the shard
     header[6]  eot_id           end-of-text id that separates documents
     header[7]  max_token_id     largest id present: checking a shard against a model's vocab costs one read
-    header[8:] 0                reserved
+    header[8:16] sha256         of the token bytes after the header (32 bytes; version 2)
+    header[16:] 0               reserved
+
+Trust: the header is checked when the split is listed; the body when a shard is first opened in a run (once, not
+per batch): one read that hashes it against the sha256 above and finds its largest id, so corrupt bytes or ids the
+model cannot embed stop the run with a one-line error naming the shard, whatever the header says.
 
 Documents: every document is *preceded* by ``eot_id`` (``[eot] doc0 [eot] doc1 ...``), as in llm.c's FineWeb
 script: a window that starts anywhere sees a document start announced by eot, and a shard starts with eot.
@@ -51,11 +56,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .integrity import sha256_file
+
 if TYPE_CHECKING:
     import torch
 
 MAGIC = int.from_bytes(b"grow", "little")
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 LLMC_MAGICS = {20240520: "llm.c / modded-nanogpt GPT-2", 20240801: "llm.c Llama 3"}  # to make the error helpful
@@ -74,6 +82,7 @@ class ShardHeader:
     vocab_size: int
     eot_id: int
     max_token_id: int
+    sha256: str | None = None  # of the token bytes; None for a version-1 shard
 
     @property
     def dtype(self) -> np.dtype:
@@ -103,18 +112,21 @@ def write_shard(path: str | os.PathLike, tokens, vocab_size: int, eot_id: int) -
     header[:3] = MAGIC, VERSION, tb
     header.view("<u4")[3:5] = n & 0xFFFFFFFF, n >> 32
     header[5:8] = vocab_size, eot_id, hi
+    body = np.ascontiguousarray(tokens, dtype="<u2" if tb == 2 else "<u4")
+    digest = hashlib.sha256(memoryview(body).cast("B")).digest()
+    header[8:16] = np.frombuffer(digest, dtype="<i4")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(header.tobytes())
-            np.ascontiguousarray(tokens, dtype="<u2" if tb == 2 else "<u4").tofile(f)
+            body.tofile(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return ShardHeader(str(path), VERSION, tb, n, vocab_size, eot_id, hi)
+    return ShardHeader(str(path), VERSION, tb, n, vocab_size, eot_id, hi, digest.hex())
 
 
 def read_header(path: str | os.PathLike) -> ShardHeader:
@@ -132,8 +144,9 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     if h[0] != MAGIC:
         hint = f" (looks like an {LLMC_MAGICS[int(h[0])]} shard)" if int(h[0]) in LLMC_MAGICS else ""
         raise DataError(f"{path}: not a nanogrow shard: wrong magic number {int(h[0])}, expected {MAGIC}{hint}")
-    if h[1] != VERSION:
-        raise DataError(f"{path}: unsupported shard format version {int(h[1])} (this code reads version {VERSION})")
+    if int(h[1]) not in READABLE_VERSIONS:
+        raise DataError(f"{path}: unsupported shard format version {int(h[1])} (this code reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))})")
     tb = int(h[2])
     if tb not in (2, 4):
         raise DataError(f"{path}: invalid token size {tb} bytes in header (expected 2 or 4)")
@@ -150,28 +163,43 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
         what = "truncated shard" if size < expected else "shard longer than its header says"
         raise DataError(f"{path}: {what}: header promises {n} tokens x {tb} bytes = {expected} bytes "
                         f"with the header, file has {size}")
-    return ShardHeader(str(path), int(h[1]), tb, n, vocab_size, eot_id, max_id)
+    digest = h[8:16].tobytes().hex() if int(h[1]) >= 2 else None
+    return ShardHeader(str(path), int(h[1]), tb, n, vocab_size, eot_id, max_id, digest)
 
 
 def check_vocab(header: ShardHeader, vocab_size: int | None, verify: bool = False) -> None:
     """Fail if the shard holds ids the model cannot embed.
 
-    The cheap check trusts the header's max id; ``verify=True`` also scans every token (one pass over the file)
-    and catches a header that lies.
+    The cheap check trusts the header's max id; ``verify=True`` also reads the body (``verify_body``), which
+    catches a header that lies and corrupt bytes. The loader verifies every shard's body when it first opens it.
     """
     if vocab_size is not None and header.max_token_id >= vocab_size:
         raise DataError(f"{header.path}: contains token id {header.max_token_id} but the model's vocab_size is "
                         f"{vocab_size} (shard written with vocab_size {header.vocab_size})")
     if verify:
-        data = np.memmap(header.path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.n_tokens,))
-        actual = int(data.max()) if header.n_tokens else -1
-        del data
-        if vocab_size is not None and actual >= vocab_size:
-            raise DataError(f"{header.path}: verify scan found token id {actual} >= the model's vocab_size "
-                            f"{vocab_size}")
-        if actual != header.max_token_id:
-            raise DataError(f"{header.path}: corrupt shard: header says max token id {header.max_token_id}, "
-                            f"the data holds {actual}")
+        verify_body(header, vocab_size)
+
+
+def verify_body(header: ShardHeader, vocab_size: int | None) -> None:
+    """One read of the token bytes: their largest id against the model's vocabulary (whatever the header says)
+    and the header's max id, and their sha256 against the header's (version 2)."""
+    top = [-1]
+
+    def scan(chunk: bytes) -> None:  # chunks are 4 MiB, a multiple of the token size; the file size was checked
+        if chunk:
+            top[0] = max(top[0], int(np.frombuffer(chunk, dtype=header.dtype).max()))
+
+    digest = sha256_file(header.path, offset=HEADER_BYTES, each_chunk=scan)
+    actual = top[0]
+    if vocab_size is not None and actual >= vocab_size:
+        raise DataError(f"{header.path}: verify scan found token id {actual} >= the model's vocab_size "
+                        f"{vocab_size}")
+    if actual != header.max_token_id:
+        raise DataError(f"{header.path}: corrupt shard: header says max token id {header.max_token_id}, "
+                        f"the data holds {actual}")
+    if header.sha256 is not None and digest != header.sha256:
+        raise DataError(f"{header.path}: corrupt shard: the tokens' sha256 {digest[:16]}... does not match the "
+                        f"{header.sha256[:16]}... in its header")
 
 
 def open_shard(path, vocab_size: int | None = None, verify: bool = False) -> tuple[ShardHeader, np.memmap]:
@@ -233,9 +261,11 @@ class ShardSet:
                                 f"tokenizers in one split")
             check_vocab(h, vocab_size, verify)
         self.vocab_size, self.eot_id = first.vocab_size, first.eot_id
+        self.model_vocab = vocab_size
         self.sizes = np.array([h.n_tokens for h in self.headers], dtype=np.int64)
         self.total = int(self.sizes.sum())
         self._open: OrderedDict[int, np.memmap] = OrderedDict()
+        self._verified = {i for i in range(len(self.paths))} if verify else set()  # bodies read and checked
 
     @property
     def fingerprint(self) -> str:
@@ -249,6 +279,9 @@ class ShardSet:
             self._open.move_to_end(i)
         else:
             h = self.headers[i]
+            if i not in self._verified:  # once per shard per run; the LRU may reopen it later
+                verify_body(h, self.model_vocab)
+                self._verified.add(i)
             self._open[i] = np.memmap(h.path, dtype=h.dtype, mode="r", offset=HEADER_BYTES, shape=(h.n_tokens,))
             if len(self._open) > self.MAX_OPEN:
                 self._open.popitem(last=False)

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -526,12 +525,9 @@ def _imported_run_config(run, cfg: ModelConfig, out: Path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _run(prog: str, fn, args) -> int:
-    try:
-        fn(args)
-        return 0
-    except (ValueError, FileNotFoundError) as e:  # bad input, reported in one line (see cli.main)
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    from .cli import run_reporting_errors  # one policy for one-line errors and NANOGROW_DEBUG
+
+    return run_reporting_errors(prog, lambda a: fn(a) and None, args)
 
 
 def export_main(argv: list[str]) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import dist_utils
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from .checkpoint import (CheckpointError, NonFiniteError, checkpoint_dirs, latest_checkpoint, load_checkpoint,
+                         read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
 from .config import RunConfig, StageConfig, changes_parameters, eval_seq_len
 from .data import TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, grow, make_plan
@@ -61,7 +62,7 @@ def make_optimizer(model: torch.nn.Module, t, ages: bool = False) -> torch.optim
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: str | None = None, log=print):
+    def __init__(self, cfg: RunConfig, resume: str | None = None, log=print, overwrite: bool = False):
         cfg.validate()
         self.cfg, self.t = cfg, cfg.train
         self.device = dist_utils.pick_device(self.t.device)
@@ -74,6 +75,7 @@ class Trainer:
         self.out_dir = Path(self.t.out_dir)
 
         # Everything that can be wrong is checked here, before a single FLOP is spent.
+        self._claim_out_dir(resume, overwrite)
         ckpt = self._resolve_resume(resume)
         meta = read_meta(ckpt) if ckpt else None
         if meta:
@@ -117,6 +119,7 @@ class Trainer:
             self.model = self._parallelize(build_model(self.model_config, self.device, seed=self.t.seed))
             self.optimizer = make_optimizer(unwrap(self.model), self.t)
         self.step = 0
+        self._nonfinite_streak, self._loss_avg, self._quiet_until = 0, None, 0
         self.trigger = self._make_trigger()
         self.history: list[dict] = []  # growth events and evaluations, in order
         self.meter = ThroughputMeter(device_peak_flops(self.device), self.world)
@@ -158,6 +161,21 @@ class Trainer:
         self.t.max_steps = self.step + max(1, round(left / per_step))
 
     # ---- set-up helpers -------------------------------------------------------------------------------------
+    def _claim_out_dir(self, resume: str | None, overwrite: bool) -> None:
+        """A fresh run never writes into another run's checkpoints: rotation orders by step number across both
+        runs and --resume auto would then load a mix. Leftovers of a crashed save are removed in any case."""
+        existing = checkpoint_dirs(self.out_dir)
+        if existing and resume is None and not overwrite:
+            raise CheckpointError(
+                f"train.out_dir {str(self.out_dir)!r} already holds checkpoints ({existing[0].name} ... "
+                f"{existing[-1].name}) of an earlier run; continue it with `--resume auto`, or start afresh with "
+                f"`--overwrite` (deletes them), or set another train.out_dir")
+        if self.rank == 0:
+            if existing and resume is None and overwrite:
+                remove_checkpoints(self.out_dir, log=self.log)
+            remove_stray_tmp(self.out_dir, log=self.log)
+        dist_utils.barrier()
+
     def _resolve_resume(self, resume: str | None) -> Path | None:
         if resume is None:
             return None
@@ -213,7 +231,10 @@ class Trainer:
 
     def _check_compatible(self, meta: dict, path: Path) -> None:
         """The run being resumed must have started from the same shape; later shapes come from its history."""
-        started = meta["run_config"]["model"]
+        started = meta["run_config"].get("model")
+        if not isinstance(started, dict):
+            raise CheckpointError(f"checkpoint {str(path / 'meta.json')!r}: run_config.model should be the table "
+                                  f"the run started with, found {type(started).__name__}")
         ours = dataclasses.asdict(self.cfg.model)
         diff = [k for k in ours if ours[k] != started.get(k) and k != "kernels"]  # kernels: not a shape
         if diff:
@@ -291,14 +312,15 @@ class Trainer:
         if self.zero is None:
             params = [p for p in self.model.parameters() if p.grad is not None]
             before = [p.detach().clone() for p in params] if probe else None
-            unclip = 1.0
-            if self.t.grad_clip > 0:
-                norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip))
-                unclip = max(1.0, norm / self.t.grad_clip)  # clipping scaled the gradient by 1 / unclip
-            self.optimizer.step()
-            if probe:
-                decrease = self._probe_decrease(params, before, unclip, batches, loss_sum)
+            norm = _grad_norm(self.model, self.t.grad_clip)  # global (reduced) norm: every rank decides alike
+            if self._finite_step(loss_sum, norm):
+                self.optimizer.step()
+                if probe:  # clipping scaled the gradient by 1 / unclip; the probe wants the true one
+                    unclip = max(1.0, norm / self.t.grad_clip) if self.t.grad_clip > 0 else 1.0
+                    decrease = self._probe_decrease(params, before, unclip, batches, loss_sum)
             self.optimizer.zero_grad(set_to_none=True)
+        else:  # DeepSpeed has stepped already: a bad step cannot be skipped, only stopped at
+            self._finite_step(loss_sum, float(self.zero.engine.get_global_grad_norm() or 0.0), can_skip=False)
         tokens, fpt = self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len)
         self.meter.add(tokens, fpt)
         if probe:
@@ -324,6 +346,49 @@ class Trainer:
             after = sum(self.model(x, y).item() for x, y in batches) / len(batches)
         actual = dist_utils.all_reduce_mean(loss_before - after, self.device)
         return actual, predicted
+
+    def _finite_step(self, loss: float, grad_norm: float, can_skip: bool = True) -> bool:
+        """May this step's update be applied? A non-finite loss or gradient norm skips it (up to
+        train.skip_nonfinite_steps in a row, as torchtitan does), then stops the run naming the step, the likely
+        cause and the checkpoint to go back to. A finite update that makes the weights non-finite is caught by
+        the finite check every checkpoint save does (checkpoint.check_finite), or at the next step's loss."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self._nonfinite_streak = 0
+            return True
+        self._nonfinite_streak += 1
+        step = self.step + 1
+        if can_skip and self._nonfinite_streak <= self.t.skip_nonfinite_steps:
+            self.log(f"warning: step {step}: loss {loss}, gradient norm {grad_norm}: update skipped "
+                     f"({self._nonfinite_streak} of train.skip_nonfinite_steps={self.t.skip_nonfinite_steps} "
+                     f"in a row)")
+            return False
+        raise NonFiniteError(self._nonfinite_message(f"loss or gradient (loss {loss}, gradient norm {grad_norm})",
+                                                     step))
+
+    def _nonfinite_message(self, what: str, step: int) -> str:
+        last = latest_checkpoint(self.out_dir)
+        resume = f"last good checkpoint {last} (`--resume {last}`)" if last else "no checkpoint written yet"
+        return (f"step {step}: non-finite {what}; likely cause: a learning rate too high for this model "
+                f"(train.lr={self.t.lr}) or corrupt data; {resume}; lower train.lr or set "
+                f"train.skip_nonfinite_steps to skip isolated bad steps")
+
+    def _watch_loss(self, loss: float) -> None:
+        """Warn about a finite but exploding loss: far above a uniform guess (ln vocab_size), or a spike over the
+        recent average. At most one warning per 100 steps."""
+        uniform = math.log(self.model_config.vocab_size)
+        avg = self._loss_avg
+        self._loss_avg = loss if avg is None else 0.9 * avg + 0.1 * loss
+        if self.step < self._quiet_until:
+            return
+        if loss > 2 * uniform:
+            why = f"more than twice ln(vocab_size) = {uniform:.2f}, what a uniform guess scores"
+        elif avg is not None and self.step > 20 and loss > 1.5 * avg:
+            why = f"a spike over the recent average {avg:.4f}"
+        else:
+            return
+        self.log(f"warning: step {self.step}: loss {loss:.4g} is {why}: training may be diverging "
+                 f"(train.lr={self.t.lr})")
+        self._quiet_until = self.step + 100
 
     # ---- growth ---------------------------------------------------------------------------------------------
     def _update_masks(self) -> None:
@@ -557,11 +622,15 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        if self.zero is not None:
-            path = self.zero.save(self.out_dir, self.step, self.checkpoint_meta(), keep_last=self.t.keep_last)
-        else:
-            path = save_checkpoint(self.out_dir, self.step, unwrap(self.model), self.optimizer,
-                                   self.checkpoint_meta(), keep_last=self.t.keep_last)
+        try:
+            if self.zero is not None:
+                path = self.zero.save(self.out_dir, self.step, self.checkpoint_meta(), keep_last=self.t.keep_last)
+            else:
+                path = save_checkpoint(self.out_dir, self.step, unwrap(self.model), self.optimizer,
+                                       self.checkpoint_meta(), keep_last=self.t.keep_last)
+        except NonFiniteError as e:  # nothing was written or rotated
+            raise NonFiniteError(self._nonfinite_message(f"model or optimizer state, not saved ({e})",
+                                                         self.step)) from None
         self.log(f"saved {path}")
         return path
 
@@ -579,10 +648,8 @@ class Trainer:
                 self.grow_next_stage()
             if self.step >= t.max_steps:  # LAG's candidate steps count as training steps and may reach the end
                 break
-            last_loss = self.train_step()
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"loss became {last_loss} at step {self.step}; lower train.lr "
-                                         f"({t.lr}) or check the data")
+            last_loss = self.train_step()  # stops (NonFiniteError) on non-finite steps past the allowed skips
+            self._watch_loss(last_loss)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 w = self.meter.window()
                 elapsed = time.perf_counter() - start
@@ -633,6 +700,18 @@ class Trainer:
                         f"{st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | {tps:>7,.0f} | "
                         f"{100 * mfu:4.1f}% | {_fmt(st.get('val_loss'))}")
         return "\n".join(rows)
+
+
+def _grad_norm(model: torch.nn.Module, clip: float) -> float:
+    """The global gradient norm, clipped to ``clip`` when > 0 (clip_grad_norm_ returns the norm before
+    clipping). A DTensor norm (FSDP) is reduced over the mesh by full_tensor()."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return float(norm)
 
 
 def _grad_sq(model: torch.nn.Module) -> float:

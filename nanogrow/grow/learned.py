@@ -139,8 +139,10 @@ def _depth_init(init: str, init_options: dict, o: ModelConfig, n: ModelConfig, s
 
 def initial_maps(o: ModelConfig, n: ModelConfig, seed: int, init: str, init_options: dict,
                  width_init: str) -> dict[str, torch.Tensor]:
-    from nanogrow.grow.width import _head_maps, _plain_map
+    from nanogrow.grow.width import _head_maps, _plain_map, check_tiling_factor
 
+    if n.d_model != o.d_model and width_init == "net2net":
+        check_tiling_factor(o.d_model, n.d_model)  # the same refusal as the net2net operator, for the same reason
     maps = {f"depth.{s}": None for s in LAYER_PARAMS}
     m = _depth_init(init, init_options, o, n, seed)
     for s in LAYER_PARAMS:

@@ -104,6 +104,16 @@ class UnitMap:
                        e(self.fresh_b))
 
 
+def check_tiling_factor(D: int, D2: int) -> None:
+    """Net2Net-style d_model maps (net2net, and the learned operator's initial maps) are function-preserving only
+    for an integer factor; both operators refuse the rest with this one message."""
+    if D2 % D:
+        raise ValueError(
+            f"net2net widens d_model only by an integer factor (d_model {D} -> {D2}): every residual channel is "
+            "tiled g times so RMSNorm's mean square is unchanged; duplicating only some channels would change "
+            "every normalised activation. Use zero, vt or msg, or grow d_model to a multiple")
+
+
 def _plain_map(C: int, C2: int, method: str, what: str) -> UnitMap:
     """Old units first, new ones appended."""
     k = C2 - C
@@ -303,11 +313,8 @@ def _dff_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) ->
 def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int, scale_eps: bool) -> GrowthPlan:
     D, D2 = cur.d_model, nxt.d_model
     m = ctx.method
-    if m == "net2net" and D2 % D:
-        raise ValueError(
-            f"net2net widens d_model only by an integer factor (d_model {D} -> {D2}): every residual channel is "
-            "tiled g times so RMSNorm's mean square is unchanged; duplicating only some channels would change "
-            "every normalised activation. Use zero, vt or msg, or grow d_model to a multiple")
+    if m == "net2net":
+        check_tiling_factor(D, D2)
     um = _plain_map(D, D2, m, "d_model")
     tied = nxt.tie_embeddings
     targets = identity_targets(nxt)

@@ -113,7 +113,7 @@ def execute(study: Study, run: Run) -> dict:
     """Train one run and return its store record."""
     from ..train import Trainer
 
-    trainer = Trainer(run.cfg, log=lambda *a, **k: None)
+    trainer = Trainer(run.cfg, log=lambda *a, **k: None, overwrite=True)  # a study run replaces a crashed attempt
     t0 = time.perf_counter()
     summary = trainer.run()
     wall = time.perf_counter() - t0

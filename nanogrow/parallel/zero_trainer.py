@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from nanogrow.checkpoint import (DEEPSPEED_TAG, CheckpointError, atomic_save, is_deepspeed, load_checkpoint,
-                                 read_meta, restore_rng, save_checkpoint)
+from nanogrow.checkpoint import (DEEPSPEED_TAG, CheckpointError, atomic_save, check_finite, is_deepspeed,
+                                 load_checkpoint, read_meta, restore_rng, save_checkpoint, verify_tree)
 from nanogrow.grow.optim import AdamW
 from nanogrow.grow.plan import GrowthPlan, MaskRamp, set_buffer
 
-from .zero import ZeroRun, ds_config, grow_zero, set_optimizer_state, zero_initialize
+from .zero import (ZeroRun, _inner_optimizer, _partition_params, ds_config, grow_zero, set_optimizer_state,
+                   zero_initialize)
 
 
 def check_resume(meta: dict, path: Path, parallel: str, world: int, stage: int) -> None:
@@ -88,6 +89,7 @@ class ZeroBackend:
         if meta.get("ramp"):  # masks exist in the saved module exactly while a ramp is on: create the buffers
             ramp = MaskRamp.from_dict(meta["ramp"])
             ramp.apply(model, ramp.start_step)
+        verify_tree(path, meta, DEEPSPEED_TAG)  # DeepSpeed unpickles these files: check them before it opens any
         self.run = zero_initialize(model, groups, self.config(micro_batch))
         loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
         if loaded is None:
@@ -96,7 +98,7 @@ class ZeroBackend:
         # the learning rate is set every step.
         for group, hyper in zip(self.optimizer.param_groups, self.run.groups):
             group.update({k: v for k, v in hyper.items() if k in ("weight_decay", "betas", "eps")})
-        restore_rng(path)
+        restore_rng(path, meta)
 
     def _resume_dcp(self, model, groups, micro_batch, path: Path, meta: dict) -> None:
         """Any DCP checkpoint (one process, DDP, FSDP, consolidated): weights and moments in full on every rank,
@@ -131,6 +133,12 @@ class ZeroBackend:
         return self.engine
 
     def save(self, out_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
+        # This rank's fp32 master partitions and Adam moments (the weights forward uses are copies of the masters)
+        masters = [(f"fp32 partition {i}", t) for i, t in enumerate(_partition_params(self.engine))]
+        moments = [(f"optimizer state {i}.{k}", v) for i, st in enumerate(_inner_optimizer(self.engine).state.values())
+                   for k, v in st.items()]
+        check_finite(masters + moments, f"step {step}")  # before anything is written or rotated
+
         def write(tmp: Path) -> None:
             self.engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, client_state={}, save_latest=False)
 
