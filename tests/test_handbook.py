@@ -229,3 +229,16 @@ def test_a_run_stored_for_another_study_is_copied_not_rerun(tmp_path, demo_data,
     assert trained == ["half at 50%", "half at 50%"]  # the shared reference (lr grid and 2x) came from s.jsonl
     copied = [r for r in Store(second.store_path).records if r.get("copied_from") == "s"]
     assert len(copied) == 6 and all(r["study"] == "t" for r in copied)
+
+
+def test_ladder_trend_recovers_a_known_power_law():
+    """Effective multipliers growing as N^0.3 (x2 per 10x params), with noise that cancels per rung: the fitted
+    slope is 0.3 ln 10 per log10(N) and its interval is tight; a flat ladder gives a slope interval around 0."""
+    rows = [{"params": n, "effective": [math.exp(0.3 * math.log(n / 1e5)) * f for f in (0.98, 1.0, 1 / 0.98)]}
+            for n in (1e5, 3e5, 1e6, 3e6)]
+    trend = report.fit_trend(rows)
+    assert trend["b"] == pytest.approx(0.3 * math.log(10), abs=1e-3) and trend["lo"] < trend["b"] < trend["hi"]
+    assert trend["hi"] - trend["lo"] < 0.1
+    flat = report.fit_trend([{"params": n, "effective": [0.9, 1.1, 1.0]} for n in (1e5, 1e6)])
+    assert flat["lo"] < 0 < flat["hi"]
+    assert report.fit_trend([{"params": 1e5, "effective": [1.0, 2.0, 3.0]}]) is None  # one size: no trend

@@ -15,6 +15,7 @@ Means are over seeds with 95% t-intervals; ratios use the geometric mean and a t
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -168,6 +169,106 @@ def study_markdown(study: Study, plots: bool = True) -> str:
     return "\n".join(out)
 
 
+def ladder_rows(studies: list[Study]) -> list[dict]:
+    """One row per rung (a study with ``ladder_arm``): size, budget, and the rung arm's per-seed ratios."""
+    rows = []
+    for study in studies:
+        if not study.ladder_arm:
+            continue
+        lr, _, arm_stats = arm_rows(study)
+        row = next((r for r in arm_stats if r["arm"] == study.ladder_arm), None)
+        m = study.base.model.resolved()
+        rows.append({"study": study.name, "shape": f"{m.n_layer} x {m.d_model}", "params": m.num_params(False),
+                     "budget": study.budget_flops, "lr": lr, "seeds": row["seeds"] if row else 0,
+                     "effective": row["effective"] if row else [], "flops_ratio": row["flops_ratio"] if row else [],
+                     "diffs": row["diffs"] if row else []})
+    return sorted(rows, key=lambda r: r["params"])
+
+
+def fit_trend(rows: list[dict]) -> dict | None:
+    """log(effective multiplier) = a + b log10(N), least squares over every seed of every rung, with the slope's
+    95% t-interval (n - 2 degrees of freedom)."""
+    import math
+
+    from .stats import t975
+    xs, ys = [], []
+    for r in rows:
+        for e in r["effective"]:
+            xs.append(math.log10(r["params"]))
+            ys.append(math.log(e))
+    n = len(xs)
+    if n < 3 or len({round(x, 6) for x in xs}) < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    resid = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    se = math.sqrt(resid / (n - 2) / sxx)
+    half = t975(n - 2) * se
+    return {"a": a, "b": b, "lo": b - half, "hi": b + half, "n": n}
+
+
+def ladder_markdown(studies: list[Study]) -> str:
+    rows = ladder_rows(studies)
+    if not rows:
+        return ""
+    out = ["## Growth scaling ladder: does the saving grow with size?", "",
+           "The recipe arm of each rung against its own tuned reference, every rung trained for 0.5 tokens per "
+           "non-embedding parameter. Reproduce: `nanogrow handbook run configs/handbook/<rung>.toml` for each rung "
+           "below.", "",
+           "| rung | shape | non-embedding params | budget FLOPs | tuned lr | seeds | effective compute x | "
+           "FLOPs ratio to scratch's loss | final loss vs scratch |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['study']} | {r['shape']} | {r['params']:,} | {r['budget']:.2e} | "
+                   f"{'n/a' if r['lr'] is None else format(r['lr'], 'g')} | {r['seeds']} | "
+                   f"{fmt_ci(*ratio_ci(r['effective']), suffix='x') if r['effective'] else 'n/a'} | "
+                   f"{fmt_ci(*ratio_ci(r['flops_ratio']), suffix='x') if r['flops_ratio'] else 'n/a'} | "
+                   f"{fmt_ci(*mean_ci(r['diffs']), digits=3) if r['diffs'] else 'n/a'} |")
+    trend = fit_trend(rows)
+    if trend:
+        out += ["", f"Trend (least squares over {trend['n']} seed-level points): ln(effective x) = "
+                    f"{trend['a']:.3f} + {trend['b']:.3f} log10(N), slope 95% interval [{trend['lo']:.3f}, "
+                    f"{trend['hi']:.3f}]: per 10x in non-embedding parameters the multiplier changes by a factor "
+                    f"{math.exp(trend['b']):.2f} [{math.exp(trend['lo']):.2f}, {math.exp(trend['hi']):.2f}]."]
+        png = ladder_plot(rows, trend, STUDY_DIR / "plots" / "ladder.png")
+        if png:
+            out += ["", f"![ladder]({png.resolve().relative_to(ROOT)})"]
+    notes = STUDY_DIR / "ladder.md"
+    if notes.exists():
+        out += ["", notes.read_text().strip()]
+    return "\n".join(out)
+
+
+def ladder_plot(rows: list[dict], trend: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["effective"]:
+            g, lo, hi = ratio_ci(r["effective"])
+            ax.errorbar([r["params"]], [g], yerr=[[g - lo], [hi - g]] if hi < math.inf else None, fmt="o",
+                        color="C0", capsize=3)
+            ax.scatter([r["params"]] * len(r["effective"]), r["effective"], color="C0", s=8, alpha=0.4)
+    xs = [min(r["params"] for r in rows), max(r["params"] for r in rows)]
+    ax.plot(xs, [math.exp(trend["a"] + trend["b"] * math.log10(x)) for x in xs], color="C1",
+            label=f"fit: x{math.exp(trend['b']):.2f} per 10x params")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters of the target")
+    ax.set_ylabel("effective compute multiplier")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def completeness(study: Study) -> str:
     store = Store(study.store_path)
     lr, _ = tuned_lr(study, store, study.seeds)
@@ -193,8 +294,14 @@ reference (to within one step); grown arms train at the reference's tuned learni
 
 def write_handbook(path: str | Path = ROOT / "HANDBOOK.md", log=print) -> Path:
     parts = [HEADER]
-    for study in studies_in():
-        parts.append(study_markdown(study))
+    studies = studies_in()
+    for study in studies:
+        if not study.ladder_arm:
+            parts.append(study_markdown(study))
+    ladder = ladder_markdown(studies)
+    if ladder:
+        parts.append(ladder)
+        parts += [study_markdown(s) for s in studies if s.ladder_arm]
     earlier = STUDY_DIR / "earlier.md"  # hand-written: measurements made before the study engine
     if earlier.exists():
         parts.append(earlier.read_text().strip())

@@ -38,7 +38,8 @@ from pathlib import Path
 from ..config import SECTIONS, ConfigError, RunConfig, load_config, validate
 from ..schedule import stage_layouts, stage_start_steps
 
-STUDY_KEYS = {"title", "question", "base", "seeds", "reference", "lr_grid", "scratch_scales", "prep", "notes"}
+STUDY_KEYS = {"title", "question", "base", "seeds", "reference", "lr_grid", "scratch_scales", "prep", "notes",
+              "ladder_arm"}
 ARM_KEYS = {"model", "stage", "set", "about"}
 
 
@@ -80,6 +81,7 @@ class Study:
     prep: list[str] = field(default_factory=list)
     question: str = ""
     notes: str = ""
+    ladder_arm: str = ""  # a rung of the growth scaling ladder: this arm against the reference, across studies
 
     @property
     def store_path(self) -> Path:
@@ -262,7 +264,9 @@ def load_study(path: str | Path) -> Study:
     study = Study(path=p, name=p.stem, title=s["title"], base=base, base_path=base_path, seeds=list(s["seeds"]),
                   reference=s["reference"], lr_grid=[float(x) for x in s["lr_grid"]],
                   scratch_scales=[float(x) for x in scales], arms=arms, prep=list(s.get("prep", [])),
-                  question=s.get("question", ""), notes=s.get("notes", ""))
+                  question=s.get("question", ""), notes=s.get("notes", ""), ladder_arm=s.get("ladder_arm", ""))
+    if study.ladder_arm and study.ladder_arm not in arms:
+        raise ConfigError(f"{p}: study.ladder_arm {study.ladder_arm!r} is not an arm ({', '.join(arms)})")
     study.check()
     return study
 
