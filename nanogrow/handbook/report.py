@@ -43,7 +43,7 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
             rows.append({"arm": name, "seeds": 0})
             continue
         row: dict = {"arm": name, "seeds": len(runs), "finals": [], "diffs": [], "flops_ratio": [], "never": 0,
-                     "effective": [], "extrapolated": 0, "wall_ratio": [], "jumps": []}
+                     "effective": [], "extrapolated": 0, "wall_ratio": [], "jumps": [], "rises": []}
         for seed, r in sorted(runs.items()):
             base = ref[seed]
             row["finals"].append(r["final_loss"])
@@ -62,6 +62,8 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
                 eff, extrapolated = effective_flops(points, r["final_loss"])
                 row["effective"].append(eff / r["flops"])
                 row["extrapolated"] += extrapolated
+            losses = [p[3] for p in r["curve"]]
+            row["rises"].append(max((b - a for a, b in zip(losses, losses[1:])), default=0.0))
             for ev in r.get("growth_events", []):
                 if ev.get("val_loss_before") is not None and ev.get("val_loss_after") is not None:
                     row["jumps"].append(ev["val_loss_after"] - ev["val_loss_before"])
@@ -79,6 +81,11 @@ def _current_keys(study: Study, arm: str, seed: int, lr: float) -> set[str]:
 def table(study: Study, rows: list[dict]) -> str:
     head = ("| arm | seeds | final loss | vs scratch (paired) | FLOPs ratio to scratch's loss | effective compute x "
             "| wall-clock ratio | loss jump at growth |\n|---|---|---|---|---|---|---|---|")
+    if not any(a.stage for a in study.arms.values()):  # no growth anywhere: show how much each curve goes back up
+        head = head.replace("loss jump at growth |", "largest rise between evaluations |")
+        for row in rows:
+            if row["seeds"]:
+                row["jumps"] = row["rises"]
     lines = [head]
     for row in rows:
         if not row["seeds"]:
