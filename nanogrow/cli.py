@@ -82,8 +82,12 @@ def cmd_handbook(args) -> int:
     if args.action == "run":
         study = load_study(args.study)
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        runner.run_study(study, seeds=seeds, arms=args.arms.split(",") if args.arms else None,
-                         dry_run=args.dry_run)
+        if args.retime:
+            for arm in args.retime.split(","):
+                runner.retime(study, arm, seeds=seeds)
+        else:
+            runner.run_study(study, seeds=seeds, arms=args.arms.split(",") if args.arms else None,
+                             dry_run=args.dry_run)
         if not args.dry_run:
             report.write_handbook(log=print)
     elif args.action == "report":
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", help="run: these seeds instead of the study's, e.g. 0,1,2")
     p.add_argument("--arms", help="run: only these arms (comma-separated; the reference's lr grid always runs)")
     p.add_argument("--dry-run", action="store_true", help="run: list the runs that are missing, run nothing")
+    p.add_argument("--retime", metavar="ARMS", help="run: train these arms (tuned lr, budget x1) again and replace "
+                                                     "their records everywhere: for runs timed on a loaded machine")
     p.add_argument("--verbose", "-v", action="store_true", help="list: each arm's steps, growth step and budget")
     p.set_defaults(func=cmd_handbook)
 

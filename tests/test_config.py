@@ -10,9 +10,21 @@ def write(tmp_path, text):
 
 
 def test_demo_and_gpt2_configs_load():
-    for name in ("configs/demo.toml", "configs/gpt2-small.toml"):
+    for name in ("configs/demo.toml", "configs/gpt2-small.toml", "configs/recipe-8x96.toml"):
         cfg = load_config(name)
         assert cfg.model.n_layer > 0
+
+
+def test_every_handbook_study_loads_and_spends_its_budget():
+    """Each shipped study resolves every arm and spends the reference's FLOPs to within a step of its last stage."""
+    from nanogrow.handbook.study import budget_check, studies_in
+
+    studies = studies_in()
+    assert len(studies) >= 8
+    for study in studies:
+        for line in budget_check(study):
+            if "x budget" in line and "trigger" not in line:
+                assert abs(float(line.rsplit(", ", 1)[1].split(" x")[0]) - 1) < 0.01, (study.name, line)
 
 
 def test_overrides_are_typed():

@@ -242,3 +242,20 @@ def test_ladder_trend_recovers_a_known_power_law():
     flat = report.fit_trend([{"params": n, "effective": [0.9, 1.1, 1.0]} for n in (1e5, 1e6)])
     assert flat["lo"] < 0 < flat["hi"]
     assert report.fit_trend([{"params": 1e5, "effective": [1.0, 2.0, 3.0]}]) is None  # one size: no trend
+
+
+def test_retime_replaces_the_records_in_every_store_that_holds_them(tmp_path, demo_data, monkeypatch):
+    first = load_study(write_study(tmp_path, demo_data))
+    monkeypatch.setattr(runner, "execute", fake_record)
+    monkeypatch.setattr(runner, "ensure_data", lambda *a: None)
+    runner.run_study(first, log=lambda *a: None)
+    (tmp_path / "t.toml").write_text((tmp_path / "s.toml").read_text())
+    second = load_study(tmp_path / "t.toml")
+    runner.run_study(second, log=lambda *a: None)  # every record copied from s
+    monkeypatch.setattr(runner, "execute", lambda s, r: {**fake_record(s, r), "wall_seconds": 7.0})
+    assert runner.retime(first, "scratch", log=lambda *a: None) == 2
+    for study in (first, second):
+        store = Store(study.store_path)
+        timed = [r for r in store.records if r["arm"] == "scratch" and r["lr"] == 1e-2 and r["scale"] == 1.0]
+        assert len(timed) == 2 and all(r["wall_seconds"] == 7.0 and r["retimed"] for r in timed)
+        assert len(store.records) == 8 and all(r["study"] == study.name for r in store.records)

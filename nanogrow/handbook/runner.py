@@ -8,6 +8,7 @@ store at once, so a study stopped at any point loses at most the run in progress
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -84,6 +85,34 @@ def run_study(study: Study, seeds: list[int] | None = None, arms: list[str] | No
     lr, means = tuned_lr(study, store, seeds)
     log(f"[{study.name}] complete for seeds {seeds}: tuned lr {lr:g} "
         f"({', '.join(f'{k:g}: {v:.4f}' for k, v in means.items())})")
+    return made
+
+
+def retime(study: Study, arm: str, seeds: list[int] | None = None, log=print) -> int:
+    """Run ``arm``'s records at the tuned lr and budget x1 again and replace them in every store that holds the same
+    config. For wall-clock hygiene only: the losses and FLOPs of a seeded run reproduce, its seconds do not when the
+    machine was loaded while it ran (two runs on two cores, a test suite). Returns the number of runs made."""
+    seeds = seeds or study.seeds
+    store = Store(study.store_path)
+    lr, _ = tuned_lr(study, store, seeds)
+    if lr is None:
+        raise ValueError(f"{study.path}: the reference's lr grid is not complete; nothing to retime")
+    made = 0
+    for run in study.runs(arm, seeds, lr):
+        log(f"[{study.name}] retiming {arm} seed {run.seed} (lr {lr:g})")
+        record = execute(study, run)
+        for path in sorted(study.store_path.parent.glob("*.jsonl")):
+            other = Store(path)
+            if not other.has(run.key):
+                continue
+            records = [({**record, "study": r["study"], "arm": r["arm"], "retimed": True,
+                         **({"copied_from": study.name} if r["study"] != study.name else {})}
+                        if r["config_hash"] == run.key else r) for r in other.records]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r, separators=(",", ":"), sort_keys=True) + "\n" for r in records))
+            os.replace(tmp, path)  # atomic: a reader sees the old store or the new one
+        made += 1
+        log(f"    {record['wall_seconds']:.0f} s, final loss {record['final_loss']:.4f}")
     return made
 
 
