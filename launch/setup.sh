@@ -2,13 +2,13 @@
 # Create ./.venv and install nanogrow with its test dependencies, without ever pulling a CUDA build of torch on a
 # CPU machine: torch is installed first, pinned to the release this repo is tested with, and kept by a constraint.
 # Idempotent: a second run only checks that everything is there.
-#   NANOGROW_EXTRAS=dev  bash launch/setup.sh        # choose extras (default: dev,hf,triton,deepspeed, what the
+#   NANOGROW_EXTRAS=dev  bash launch/setup.sh        # choose extras (default: dev,hf,triton,deepspeed,plot, what the
 #                                                    # tests use; flash-attn is a GPU-only extra, not built here)
 #   NANOGROW_TORCH=torch==2.13.0                     # what to install for torch (a cluster may keep its own)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${NANOGROW_EXTRAS:-dev,hf,triton,deepspeed}
+EXTRAS=${NANOGROW_EXTRAS:-dev,hf,triton,deepspeed,plot}
 export DS_BUILD_OPS=${DS_BUILD_OPS:-0}  # DeepSpeed: no CUDA ops at install; they are JIT-built where needed
 TORCH=${NANOGROW_TORCH:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

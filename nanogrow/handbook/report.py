@@ -106,7 +106,8 @@ def table(study: Study, rows: list[dict]) -> str:
 
 
 def plot(study: Study, lr: float, path: Path) -> Path | None:
-    """Validation loss against FLOPs, every arm (seeds as thin lines of one colour), the reference in black."""
+    """Validation loss against FLOPs: each arm's mean curve over its seeds (same schedule, so the evaluations line
+    up), the reference in black; growth events marked with a dot."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -116,12 +117,19 @@ def plot(study: Study, lr: float, path: Path) -> Path | None:
     store = Store(study.store_path)
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, name in enumerate(study.arms):
-        runs = store.select(name, scale=1.0, lr=lr)
-        color = "black" if name == study.reference else f"C{i % 10}"
-        for j, r in enumerate(sorted(runs, key=lambda r: r["seed"])):
-            xs, ys = [p[0] for p in r["curve"]], [p[3] for p in r["curve"]]
-            ax.plot(xs, ys, color=color, lw=1.6 if name == study.reference else 1.0, alpha=0.8,
-                    label=name if j == 0 else None)
+        runs = [r for r in store.select(name, scale=1.0, lr=lr) if r["config_hash"] in _current_keys(study, name, r["seed"], lr)]
+        n = min((len(r["curve"]) for r in runs), default=0)
+        if not n:
+            continue
+        xs = [statistics.fmean(r["curve"][k][0] for r in runs) for k in range(n)]
+        ys = [statistics.fmean(r["curve"][k][3] for r in runs) for k in range(n)]
+        ref = name == study.reference
+        color = "black" if ref else f"C{i % 10}"
+        ax.plot(xs, ys, color=color, lw=2.0 if ref else 1.2, label=f"{name} ({len(runs)} seeds)")
+        grows = [ev["flops"] for r in runs[:1] for ev in r.get("growth_events", []) if ev.get("flops")]
+        for f in grows:
+            k = min(range(n), key=lambda j: abs(xs[j] - f))
+            ax.plot([xs[k]], [ys[k]], "o", color=color, ms=4)
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss")
     ax.set_title(study.title, fontsize=10)
