@@ -31,11 +31,10 @@ import copy
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import SECTIONS, ConfigError, RunConfig, load_config, validate
+from ..config import SECTIONS, ConfigError, RunConfig, load_config, read_toml, validate
 from ..schedule import stage_layouts, stage_start_steps
 
 STUDY_KEYS = {"title", "question", "base", "seeds", "reference", "lr_grid", "scratch_scales", "prep", "notes",
@@ -229,12 +228,7 @@ def _slug(name: str) -> str:
 
 def load_study(path: str | Path) -> Study:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"study file {str(p)!r} does not exist")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    raw = read_toml(p, "study file")
     unknown = set(raw) - {"study", "arms"}
     if unknown or "study" not in raw or "arms" not in raw:
         raise ConfigError(f"{p}: a study has exactly a [study] table and [arms.NAME] tables; found "
