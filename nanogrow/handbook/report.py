@@ -78,6 +78,16 @@ def _current_keys(study: Study, arm: str, seed: int, lr: float) -> set[str]:
     return {config_hash(study.arm_config(arm, seed, x, k)) for x in lrs for k in scales}
 
 
+def fmt_ratios(values: list[float]) -> str:
+    """Geometric mean and interval of ratios over seeds; with fewer than 3 values the values themselves (an
+    interval from two points is wider than it is useful)."""
+    if not values:
+        return "n/a"
+    if len(values) < 3:
+        return ", ".join(f"{v:.2f}x" for v in values) + f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
+    return fmt_ci(*ratio_ci(values), suffix="x")
+
+
 def table(study: Study, rows: list[dict]) -> str:
     head = ("| arm | seeds | final loss | vs scratch (paired) | FLOPs ratio to scratch's loss | effective compute x "
             "| wall-clock ratio | loss jump at growth |\n|---|---|---|---|---|---|---|---|")
@@ -93,14 +103,14 @@ def table(study: Study, rows: list[dict]) -> str:
             continue
         is_ref = row["arm"] == study.reference
         never = f", never in {row['never']}" if row["never"] else ""
-        eff = fmt_ci(*ratio_ci(row["effective"]), suffix="x") if row["effective"] else "n/a"
+        eff = fmt_ratios(row["effective"])
         if row["extrapolated"]:
             eff += f" ({row['extrapolated']} extrapolated)"
         lines.append(
             f"| {row['arm']} | {row['seeds']} | {fmt_ci(*mean_ci(row['finals']), digits=3)} | "
             f"{'-' if is_ref else fmt_ci(*mean_ci(row['diffs']), digits=3)} | "
-            f"{'1' if is_ref else (fmt_ci(*ratio_ci(row['flops_ratio']), suffix='x') if row['flops_ratio'] else 'never')}{never} | "
-            f"{eff} | {'1' if is_ref else (fmt_ci(*ratio_ci(row['wall_ratio']), suffix='x') if row['wall_ratio'] else 'n/a')} | "
+            f"{'1' if is_ref else (fmt_ratios(row['flops_ratio']) if row['flops_ratio'] else 'never')}{never} | "
+            f"{eff} | {'1' if is_ref else fmt_ratios(row['wall_ratio'])} | "
             f"{fmt_ci(*mean_ci(row['jumps']), digits=3) if row['jumps'] else '-'} |")
     return "\n".join(lines)
 
@@ -237,8 +247,7 @@ def ladder_markdown(studies: list[Study]) -> str:
     for r in rows:
         out.append(f"| {r['study']} | {r['shape']} | {r['params']:,} | {r['budget']:.2e} | "
                    f"{'n/a' if r['lr'] is None else format(r['lr'], 'g')} | {r['seeds']} | "
-                   f"{fmt_ci(*ratio_ci(r['effective']), suffix='x') if r['effective'] else 'n/a'} | "
-                   f"{fmt_ci(*ratio_ci(r['flops_ratio']), suffix='x') if r['flops_ratio'] else 'n/a'} | "
+                   f"{fmt_ratios(r['effective'])} | {fmt_ratios(r['flops_ratio'])} | "
                    f"{fmt_ci(*mean_ci(r['diffs']), digits=3) if r['diffs'] else 'n/a'} |")
     trend = fit_trend(rows)
     if trend:
