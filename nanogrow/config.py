@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .grow import make_plan
+from .lag import Candidate, default_candidates
 from .model import ModelConfig
+from .triggers import make_trigger
 
 
 class ConfigError(ValueError):
@@ -317,8 +320,6 @@ def validate_deepspeed(cfg: RunConfig, source: str) -> None:
 
 def lag_candidates(lag: dict, old: ModelConfig, new: ModelConfig) -> list:
     """The LAG candidates of a stage: the depth design space, or an explicit list of {op, options}."""
-    from .lag import Candidate, default_candidates
-
     spec = lag.get("candidates", "design-space")
     if spec == "design-space":
         if new.n_layer <= old.n_layer or any(getattr(new, f) != getattr(old, f) for f in ("d_model", "d_ff", "n_head")):
@@ -335,8 +336,6 @@ def lag_candidates(lag: dict, old: ModelConfig, new: ModelConfig) -> list:
 
 
 def _check_lag(lag: dict, old: ModelConfig, new: ModelConfig, seed: int, key: str) -> None:
-    from .grow import make_plan
-
     allowed = {"candidates", "steps", "eval_every", "eval_batches", "groups"}
     for k in lag:
         if k not in allowed:
@@ -358,8 +357,6 @@ def _check_lag(lag: dict, old: ModelConfig, new: ModelConfig, seed: int, key: st
 def validate_stages(cfg: RunConfig, source: str) -> None:
     """Shapes, operators and options of every stage are checked by building every growth plan (a pure
     computation: no tensor is touched), so a bad stage fails now and not hours into the run."""
-    from .grow import make_plan
-
     g = cfg.growth
     if g.rewarm_steps < 0 or not 0.0 <= g.rewarm_start <= 1.0 or g.exp_ratio <= 0:
         raise ConfigError(f"{source}: growth.rewarm_steps must be >= 0, growth.rewarm_start in [0, 1], "
@@ -386,7 +383,6 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key}.trigger='curvature' is not supported with train.parallel='fsdp' (its "
                               f"probe multiplies whole gradients and updates); use none or ddp, or another trigger")
         if st.trigger != "schedule":
-            from .triggers import make_trigger
             if whens:
                 raise ConfigError(f"{source}: {key}.{whens[0]} is set but {key}.trigger={st.trigger!r} decides "
                                   f"when to grow (bound the stage with trigger_options min_steps / max_steps)")

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import math
 
-import torch
 import torch.distributed as dist
 
 from .config import ConfigError, StageConfig, lag_candidates

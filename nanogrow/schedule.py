@@ -50,7 +50,6 @@ def exponential_shapes(start: ModelConfig, target: ModelConfig, n_stages: int, f
     """Shapes growing geometrically from ``start`` to ``target`` over ``n_stages`` (the Variance-Transfer paper's
     architecture scheduler, Eq. 6: C_t = C_0 * (C_T / C_0)^(t / T)), each field rounded to ``multiple``
     (n_layer: to an integer). Returns n_stages + 1 shapes, first = start and last = target."""
-    from dataclasses import replace
 
     s, t = start.resolved(), target.resolved()
     shapes = []

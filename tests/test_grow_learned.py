@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanogrow.config import ConfigError
-from nanogrow.grow import GrowthPlan, compose, grow, make_plan
+from nanogrow.grow import compose, grow, make_plan, plan_from_dict
 from nanogrow.grow.learned import LearnedPlan, fit, map_flops
 from nanogrow.grow.testing import batch, logits, one_thread, tiny_config, train_steps, trained_model
 from nanogrow.train import Trainer
@@ -185,7 +185,7 @@ def test_a_fitted_plan_record_rebuilds_identical_weights():
                  cycling(fixed_batches(cfg)))
     d = json.loads(json.dumps(fitted.to_dict()))
     assert d["op"] == "learned" and d["fit"]["steps"] == 2 and "maps" in d
-    again = GrowthPlan.from_dict(d)
+    again = plan_from_dict(d)
     assert again.fitted
     for n, pp in fitted.targets.items():
         assert torch.equal(pp.materialize(old.__getitem__), again.targets[n].materialize(old.__getitem__)), n

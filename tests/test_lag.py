@@ -1,6 +1,5 @@
 """LAG: selection on one process equals applying the winner directly; analysis functions against hand values."""
 
-import math
 
 import pytest
 import torch

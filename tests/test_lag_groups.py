@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dist.tolerance import state_tol  # tests/dist/tolerance.py
 

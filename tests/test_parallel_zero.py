@@ -266,7 +266,7 @@ def test_deepspeed_launcher_trains_and_checkpoints(tmp_path, demo_data):
 
 def test_zero_checkpoint_resumes_only_at_its_world_size_stage_and_backend(tmp_path):
     from nanogrow.checkpoint import CheckpointError
-    from nanogrow.parallel.zero_trainer import check_resume
+    from nanogrow.checkpoint import check_resume
 
     meta = {"format": "deepspeed", "world_size": 2, "zero_stage": 2}
     check_resume(meta, tmp_path, "deepspeed", 2, 2)  # the same: fine

@@ -261,3 +261,6 @@ def identity(old: ModelConfig, new: ModelConfig, seed: int = 0, *, positions: li
                       {"positions": list(positions), "init": init, "fade_steps": fade_steps, "state": state},
                       fade_steps, state)
     return plan
+
+
+OPERATORS = {"stack": stack, "interleave": interleave, "lag": lag, "identity": identity}

@@ -114,7 +114,7 @@ def check_tiling_factor(D: int, D2: int) -> None:
             "every normalised activation. Use zero, vt or msg, or grow d_model to a multiple")
 
 
-def _plain_map(C: int, C2: int, method: str, what: str) -> UnitMap:
+def plain_map(C: int, C2: int, method: str, what: str) -> UnitMap:
     """Old units first, new ones appended."""
     k = C2 - C
     if method == "net2net":
@@ -127,7 +127,7 @@ def _plain_map(C: int, C2: int, method: str, what: str) -> UnitMap:
     return UnitMap(C, C2, _ar(C), _ar(C), _ar(C, C2), _ar(0))
 
 
-def _head_maps(H: int, K: int, H2: int, K2: int, method: str) -> tuple[UnitMap, UnitMap]:
+def head_maps(H: int, K: int, H2: int, K2: int, method: str) -> tuple[UnitMap, UnitMap]:
     """Query-head and kv-head maps for (n_head, n_kv_head) (H, K) -> (H2, K2), GQA layout respected: query head
     h uses kv head h // (H/K) (SDPA's enable_gqa and flash-attn repeat kv heads in that order), so old head
     (group j, slot s) moves to j*g2 + s, new query heads fill the remaining slots of old groups (sharing their
@@ -256,7 +256,7 @@ def _step_plan(ctx, cur, nxt, targets, masks, fade_steps, name) -> GrowthPlan:
 
 def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) -> GrowthPlan:
     H, K, H2, K2, hd = cur.n_head, cur.n_kv_head, nxt.n_head, nxt.n_kv_head, cur.head_dim
-    qh, kvh = _head_maps(H, K, H2, K2, ctx.method)
+    qh, kvh = head_maps(H, K, H2, K2, ctx.method)
     q, kv = qh.expand(hd), kvh.expand(hd)
     C, C2 = H * hd, H2 * hd
     shapes = param_shapes(nxt)
@@ -285,7 +285,7 @@ def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) 
 
 def _dff_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) -> GrowthPlan:
     C, C2 = cur.d_ff, nxt.d_ff
-    um = _plain_map(C, C2, ctx.method, "d_ff")
+    um = plain_map(C, C2, ctx.method, "d_ff")
     shapes = param_shapes(nxt)
     targets = identity_targets(nxt)
     # VT rescale: old w_down columns times r = C/C2, compensated by old w_up rows times 1/r: SwiGLU's
@@ -315,7 +315,7 @@ def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int,
     m = ctx.method
     if m == "net2net":
         check_tiling_factor(D, D2)
-    um = _plain_map(D, D2, m, "d_model")
+    um = plain_map(D, D2, m, "d_model")
     tied = nxt.tie_embeddings
     targets = identity_targets(nxt)
     shapes = param_shapes(nxt)
@@ -461,3 +461,6 @@ def msg(old: ModelConfig, new: ModelConfig, seed: int = 0, *, fade_steps: int = 
     resid_mask = 0 at the growth step, ramping to 1 over ``fade_steps``)."""
     return _width("msg", old, new, seed, {"fade_steps": fade_steps, "state": state, "scale_eps": scale_eps},
                   state=state, fade_steps=fade_steps, scale_eps=scale_eps)
+
+
+OPERATORS = {"zero": zero, "net2net": net2net, "vt": vt, "msg": msg}

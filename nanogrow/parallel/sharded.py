@@ -20,15 +20,19 @@ rewrapped.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from nanogrow.grow.optim import POLICIES, AdamW, global_step, grow, grown_optimizer
-from nanogrow.grow.plan import GrowthPlan, ParamPlan, set_buffer
+from nanogrow.grow.optim import POLICIES, global_step, grow, grown_optimizer
+from nanogrow.grow.plan import set_buffer
 from nanogrow.model import Transformer
 
 from .backends import apply_fsdp, backend_of, fsdp_mesh, parallelize, reshard
+
+if TYPE_CHECKING:
+    from nanogrow.grow.plan import GrowthPlan, ParamPlan
 
 
 def grow_parallel(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None,

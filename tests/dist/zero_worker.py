@@ -98,7 +98,7 @@ def trainer_mode(config: str, out: str, stages: list[int]) -> None:
 
     from nanogrow.config import load_config
     from nanogrow.parallel.zero import destroy
-    from nanogrow.parallel.zero_trainer import consolidate
+    from nanogrow.offline import consolidate
     from nanogrow.train import Trainer
 
     def quiet(*args, **kwargs):
