@@ -6,11 +6,12 @@ clips and steps; with gradient accumulation the optimizer steps at the accumulat
 (``nanogrow.parallel.zero.grow_zero``: a new engine with the mapped weights and moments) and ``save``.
 
 Checkpoints: DeepSpeed's own ``save_checkpoint`` writes the partitions into the same atomic ``ckpt_XXXXXXX.tmp``
-directory the DCP checkpoints use (``checkpoint.atomic_save``), next to meta.json (``format =
-"deepspeed"``, ``zero_stage``, ``world_size``). DeepSpeed cannot repartition optimizer state for another world size,
-so ``checkpoint.check_resume`` refuses that before any engine is built and points at ``offline.consolidate``: a weights-only DCP
-checkpoint (``deepspeed.utils.zero_to_fp32`` gathers the fp32 masters; fresh Adam state; data position, schedule
-and growth history kept) that any backend at any world size, ``nanogrow grow`` and ``export-hf`` start from.
+directory the DCP checkpoints use (``checkpoint.atomic_save``), next to meta.json (``format = "deepspeed"``,
+``zero_stage``, ``world_size``). DeepSpeed cannot repartition optimizer state for another world size, so
+``checkpoint.check_resume`` refuses that before any engine is built and points at ``offline.consolidate``: a
+weights-only DCP checkpoint (``deepspeed.utils.zero_to_fp32`` gathers the fp32 masters; fresh Adam state; data
+position, schedule and growth history kept) that any backend at any world size, ``nanogrow grow`` and
+``export-hf`` start from.
 A ZeRO run can also start from any DCP checkpoint: weights and Adam moments go in through
 ``safe_set_full_optimizer_state`` (per-element ages cannot: ZeRO keeps one step count per flat partition).
 """

@@ -308,7 +308,8 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
         per_stage[trainer.stage_index].append(time.perf_counter() - t0)
     peak = trainer.meter.peak
     rows = []
-    log("stage | shape (L x d, ff) | seq x micro_batch | grown tok/s | static tok/s | ratio | MFU grown | growth event ms")
+    log("stage | shape (L x d, ff) | seq x micro_batch | grown tok/s | static tok/s | ratio | MFU grown | "
+        "growth event ms")
     for k, times in per_stage.items():
         stats = trainer.stage_stats[k]
         lay = trainer.layouts[k]

@@ -15,9 +15,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from . import dist_utils
     from .config import load_config
     from .train import Trainer
-    from . import dist_utils
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -64,8 +64,8 @@ def cmd_consolidate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .config import load_config
     from . import bench, dist_utils
+    from .config import load_config
 
     if args.what == "grow":
         args.config = None  # bench grow uses its own model, whose operator shapes it is tied to

@@ -6,10 +6,11 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import tomllib
 
 from .grow import make_plan
 from .lag import Candidate, default_candidates
@@ -162,8 +163,8 @@ def _build(cls, d: dict, prefix: str, source: str):
     for key, value in d.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"{source}: unknown key {full!r}; allowed keys{' in [' + prefix.rstrip('.') + ']' if prefix else ''}: "
-                              f"{', '.join(names)}")
+            where = f" in [{prefix.rstrip('.')}]" if prefix else ""
+            raise ConfigError(f"{source}: unknown key {full!r}; allowed keys{where}: {', '.join(names)}")
         typ = hints[key]
         if key == "stage" and cls is RunConfig:
             if not isinstance(value, list):

@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from .model import ModelConfig
 
 
-def stage_weights(kind: str, tokens_per_step: list[int], flops_per_token: list[float], exp_ratio: float = 2.0) -> list[float]:
+def stage_weights(kind: str, tokens_per_step: list[int], flops_per_token: list[float],
+                  exp_ratio: float = 2.0) -> list[float]:
     if kind == "equal-tokens":
         return [1.0 / t for t in tokens_per_step]
     if kind == "equal-flops":

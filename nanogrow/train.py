@@ -635,8 +635,9 @@ class Trainer:
                 w = self.meter.window()
                 elapsed = time.perf_counter() - start
                 eta = elapsed / max(1, self.step - start_step) * (t.max_steps - self.step)
-                self.log(f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | lr {self.current_lr(self.step - 1):.2e}"
-                         f" | {w['tokens_per_s']:,.0f} tok/s | mfu {100 * w['mfu']:.2f}% | eta {_hms(eta)}")
+                self.log(f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | "
+                         f"lr {self.current_lr(self.step - 1):.2e} | {w['tokens_per_s']:,.0f} tok/s | "
+                         f"mfu {100 * w['mfu']:.2f}% | eta {_hms(eta)}")
                 for emit in self._loggers:
                     emit({"train/loss": last_loss, "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"]}, self.step)
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
@@ -677,8 +678,9 @@ class Trainer:
             tps = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
             mfu = st["flops"] / st["seconds"] / peak if st["seconds"] and peak else 0.0
             batch = f"{st.get('seq_len', '?')} x {st.get('micro_batch', '?')}"
-            rows.append(f"{st['stage']:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | {st['params']:>10,} | "
-                        f"{st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | {tps:>7,.0f} | "
+            rows.append(f"{st['stage']:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | "
+                        f"{st['params']:>10,} | {st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | "
+                        f"{tps:>7,.0f} | "
                         f"{100 * mfu:4.1f}% | {_fmt(st.get('val_loss'))}")
         return "\n".join(rows)
 

@@ -42,9 +42,10 @@ DDP, FSDP (``grow_sharded``: gathers the few sources a target reads) and ZeRO pa
 Fitting (``fit``): the grown model's weights are computed functionally from maps + frozen old weights through the
 very ``materialize`` that later writes them (``torch.func.functional_call``), Adam on the maps for ``steps`` steps
 with learning rate ``lr`` for the depth coefficients and lr / n_old for the entries of an (n_new x n_old) width
-map (so a new unit, a mix of n_old old ones, moves about as much per step as a layer does); under data parallelism every rank fits the same maps: their gradients are all-reduced
-(``reduce_grads``). The FLOPs spent (grown-model training FLOPs on the fitting tokens + 3x the map products) are
-reported in ``plan.fit_record`` so a run can count them.
+map (so a new unit, a mix of n_old old ones, moves about as much per step as a layer does); under data
+parallelism every rank fits the same maps: their gradients are all-reduced (``reduce_grads``). The FLOPs spent
+(grown-model training FLOPs on the fitting tokens + 3x the map products) are reported in ``plan.fit_record`` so a
+run can count them.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ from typing import Callable, Mapping
 import torch
 
 from nanogrow.grow import depth
-from nanogrow.grow.plan import (
-    LAYER_PARAMS, GrowthPlan, LinearPiece, ParamPlan, check_growth, check_options, copy_piece, param_shapes,
-)
+from nanogrow.grow.plan import (LAYER_PARAMS, GrowthPlan, LinearPiece, ParamPlan, check_growth, check_options,
+                                copy_piece, param_shapes)
 from nanogrow.grow.width import check_tiling_factor, head_maps, plain_map
 from nanogrow.model import ModelConfig, Transformer
 

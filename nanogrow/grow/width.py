@@ -16,7 +16,7 @@ Methods (every one works with GQA on or off and with tied or untied embeddings):
   fan-out weights of every copy divided by the copy count: exact. Optional ``noise``: a +e/-e pair added to a
   copy's and its original's fan-out weights, which keeps the sum. d_model only by an integer factor (every channel
   tiled g times, so RMSNorm's mean square is unchanged): duplicating a subset of channels would change it.
-* ``vt`` (Variance Transfer, Yuan et al. 2023, section 3.1 + FACTS.md): new units come in +W/-W pairs: both
+* ``vt`` (Variance Transfer, Yuan et al. 2023, section 3.1): new units come in +W/-W pairs: both
   twins get the same fan-in draw (variance 1/C^2, C the old width) so they compute the same activation, and
   opposite fan-out draws (variance 1/(C+k)^2, k added) so they cancel; both still get (opposite) gradients. Old
   fan-out weights are rescaled by C/(C+k) (its Table 1); our model has no forward multiplier to absorb that, so
@@ -27,7 +27,7 @@ Methods (every one works with GQA on or off and with tied or untied embeddings):
   growth step and ramps to 1 over ``fade_steps``: exact at the growth step whatever the new weights.
 
 Widening d_model with zero channels (zero, vt, msg) changes RMSNorm's mean square by d_old/d_new: every RMSNorm
-gain is scaled by sqrt(d_old/d_new) (DESIGN.md facts), and, since eps sits inside the square root,
+gain is scaled by sqrt(d_old/d_new), and, since eps sits inside the square root,
 ``norm_eps`` is scaled by d_old/d_new too (``scale_eps=True``): rsqrt(r*ms + r*eps) * sqrt(r) * g =
 rsqrt(ms + eps) * g exactly. Without it the function changes by O(eps / mean(h^2)), which is ~1e-2 relative for
 a freshly initialised residual stream. The grown model's config therefore carries the rescaled ``norm_eps``
@@ -42,10 +42,8 @@ from functools import reduce
 
 import torch
 
-from nanogrow.grow.plan import (
-    STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, compose, derive_seed, identity_targets,
-    param_shapes,
-)
+from nanogrow.grow.plan import (STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, compose, derive_seed,
+                                identity_targets, param_shapes)
 from nanogrow.model import ModelConfig
 
 METHODS = ("zero", "net2net", "vt", "msg")

@@ -5,8 +5,7 @@ it is optional); the Trainer's ZeRO backend, which also reads and writes checkpo
 layer up. The model and the growth operators know nothing of this package."""
 
 from .backends import BACKENDS, backend_of, dist_backend, make_mesh, parallelize, reshard, unwrap
-from .groups import (broadcast_group_state, candidate_index, candidate_mesh, group_values,
-                     model_and_optimizer_tensors)
+from .groups import broadcast_group_state, candidate_index, candidate_mesh, group_values, model_and_optimizer_tensors
 from .sharded import grow_ddp, grow_parallel, grow_sharded, grown_optimizer
 
 

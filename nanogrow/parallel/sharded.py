@@ -151,7 +151,7 @@ def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "m
         for g in optimizer.param_groups:
             if g.get("amsgrad") or g.get("maximize"):
                 raise ValueError("grow: amsgrad / maximize param groups are not supported by nanogrow AdamW")
-    reshard(model)  # after an eval forward under no_grad the root stays unsharded (FACTS.md)
+    reshard(model)  # after an eval forward under no_grad the root stays unsharded
     plan.check_model(model)
     stats = {} if stats is None else stats
     stats.update(shard_copies=0, gathered=0)

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO (stages 1-3) training and growth through DeepSpeed's full-parameter / optimizer-state API.
 
 ZeRO keeps fp32 master weights and Adam moments in flat partitions, so the plan cannot be applied to its tensors
-directly. Growth (``grow_zero``), as measured in FACTS.md:
+directly. Growth (``grow_zero``), the route that gave results equal to plain torch in every stage on CPU:
   1. every target of the plan is materialised from full fp32 sources read with
      ``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` (collectives: every rank
      reads the same parameters in the same order, which the plan guarantees), one target at a time;
@@ -111,7 +111,7 @@ def zero_step_count(run: ZeroRun) -> float:
 
 
 def destroy(run: ZeroRun) -> None:
-    """Free an engine (FACTS.md: ZeRO 3 keeps the old module alive through module-level references)."""
+    """Free an engine (ZeRO 3 keeps the old module alive through module-level references)."""
     run.engine.destroy()
     try:
         from deepspeed.runtime.zero import parameter_offload
