@@ -299,13 +299,18 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
     trainer = Trainer(cfg, log=_quiet, overwrite=True)
     per_stage: dict[int, list[float]] = {0: []}
     events = []
+    clock = [0.0]
+
+    def grown(event: dict) -> None:  # growth events are timed on their own (events[i]["seconds"])
+        events.append(event)
+        per_stage[trainer.stage_index] = []
+        clock[0] = time.perf_counter()
+
     while trainer.step < cfg.train.max_steps:
-        while trainer.growth_due():
-            events.append(trainer.grow_next_stage())
-            per_stage[trainer.stage_index] = []
-        t0 = time.perf_counter()
-        trainer.train_step()
-        per_stage[trainer.stage_index].append(time.perf_counter() - t0)
+        clock[0] = time.perf_counter()
+        if trainer.advance(on_grow=grown) is None:
+            break
+        per_stage[trainer.stage_index].append(time.perf_counter() - clock[0])
     peak = trainer.meter.peak
     rows = []
     log("stage | shape (L x d, ff) | seq x micro_batch | grown tok/s | static tok/s | ratio | MFU grown | "
@@ -357,11 +362,8 @@ def lag(cfg: RunConfig, out_json: str, png_prefix: str | None = None, ks: list[i
     st = cfg.stage[0]
     st.lag = dict(st.lag, steps=cfg.train.max_steps - st.at_step)  # every candidate to the end of its stage
     trainer = Trainer(cfg, log=log, overwrite=True)
-    while not trainer.history or trainer.history[-1]["event"] != "grow":
-        while trainer.growth_due():
-            trainer.grow_next_stage()
-        if trainer.stage_index == 0:
-            trainer.train_step()
+    while not any(h["event"] == "grow" for h in trainer.history):
+        trainer.advance(on_grow=lambda event: True)  # stop once the LAG event is done
     record = [h for h in trainer.history if h["event"] == "grow"][-1]["lag"]
     with open(out_json, "w") as f:
         json.dump(record, f)

@@ -139,13 +139,19 @@ def cmd_lag(args) -> int:
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     if not any(st.lag for st in trainer.stages[trainer.stage_index:]):
         raise ValueError(f"{args.config}: no [[stage]] with lag = {{...}} left to run")
-    while True:
-        while trainer.growth_due():
-            event = trainer.grow_next_stage()  # saves a checkpoint
-            if "lag" in event:
-                dist_utils.shutdown_and_exit()  # under torchrun: leave the process group cleanly
-                return 0
-        trainer.train_step()
+    selected = False
+
+    def stop_after_lag(event: dict) -> bool:  # every growth event saves a checkpoint
+        nonlocal selected
+        selected = "lag" in event
+        return selected
+
+    while not selected:
+        if trainer.advance(on_grow=stop_after_lag) is None and not selected:
+            raise ValueError(f"{args.config}: train.max_steps={trainer.t.max_steps} is reached before the next "
+                             f"[[stage]] with lag = {{...}}")
+    dist_utils.shutdown_and_exit()  # under torchrun: leave the process group cleanly
+    return 0
 
 
 def cmd_lag_report(args) -> int:

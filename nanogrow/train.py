@@ -12,6 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -616,6 +617,19 @@ class Trainer:
         return path
 
     # ---- the loop -------------------------------------------------------------------------------------------
+    def advance(self, on_grow: Callable[[dict], bool | None] | None = None) -> float | None:
+        """One turn of the loop that ``run``, ``nanogrow lag``, the benchmarks and the tests all drive: every
+        growth event that is due (a LAG event trains its candidates' steps inside it), then one optimizer step.
+        Returns the step's loss, or None when no step was taken: growth reached train.max_steps, or ``on_grow``
+        (called with each growth event's record) returned True to stop right after that event."""
+        while self.growth_due():
+            event = self.grow_next_stage()
+            if on_grow is not None and on_grow(event):
+                return None
+        if self.step >= self.t.max_steps:
+            return None
+        return self.train_step()
+
     def run(self) -> dict:
         t = self.t
         self.log(f"model: {self.model_config.num_params():,} params ({self.model_config.num_params(False):,} "
@@ -625,11 +639,10 @@ class Trainer:
         self.meter.reset_window()
         last_loss, val_loss = float("nan"), None
         while self.step < t.max_steps:
-            while self.growth_due():
-                self.grow_next_stage()
-            if self.step >= t.max_steps:  # LAG's candidate steps count as training steps and may reach the end
+            loss = self.advance()  # stops (NonFiniteError) on non-finite steps past the allowed skips
+            if loss is None:  # LAG's candidate steps count as training steps and may reach the end
                 break
-            last_loss = self.train_step()  # stops (NonFiniteError) on non-finite steps past the allowed skips
+            last_loss = loss
             self._watch_loss(last_loss)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 w = self.meter.window()

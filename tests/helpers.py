@@ -77,13 +77,8 @@ def with_stages(cfg, stages, **growth):
 
 
 def run_steps(trainer, n):
-    """n training steps, growing whenever the trainer's trigger says so (what Trainer.run does)."""
-    losses = []
-    for _ in range(n):
-        while trainer.growth_due():
-            trainer.grow_next_stage()
-        losses.append(trainer.train_step())
-    return losses
+    """n turns of ``Trainer.advance``: growth whenever the trainer's trigger says so, then a step."""
+    return [trainer.advance() for _ in range(n)]
 
 
 # The [model] and [data] tables of the TOML configs the torchrun tests write ({data}: the data directory).

@@ -82,9 +82,7 @@ def _one_process_losses(cfg):
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     losses = []
     while trainer.step < trainer.t.max_steps:
-        while trainer.growth_due():
-            trainer.grow_next_stage()
-        losses.append(trainer.train_step())
+        losses.append(trainer.advance())
     trainer.save()
     return losses
 
