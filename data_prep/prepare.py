@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from nanogrow.data import DataError, token_bytes_for, write_shard
 from data_prep.sources import FINEWEB_CONFIG, iter_documents
 from data_prep.tokenizer import load_tokenizer
+from nanogrow.data import DataError, token_bytes_for, write_shard
 
 # Defaults. The demo corpus is ~1M tokens: small shards give the loader's per-epoch shard permutation something
 # to shuffle; FineWeb-sized runs use modded-nanogpt's 100M-token shards.

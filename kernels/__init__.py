@@ -193,7 +193,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def bench_kernels(log=print) -> int:
-    """``nanogrow bench kernels``: forward+backward time and peak memory of each kernel vs its torch reference at
+    """Forward+backward time and peak memory of each kernel vs its torch reference at
     LLM shapes (CUDA only; on CPU says so and returns 0)."""
     from .bench import bench_kernels as run
     return run(log=log)

@@ -1,5 +1,6 @@
-"""``nanogrow bench kernels``: forward + backward time and peak memory of every kernel against its torch reference,
-at LLM shapes (d_model 768 / 2048 / 4096 with their SwiGLU widths, head_dim 128, vocab 50304 / 128256), in bf16.
+"""``nanogrow.kernels.bench_kernels()`` (no CLI command): forward + backward time and peak memory of every kernel
+against its torch reference, at LLM shapes (d_model 768 / 2048 / 4096 with their SwiGLU widths, head_dim 128,
+vocab 50304 / 128256), in bf16.
 
 Timing uses ``triton.testing.do_bench`` (median of repeated runs after a warm-up, gradients reset between runs);
 peak memory is the CUDA allocator's high-water mark during one forward + backward, minus what was allocated
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import cross_entropy, linear_cross_entropy, residual_add, rms_norm, add_rms_norm, rope, swiglu, triton_status
+from . import add_rms_norm, cross_entropy, linear_cross_entropy, residual_add, rms_norm, rope, swiglu, triton_status
 
 D_MODELS = (768, 2048, 4096)
 VOCABS = (50304, 128256)
@@ -73,7 +74,8 @@ def llm_cases(device, dtype=torch.bfloat16, tokens=TOKENS, ce_tokens=CE_TOKENS, 
                           lambda x, y, backend: cross_entropy(x, y, backend=backend)))
         for d in (d_models[0], d_models[-1]):
             cases.append(Case("linear_cross_entropy", f"{ce_tokens}x{d} @ {v}x{d}",
-                              lambda v=v, d=d: [t(ce_tokens, d), t(v, d, scale=d ** -0.5), _targets(ce_tokens, v, device)],
+                              lambda v=v, d=d: [t(ce_tokens, d), t(v, d, scale=d ** -0.5),
+                                                _targets(ce_tokens, v, device)],
                               lambda h, w, y, backend: linear_cross_entropy(h, w, y, backend=backend)))
     return cases
 

@@ -8,10 +8,14 @@ import time
 
 import torch
 
-from .config import RunConfig
+from . import lag as lag_mod
+from .config import RunConfig, eval_seq_len, validate
+from .dist_utils import pick_device
+from .grow import make_optimizer
 from .metrics import cpu_matmul_peak_flops, device_peak_flops
 from .model import build_model
-from .train import make_optimizer
+from .schedule import stage_layouts
+from .train import Trainer
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -22,7 +26,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def throughput(cfg: RunConfig, warmup: int = 3, steps: int = 10, log=print) -> dict:
     """Median optimizer-step time of ``cfg``'s model on random tokens (no data needed), after ``warmup`` steps."""
-    from .dist_utils import pick_device
 
     t = cfg.train
     device = pick_device(t.device)
@@ -79,7 +82,6 @@ def _quiet(*_a, **_k):
 
 def _run_curve(cfg: RunConfig, log=_quiet) -> dict:
     """Train ``cfg`` to the end; return its validation curve (FLOPs, tokens, val loss) and wall time."""
-    from .train import Trainer
 
     trainer = Trainer(cfg, log=log, overwrite=True)  # a benchmark run is a new measurement: replace a previous one
     t0 = time.perf_counter()
@@ -111,8 +113,6 @@ def scratch_config(cfg: RunConfig) -> RunConfig:
     the schedule's validation length."""
     import copy
 
-    from .config import eval_seq_len, validate
-    from .schedule import stage_layouts
 
     final = stage_layouts(cfg.model, cfg.data.seq_len, cfg.train.micro_batch, cfg.stage)[-1]
     tokens = cfg.train.micro_batch * cfg.data.seq_len
@@ -131,7 +131,6 @@ def equal_flops_steps(cfg: RunConfig) -> int:
     """Steps the grown schedule of ``cfg`` (manual ``at_step`` boundaries) needs to spend the FLOPs of training its
     final shape from scratch (``scratch_config``) for ``train.max_steps``: the extra steps go to the last stage.
     Every stage is costed at its own tokens per step and FLOPs per token (micro-batch, seq_len, shape)."""
-    from .schedule import stage_layouts
 
     if cfg.growth.schedule != "manual" or any(st.at_step < 0 for st in cfg.stage):
         raise ValueError("--budget flops needs growth.schedule='manual' with at_step boundaries")
@@ -294,23 +293,28 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
     ``Trainer.train_step``, plus the wall time of each growth event."""
     import copy
 
-    from .train import Trainer
 
     cfg = copy.deepcopy(cfg)
     cfg.train.eval_every, cfg.growth.eval_at_growth = 0, False
     trainer = Trainer(cfg, log=_quiet, overwrite=True)
     per_stage: dict[int, list[float]] = {0: []}
     events = []
+    clock = [0.0]
+
+    def grown(event: dict) -> None:  # growth events are timed on their own (events[i]["seconds"])
+        events.append(event)
+        per_stage[trainer.stage_index] = []
+        clock[0] = time.perf_counter()
+
     while trainer.step < cfg.train.max_steps:
-        while trainer.growth_due():
-            events.append(trainer.grow_next_stage())
-            per_stage[trainer.stage_index] = []
-        t0 = time.perf_counter()
-        trainer.train_step()
-        per_stage[trainer.stage_index].append(time.perf_counter() - t0)
+        clock[0] = time.perf_counter()
+        if trainer.advance(on_grow=grown) is None:
+            break
+        per_stage[trainer.stage_index].append(time.perf_counter() - clock[0])
     peak = trainer.meter.peak
     rows = []
-    log("stage | shape (L x d, ff) | seq x micro_batch | grown tok/s | static tok/s | ratio | MFU grown | growth event ms")
+    log("stage | shape (L x d, ff) | seq x micro_batch | grown tok/s | static tok/s | ratio | MFU grown | "
+        "growth event ms")
     for k, times in per_stage.items():
         stats = trainer.stage_stats[k]
         lay = trainer.layouts[k]
@@ -351,8 +355,6 @@ def lag(cfg: RunConfig, out_json: str, png_prefix: str | None = None, ks: list[i
     import copy
     import json
 
-    from . import lag as lag_mod
-    from .train import Trainer
 
     cfg = copy.deepcopy(cfg)
     if len(cfg.stage) != 1 or not cfg.stage[0].lag or cfg.stage[0].at_step < 0:
@@ -360,11 +362,8 @@ def lag(cfg: RunConfig, out_json: str, png_prefix: str | None = None, ks: list[i
     st = cfg.stage[0]
     st.lag = dict(st.lag, steps=cfg.train.max_steps - st.at_step)  # every candidate to the end of its stage
     trainer = Trainer(cfg, log=log, overwrite=True)
-    while not trainer.history or trainer.history[-1]["event"] != "grow":
-        while trainer.growth_due():
-            trainer.grow_next_stage()
-        if trainer.stage_index == 0:
-            trainer.train_step()
+    while not any(h["event"] == "grow" for h in trainer.history):
+        trainer.advance(on_grow=lambda event: True)  # stop once the LAG event is done
     record = [h for h in trainer.history if h["event"] == "grow"][-1]["lag"]
     with open(out_json, "w") as f:
         json.dump(record, f)

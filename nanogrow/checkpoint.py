@@ -11,14 +11,16 @@ hyper-parameters go to meta.json); JSON and safetensors are data formats. Every 
 meta.json at save and checked before the file is used; meta.json itself is checked against ``META_SCHEMA``.
 Nothing non-finite is ever written (``check_finite``), so rotation only ever deletes finite checkpoints older than
 a finite one. The exception is a DeepSpeed ZeRO checkpoint (``meta["format"] == "deepspeed"``, written by
-``nanogrow.parallel.zero_trainer``): its tensors are DeepSpeed's own files (``torch.save``, unpickled by
+``nanogrow.backend.ZeroBackend``): its tensors are DeepSpeed's own files (``torch.save``, unpickled by
 DeepSpeed on load), inside the same atomic directory, next to the same meta.json and rng files; their checksums
 are verified before DeepSpeed opens them, which guards against corruption, not against a crafted checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -35,7 +37,9 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import dist_utils, safe_dcp
+from .grow.plan import set_buffer
 from .integrity import digest_tree, mismatch
+from .model import ModelConfig
 from .parallel.state import placeholder
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
@@ -138,7 +142,6 @@ def check_meta_schema(meta, where: str) -> None:
             if name not in record or not _type_ok(record[name], types):
                 found = f"{type(record[name]).__name__}" if name in record else "nothing"
                 raise CheckpointError(f"{where}: key {key}.{name} should be {_names(types)}, found {found}")
-    from .model import ModelConfig  # here: model imports nothing of ours, but keep checkpoint light to import
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     for name, value in meta["model_config"].items():
         if name not in defaults:
@@ -350,7 +353,6 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             raise CheckpointError(f"checkpoint {str(p)!r} is a DeepSpeed ZeRO checkpoint: its optimizer state loads "
                                   f"only with train.parallel='deepspeed' at world size {meta.get('world_size')}; "
                                   f"restart from its weights with `nanogrow consolidate {p} --out DIR`")
-        from .parallel.zero_trainer import load_consolidated_weights
         verify_tree(p, meta, DEEPSPEED_TAG)  # DeepSpeed unpickles these files: check them before it opens any
         load_consolidated_weights(p, model)
     else:
@@ -423,3 +425,42 @@ def restore_rng(path: str | Path, meta: dict | None = None) -> None:
                                   f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+
+
+# ---- DeepSpeed ZeRO checkpoints: what can be read of them without an engine -------------------------------
+def check_resume(meta: dict, path: Path, parallel: str, world: int, stage: int) -> None:
+    """A ZeRO checkpoint resumes only under ZeRO, at the stage and world size that wrote it; say so, and how to
+    restart from its weights, before anything is built."""
+    if not is_deepspeed(meta):
+        return
+    saved_world, saved_stage = meta.get("world_size"), meta.get("zero_stage")
+    if parallel == "deepspeed" and world == saved_world and stage == saved_stage:
+        return
+    here = f"ZeRO-{stage}" if parallel == "deepspeed" else f"train.parallel={parallel!r}"
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} was written by DeepSpeed ZeRO-{saved_stage} at world size {saved_world}; this "
+        f"run is {here} at world size {world}. DeepSpeed cannot repartition its optimizer state for another world "
+        f"size or backend. Restart from its weights (fresh optimizer state; data position, lr schedule and growth "
+        f"history kept): `nanogrow consolidate {path} --out DIR`, then `--resume DIR/{Path(path).name}`")
+
+
+def load_consolidated_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load the fp32 weights (and growth masks) of a ZeRO checkpoint into an unwrapped ``model`` of its shape,
+    gathered from the partitions by DeepSpeed's ``zero_to_fp32``. One process, no engine."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise CheckpointError(f"checkpoint {str(path)!r} is a DeepSpeed checkpoint; reading it needs the deepspeed "
+                              f"package") from None
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name not in own:  # a growth mask (None in a fresh model until set)
+            try:
+                set_buffer(model, name, tensor.clone())
+            except KeyError:
+                raise CheckpointError(f"checkpoint {str(path)!r} has tensor {name!r} that the model does not "
+                                      f"know") from None
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)

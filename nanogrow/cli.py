@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from .errors import run_reporting_errors
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -14,9 +15,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from . import dist_utils
     from .config import load_config
     from .train import Trainer
-    from . import dist_utils
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -25,9 +26,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def parse_shape(text: str) -> dict:
+    """``"n_layer=8,d_model=256"`` -> {"n_layer": 8, "d_model": 256}; names must be ModelConfig fields."""
+    import json
+
+    from .model import ModelConfig
+
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ModelConfig.field_names():
+            raise ValueError(f"--to {text!r}: {item!r} is not FIELD=VALUE with FIELD one of "
+                             f"{', '.join(ModelConfig.field_names())}")
+        try:
+            out[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--to {text!r}: {value!r} is not a number or true/false") from None
+    return out
+
+
 def cmd_grow(args) -> int:
     import json
-    from .train import grow_checkpoint, parse_shape
+
+    from .offline import grow_checkpoint
 
     options = json.loads(args.options) if args.options else {}
     grow_checkpoint(args.checkpoint, parse_shape(args.to), args.op, args.out, options=options,
@@ -36,15 +57,15 @@ def cmd_grow(args) -> int:
 
 
 def cmd_consolidate(args) -> int:
-    from .parallel.zero_trainer import consolidate
+    from .offline import consolidate
 
     consolidate(args.checkpoint, args.out)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .config import load_config
     from . import bench, dist_utils
+    from .config import load_config
 
     if args.what == "grow":
         args.config = None  # bench grow uses its own model, whose operator shapes it is tied to
@@ -118,13 +139,19 @@ def cmd_lag(args) -> int:
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     if not any(st.lag for st in trainer.stages[trainer.stage_index:]):
         raise ValueError(f"{args.config}: no [[stage]] with lag = {{...}} left to run")
-    while True:
-        while trainer.growth_due():
-            event = trainer.grow_next_stage()  # saves a checkpoint
-            if "lag" in event:
-                dist_utils.shutdown_and_exit()  # under torchrun: leave the process group cleanly
-                return 0
-        trainer.train_step()
+    selected = False
+
+    def stop_after_lag(event: dict) -> bool:  # every growth event saves a checkpoint
+        nonlocal selected
+        selected = "lag" in event
+        return selected
+
+    while not selected:
+        if trainer.advance(on_grow=stop_after_lag) is None and not selected:
+            raise ValueError(f"{args.config}: train.max_steps={trainer.t.max_steps} is reached before the next "
+                             f"[[stage]] with lag = {{...}}")
+    dist_utils.shutdown_and_exit()  # under torchrun: leave the process group cleanly
+    return 0
 
 
 def cmd_lag_report(args) -> int:
@@ -242,29 +269,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     return run_reporting_errors("nanogrow", args.func, args)
-
-
-def user_error(e: BaseException) -> bool:
-    """Is ``e`` about the user's inputs (config, data, checkpoint, growth plan, a run gone non-finite) rather than
-    a bug? Ours are ValueError / FileNotFoundError / FloatingPointError subclasses defined in nanogrow or
-    data_prep, or those exact built-in types raised with a message we wrote."""
-    if not isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
-        return False
-    return (type(e).__module__.split(".")[0] in ("nanogrow", "data_prep")
-            or type(e) in (ValueError, FileNotFoundError, FloatingPointError))
-
-
-def run_reporting_errors(prog: str, fn, args) -> int:
-    """``fn(args)``; an error about the user's inputs becomes one line on stderr and exit code 2, naming what is at
-    fault. Anything else is a bug and keeps its traceback; NANOGROW_DEBUG=1 shows the traceback for everything."""
-    try:
-        result = fn(args)
-        return 0 if result is None else result
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        if os.environ.get("NANOGROW_DEBUG", "") not in ("", "0") or not user_error(e):
-            raise
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
-        return 2
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import tomllib
+
+from .grow import make_plan
+from .lag import Candidate, default_candidates
 from .model import ModelConfig
+from .triggers import make_trigger
 
 
 class ConfigError(ValueError):
@@ -159,8 +163,8 @@ def _build(cls, d: dict, prefix: str, source: str):
     for key, value in d.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"{source}: unknown key {full!r}; allowed keys{' in [' + prefix.rstrip('.') + ']' if prefix else ''}: "
-                              f"{', '.join(names)}")
+            where = f" in [{prefix.rstrip('.')}]" if prefix else ""
+            raise ConfigError(f"{source}: unknown key {full!r}; allowed keys{where}: {', '.join(names)}")
         typ = hints[key]
         if key == "stage" and cls is RunConfig:
             if not isinstance(value, list):
@@ -322,8 +326,6 @@ def validate_deepspeed(cfg: RunConfig, source: str) -> None:
 
 def lag_candidates(lag: dict, old: ModelConfig, new: ModelConfig) -> list:
     """The LAG candidates of a stage: the depth design space, or an explicit list of {op, options}."""
-    from .lag import Candidate, default_candidates
-
     spec = lag.get("candidates", "design-space")
     if spec == "design-space":
         if new.n_layer <= old.n_layer or any(getattr(new, f) != getattr(old, f) for f in ("d_model", "d_ff", "n_head")):
@@ -340,8 +342,6 @@ def lag_candidates(lag: dict, old: ModelConfig, new: ModelConfig) -> list:
 
 
 def _check_lag(lag: dict, old: ModelConfig, new: ModelConfig, seed: int, key: str) -> None:
-    from .grow import make_plan
-
     allowed = {"candidates", "steps", "eval_every", "eval_batches", "groups"}
     for k in lag:
         if k not in allowed:
@@ -363,8 +363,6 @@ def _check_lag(lag: dict, old: ModelConfig, new: ModelConfig, seed: int, key: st
 def validate_stages(cfg: RunConfig, source: str) -> None:
     """Shapes, operators and options of every stage are checked by building every growth plan (a pure
     computation: no tensor is touched), so a bad stage fails now and not hours into the run."""
-    from .grow import make_plan
-
     g = cfg.growth
     if g.rewarm_steps < 0 or not 0.0 <= g.rewarm_start <= 1.0 or g.exp_ratio <= 0:
         raise ConfigError(f"{source}: growth.rewarm_steps must be >= 0, growth.rewarm_start in [0, 1], "
@@ -391,7 +389,6 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key}.trigger='curvature' is not supported with train.parallel='fsdp' (its "
                               f"probe multiplies whole gradients and updates); use none or ddp, or another trigger")
         if st.trigger != "schedule":
-            from .triggers import make_trigger
             if whens:
                 raise ConfigError(f"{source}: {key}.{whens[0]} is set but {key}.trigger={st.trigger!r} decides "
                                   f"when to grow (bound the stage with trigger_options min_steps / max_steps)")

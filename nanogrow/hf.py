@@ -36,7 +36,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from . import offline
+from .checkpoint import checkpoint_dirs, latest_checkpoint, read_meta, save_checkpoint
+from .config import RunConfig, load_config
+from .errors import run_reporting_errors  # one policy for one-line errors and NANOGROW_DEBUG
+from .grow import make_optimizer
+from .grow.plan import MaskRamp, active_masks, param_shapes, set_buffer
 from .model import ModelConfig, Transformer
 
 # nanogrow per-layer parameter suffix -> HF per-layer suffix (under model.layers.{i}.)
@@ -78,7 +83,6 @@ def hf_name(name: str) -> str:
 
 def param_names(cfg: ModelConfig) -> list[str]:
     """nanogrow parameter names of a model of shape ``cfg``, in ``named_parameters`` order."""
-    from .grow.plan import param_shapes
     return list(param_shapes(cfg))
 
 
@@ -221,23 +225,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path) -> tuple[Transformer, dict]:
-    """The model of a checkpoint (fp32, CPU, growth masks as saved) and its meta; no optimizer, no RNG restore.
-    Built on the meta device and filled by DCP, so no time is spent on an initialisation that is overwritten."""
-    meta = read_meta(path)
-    cfg = ModelConfig(**meta["model_config"])
-    if "kernels" in ModelConfig.field_names():
-        cfg = dataclasses.replace(cfg, kernels="torch")  # the reference ops run anywhere; "triton" needs a GPU
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    load_checkpoint(path, model, None, load_rng=False)
-    model.reset_rope()
+    """The model of a checkpoint (fp32, CPU, growth masks as saved, reference kernels) and its meta."""
+    model, _, meta = offline.load_model(path, kernels="torch")  # "triton" kernels would need a GPU
     return model, meta
 
 
 def _check_no_fade_in(path: Path, meta: dict, model: Transformer | None = None) -> None:
     """Llama has no growth masks: refuse a checkpoint whose masks are still ramping (or hold values other than 1)."""
-    from .grow.plan import MaskRamp, active_masks, set_buffer
 
     ramp = MaskRamp.from_dict(meta["ramp"]) if meta.get("ramp") else None
     step = meta["step"]
@@ -457,8 +451,6 @@ def import_hf(src: str | Path, out_dir: str | Path, run_config=None, max_seq_len
     ``nanogrow grow`` can grow. ``run_config``: a RunConfig whose train section builds the optimizer (its model
     section is replaced by the imported shape); default RunConfig(). Also writes ``out_dir/model.toml`` (the
     [model] section to train with) and copies the tokenizer files, if any. Returns the checkpoint path."""
-    from .config import RunConfig
-    from .train import make_optimizer
 
     s = Path(src)
     if not (s / "config.json").is_file():
@@ -509,7 +501,6 @@ def import_hf(src: str | Path, out_dir: str | Path, run_config=None, max_seq_len
 def _imported_run_config(run, cfg: ModelConfig, out: Path):
     """``run`` with the imported model shape, data.dir pointing at the copied tokenizer and a sequence length
     the model can take; validated."""
-    from .config import RunConfig
 
     d = run.to_dict()
     d["model"] = dataclasses.asdict(cfg)
@@ -525,8 +516,6 @@ def _imported_run_config(run, cfg: ModelConfig, out: Path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _run(prog: str, fn, args) -> int:
-    from .cli import run_reporting_errors  # one policy for one-line errors and NANOGROW_DEBUG
-
     return run_reporting_errors(prog, lambda a: fn(a) and None, args)
 
 
@@ -564,7 +553,6 @@ def import_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     def run(a):
-        from .config import load_config
         cfg = load_config(a.config, a.overrides) if (a.config or a.overrides) else None
         import_hf(a.path, a.out, run_config=cfg, max_seq_len=a.max_seq_len)
 

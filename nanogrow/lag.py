@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .grow.depth import lag_design_space
+
 
 @dataclass
 class Candidate:
@@ -39,8 +41,6 @@ class LagResult:
 
 def default_candidates(old_layers: int, new_layers: int, inits=("copy", "random")) -> list[Candidate]:
     """The LAG depth design space (start index x block size x init) for old_layers -> new_layers."""
-    from .grow.depth import lag_design_space
-
     return [Candidate("lag", dict(d)) for d in lag_design_space(old_layers, new_layers, tuple(inits))]
 
 

@@ -30,12 +30,11 @@ import contextlib
 import dataclasses
 import math
 
-import torch
 import torch.distributed as dist
 
 from .config import ConfigError, StageConfig, lag_candidates
 from .data import TokenLoader, val_batches
-from .grow import make_plan
+from .grow import GrowthPlan, make_plan
 from .lag import LagResult
 from .model import ModelConfig
 from .parallel import (broadcast_group_state, candidate_index, candidate_mesh, group_values,
@@ -190,7 +189,7 @@ _COUNTERS = ("step", "loader", "meter", "growth_lr", "rng", "stage_index", "stag
 
 
 def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict, plan, st: StageConfig,
-                          world_mesh=None) -> None:
+                          world_mesh=None) -> GrowthPlan:
     """Every rank takes the winning group's state, then the world-wide wrapping is rebuilt (FSDP: the winner is
     re-sharded from the group's mesh onto ``world_mesh``). Returns the winner's plan as its group applied it (a
     learned plan with the maps that group fitted; the other ranks only rebuild its structure, without fitting)."""

@@ -17,7 +17,7 @@ can run them, their plain torch references otherwise (``kernels/reference.py`` h
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn

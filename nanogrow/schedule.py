@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from .model import ModelConfig
 
 
-def stage_weights(kind: str, tokens_per_step: list[int], flops_per_token: list[float], exp_ratio: float = 2.0) -> list[float]:
+def stage_weights(kind: str, tokens_per_step: list[int], flops_per_token: list[float],
+                  exp_ratio: float = 2.0) -> list[float]:
     if kind == "equal-tokens":
         return [1.0 / t for t in tokens_per_step]
     if kind == "equal-flops":
@@ -50,7 +51,6 @@ def exponential_shapes(start: ModelConfig, target: ModelConfig, n_stages: int, f
     """Shapes growing geometrically from ``start`` to ``target`` over ``n_stages`` (the Variance-Transfer paper's
     architecture scheduler, Eq. 6: C_t = C_0 * (C_T / C_0)^(t / T)), each field rounded to ``multiple``
     (n_layer: to an integer). Returns n_stages + 1 shapes, first = start and last = target."""
-    from dataclasses import replace
 
     s, t = start.resolved(), target.resolved()
     shapes = []

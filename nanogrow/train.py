@@ -12,20 +12,26 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import dist_utils
-from .checkpoint import (CheckpointError, NonFiniteError, checkpoint_dirs, latest_checkpoint, load_checkpoint,
-                         read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
-from .config import RunConfig, StageConfig, changes_parameters, eval_seq_len
+from .backend import ZeroBackend
+from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint,
+                         load_checkpoint, read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
+from .config import RunConfig, StageConfig, changes_parameters, eval_seq_len, lag_candidates
 from .data import TokenLoader, val_batches
-from .grow import GrowthLR, MaskRamp, grow, make_plan
-from .triggers import CurvatureTrigger, GradientTrigger, Observation, make_trigger, trigger_from_state
+from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
+from .grow.learned import LearnedPlan, fit
+from .lag import select
+from .lag_parallel import check_world, lag_groups, select_across_groups
 from .metrics import ThroughputMeter, device_peak_flops
-from .parallel import grow_parallel, make_mesh, parallelize, reshard, unwrap
 from .model import ModelConfig, Transformer, build_model
+from .offline import grow_checkpoint  # noqa: F401  (re-exported: nanogrow.train.grow_checkpoint)
+from .parallel import grow_parallel, make_mesh, parallelize, reshard, unwrap
 from .schedule import stage_layouts, stage_start_steps
+from .triggers import CurvatureTrigger, GradientTrigger, Observation, make_trigger, trigger_from_state
 
 
 def lr_at(step: int, t) -> float:
@@ -46,21 +52,6 @@ def lr_at(step: int, t) -> float:
     return peak + (floor - peak) * progress
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings, none on norm gains (the usual GPT/Llama practice)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: torch.nn.Module, t, ages: bool = False) -> torch.optim.Optimizer:
-    """nanogrow's AdamW: torch's AdamW update, plus per-element ages once a growth has mapped the state."""
-    from .grow.optim import AdamW
-    return AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, ages=ages)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None, log=print, overwrite: bool = False):
         cfg.validate()
@@ -69,7 +60,6 @@ class Trainer:
         dist_utils.init_from_env(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.dp_group = None  # the data-parallel process group (None: the world; LAG groups narrow it)
-        from .lag_parallel import check_world
         check_world(cfg.stage, self.world)  # LAG across process groups: G must divide the world
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.out_dir = Path(self.t.out_dir)
@@ -106,11 +96,9 @@ class Trainer:
         if self.parallel != "none" and self.world == 1:
             self.parallel = "none"  # one process: nothing to shard or replicate
         if meta:
-            from .parallel.zero_trainer import check_resume
             check_resume(meta, ckpt, self.parallel, self.world, self.t.zero_stage)  # before any engine is built
         self.zero = None  # DeepSpeed ZeRO: the engine is the model, and backward/step/grow/save go through it
         if self.parallel == "deepspeed":
-            from .parallel.zero_trainer import ZeroBackend
             self.zero = ZeroBackend(self.t.zero_stage, self.t, self.device)
             self.model = self.zero.start(build_model(self.model_config, self.device, seed=self.t.seed),
                                          self.micro_batch, resume=(ckpt, meta) if meta else None)
@@ -446,8 +434,6 @@ class Trainer:
         and are not trained on again. The old weights are gathered in full on every rank (the maps are fitted
         identically everywhere, their gradients averaged over ranks); the FLOPs spent, on every rank, count in
         the run's total. Other plans pass through."""
-        from .grow.learned import LearnedPlan, fit
-
         if not isinstance(plan, LearnedPlan) or plan.fitted:
             return plan
         reshard(self.model)
@@ -549,10 +535,6 @@ class Trainer:
         self._set_stage_batch()
 
     def _lag_select(self, st: StageConfig, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
-        from .config import lag_candidates
-        from .lag import select
-        from .lag_parallel import lag_groups, select_across_groups
-
         if lag_groups(st) > 1:  # candidates train at the same time, one per process group
             return select_across_groups(self, st, old_cfg, new_cfg, seed)
         k, every = st.lag["steps"], st.lag.get("eval_every", 1)
@@ -635,6 +617,19 @@ class Trainer:
         return path
 
     # ---- the loop -------------------------------------------------------------------------------------------
+    def advance(self, on_grow: Callable[[dict], bool | None] | None = None) -> float | None:
+        """One turn of the loop that ``run``, ``nanogrow lag``, the benchmarks and the tests all drive: every
+        growth event that is due (a LAG event trains its candidates' steps inside it), then one optimizer step.
+        Returns the step's loss, or None when no step was taken: growth reached train.max_steps, or ``on_grow``
+        (called with each growth event's record) returned True to stop right after that event."""
+        while self.growth_due():
+            event = self.grow_next_stage()
+            if on_grow is not None and on_grow(event):
+                return None
+        if self.step >= self.t.max_steps:
+            return None
+        return self.train_step()
+
     def run(self) -> dict:
         t = self.t
         self.log(f"model: {self.model_config.num_params():,} params ({self.model_config.num_params(False):,} "
@@ -644,18 +639,18 @@ class Trainer:
         self.meter.reset_window()
         last_loss, val_loss = float("nan"), None
         while self.step < t.max_steps:
-            while self.growth_due():
-                self.grow_next_stage()
-            if self.step >= t.max_steps:  # LAG's candidate steps count as training steps and may reach the end
+            loss = self.advance()  # stops (NonFiniteError) on non-finite steps past the allowed skips
+            if loss is None:  # LAG's candidate steps count as training steps and may reach the end
                 break
-            last_loss = self.train_step()  # stops (NonFiniteError) on non-finite steps past the allowed skips
+            last_loss = loss
             self._watch_loss(last_loss)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 w = self.meter.window()
                 elapsed = time.perf_counter() - start
                 eta = elapsed / max(1, self.step - start_step) * (t.max_steps - self.step)
-                self.log(f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | lr {self.current_lr(self.step - 1):.2e}"
-                         f" | {w['tokens_per_s']:,.0f} tok/s | mfu {100 * w['mfu']:.2f}% | eta {_hms(eta)}")
+                self.log(f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | "
+                         f"lr {self.current_lr(self.step - 1):.2e} | {w['tokens_per_s']:,.0f} tok/s | "
+                         f"mfu {100 * w['mfu']:.2f}% | eta {_hms(eta)}")
                 for emit in self._loggers:
                     emit({"train/loss": last_loss, "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"]}, self.step)
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
@@ -696,8 +691,9 @@ class Trainer:
             tps = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
             mfu = st["flops"] / st["seconds"] / peak if st["seconds"] and peak else 0.0
             batch = f"{st.get('seq_len', '?')} x {st.get('micro_batch', '?')}"
-            rows.append(f"{st['stage']:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | {st['params']:>10,} | "
-                        f"{st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | {tps:>7,.0f} | "
+            rows.append(f"{st['stage']:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | "
+                        f"{st['params']:>10,} | {st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | "
+                        f"{tps:>7,.0f} | "
                         f"{100 * mfu:4.1f}% | {_fmt(st.get('val_loss'))}")
         return "\n".join(rows)
 
@@ -733,55 +729,3 @@ def _fmt(x) -> str:
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def parse_shape(text: str) -> dict:
-    """``"n_layer=8,d_model=256"`` -> {"n_layer": 8, "d_model": 256}; names must be ModelConfig fields."""
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in ModelConfig.field_names():
-            raise ValueError(f"--to {text!r}: {item!r} is not FIELD=VALUE with FIELD one of "
-                             f"{', '.join(ModelConfig.field_names())}")
-        try:
-            out[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
-        except json.JSONDecodeError:
-            raise ValueError(f"--to {text!r}: {value!r} is not a number or true/false") from None
-    return out
-
-
-def grow_checkpoint(path: str | Path, to: dict, op: str, out_dir: str | Path, options: dict | None = None,
-                    policy: str = "map+age", seed: int = 0, log=print) -> Path:
-    """Grow a saved checkpoint offline (weights and optimizer state) and write it as a checkpoint in ``out_dir``,
-    with the event appended to its growth history. Training resumes from it with ``--resume``."""
-    meta = read_meta(path)
-    old_cfg = ModelConfig(**meta["model_config"]).resolved()
-    new_cfg = dataclasses.replace(old_cfg, **to).resolved()
-    plan = make_plan(op, old_cfg, new_cfg, seed=seed, **(options or {}))  # every bad input fails here
-    if op == "learned" and plan.options["steps"] > 0:
-        raise ValueError("the learned operator fits its maps on training batches inside a run (a [[stage]] with "
-                         "op = 'learned'); offline growth has no data: use options steps=0 (its initial maps, the "
-                         "plain operator) or grow inside the run")
-    run_cfg = RunConfig.from_dict(meta["run_config"], source=str(path))
-    model = build_model(old_cfg, "cpu", seed=0)
-    optimizer = make_optimizer(model, run_cfg.train, ages=meta.get("optimizer_ages", False))
-    load_checkpoint(path, model, optimizer, load_rng=False)
-    if meta.get("ramp"):
-        raise ValueError(f"checkpoint {str(path)!r} is in the middle of a fade-in; train past it before growing")
-    t0 = time.perf_counter()
-    model, optimizer = grow(model, optimizer, plan, policy=policy, device="cpu")
-    meta = dict(meta, model_config=dataclasses.asdict(new_cfg), optimizer_ages=bool(optimizer.track_ages))
-    ramp = plan.mask_ramp(meta["step"])
-    if ramp is not None:
-        ramp.apply(model, meta["step"])
-    meta["ramp"] = ramp.to_dict() if ramp is not None else None
-    meta["history"] = meta.get("history", []) + [{
-        "event": "grow", "offline": True, "step": meta["step"], "tokens": meta["meter"]["total_tokens"],
-        "flops": meta["meter"]["total_flops"], "plan": plan.to_dict(), "optimizer": policy,
-        "params_before": old_cfg.num_params(), "params_after": new_cfg.num_params(),
-        "seconds": time.perf_counter() - t0}]
-    for key in ("format_version", "step", "world_size"):
-        meta.pop(key, None)
-    saved = save_checkpoint(out_dir, read_meta(path)["step"], model, optimizer, meta, keep_last=10**6)
-    log(f"grew {path} with {op}: {old_cfg.num_params():,} -> {new_cfg.num_params():,} params; wrote {saved}")
-    return saved

@@ -24,39 +24,3 @@ def demo_data(tmp_path_factory):
     prepare("demo", out, tokenizer="bpe:512", max_tokens=120_000, val_tokens=8_192, shard_tokens=40_000,
             workers=1, bpe_train_chars=300_000, overwrite=True, log=lambda *_: None)
     return out
-
-
-def tiny_run_config(data_dir, out_dir, **train):
-    """A seeded two-layer model that trains in well under a second per step on CPU."""
-    from nanogrow.config import load_config
-
-    overrides = {
-        "model.n_layer": 2, "model.d_model": 64, "model.n_head": 4, "model.n_kv_head": 2, "model.vocab_size": 512,
-        "model.max_seq_len": 64, "data.dir": f"'{data_dir}'", "data.seq_len": 64, "train.out_dir": f"'{out_dir}'",
-        "train.micro_batch": 4, "train.max_steps": 12, "train.warmup_steps": 2, "train.lr": 0.01,
-        "train.eval_every": 0, "train.eval_batches": 2, "train.eval_batch_size": 4, "train.log_every": 1000,
-    }
-    overrides.update({f"train.{k}": (f"'{v}'" if isinstance(v, str) else v) for k, v in train.items()})
-    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-
-
-def with_stages(cfg, stages, **growth):
-    """``cfg`` with these [[stage]] tables and [growth] values, validated like a TOML file would be."""
-    from nanogrow.config import RunConfig, validate
-
-    raw = cfg.to_dict()
-    raw["growth"].update(growth)
-    raw["stage"] = stages
-    cfg = RunConfig.from_dict(raw)
-    validate(cfg)
-    return cfg
-
-
-def run_steps(trainer, n):
-    """n training steps, growing whenever the trainer's trigger says so (what Trainer.run does)."""
-    losses = []
-    for _ in range(n):
-        while trainer.growth_due():
-            trainer.grow_next_stage()
-        losses.append(trainer.train_step())
-    return losses

@@ -28,7 +28,8 @@ def test_every_handbook_study_loads_and_spends_its_budget():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("configs/demo.toml", ["train.max_steps=7", "train.warmup_steps=2", "train.lr=0.01", "model.tie_embeddings=true"])
+    cfg = load_config("configs/demo.toml", ["train.max_steps=7", "train.warmup_steps=2", "train.lr=0.01",
+                                            "model.tie_embeddings=true"])
     assert cfg.train.max_steps == 7 and cfg.train.lr == 0.01 and cfg.model.tie_embeddings is True
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from nanogrow.config import ConfigError
-from nanogrow.grow import GrowthPlan, compose, grow, make_plan
+from nanogrow.grow import compose, grow, make_plan, plan_from_dict
 from nanogrow.grow.learned import LearnedPlan, fit, map_flops
 from nanogrow.grow.testing import batch, logits, one_thread, tiny_config, train_steps, trained_model
 from nanogrow.train import Trainer
-from conftest import run_steps, tiny_run_config, with_stages
+
+from helpers import run_steps, tiny_run_config, with_stages
 
 WIDE = dict(d_model=64, n_head=8, n_kv_head=4, d_ff=96)
 
@@ -159,7 +160,8 @@ def test_moments_of_a_fitted_plan_match_an_independent_reference():
                 continue
             want["exp_avg"] = want["exp_avg"] + lin(st["exp_avg"], left, right, c)
             want["exp_avg_sq"] = want["exp_avg_sq"] + lin(st["exp_avg_sq"], left, right, c, lambda m: m * m)
-            want["num_age"] = want["num_age"] + lin(st.get("age", torch.full_like(w, float(st["step"]))), left, right, c, torch.abs)
+            age = st.get("age", torch.full_like(w, float(st["step"])))
+            want["num_age"] = want["num_age"] + lin(age, left, right, c, torch.abs)
             want["num_lr"] = want["num_lr"] + lin(st.get("lr_scale", torch.ones_like(w)), left, right, c, torch.abs)
             want["den"] = want["den"] + lin(torch.ones_like(w), left, right, c, torch.abs)
         got = new_opt.state[p]
@@ -185,7 +187,7 @@ def test_a_fitted_plan_record_rebuilds_identical_weights():
                  cycling(fixed_batches(cfg)))
     d = json.loads(json.dumps(fitted.to_dict()))
     assert d["op"] == "learned" and d["fit"]["steps"] == 2 and "maps" in d
-    again = GrowthPlan.from_dict(d)
+    again = plan_from_dict(d)
     assert again.fitted
     for n, pp in fitted.targets.items():
         assert torch.equal(pp.materialize(old.__getitem__), again.targets[n].materialize(old.__getitem__)), n
@@ -258,15 +260,17 @@ def test_lag_can_pick_among_learned_and_plain_candidates(demo_data, tmp_path):
     run_steps(tr, 2)
 
 
+@pytest.mark.slow
 def test_fsdp_and_ddp_at_2_processes_fit_the_same_maps_and_weights_as_one_process():
     """Every rank fits on its rows with averaged map gradients: identical maps on all ranks, equal to one process
     fitting on the whole batches (1e-4, the fit moves them > 1e-2), then the sharded growth matches grow()."""
-    from test_parallel import torchrun
+    from helpers import run_worker
 
-    out = torchrun(2, "learned", "fsdp,ddp").stdout
+    out = run_worker(2, "learned", "fsdp,ddp").stdout
     assert out.count("OK learned") == 2
 
 
+@pytest.mark.slow
 def test_trainer_fits_learned_maps_under_fsdp_at_2_processes_like_one_process(demo_data, tmp_path):
     """The Trainer hook end to end: a 2-process FSDP run (each rank fits on its half of the global batch, map
     gradients averaged) grows like a 1-process run on the whole batch; same tokens and FLOPs counted."""

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from nanogrow.config import ConfigError, load_config
-from nanogrow.schedule import exponential_shapes, stage_start_steps
 from nanogrow.model import ModelConfig
+from nanogrow.schedule import exponential_shapes, stage_start_steps
 from nanogrow.train import Trainer
 
-from conftest import run_steps, tiny_run_config, with_stages
+from helpers import run_steps, tiny_run_config, with_stages
 
 QUIET = lambda *_: None  # noqa: E731
 

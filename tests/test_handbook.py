@@ -208,7 +208,8 @@ def test_a_real_study_runs_end_to_end(tmp_path, demo_data):
     recs = {r["arm"]: r for r in Store(study.store_path).records}
     grown, scratch = recs["half at 50%"], recs["scratch"]
     assert grown["flops"] == pytest.approx(scratch["flops"], rel=0.05)
-    assert len(grown["growth_events"]) == 1 and grown["growth_events"][0]["step"] == grown["config"]["stage"][0]["at_step"]
+    assert len(grown["growth_events"]) == 1
+    assert grown["growth_events"][0]["step"] == grown["config"]["stage"][0]["at_step"]
     assert all(len(point) == 4 and point[2] is not None for point in grown["curve"])
     assert 0 < grown["final_loss_se"] < 0.5 and math.isfinite(grown["final_loss"])
     assert grown["machine"]["cores"] >= 1 and grown["commit"]

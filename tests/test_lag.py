@@ -1,15 +1,15 @@
 """LAG: selection on one process equals applying the winner directly; analysis functions against hand values."""
 
-import math
 
 import pytest
 import torch
 
-from nanogrow.lag import (correlation_heatmap, correlation_with_final, first_step_above, pearson, recall_at_k,
-                          regret, select_from_losses, spearman)
+from nanogrow.lag import (correlation_heatmap, correlation_with_final, first_step_above, pearson, recall_at_k, regret,
+                          select_from_losses, spearman)
 from nanogrow.train import Trainer
 
-from conftest import run_steps as run, tiny_run_config, with_stages
+from helpers import run_steps as run
+from helpers import tiny_run_config, with_stages
 
 QUIET = lambda *_: None  # noqa: E731
 CANDIDATES = [{"op": "lag", "options": {"start": 1, "block": 1, "init": "random"}},
@@ -55,8 +55,8 @@ def test_adaptive_stacking_lag_at_every_stage_equals_its_winners_applied_directl
         cfg = tiny_run_config(demo_data, tmp_path / out)
         cfg.model.n_layer = 2
         shapes = [({"n_layer": 3}, 3), ({"n_layer": 4}, 8)]
-        return with_stages(cfg, [dict({"shape": sh, "at_step": at}, **opt) for (sh, at), opt in zip(shapes, stage_opts)],
-                           lr_policy="continue")
+        stages = [dict({"shape": sh, "at_step": at}, **opt) for (sh, at), opt in zip(shapes, stage_opts)]
+        return with_stages(cfg, stages, lr_policy="continue")
 
     lag_opt = {"lag": {"candidates": "design-space", "steps": 2}}
     lag = Trainer(config("adaptive", [lag_opt, lag_opt]), log=QUIET)

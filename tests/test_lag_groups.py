@@ -3,23 +3,17 @@ processes pick the same candidate as the one-process LAG, with the same candidat
 the model and optimizer state the one-process LAG continues with. Plus the config rules and the group data view."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from dist.tolerance import state_tol  # tests/dist/tolerance.py
 
 from nanogrow.config import ConfigError, load_config
 from nanogrow.data import TokenLoader
 from nanogrow.lag_parallel import GroupLoader, check_world
 from nanogrow.train import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+from dist.tolerance import state_tol  # tests/dist/tolerance.py
+from helpers import ROOT, tiny_model_toml, torchrun
 
 
 def full_state(model, opt) -> dict:
@@ -33,19 +27,7 @@ def full_state(model, opt) -> dict:
         out.update({f"optim/{n}/{k}": v.clone() for k, v in opt.state.get(p, {}).items()})
     return out
 
-CONFIG = """
-[model]
-n_layer = 2
-d_model = 64
-n_head = 4
-n_kv_head = 2
-vocab_size = 512
-max_seq_len = 64
-
-[data]
-dir = "{data}"
-seq_len = 64
-
+CONFIG = tiny_model_toml(n_layer=2) + """
 [train]
 out_dir = "{out}"
 micro_batch = {mb}
@@ -86,6 +68,7 @@ def lag_event(out_dir):
     return [h for h in meta["history"] if h["event"] == "grow"][0], meta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,parallel,optimizer", [(2, "ddp", "map+age"), (4, "ddp", "reset"),
                                                        (4, "fsdp", "map+age")])
 def test_lag_across_groups_matches_one_process_lag(demo_data, tmp_path, nproc, parallel, optimizer):
@@ -98,10 +81,8 @@ def test_lag_across_groups_matches_one_process_lag(demo_data, tmp_path, nproc, p
     want = full_state(one.model, one.optimizer)
 
     cfg = write_config(tmp_path, demo_data, "groups", 4 // nproc, parallel, groups=2, optimizer=optimizer)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "tests/dist/worker.py",
-                           "lag_train", str(cfg), str(tmp_path / "groups")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = torchrun(nproc, "tests/dist/worker.py", "lag_train", cfg, tmp_path / "groups", timeout=300,
+                    env={"PYTHONPATH": str(ROOT)}, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, "\n".join(out.splitlines()[-30:])
     assert "OK lag_train" in out and "3 candidates on 2 groups" in out
@@ -124,7 +105,8 @@ def test_lag_across_groups_matches_one_process_lag(demo_data, tmp_path, nproc, p
     worst = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
     # 8 steps at lr 0.01: reduction order moves an element by at most 0.25% of an Adam step per step
     # (tests/dist/tolerance.py); a candidate trained on the wrong rows or an unreduced gradient moves it by O(lr).
-    assert worst <= state_tol(lr=0.01, steps=8), f"state after LAG across groups differs from the one-process LAG's by {worst:.3g}"
+    assert worst <= state_tol(lr=0.01, steps=8), \
+        f"state after LAG across groups differs from the one-process LAG's by {worst:.3g}"
     print(f"{nproc} processes, {parallel}, {optimizer}: winner {b['lag']['winner']}, curves within {curve_diff:.1e}, "
           f"state within {worst:.1e} of the one-process LAG")
 
@@ -158,6 +140,7 @@ def test_groups_config_rules(demo_data, tmp_path, capsys):
     assert "stage[1].lag.groups=2 must divide the world size 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_learned_candidate_across_groups_fits_within_its_group(demo_data, tmp_path):
     """A learned candidate averages its map gradients over its own group only: with 2 groups x 2 processes, a
     world-wide all-reduce would mix the two groups' candidates (or hang when only one group fits maps). The run must
@@ -168,10 +151,8 @@ def test_learned_candidate_across_groups_fits_within_its_group(demo_data, tmp_pa
                            '{ op = "learned", options = { init = "stack", steps = 2, lr = 0.01 } } ] }\n')
     cfg = tmp_path / "learned.toml"
     cfg.write_text(text)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=4", "tests/dist/worker.py",
-                           "lag_train", str(cfg), str(tmp_path / "learned")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = torchrun(4, "tests/dist/worker.py", "lag_train", cfg, tmp_path / "learned", timeout=300,
+                    env={"PYTHONPATH": str(ROOT)}, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, "\n".join(l for l in out.splitlines() if "rror" in l or "File " in l)[-4000:]
     assert "OK lag_train at 4 processes" in out

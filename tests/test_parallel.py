@@ -6,11 +6,7 @@ About 7 s of each launch is torchrun / process-group start-up on this machine.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,21 +15,7 @@ from nanogrow.grow import grow, make_plan
 from nanogrow.grow.testing import tiny_config, trained_model
 from nanogrow.parallel import backend_of, grow_parallel, make_mesh, parallelize
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "dist" / "worker.py"
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-def torchrun(nproc: int, *args: str, timeout: float = 150.0, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", NANOGROW_DIST_TIMEOUT="60")
-    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(WORKER), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if expect_ok:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        assert proc.returncode == 0, f"{' '.join(map(str, args))} failed (exit {proc.returncode}):\n{tail}"
-        assert "OK " in proc.stdout, f"{' '.join(args)}: no OK line:\n{tail}"
-    return proc
-
+from helpers import run_worker as torchrun
 
 # ---- one process ------------------------------------------------------------------------------------------
 
@@ -61,11 +43,13 @@ def test_grow_parallel_without_backend_is_grow():
 
 # ---- torchrun, gloo -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fsdp_ddp_hsdp_training_matches_single_process():
     out = torchrun(2, "train", "fsdp,ddp,hsdp").stdout
     assert out.count("OK train") == 3
 
 
+@pytest.mark.slow
 def test_fsdp_growth_matches_single_process():
     """stack (whole copies shard to shard), zero / msg width (gathered), joint (both), policies map+age, map, reset:
     exactly grow()'s full weights, moments and ages; the next steps' losses within 1e-5."""
@@ -73,16 +57,19 @@ def test_fsdp_growth_matches_single_process():
     assert out.count("OK grow") == 6
 
 
+@pytest.mark.slow
 def test_fsdp_growth_at_3_processes_uneven_shards():
     out = torchrun(3, "grow", "fsdp", "zero,joint").stdout
     assert out.count("OK grow") == 2
 
 
+@pytest.mark.slow
 def test_ddp_and_hsdp_growth_match_single_process():
     torchrun(2, "grow", "ddp", "stack,msg")
     torchrun(2, "grow", "hsdp", "zero")
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_saved_at_2_resumes_at_1_and_3(tmp_path):
     """Saved after an msg growth (per-element ages, fade-in masks); loaded into a fresh optimizer without ages,
     whose optional state checkpoint.py creates as DTensors laid out like the moments."""
@@ -92,15 +79,17 @@ def test_fsdp_checkpoint_saved_at_2_resumes_at_1_and_3(tmp_path):
         assert f"OK ckpt_load at {n} processes" in out
 
 
+@pytest.mark.slow
 def test_candidate_mesh_two_groups_of_two():
     out = torchrun(4, "groups", 2).stdout
     assert "values [1.5, 3.5]" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp"])
 def test_killed_rank_ends_the_job_with_an_error_not_a_hang(backend):
     t0 = time.perf_counter()
-    proc = torchrun(2, "kill", backend, timeout=90, expect_ok=False)
+    proc = torchrun(2, "kill", backend, timeout=90, check=False)
     seconds = time.perf_counter() - t0
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr

@@ -59,6 +59,7 @@ def test_slurm_script_command():
         assert part in cmd
 
 
+@pytest.mark.slow
 def test_torchrun_launcher_trains(tmp_path, demo_data):
     """Two gloo processes, two steps of the demo config at a tiny shape, through the launcher."""
     data = demo_data

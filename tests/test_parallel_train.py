@@ -2,29 +2,17 @@
 one process on the same global batch, and a checkpoint written at 2 processes resumes at 1."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+import helpers
+from helpers import TORCHRUN, tiny_model_toml
 
-CONFIG = """
-[model]
-n_layer = 1
-d_model = 64
-n_head = 4
-n_kv_head = 2
-vocab_size = 512
-max_seq_len = 64
+pytestmark = pytest.mark.slow  # every test here launches torchrun
 
-[data]
-dir = "{data}"
-seq_len = 64
-
+CONFIG = tiny_model_toml(n_layer=1) + """
 [train]
 out_dir = "{out}"
 micro_batch = {mb}
@@ -57,10 +45,7 @@ def write_config(tmp_path, data, name, mb, parallel):
 
 
 def run(cmd, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-    return proc.stdout
+    return helpers.run(cmd, timeout=timeout).stdout
 
 
 def val_losses(out_dir):
@@ -74,7 +59,8 @@ def test_two_process_training_with_growth_matches_one_process(demo_data, tmp_pat
     one = write_config(tmp_path, demo_data, "one", 4, "none")
     two = write_config(tmp_path, demo_data, "two", 2, parallel)
     run([sys.executable, "-m", "nanogrow.cli", "train", "--config", str(one)])
-    out = run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "nanogrow.cli", "train", "--config", str(two)])
+    out = run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "nanogrow.cli", "train", "--config",
+               str(two)])
     assert "grow -> stage 1 at step 3" in out
     a, meta_one = val_losses(tmp_path / "one")
     b, meta_two = val_losses(tmp_path / "two")

@@ -13,23 +13,17 @@ from pathlib import Path
 import pytest
 
 from dist.tolerance import state_tol  # tests/dist/tolerance.py
+from helpers import ROOT, ZERO_WORKER, tail, tiny_model_toml, torchrun, zero_env
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_growth_matches_single_process(stage):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "nanogrow" / "ext"))
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "dist" / "zero_worker.py"),
-           str(stage), "stack,zero,msg"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    tail = "\n".join((p.stdout + p.stderr).splitlines()[-40:])
-    assert p.returncode == 0, tail
-    assert p.stdout.count(f"OK zero{stage}") == 3, tail
+    p = torchrun(2, ZERO_WORKER, stage, "stack,zero,msg", timeout=400, env=zero_env())
+    assert p.stdout.count(f"OK zero{stage}") == 3, tail(p)
 
 
 def test_zero_refuses_per_element_ages():
@@ -43,19 +37,7 @@ def test_zero_refuses_per_element_ages():
 
 # ---- the Trainer under train.parallel = "deepspeed" ----------------------------------------------------------
 
-TRAINER_CONFIG = """
-[model]
-n_layer = 1
-d_model = 64
-n_head = 4
-n_kv_head = 2
-vocab_size = 512
-max_seq_len = 64
-
-[data]
-dir = "{data}"
-seq_len = 64
-
+TRAINER_CONFIG = tiny_model_toml(n_layer=1) + """
 [train]
 out_dir = "unused"
 micro_batch = 2
@@ -78,7 +60,7 @@ at_step = 3
 shape = {{ n_layer = 2, d_ff = 256 }}
 op = "joint"
 options = {{ depth_op = "stack", width_op = "msg", depth_options = {{ fade_steps = 3 }}, width_options = {{ fade_steps = 3 }} }}
-"""
+"""  # noqa: E501  (TOML: an inline table is one line)
 # Depth and width at once, with fade-in masks (3 steps): the growth checkpoint at step 3 is mid-fade, so resuming
 # from it also restores the masks; by the final checkpoint (step 8) they are gone and export-hf can read it.
 
@@ -100,9 +82,7 @@ def _one_process_losses(cfg):
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     losses = []
     while trainer.step < trainer.t.max_steps:
-        while trainer.growth_due():
-            trainer.grow_next_stage()
-        losses.append(trainer.train_step())
+        losses.append(trainer.advance())
     trainer.save()
     return losses
 
@@ -118,15 +98,9 @@ def zero_trainer_runs(demo_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero_trainer")
     config = tmp / "ds.toml"
     config.write_text(TRAINER_CONFIG.format(data=demo_data))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "nanogrow" / "ext"))
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "dist" / "zero_worker.py"),
-           "trainer", str(config), str(tmp / "out"), "1,2,3"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    tail = "\n".join((p.stdout + p.stderr).splitlines()[-40:])
-    assert p.returncode == 0, tail
+    p = torchrun(2, ZERO_WORKER, "trainer", config, tmp / "out", "1,2,3", timeout=600, env=zero_env())
     runs = {r["stage"]: r for r in map(json.loads, (l for l in p.stdout.splitlines() if l.startswith("{")))}
-    assert sorted(runs) == [1, 2, 3], tail
+    assert sorted(runs) == [1, 2, 3], tail(p)
     ref_cfg = load_config(config, ["train.parallel='none'", "train.micro_batch=4", f"train.out_dir='{tmp / 'ref'}'"])
     return {"tmp": tmp, "config": config, "runs": runs, "ref": _one_process_losses(ref_cfg)}
 
@@ -137,6 +111,7 @@ def _weights(path):
     return load_model(path)[0].state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_trainer_under_zero_with_growth_matches_one_process(zero_trainer_runs, stage):
     r, ref = zero_trainer_runs["runs"][stage], zero_trainer_runs["ref"]
@@ -145,12 +120,14 @@ def test_trainer_under_zero_with_growth_matches_one_process(zero_trainer_runs, s
     assert diff <= LOSS_TOL, (r["losses"], ref)
     # The growth checkpoint (step 3, ZeRO partitions consolidated by zero_to_fp32) holds the one-process weights.
     tmp = zero_trainer_runs["tmp"]
-    ours, theirs = _weights(tmp / "out" / f"zero{stage}" / "run" / "ckpt_0000003"), _weights(tmp / "ref" / "ckpt_0000003")
+    ours = _weights(tmp / "out" / f"zero{stage}" / "run" / "ckpt_0000003")
+    theirs = _weights(tmp / "ref" / "ckpt_0000003")
     assert sorted(ours) == sorted(theirs)  # including the fade-in masks
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
     assert worst <= WEIGHT_TOL, worst
 
 
+@pytest.mark.slow
 def test_zero_resume_at_the_same_world_size_continues_exactly(zero_trainer_runs):
     for stage, r in zero_trainer_runs["runs"].items():
         g = r["grow_step"]
@@ -159,6 +136,7 @@ def test_zero_resume_at_the_same_world_size_continues_exactly(zero_trainer_runs)
         assert r["resumed"] == r["losses"][g:], (stage, r)
 
 
+@pytest.mark.slow
 def test_zero_run_restarts_from_a_consolidated_checkpoint(zero_trainer_runs):
     for stage, r in zero_trainer_runs["runs"].items():
         # Consolidated weights (zero_to_fp32) -> DCP -> a new ZeRO run at 2 processes: the same model and data
@@ -166,11 +144,12 @@ def test_zero_run_restarts_from_a_consolidated_checkpoint(zero_trainer_runs):
         assert abs(r["restart_first"] - r["losses"][r["grow_step"]]) <= LOSS_TOL, (stage, r)
 
 
+@pytest.mark.slow
 def test_zero_checkpoint_at_another_world_size_is_refused_and_restarts_from_consolidated_weights(zero_trainer_runs):
     from nanogrow.checkpoint import CheckpointError, read_meta
+    from nanogrow.cli import main as cli_main
     from nanogrow.config import load_config
     from nanogrow.hf import export_hf
-    from nanogrow.cli import main as cli_main
     from nanogrow.train import Trainer
 
     tmp, r = zero_trainer_runs["tmp"], zero_trainer_runs["runs"][2]
@@ -233,7 +212,7 @@ def test_deepspeed_config_refuses_what_zero_cannot_hold(changes, message):
 
 def _launch(*args, **env):
     e = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **env)
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "nanogrow" / "ext"))
+    e.setdefault("TORCH_EXTENSIONS_DIR", zero_env()["TORCH_EXTENSIONS_DIR"])
     return subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=300)
 
@@ -249,6 +228,7 @@ def test_deepspeed_launcher_multinode_command():
     assert _launch("--stage", "4", "configs/demo.toml", DRY_RUN="1").returncode == 2
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_trains_and_checkpoints(tmp_path, demo_data):
     """`nanogrow train` through the launcher: two gloo processes, ZeRO 2, two steps, a DeepSpeed checkpoint."""
     import json
@@ -265,8 +245,7 @@ def test_deepspeed_launcher_trains_and_checkpoints(tmp_path, demo_data):
 
 
 def test_zero_checkpoint_resumes_only_at_its_world_size_stage_and_backend(tmp_path):
-    from nanogrow.checkpoint import CheckpointError
-    from nanogrow.parallel.zero_trainer import check_resume
+    from nanogrow.checkpoint import CheckpointError, check_resume
 
     meta = {"format": "deepspeed", "world_size": 2, "zero_stage": 2}
     check_resume(meta, tmp_path, "deepspeed", 2, 2)  # the same: fine

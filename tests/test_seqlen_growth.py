@@ -17,7 +17,7 @@ from nanogrow.model import ModelConfig, build_model, rope_tables
 from nanogrow.schedule import stage_layouts, stage_start_steps
 from nanogrow.train import Trainer
 
-from conftest import run_steps, tiny_run_config, with_stages
+from helpers import run_steps, tiny_run_config, with_stages
 
 QUIET = lambda *_: None  # noqa: E731
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +273,8 @@ def test_fsdp_two_processes_match_one_process_across_seq_len_stages(demo_data, t
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     assert runs["two"]["seq_len"] == 64 and runs["two"]["model_config"]["max_seq_len"] == 64
-    assert runs["one"]["loader"]["tokens_consumed"] == runs["two"]["loader"]["tokens_consumed"] == 3 * 128 + 2 * 256 + 3 * 128
+    consumed = 3 * 128 + 2 * 256 + 3 * 128
+    assert runs["one"]["loader"]["tokens_consumed"] == runs["two"]["loader"]["tokens_consumed"] == consumed
 
 
 def test_lag_candidates_train_at_the_new_stages_seq_len(demo_data, tmp_path):

@@ -9,7 +9,7 @@ from nanogrow.cli import main
 from nanogrow.data import DataError
 from nanogrow.train import Trainer, lr_at
 
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 
 
 def test_loss_decreases_on_demo_corpus(demo_data, tmp_path):
@@ -147,7 +147,7 @@ def test_max_flops_budget_is_spent_through_a_growth_and_on_resume(demo_data, tmp
     budget to within half a step of the grown model; a resumed run derives the same count."""
     import dataclasses
 
-    from conftest import with_stages
+    from helpers import with_stages
 
     small = tiny_run_config(demo_data, tmp_path).model  # 2 layers
     per_step_small = 4 * 64 * small.flops_per_token(64)
@@ -167,7 +167,7 @@ def test_max_flops_budget_is_spent_through_a_growth_and_on_resume(demo_data, tmp
 
 
 def test_curvature_trigger_probes_count_their_flops_and_grow_the_model(demo_data, tmp_path):
-    from conftest import with_stages
+    from helpers import with_stages
 
     cfg = with_stages(tiny_run_config(demo_data, tmp_path, max_steps=40),
                       [{"shape": {"n_layer": 4}, "trigger": "curvature",

@@ -2,7 +2,6 @@
 after a resume from its saved state."""
 
 import json
-import math
 
 import pytest
 

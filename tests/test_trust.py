@@ -16,7 +16,7 @@ from nanogrow.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpo
 from nanogrow.cli import main
 from nanogrow.integrity import sha256_file
 
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 
 
 def _train_args(data, out, *extra):

@@ -16,10 +16,8 @@ from itertools import product
 
 import torch
 
-from nanogrow.grow.plan import (
-    STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, copy_piece, derive_seed,
-    param_shapes,
-)
+from nanogrow.grow.plan import (STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, copy_piece,
+                                derive_seed, param_shapes)
 from nanogrow.model import ModelConfig
 
 # What a target layer is made of: (kind, j, near). ("copy", j, _) copies old layer j; ("random", None, near) is a
@@ -83,7 +81,7 @@ def layer_plan(op: str, o: ModelConfig, n: ModelConfig, specs: list[LayerSpec], 
             f = Fresh(shape, "const", value=1.0, state=state, like=like)
         elif suffix in ("attn.wo.weight", "mlp.w_down.weight"):
             # Identity block: zero output projections make the block an identity of the pre-norm residual
-            # stream while it still gets gradients (DESIGN.md, facts).
+            # stream while it still gets gradients.
             f = Fresh(shape, "zeros", state=state, like=like) if kind == "identity" else Fresh(
                 shape, "normal", std=out_std, seed=derive_seed(seed, op, name), state=state, like=like)
         else:
@@ -261,3 +259,6 @@ def identity(old: ModelConfig, new: ModelConfig, seed: int = 0, *, positions: li
                       {"positions": list(positions), "init": init, "fade_steps": fade_steps, "state": state},
                       fade_steps, state)
     return plan
+
+
+OPERATORS = {"stack": stack, "interleave": interleave, "lag": lag, "identity": identity}

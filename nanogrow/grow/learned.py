@@ -42,9 +42,10 @@ DDP, FSDP (``grow_sharded``: gathers the few sources a target reads) and ZeRO pa
 Fitting (``fit``): the grown model's weights are computed functionally from maps + frozen old weights through the
 very ``materialize`` that later writes them (``torch.func.functional_call``), Adam on the maps for ``steps`` steps
 with learning rate ``lr`` for the depth coefficients and lr / n_old for the entries of an (n_new x n_old) width
-map (so a new unit, a mix of n_old old ones, moves about as much per step as a layer does); under data parallelism every rank fits the same maps: their gradients are all-reduced
-(``reduce_grads``). The FLOPs spent (grown-model training FLOPs on the fitting tokens + 3x the map products) are
-reported in ``plan.fit_record`` so a run can count them.
+map (so a new unit, a mix of n_old old ones, moves about as much per step as a layer does); under data
+parallelism every rank fits the same maps: their gradients are all-reduced (``reduce_grads``). The FLOPs spent
+(grown-model training FLOPs on the fitting tokens + 3x the map products) are reported in ``plan.fit_record`` so a
+run can count them.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from nanogrow.grow.plan import (
-    LAYER_PARAMS, GrowthPlan, LinearPiece, ParamPlan, check_growth, copy_piece, param_shapes,
-)
+from nanogrow.grow import depth
+from nanogrow.grow.plan import (LAYER_PARAMS, GrowthPlan, LinearPiece, ParamPlan, check_growth, check_options,
+                                copy_piece, param_shapes)
+from nanogrow.grow.width import check_tiling_factor, head_maps, plain_map
 from nanogrow.model import ModelConfig, Transformer
 
 DEPTH_INITS = ("stack", "interleave", "lag")
@@ -93,7 +95,7 @@ class LearnedPlan(GrowthPlan):
 
 
 def plan_from_record(d: dict) -> LearnedPlan:
-    """Rebuild a fitted learned plan from ``LearnedPlan.to_dict`` (``GrowthPlan.from_dict`` sends it here)."""
+    """Rebuild a fitted learned plan from ``LearnedPlan.to_dict`` (``registry.plan_from_dict`` sends it here)."""
     if "maps" not in d:
         raise ValueError("this learned plan's record omits its maps (more than "
                          f"{RECORD_MAX_ELEMENTS} elements); its grown weights are in the checkpoint")
@@ -119,9 +121,9 @@ def _selection(n_new: int, n_old: int, dst: torch.Tensor, src: torch.Tensor, cou
 
 def _depth_init(init: str, init_options: dict, o: ModelConfig, n: ModelConfig, seed: int) -> torch.Tensor:
     """The 0/1 (L' x L) matrix of a copy-only depth operator, read from that operator's own plan."""
-    from nanogrow.grow import make_plan
-
-    plan = make_plan(init, o, replace(o, n_layer=n.n_layer), seed=seed, **init_options)
+    operator = depth.OPERATORS[init]  # init is one of DEPTH_INITS (checked by ``learned``)
+    check_options(init, operator, init_options)
+    plan = operator(o, replace(o, n_layer=n.n_layer), seed, **init_options)
     if plan.masks:
         raise ValueError(f"learned: init_options fade new layers in (fade_steps={plan.fade_steps}); the learned "
                          "operator has no masks: drop fade_steps")
@@ -139,8 +141,6 @@ def _depth_init(init: str, init_options: dict, o: ModelConfig, n: ModelConfig, s
 
 def initial_maps(o: ModelConfig, n: ModelConfig, seed: int, init: str, init_options: dict,
                  width_init: str) -> dict[str, torch.Tensor]:
-    from nanogrow.grow.width import _head_maps, _plain_map, check_tiling_factor
-
     if n.d_model != o.d_model and width_init == "net2net":
         check_tiling_factor(o.d_model, n.d_model)  # the same refusal as the net2net operator, for the same reason
     maps = {f"depth.{s}": None for s in LAYER_PARAMS}
@@ -148,16 +148,16 @@ def initial_maps(o: ModelConfig, n: ModelConfig, seed: int, init: str, init_opti
     for s in LAYER_PARAMS:
         maps[f"depth.{s}"] = m.clone()
     if n.d_model != o.d_model:
-        um = _plain_map(o.d_model, n.d_model, width_init, "d_model")
+        um = plain_map(o.d_model, n.d_model, width_init, "d_model")
         maps["d_model.out"], maps["d_model.in"] = _selection(n.d_model, o.d_model, um.dst_old, um.src_old,
                                                              um.counts())
     for j in range(o.n_layer):
         if n.d_ff != o.d_ff:
-            um = _plain_map(o.d_ff, n.d_ff, width_init, "d_ff")
+            um = plain_map(o.d_ff, n.d_ff, width_init, "d_ff")
             maps[f"layers.{j}.d_ff.out"], maps[f"layers.{j}.d_ff.in"] = _selection(
                 n.d_ff, o.d_ff, um.dst_old, um.src_old, um.counts())
         if (n.n_head, n.n_kv_head) != (o.n_head, o.n_kv_head):
-            q, kv = _head_maps(o.n_head, o.n_kv_head, n.n_head, n.n_kv_head, width_init)
+            q, kv = head_maps(o.n_head, o.n_kv_head, n.n_head, n.n_kv_head, width_init)
             maps[f"layers.{j}.heads.q_out"], maps[f"layers.{j}.heads.q_in"] = _selection(
                 n.n_head, o.n_head, q.dst_old, q.src_old, q.counts())
             maps[f"layers.{j}.heads.kv_out"] = _selection(n.n_kv_head, o.n_kv_head, kv.dst_old, kv.src_old,

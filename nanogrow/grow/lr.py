@@ -23,11 +23,13 @@ which is the ``map+age`` transfer policy with nanogrow's ``AdamW``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from nanogrow.grow.plan import GrowthPlan
+if TYPE_CHECKING:
+    from nanogrow.grow.plan import GrowthPlan
+
 
 KINDS = ("continue", "rewarm", "rewind")
 

@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
-from nanogrow.grow.plan import GrowthPlan
+from nanogrow.grow.lr import stagewise_lr_scales
+
+if TYPE_CHECKING:
+    from nanogrow.grow.plan import GrowthPlan
 
 POLICIES = ("reset", "map", "map+age")
 
@@ -179,6 +183,21 @@ class AdamW(torch.optim.Optimizer):
 # State transfer
 # ----------------------------------------------------------------------------------------------------------
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings, none on norm gains (the usual GPT/Llama practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, t, ages: bool = False) -> AdamW:
+    """nanogrow's AdamW for ``model`` with the hyper-parameters of TrainConfig ``t``: torch's AdamW update, plus
+    per-element ages once a growth has mapped the state."""
+    return AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, ages=ages)
+
+
 def _one_minus_pow(beta: float, age: torch.Tensor) -> torch.Tensor:
     if beta == 0.0:
         return torch.ones_like(age)
@@ -227,7 +246,6 @@ def transfer_optimizer_state(plan: GrowthPlan, old_model, old_opt, new_model, ne
     readers = {k: _state_reader(old_model, old_opt, k) for k in ("exp_avg", "exp_avg_sq", "age", "lr_scale")}
     vt_scales = {}
     if lr_adapt == "vt":
-        from nanogrow.grow.lr import stagewise_lr_scales
         vt_scales = stagewise_lr_scales(plan, new_model, readers["lr_scale"])
     for name, p in new_model.named_parameters():
         pp = plan.targets[name]
@@ -246,7 +264,7 @@ def transfer_optimizer_state(plan: GrowthPlan, old_model, old_opt, new_model, ne
         new_opt.state[p] = st
 
 
-def _group_key(name: str) -> str:
+def group_key(name: str) -> str:
     return re.sub(r"^layers\.\d+\.", "layers.*.", name)
 
 
@@ -262,13 +280,13 @@ def grown_optimizer(model, optimizer, plan: GrowthPlan, new_model) -> "AdamW":
             n = old_names.get(p)
             if n is not None:
                 name_group[n] = gi
-                key_group.setdefault(_group_key(n), gi)
+                key_group.setdefault(group_key(n), gi)
     groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[]) for g in optimizer.param_groups]
     for name, p in new_model.named_parameters():
         src = plan.targets[name].primary_source
         gi = name_group.get(src) if src is not None else None
         if gi is None:
-            gi = key_group.get(_group_key(name), 0)
+            gi = key_group.get(group_key(name), 0)
         groups[gi]["params"].append(p)
     groups = [g for g in groups if g["params"]]
     track = getattr(optimizer, "track_ages", False)

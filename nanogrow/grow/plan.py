@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -130,6 +131,21 @@ def check_growth(old: ModelConfig, new: ModelConfig) -> tuple[ModelConfig, Model
             f"query heads per kv group cannot shrink (old n_head/n_kv_head={g_old}, new {g_new}): every old query "
             "head must stay in its old key/value group")
     return o, n
+
+
+def keyword_options(operator: Callable) -> list[str]:
+    """The keyword options an operator function accepts (its keyword-only parameters)."""
+    sig = inspect.signature(operator)
+    return [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def check_options(op: str, operator: Callable, options: dict, where: str = "options") -> None:
+    """ValueError naming the first option ``operator`` (registered as ``op``) does not take."""
+    valid = keyword_options(operator)
+    for k in options:
+        if k not in valid:
+            raise ValueError(f"unknown option {k!r} for growth operator {op!r} (in {where}); valid options: "
+                             f"{', '.join(valid) or 'none'}")
 
 
 def derive_seed(*parts) -> int:
@@ -655,24 +671,13 @@ class GrowthPlan:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        """JSON-able record for the growth history; ``from_dict`` rebuilds the identical plan."""
+        """JSON-able record for the growth history; ``registry.plan_from_dict`` rebuilds the identical plan."""
         d = {"op": self.op, "options": _jsonable(self.options), "seed": self.seed,
              "old": asdict(self.old_cfg), "new": asdict(self.new_cfg), "fade_steps": self.fade_steps}
         if self.parts:
             d["parts"] = [p.to_dict() for p in self.parts]
         json.dumps(d)  # fail here, not in the checkpoint writer
         return d
-
-    @staticmethod
-    def from_dict(d: dict) -> "GrowthPlan":
-        from nanogrow.grow import make_plan  # the registry imports this module
-
-        if d["op"] == "compose":
-            return functools.reduce(compose, [GrowthPlan.from_dict(p) for p in d["parts"]])
-        if "maps" in d or "maps_omitted" in d:  # a fitted learned plan: its maps are data, not options
-            from nanogrow.grow.learned import plan_from_record
-            return plan_from_record(d)
-        return make_plan(d["op"], ModelConfig(**d["old"]), ModelConfig(**d["new"]), seed=d["seed"], **d["options"])
 
     # --- masks ----------------------------------------------------------------------------------------------
     def mask_ramp(self, start_step: int) -> MaskRamp | None:
@@ -737,12 +742,6 @@ class GrowthPlan:
             set_buffer(new_model, name, val)
         new_model.train(old_model.training)
         return new_model
-
-    def apply_to_optimizer(self, old_model, old_opt, new_model, new_opt, policy: str = "map+age",
-                           lr_adapt: str | None = None) -> None:
-        from nanogrow.grow.optim import transfer_optimizer_state
-
-        transfer_optimizer_state(self, old_model, old_opt, new_model, new_opt, policy=policy, lr_adapt=lr_adapt)
 
 
 def _jsonable(x):

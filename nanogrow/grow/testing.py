@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import torch
 
+from nanogrow.grow.optim import AdamW
 from nanogrow.model import ModelConfig, build_model
 
 
@@ -41,7 +42,6 @@ def train_steps(model, opt, steps: int, seed: int = 0, ramp=None, start_step: in
 def trained_model(cfg: ModelConfig, steps: int = 3, lr: float = 1e-2, ages: bool = False, seed: int = 0,
                   opt_cls=None):
     """A seeded tiny model and its AdamW (nanogrow's unless ``opt_cls``) after ``steps`` steps."""
-    from nanogrow.grow.optim import AdamW
 
     model = build_model(cfg, seed=seed)
     if opt_cls is None:

@@ -16,7 +16,7 @@ Methods (every one works with GQA on or off and with tied or untied embeddings):
   fan-out weights of every copy divided by the copy count: exact. Optional ``noise``: a +e/-e pair added to a
   copy's and its original's fan-out weights, which keeps the sum. d_model only by an integer factor (every channel
   tiled g times, so RMSNorm's mean square is unchanged): duplicating a subset of channels would change it.
-* ``vt`` (Variance Transfer, Yuan et al. 2023, section 3.1 + FACTS.md): new units come in +W/-W pairs: both
+* ``vt`` (Variance Transfer, Yuan et al. 2023, section 3.1): new units come in +W/-W pairs: both
   twins get the same fan-in draw (variance 1/C^2, C the old width) so they compute the same activation, and
   opposite fan-out draws (variance 1/(C+k)^2, k added) so they cancel; both still get (opposite) gradients. Old
   fan-out weights are rescaled by C/(C+k) (its Table 1); our model has no forward multiplier to absorb that, so
@@ -27,7 +27,7 @@ Methods (every one works with GQA on or off and with tied or untied embeddings):
   growth step and ramps to 1 over ``fade_steps``: exact at the growth step whatever the new weights.
 
 Widening d_model with zero channels (zero, vt, msg) changes RMSNorm's mean square by d_old/d_new: every RMSNorm
-gain is scaled by sqrt(d_old/d_new) (DESIGN.md facts), and, since eps sits inside the square root,
+gain is scaled by sqrt(d_old/d_new), and, since eps sits inside the square root,
 ``norm_eps`` is scaled by d_old/d_new too (``scale_eps=True``): rsqrt(r*ms + r*eps) * sqrt(r) * g =
 rsqrt(ms + eps) * g exactly. Without it the function changes by O(eps / mean(h^2)), which is ~1e-2 relative for
 a freshly initialised residual stream. The grown model's config therefore carries the rescaled ``norm_eps``
@@ -42,10 +42,8 @@ from functools import reduce
 
 import torch
 
-from nanogrow.grow.plan import (
-    STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, compose, derive_seed, identity_targets,
-    param_shapes,
-)
+from nanogrow.grow.plan import (STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, compose, derive_seed,
+                                identity_targets, param_shapes)
 from nanogrow.model import ModelConfig
 
 METHODS = ("zero", "net2net", "vt", "msg")
@@ -114,7 +112,7 @@ def check_tiling_factor(D: int, D2: int) -> None:
             "every normalised activation. Use zero, vt or msg, or grow d_model to a multiple")
 
 
-def _plain_map(C: int, C2: int, method: str, what: str) -> UnitMap:
+def plain_map(C: int, C2: int, method: str, what: str) -> UnitMap:
     """Old units first, new ones appended."""
     k = C2 - C
     if method == "net2net":
@@ -127,7 +125,7 @@ def _plain_map(C: int, C2: int, method: str, what: str) -> UnitMap:
     return UnitMap(C, C2, _ar(C), _ar(C), _ar(C, C2), _ar(0))
 
 
-def _head_maps(H: int, K: int, H2: int, K2: int, method: str) -> tuple[UnitMap, UnitMap]:
+def head_maps(H: int, K: int, H2: int, K2: int, method: str) -> tuple[UnitMap, UnitMap]:
     """Query-head and kv-head maps for (n_head, n_kv_head) (H, K) -> (H2, K2), GQA layout respected: query head
     h uses kv head h // (H/K) (SDPA's enable_gqa and flash-attn repeat kv heads in that order), so old head
     (group j, slot s) moves to j*g2 + s, new query heads fill the remaining slots of old groups (sharing their
@@ -256,7 +254,7 @@ def _step_plan(ctx, cur, nxt, targets, masks, fade_steps, name) -> GrowthPlan:
 
 def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) -> GrowthPlan:
     H, K, H2, K2, hd = cur.n_head, cur.n_kv_head, nxt.n_head, nxt.n_kv_head, cur.head_dim
-    qh, kvh = _head_maps(H, K, H2, K2, ctx.method)
+    qh, kvh = head_maps(H, K, H2, K2, ctx.method)
     q, kv = qh.expand(hd), kvh.expand(hd)
     C, C2 = H * hd, H2 * hd
     shapes = param_shapes(nxt)
@@ -285,7 +283,7 @@ def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) 
 
 def _dff_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) -> GrowthPlan:
     C, C2 = cur.d_ff, nxt.d_ff
-    um = _plain_map(C, C2, ctx.method, "d_ff")
+    um = plain_map(C, C2, ctx.method, "d_ff")
     shapes = param_shapes(nxt)
     targets = identity_targets(nxt)
     # VT rescale: old w_down columns times r = C/C2, compensated by old w_up rows times 1/r: SwiGLU's
@@ -315,7 +313,7 @@ def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int,
     m = ctx.method
     if m == "net2net":
         check_tiling_factor(D, D2)
-    um = _plain_map(D, D2, m, "d_model")
+    um = plain_map(D, D2, m, "d_model")
     tied = nxt.tie_embeddings
     targets = identity_targets(nxt)
     shapes = param_shapes(nxt)
@@ -461,3 +459,6 @@ def msg(old: ModelConfig, new: ModelConfig, seed: int = 0, *, fade_steps: int = 
     resid_mask = 0 at the growth step, ramping to 1 over ``fade_steps``)."""
     return _width("msg", old, new, seed, {"fade_steps": fade_steps, "state": state, "scale_eps": scale_eps},
                   state=state, fade_steps=fade_steps, scale_eps=scale_eps)
+
+
+OPERATORS = {"zero": zero, "net2net": net2net, "vt": vt, "msg": msg}

@@ -27,6 +27,7 @@ from nanogrow.model import ModelConfig, build_model
 
 from .backends import parallelize, unwrap
 from .sharded import grow_parallel
+from .zero import destroy, ds_config, grow_zero, zero_initialize
 
 # ~7.4M parameters: big enough that a CPU step and a growth take measurable time, small enough for 2 CPU ranks.
 BENCH_MODEL = ModelConfig(n_layer=4, d_model=256, n_head=4, n_kv_head=2, vocab_size=8192, max_seq_len=128)
@@ -151,7 +152,6 @@ def _one(name, cfg, backend, device, batch, seq, steps, warmup) -> tuple:
 
 def _one_zero(name, cfg, stage, device, batch, seq, steps, warmup) -> tuple:
     """``_one`` under DeepSpeed ZeRO ``stage``: growth is ``grow_zero`` (policy "map": ZeRO holds no ages)."""
-    from .zero import destroy, ds_config, grow_zero, zero_initialize
 
     op, change, options = BENCH_OPS[name]
     plan = make_plan(op, cfg, replace(cfg, **change), seed=0, **options)

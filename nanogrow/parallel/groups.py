@@ -19,7 +19,10 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from nanogrow.grow.plan import GrowthPlan, active_masks, identity_targets, set_buffer
+
 from .backends import device_type
+from .sharded import grow_sharded
 
 
 def candidate_mesh(n_groups: int, device: str | None = None):
@@ -138,10 +141,6 @@ def move_to_mesh(model: torch.nn.Module, optimizer, mesh, policy: str = "map+age
     """An FSDP2 model and its optimizer re-sharded onto another mesh (world <-> one group's "dp" ranks): a growth
     by the identity plan through ``grow_sharded``, one parameter gathered at a time; fade-in masks (replicated
     buffers) are carried over. Every rank of both meshes calls it. Returns (model, optimizer)."""
-    from nanogrow.grow.plan import GrowthPlan, active_masks, identity_targets, set_buffer
-
-    from .sharded import grow_sharded
-
     cfg = model.config
     same = GrowthPlan("same", {}, cfg, cfg, 0, identity_targets(cfg))
     new_model, new_opt = grow_sharded(model, optimizer, same, policy=policy, mesh=mesh)

@@ -20,15 +20,19 @@ rewrapped.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from nanogrow.grow.optim import POLICIES, AdamW, global_step, grow, grown_optimizer
-from nanogrow.grow.plan import GrowthPlan, ParamPlan, set_buffer
+from nanogrow.grow.optim import POLICIES, global_step, grow, grown_optimizer
+from nanogrow.grow.plan import set_buffer
 from nanogrow.model import Transformer
 
 from .backends import apply_fsdp, backend_of, fsdp_mesh, parallelize, reshard
+
+if TYPE_CHECKING:
+    from nanogrow.grow.plan import GrowthPlan, ParamPlan
 
 
 def grow_parallel(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None,
@@ -147,7 +151,7 @@ def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "m
         for g in optimizer.param_groups:
             if g.get("amsgrad") or g.get("maximize"):
                 raise ValueError("grow: amsgrad / maximize param groups are not supported by nanogrow AdamW")
-    reshard(model)  # after an eval forward under no_grad the root stays unsharded (FACTS.md)
+    reshard(model)  # after an eval forward under no_grad the root stays unsharded
     plan.check_model(model)
     stats = {} if stats is None else stats
     stats.update(shard_copies=0, gathered=0)

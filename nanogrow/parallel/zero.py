@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO (stages 1-3) training and growth through DeepSpeed's full-parameter / optimizer-state API.
 
 ZeRO keeps fp32 master weights and Adam moments in flat partitions, so the plan cannot be applied to its tensors
-directly. Growth (``grow_zero``), as measured in FACTS.md:
+directly. Growth (``grow_zero``), the route that gave results equal to plain torch in every stage on CPU:
   1. every target of the plan is materialised from full fp32 sources read with
      ``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` (collectives: every rank
      reads the same parameters in the same order, which the plan guarantees), one target at a time;
@@ -15,20 +15,23 @@ Per-element ages are not supported under ZeRO (its step count is one per flat pa
 raises; use ``map`` or ``reset``. Under bf16 (``ds_config(..., bf16=True)``) ``initialize`` builds the fp32 masters
 from the bf16 module, so the mapped fp32 weights are written back into them with ``safe_set_full_fp32_param``.
 ``set_optimizer_state`` (moments + step into a fresh engine) also starts a ZeRO run from a DCP checkpoint.
-The Trainer drives all this through ``nanogrow.parallel.zero_trainer.ZeroBackend``.
+The Trainer drives all this through ``nanogrow.backend.ZeroBackend``.
 """
 
 from __future__ import annotations
 
 import gc
-
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from nanogrow.grow.optim import AdamW, _group_key
-from nanogrow.grow.plan import GrowthPlan, set_buffer
+from nanogrow.grow.optim import AdamW, group_key
+from nanogrow.grow.plan import set_buffer
 from nanogrow.model import Transformer
+
+if TYPE_CHECKING:
+    from nanogrow.grow.plan import GrowthPlan
 
 
 def ds_config(stage: int, micro_batch: int, grad_accum: int = 1, grad_clip: float = 0.0, bf16: bool = False) -> dict:
@@ -80,11 +83,11 @@ def zero_initialize(model: Transformer, groups: list[dict], config: dict) -> Zer
     return ZeroRun(engine, config, hyper, name_group)
 
 
-def _inner_optimizer(engine):
+def inner_optimizer(engine):
     return engine.optimizer.optimizer
 
 
-def _partition_params(engine) -> list[torch.Tensor]:
+def partition_params(engine) -> list[torch.Tensor]:
     zo = engine.optimizer
     if hasattr(zo, "fp32_partitioned_groups_flat"):  # ZeRO 3
         return list(zo.fp32_partitioned_groups_flat)
@@ -102,13 +105,13 @@ def _relink(run: ZeroRun) -> None:
 
 
 def zero_step_count(run: ZeroRun) -> float:
-    st = _inner_optimizer(run.engine).state
-    return max((float(st[p]["step"]) for p in _partition_params(run.engine) if p in st and "step" in st[p]),
+    st = inner_optimizer(run.engine).state
+    return max((float(st[p]["step"]) for p in partition_params(run.engine) if p in st and "step" in st[p]),
                default=0.0)
 
 
 def destroy(run: ZeroRun) -> None:
-    """Free an engine (FACTS.md: ZeRO 3 keeps the old module alive through module-level references)."""
+    """Free an engine (ZeRO 3 keeps the old module alive through module-level references)."""
     run.engine.destroy()
     try:
         from deepspeed.runtime.zero import parameter_offload
@@ -179,12 +182,12 @@ def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict 
     # (nanogrow.grow.optim.grow's rule).
     key_group: dict[str, int] = {}
     for n, gi in run.name_group.items():
-        key_group.setdefault(_group_key(n), gi)
+        key_group.setdefault(group_key(n), gi)
     groups = [dict(h, params=[]) for h in run.groups]
     for name, p in new.named_parameters():
         src = plan.targets[name].primary_source
         gi = run.name_group.get(src) if src is not None else None
-        groups[key_group.get(_group_key(name), 0) if gi is None else gi]["params"].append(p)
+        groups[key_group.get(group_key(name), 0) if gi is None else gi]["params"].append(p)
     config, hyper = run.config if config is None else config, run.groups
     # Under bf16, initialize casts the module to bf16 and builds the fp32 masters from it: keep the mapped fp32
     # weights to restore the masters' precision afterwards.
@@ -212,8 +215,8 @@ def set_optimizer_state(run: ZeroRun, moments: dict[str, dict[str, torch.Tensor]
     for name, p in run.module.named_parameters():
         for k, v in moments[name].items():
             safe_set_full_optimizer_state(p, v.to(device), k)
-    st = _inner_optimizer(run.engine).state
-    for part in _partition_params(run.engine):
+    st = inner_optimizer(run.engine).state
+    for part in partition_params(run.engine):
         if part in st:
             st[part]["step"] = torch.tensor(step, dtype=torch.float32) if isinstance(st[part]["step"], torch.Tensor) \
                 else step

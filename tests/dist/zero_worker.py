@@ -84,9 +84,7 @@ def trainer_losses(trainer) -> list[float]:
     the ranks (``train_step`` returns this rank's share of the global batch)."""
     losses = []
     while trainer.step < trainer.t.max_steps:
-        while trainer.growth_due():
-            trainer.grow_next_stage()
-        loss = torch.tensor(trainer.train_step(), dtype=torch.float64)
+        loss = torch.tensor(trainer.advance(), dtype=torch.float64)
         dist.all_reduce(loss)
         losses.append(loss.item() / dist.get_world_size())
     trainer.save()
@@ -98,7 +96,7 @@ def trainer_mode(config: str, out: str, stages: list[int]) -> None:
 
     from nanogrow.config import load_config
     from nanogrow.parallel.zero import destroy
-    from nanogrow.parallel.zero_trainer import consolidate
+    from nanogrow.offline import consolidate
     from nanogrow.train import Trainer
 
     def quiet(*args, **kwargs):

@@ -6,46 +6,28 @@ clips and steps; with gradient accumulation the optimizer steps at the accumulat
 (``nanogrow.parallel.zero.grow_zero``: a new engine with the mapped weights and moments) and ``save``.
 
 Checkpoints: DeepSpeed's own ``save_checkpoint`` writes the partitions into the same atomic ``ckpt_XXXXXXX.tmp``
-directory the DCP checkpoints use (``nanogrow.checkpoint.atomic_save``), next to meta.json (``format =
-"deepspeed"``, ``zero_stage``, ``world_size``). DeepSpeed cannot repartition optimizer state for another world size,
-so ``check_resume`` refuses that before any engine is built and points at ``consolidate``: a weights-only DCP
-checkpoint (``deepspeed.utils.zero_to_fp32`` gathers the fp32 masters; fresh Adam state; data position, schedule
-and growth history kept) that any backend at any world size, ``nanogrow grow`` and ``export-hf`` start from.
+directory the DCP checkpoints use (``checkpoint.atomic_save``), next to meta.json (``format = "deepspeed"``,
+``zero_stage``, ``world_size``). DeepSpeed cannot repartition optimizer state for another world size, so
+``checkpoint.check_resume`` refuses that before any engine is built and points at ``offline.consolidate``: a
+weights-only DCP checkpoint (``deepspeed.utils.zero_to_fp32`` gathers the fp32 masters; fresh Adam state; data
+position, schedule and growth history kept) that any backend at any world size, ``nanogrow grow`` and
+``export-hf`` start from.
 A ZeRO run can also start from any DCP checkpoint: weights and Adam moments go in through
 ``safe_set_full_optimizer_state`` (per-element ages cannot: ZeRO keeps one step count per flat partition).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import torch
 
-from nanogrow.checkpoint import (DEEPSPEED_TAG, CheckpointError, atomic_save, check_finite, is_deepspeed,
-                                 load_checkpoint, read_meta, restore_rng, save_checkpoint, verify_tree)
-from nanogrow.grow.optim import AdamW
-from nanogrow.grow.plan import GrowthPlan, MaskRamp, set_buffer
-
-from .zero import (ZeroRun, _inner_optimizer, _partition_params, ds_config, grow_zero, set_optimizer_state,
-                   zero_initialize)
-
-
-def check_resume(meta: dict, path: Path, parallel: str, world: int, stage: int) -> None:
-    """A ZeRO checkpoint resumes only under ZeRO, at the stage and world size that wrote it; say so, and how to
-    restart from its weights, before anything is built."""
-    if not is_deepspeed(meta):
-        return
-    saved_world, saved_stage = meta.get("world_size"), meta.get("zero_stage")
-    if parallel == "deepspeed" and world == saved_world and stage == saved_stage:
-        return
-    here = f"ZeRO-{stage}" if parallel == "deepspeed" else f"train.parallel={parallel!r}"
-    raise CheckpointError(
-        f"checkpoint {str(path)!r} was written by DeepSpeed ZeRO-{saved_stage} at world size {saved_world}; this "
-        f"run is {here} at world size {world}. DeepSpeed cannot repartition its optimizer state for another world "
-        f"size or backend. Restart from its weights (fresh optimizer state; data position, lr schedule and growth "
-        f"history kept): `nanogrow consolidate {path} --out DIR`, then `--resume DIR/{Path(path).name}`")
+from .checkpoint import (DEEPSPEED_TAG, CheckpointError, atomic_save, check_finite, is_deepspeed, load_checkpoint,
+                         restore_rng, verify_tree)
+from .grow.optim import AdamW, param_groups
+from .grow.plan import GrowthPlan, MaskRamp
+from .parallel.zero import (ZeroRun, ds_config, grow_zero, inner_optimizer, partition_params, set_optimizer_state,
+                            zero_initialize)
 
 
 class ZeroBackend:
@@ -72,8 +54,6 @@ class ZeroBackend:
     def start(self, model: torch.nn.Module, micro_batch: int, resume: tuple[Path, dict] | None = None):
         """The engine for ``model`` (the Trainer's param groups and AdamW hyper-parameters); with ``resume`` =
         (checkpoint, meta), its state continues from there. Returns the engine (the Trainer's model)."""
-        from nanogrow.train import param_groups
-
         t = self.t
         groups = [dict(g, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps) for g in param_groups(model, t.weight_decay)]
         groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; keep ours aligned
@@ -134,8 +114,8 @@ class ZeroBackend:
 
     def save(self, out_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
         # This rank's fp32 master partitions and Adam moments (the weights forward uses are copies of the masters)
-        masters = [(f"fp32 partition {i}", t) for i, t in enumerate(_partition_params(self.engine))]
-        moments = [(f"optimizer state {i}.{k}", v) for i, st in enumerate(_inner_optimizer(self.engine).state.values())
+        masters = [(f"fp32 partition {i}", t) for i, t in enumerate(partition_params(self.engine))]
+        moments = [(f"optimizer state {i}.{k}", v) for i, st in enumerate(inner_optimizer(self.engine).state.values())
                    for k, v in st.items()]
         check_finite(masters + moments, f"step {step}")  # before anything is written or rotated
 
@@ -144,58 +124,3 @@ class ZeroBackend:
 
         meta = dict(meta, format="deepspeed", zero_stage=self.stage)
         return atomic_save(out_dir, step, write, meta, keep_last)
-
-
-def load_consolidated_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load the fp32 weights (and growth masks) of a ZeRO checkpoint into an unwrapped ``model`` of its shape,
-    gathered from the partitions by DeepSpeed's ``zero_to_fp32``. One process, no engine."""
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError:
-        raise CheckpointError(f"checkpoint {str(path)!r} is a DeepSpeed checkpoint; reading it needs the deepspeed "
-                              f"package") from None
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
-    own = model.state_dict()
-    for name, tensor in state.items():
-        if name not in own:  # a growth mask (None in a fresh model until set)
-            try:
-                set_buffer(model, name, tensor.clone())
-            except KeyError:
-                raise CheckpointError(f"checkpoint {str(path)!r} has tensor {name!r} that the model does not "
-                                      f"know") from None
-    with torch.no_grad():
-        model.load_state_dict(state, strict=True)
-
-
-def consolidate(path: str | Path, out_dir: str | Path, log=print) -> Path:
-    """Write a weights-only DCP checkpoint of ``path`` (DeepSpeed or any other) into ``out_dir``, same step: the
-    fp32 weights and masks, a fresh optimizer (step-0 state), and the meta that lets training continue (data
-    position, lr schedule, stage, growth history)."""
-    from nanogrow.config import RunConfig
-    from nanogrow.model import ModelConfig, Transformer
-    from nanogrow.train import make_optimizer
-
-    src = Path(path)
-    meta = read_meta(src)
-    cfg = ModelConfig(**meta["model_config"])
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    load_checkpoint(src, model, None, load_rng=False)
-    model.reset_rope()
-    optimizer = make_optimizer(model, RunConfig.from_dict(meta["run_config"], source=str(src)).train)
-    optimizer.init_state()
-    out_meta = {k: v for k, v in meta.items() if k not in ("format", "zero_stage", "format_version", "step",
-                                                            "world_size")}
-    out_meta["optimizer_ages"] = False
-    out_meta["history"] = meta.get("history", []) + [{
-        "event": "consolidate", "step": meta["step"], "source": str(src.resolve()),
-        "world_size": meta.get("world_size"), "format": meta.get("format", "dcp"), "optimizer": "reset"}]
-    saved = save_checkpoint(out_dir, meta["step"], model, optimizer, out_meta, keep_last=10**6)
-    log(f"consolidated {src} (step {meta['step']}, {cfg.num_params():,} params, world size "
-        f"{meta.get('world_size')}) into the weights-only checkpoint {saved}")
-    return saved
-
-
-__all__ = ["ZeroBackend", "check_resume", "consolidate", "load_consolidated_weights"]
