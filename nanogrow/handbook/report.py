@@ -318,6 +318,9 @@ reference (to within one step); grown arms train at the reference's tuned learni
 
 def write_handbook(path: str | Path = ROOT / "HANDBOOK.md", log=print) -> Path:
     parts = [HEADER]
+    summary = STUDY_DIR / "summary.md"  # hand-written: the answers so far, each citing its table below
+    if summary.exists():
+        parts.append(summary.read_text().strip())
     studies = studies_in()
     for study in studies:
         if not study.ladder_arm:
