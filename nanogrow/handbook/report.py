@@ -43,7 +43,7 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
             rows.append({"arm": name, "seeds": 0})
             continue
         row: dict = {"arm": name, "seeds": len(runs), "finals": [], "diffs": [], "flops_ratio": [], "never": 0,
-                     "effective": [], "extrapolated": 0, "wall_ratio": [], "jumps": [], "rises": []}
+                     "effective": [], "extrapolated": 0, "wall_ratio": [], "jumps": [], "rises": [], "grown_at": []}
         for seed, r in sorted(runs.items()):
             base = ref[seed]
             row["finals"].append(r["final_loss"])
@@ -64,6 +64,9 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
                 row["extrapolated"] += extrapolated
             losses = [p[3] for p in r["curve"]]
             row["rises"].append(max((b - a for a, b in zip(losses, losses[1:])), default=0.0))
+            firsts = [ev["flops"] for ev in r.get("growth_events", []) if ev.get("flops") is not None]
+            if firsts:
+                row["grown_at"].append(firsts[0] / r["flops"])
             for ev in r.get("growth_events", []):
                 if ev.get("val_loss_before") is not None and ev.get("val_loss_after") is not None:
                     row["jumps"].append(ev["val_loss_after"] - ev["val_loss_before"])
@@ -88,9 +91,19 @@ def fmt_ratios(values: list[float]) -> str:
     return fmt_ci(*ratio_ci(values), suffix="x")
 
 
+def _grown_at(fractions: list[float]) -> str:
+    """Where the first growth happened, as a share of the run's FLOPs: one value for a fixed schedule, every
+    seed's for a trigger."""
+    if not fractions:
+        return "-"
+    if max(fractions) - min(fractions) < 0.01:
+        return f"{100 * fractions[0]:.0f}%"
+    return ", ".join(f"{100 * f:.0f}%" for f in fractions)
+
+
 def table(study: Study, rows: list[dict]) -> str:
     head = ("| arm | seeds | final loss | vs scratch (paired) | FLOPs ratio to scratch's loss | effective compute x "
-            "| wall-clock ratio | loss jump at growth |\n|---|---|---|---|---|---|---|---|")
+            "| wall-clock ratio | loss jump at growth | first growth at |\n|---|---|---|---|---|---|---|---|---|")
     if not any(a.stage for a in study.arms.values()):  # no growth anywhere: show how much each curve goes back up
         head = head.replace("loss jump at growth |", "largest rise between evaluations |")
         for row in rows:
@@ -99,7 +112,7 @@ def table(study: Study, rows: list[dict]) -> str:
     lines = [head]
     for row in rows:
         if not row["seeds"]:
-            lines.append(f"| {row['arm']} | 0 | not run | | | | | |")
+            lines.append(f"| {row['arm']} | 0 | not run | | | | | | |")
             continue
         is_ref = row["arm"] == study.reference
         never = f", never in {row['never']}" if row["never"] else ""
@@ -111,7 +124,7 @@ def table(study: Study, rows: list[dict]) -> str:
             f"{'-' if is_ref else fmt_ci(*mean_ci(row['diffs']), digits=3)} | "
             f"{'1' if is_ref else (fmt_ratios(row['flops_ratio']) if row['flops_ratio'] else 'never')}{never} | "
             f"{eff} | {'1' if is_ref else fmt_ratios(row['wall_ratio'])} | "
-            f"{fmt_ci(*mean_ci(row['jumps']), digits=3) if row['jumps'] else '-'} |")
+            f"{fmt_ci(*mean_ci(row['jumps']), digits=3) if row['jumps'] else '-'} | {_grown_at(row['grown_at'])} |")
     return "\n".join(lines)
 
 
