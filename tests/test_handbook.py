@@ -260,3 +260,18 @@ def test_retime_replaces_the_records_in_every_store_that_holds_them(tmp_path, de
         timed = [r for r in store.records if r["arm"] == "scratch" and r["lr"] == 1e-2 and r["scale"] == 1.0]
         assert len(timed) == 2 and all(r["wall_seconds"] == 7.0 and r["retimed"] for r in timed)
         assert len(store.records) == 8 and all(r["study"] == study.name for r in store.records)
+
+
+def test_a_run_the_trainer_rewrites_is_stored_under_its_planned_config(tmp_path, demo_data):
+    """With train.max_flops the Trainer re-derives max_steps at a triggered growth; the record must still carry the
+    planned config's hash, or the study would run it again forever."""
+    p = write_study(tmp_path, demo_data, extra='[arms.plateau]\nmodel = { n_layer = 2 }\nstage = [{ shape = { '
+                    'n_layer = 4 }, trigger = "plateau", trigger_options = { window = 3, threshold = 100.0, '
+                    'min_steps = 4, max_steps = 20 } }]\n')
+    p.write_text(p.read_text().replace("seeds = [0, 1]", "seeds = [0]").replace("lr_grid = [3e-3, 1e-2]",
+                 "lr_grid = [1e-2]").replace("scratch_scales = [2]", "scratch_scales = []"))
+    (tmp_path / "base.toml").write_text((tmp_path / "base.toml").read_text().replace(
+        "max_steps = 24", "max_steps = 24\nmax_flops = 2.0e10"))
+    study = load_study(p)
+    assert runner.run_study(study, arms=["plateau"], log=lambda *a: None) == 2  # the reference, then the arm
+    assert runner.run_study(study, arms=["plateau"], log=lambda *a: None) == 0

@@ -7,6 +7,7 @@ store at once, so a study stopped at any point loses at most the run in progress
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -142,7 +143,10 @@ def execute(study: Study, run: Run) -> dict:
     """Train one run and return its store record."""
     from ..train import Trainer
 
-    trainer = Trainer(run.cfg, log=lambda *a, **k: None, overwrite=True)  # a study run replaces a crashed attempt
+    # The record is keyed by the config as planned: the Trainer may rewrite fields of the config it is given (with
+    # train.max_flops it re-derives max_steps), so it trains on a copy.
+    key, config = config_hash(run.cfg), run.cfg.to_dict()
+    trainer = Trainer(copy.deepcopy(run.cfg), log=lambda *a, **k: None, overwrite=True)  # replaces a crashed attempt
     t0 = time.perf_counter()
     summary = trainer.run()
     wall = time.perf_counter() - t0
@@ -154,7 +158,7 @@ def execute(study: Study, run: Run) -> dict:
     shutil.rmtree(run.cfg.train.out_dir, ignore_errors=True)  # checkpoints of a finished study run are not kept
     return {
         "study": study.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
-        "config_hash": config_hash(run.cfg), "config": run.cfg.to_dict(), "commit": git_commit(),
+        "config_hash": key, "config": config, "commit": git_commit(),
         "curve": curve, "growth_events": events, "final_loss": final, "final_loss_se": se,
         "final_curve_loss": summary["val_loss"], "flops": summary["flops"], "tokens": summary["tokens"],
         "steps": summary["steps"], "wall_seconds": wall, "machine": machine(),
