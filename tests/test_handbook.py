@@ -271,7 +271,7 @@ def test_a_run_the_trainer_rewrites_is_stored_under_its_planned_config(tmp_path,
     p.write_text(p.read_text().replace("seeds = [0, 1]", "seeds = [0]").replace("lr_grid = [3e-3, 1e-2]",
                  "lr_grid = [1e-2]").replace("scratch_scales = [2]", "scratch_scales = []"))
     (tmp_path / "base.toml").write_text((tmp_path / "base.toml").read_text().replace(
-        "max_steps = 24", "max_steps = 24\nmax_flops = 2.0e10"))
+        "max_steps = 24", "max_steps = 24\nmax_flops = 4.0e9"))
     study = load_study(p)
     assert runner.run_study(study, arms=["plateau"], log=lambda *a: None) == 2  # the reference, then the arm
     assert runner.run_study(study, arms=["plateau"], log=lambda *a: None) == 0
