@@ -19,7 +19,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .runner import tuned_lr
+from .runner import plan_runs, tuned_lr
 from .stats import effective_flops, first_crossing, fmt_ci, mean_ci, ratio_ci
 from .store import Store
 from .study import STUDY_DIR, Study, config_hash, studies_in
@@ -310,7 +310,6 @@ def completeness(study: Study) -> str:
     store = Store(study.store_path)
     lr, _ = tuned_lr(study, store, study.seeds)
     total = len(study.lr_grid) * len(study.seeds) + (len(study.arms) - 1 + len(study.scratch_scales)) * len(study.seeds)
-    from .runner import plan_runs
     missing = len(plan_runs(study, store, study.seeds))
     if lr is None:  # grown arms wait for the tuned lr: count them as missing too
         missing += (len(study.arms) - 1 + len(study.scratch_scales)) * len(study.seeds)

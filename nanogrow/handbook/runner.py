@@ -198,10 +198,11 @@ def git_commit() -> str:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
+    cpu = platform.processor()  # often empty on Linux; /proc/cpuinfo names the model where it exists
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        cpu = cpu or "unknown"  # not Linux, or no model name: keep what platform reports
     return {"cores": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads()}
