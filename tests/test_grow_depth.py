@@ -177,3 +177,55 @@ def test_depth_ops_reject_width_changes():
         make_plan("stack", cfg, replace(cfg, n_layer=4), order=[0, 1, 2, 0])
     with pytest.raises(ValueError, match="positions"):
         make_plan("identity", cfg, replace(cfg, n_layer=4), positions=[1])
+
+
+@pytest.mark.parametrize("layout,L2", [("stack", 4), ("stack", 5), ("interleave", 6)])
+def test_split_copies_layers_and_splits_output_projections(layout, L2):
+    """What split preserves exactly: every non-output weight is a copy, the k copies of old layer j have output
+    projections summing to j's, and Adam's first update direction (m / sqrt(v)) is that of the source."""
+    cfg = tiny_config()
+    model, opt = trained_model(cfg)
+    plan = make_plan("split", cfg, replace(cfg, n_layer=L2), layout=layout)
+    plan.check()
+    new, new_opt = grow(model, opt, plan)
+    src = [i % 2 for i in range(L2)] if layout == "stack" else [i // (L2 // 2) for i in range(L2)]
+    assert layer_sources(plan) == src
+    old_p, new_p = dict(model.named_parameters()), dict(new.named_parameters())
+    for j in range(2):
+        mine = [i for i in range(L2) if src[i] == j]
+        for suffix in LAYER_SUFFIXES:
+            if suffix in ("attn.wo.weight", "mlp.w_down.weight"):
+                total = sum(new_p[f"layers.{i}.{suffix}"] for i in mine)
+                torch.testing.assert_close(total, old_p[f"layers.{j}.{suffix}"], atol=1e-7, rtol=1e-6)
+                for i in mine:
+                    torch.testing.assert_close(new_p[f"layers.{i}.{suffix}"] * len(mine),
+                                               old_p[f"layers.{j}.{suffix}"], atol=1e-7, rtol=1e-6)
+                    m_new, v_new = (new_opt.state[new_p[f"layers.{i}.{suffix}"]][k] for k in ("exp_avg", "exp_avg_sq"))
+                    m_old, v_old = (opt.state[old_p[f"layers.{j}.{suffix}"]][k] for k in ("exp_avg", "exp_avg_sq"))
+                    torch.testing.assert_close(m_new / (v_new.sqrt() + 1e-30), m_old / (v_old.sqrt() + 1e-30),
+                                               atol=1e-5, rtol=1e-5)
+            else:
+                for i in mine:
+                    assert torch.equal(new_p[f"layers.{i}.{suffix}"], old_p[f"layers.{j}.{suffix}"])
+
+
+def test_split_changes_the_function_less_than_stack():
+    """Read as an ODE, split integrates the old residual stream with a finer step: closer to the old function
+    than a plain copy (which adds each block k times), though not equal to it."""
+    cfg = tiny_config()
+    model, opt = trained_model(cfg)
+    ref = logits(model)
+    for layout in ("stack", "interleave"):
+        plain_op = "stack" if layout == "stack" else "interleave"
+        plain, _ = grow(model, opt, make_plan(plain_op, cfg, replace(cfg, n_layer=4)))
+        split, _ = grow(model, opt, make_plan("split", cfg, replace(cfg, n_layer=4), layout=layout))
+        d_split, d_plain = (logits(split) - ref).abs().max(), (logits(plain) - ref).abs().max()
+        assert 0 < d_split < 0.7 * d_plain, (layout, float(d_split), float(d_plain))
+
+
+def test_split_rejects_bad_layouts():
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match="layout must be"):
+        make_plan("split", cfg, replace(cfg, n_layer=4), layout="middle")
+    with pytest.raises(ValueError, match="integer factor"):
+        make_plan("split", cfg, replace(cfg, n_layer=5), layout="interleave")

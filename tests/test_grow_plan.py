@@ -27,6 +27,7 @@ def some_plans(cfg):
         "interleave": make_plan("interleave", cfg, replace(cfg, n_layer=4)),
         "lag": make_plan("lag", cfg, replace(cfg, n_layer=3), start=2, block=1, init="random"),
         "identity": make_plan("identity", cfg, replace(cfg, n_layer=3), positions=[1], init="copy"),
+        "split": make_plan("split", cfg, replace(cfg, n_layer=5), fade_steps=2),
         "zero": make_plan("zero", cfg, replace(cfg, **wide), state="mean-of-source"),
         "net2net": make_plan("net2net", cfg, replace(cfg, **wide), noise=0.01),
         "vt": make_plan("vt", cfg, replace(cfg, **wide)),

@@ -261,4 +261,41 @@ def identity(old: ModelConfig, new: ModelConfig, seed: int = 0, *, positions: li
     return plan
 
 
-OPERATORS = {"stack": stack, "interleave": interleave, "lag": lag, "identity": identity}
+OUTPUT_PROJECTIONS = ("attn.wo.weight", "mlp.w_down.weight")
+
+
+def split(old: ModelConfig, new: ModelConfig, seed: int = 0, *, layout: str = "stack", fade_steps: int = 0,
+          state: str = "zero") -> GrowthPlan:
+    """Split stacking (nanogrow's own operator; the Handbook's G2 tables motivate it): copy the layers as ``stack``
+    (``layout='stack'``: 0 1 .. L-1 0 1 ..) or ``interleave`` (0 0 1 1 ..) does, then divide the output
+    projections (``wo``, ``w_down``) of every copy of old layer j by k_j, the number of copies of j.
+
+    Why: in a pre-norm residual net each block adds ``f_j(h)`` to the stream; a plain copy adds it k times (the
+    function jumps, the loss with it), an identity block adds nothing (the function is kept, but the new blocks
+    start from nothing). Here the k copies add ``f_j / k`` each, so the grown net is the old one integrated with
+    a k-times finer step (the residual stream read as an ODE, forward Euler): to first order the same function,
+    while every new block carries all of the old layer's learned features. Exactly: the copies' output
+    projections sum to the old one, every other weight is an exact copy, and Adam's moments follow the weights
+    (exp_avg / k, exp_avg_sq / k^2: the first Adam update is unchanged). Needs n_layer to grow by an integer
+    factor for ``layout='interleave'``; ``stack`` also takes a partial last repeat (its layers get their own
+    k_j)."""
+    _check_common(fade_steps, state)
+    if layout not in ("stack", "interleave"):
+        raise ValueError(f"split: layout must be 'stack' or 'interleave', got {layout!r}")
+    o, n = _depth_only("split", old, new)
+    L, L2 = o.n_layer, n.n_layer
+    if layout == "interleave" and L2 % L != 0:
+        raise ValueError(f"split: layout='interleave' needs n_layer to grow by an integer factor (old {L}, "
+                         f"new {L2}); use layout='stack'")
+    src = [i % L for i in range(L2)] if layout == "stack" else [i // (L2 // L) for i in range(L2)]
+    plan = layer_plan("split", o, n, _order_specs(src), seed, {"layout": layout, "fade_steps": fade_steps,
+                                                                "state": state}, fade_steps, state)
+    copies = {j: src.count(j) for j in set(src)}
+    for i, j in enumerate(src):
+        for suffix in OUTPUT_PROJECTIONS:
+            pp = plan.targets[f"layers.{i}.{suffix}"]
+            pp.pieces = [replace(piece, scale=piece.scale / copies[j]) for piece in pp.pieces]
+    return plan
+
+
+OPERATORS = {"stack": stack, "interleave": interleave, "lag": lag, "identity": identity, "split": split}
