@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -81,6 +82,8 @@ class GrowthConfig:
     rewarm_steps: int = 20  # rewarm / rewind: linear ramp length after each growth
     rewarm_start: float = 0.1  # the ramp starts at this fraction of the scheduled lr
     lr_adapt: str = "none"  # none | vt (Variance-Transfer stage-wise lr scaling of new sub-networks)
+    new_lr_mult: float = 1.0  # learning-rate multiplier of the new elements (fresh ones and repeated copies)
+    new_wd_steps: int = 0  # > 0: the new elements get no weight decay for this many steps after each growth
     seed: int = 0  # randomness of fresh pieces; stage i uses seed + i
     eval_at_growth: bool = True  # validation loss just before and after each growth event
 
@@ -367,6 +370,20 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
     if g.rewarm_steps < 0 or not 0.0 <= g.rewarm_start <= 1.0 or g.exp_ratio <= 0:
         raise ConfigError(f"{source}: growth.rewarm_steps must be >= 0, growth.rewarm_start in [0, 1], "
                           f"growth.exp_ratio > 0; got {g.rewarm_steps}, {g.rewarm_start}, {g.exp_ratio}")
+    if not (math.isfinite(g.new_lr_mult) and g.new_lr_mult > 0) or g.new_wd_steps < 0:
+        raise ConfigError(f"{source}: growth.new_lr_mult must be > 0 and growth.new_wd_steps >= 0; got "
+                          f"{g.new_lr_mult}, {g.new_wd_steps}")
+    per_element = [k for k, on in (("growth.new_lr_mult", g.new_lr_mult != 1.0),
+                                   ("growth.new_wd_steps", g.new_wd_steps > 0)) if on]
+    if per_element and cfg.stage:
+        if cfg.train.parallel in ("fsdp", "deepspeed"):
+            raise ConfigError(f"{source}: {', '.join(per_element)} is not supported with train.parallel="
+                              f"{cfg.train.parallel!r} yet (per-element scales need full tensors); use 'ddp' or "
+                              f"'none'")
+        for i, st in enumerate(cfg.stage, start=1):
+            if (st.optimizer or g.optimizer) == "reset":
+                raise ConfigError(f"{source}: {', '.join(per_element)} needs mapped optimizer state, but stage[{i}] "
+                                  f"uses optimizer 'reset'; use 'map' or 'map+age'")
     if g.lr_adapt == "vt" and cfg.train.parallel == "fsdp" and cfg.stage:
         raise ConfigError(f"{source}: growth.lr_adapt='vt' is not supported with train.parallel='fsdp' yet (its lr "
                           f"scales need full tensors); use 'ddp' or 'none', or growth.lr_adapt='none'")

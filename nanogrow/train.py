@@ -24,6 +24,7 @@ from .config import RunConfig, StageConfig, changes_parameters, eval_seq_len, la
 from .data import TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
 from .grow.learned import LearnedPlan, fit
+from .grow.optim import drop_wd_scales
 from .lag import select
 from .lag_parallel import check_world, lag_groups, select_across_groups
 from .metrics import ThroughputMeter, device_peak_flops
@@ -273,6 +274,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._update_masks()
+        self._end_wd_hold()
         # The gradient trigger compares one micro-batch's gradient with the whole step's (two batch sizes).
         want_noise = isinstance(self.trigger, GradientTrigger) and self.t.grad_accum > 1
         # The curvature trigger re-evaluates this step's batches after the update (see CurvatureTrigger).
@@ -379,6 +381,15 @@ class Trainer:
         self._quiet_until = self.step + 100
 
     # ---- growth ---------------------------------------------------------------------------------------------
+    def _end_wd_hold(self) -> None:
+        """growth.new_wd_steps after the last growth, the new elements decay again. Derived from the growth
+        history, so a resumed run ends the hold at the same step (the held scales are in the checkpoint)."""
+        n = self.cfg.growth.new_wd_steps
+        if n <= 0 or self.zero is not None:
+            return
+        last = next((h["step"] for h in reversed(self.history) if h["event"] == "grow"), None)
+        if last is not None and self.step == last + n:
+            drop_wd_scales(self.optimizer)
     def _update_masks(self) -> None:
         """Set the fade-in masks for this step; once the ramp is over they are removed (no steady-state cost)."""
         if self.ramp is not None and self.ramp.apply(unwrap(self.model), self.step):
@@ -418,7 +429,8 @@ class Trainer:
         else:
             self.model, self.optimizer = grow_parallel(self.model, self.optimizer, plan,
                                                        policy=st.optimizer or g.optimizer, device=self.device,
-                                                       lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt)
+                                                       lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt,
+                                                       new_lr_mult=g.new_lr_mult, new_wd_hold=g.new_wd_steps > 0)
         self.model_config = plan.new_cfg.resolved()
         self.ramp = plan.mask_ramp(self.step)
         if self.ramp is not None:

@@ -160,3 +160,38 @@ def test_grow_cli_rejects_bad_input_before_writing(demo_data, tmp_path, capsys):
     assert "unknown growth operator 'nope'" in capsys.readouterr().err
     assert main(["grow", str(path), "--to", "n_layers=4", "--op", "stack", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def held_config(data_dir, out_dir):
+    cfg = tiny_run_config(data_dir, out_dir)
+    cfg.model.n_layer = 1
+    return with_stages(cfg, [{"shape": {"n_layer": 2}, "op": "stack", "at_step": 3}],
+                       new_lr_mult=2.0, new_wd_steps=4)
+
+
+def test_new_parameter_lr_and_decay_hold_in_training_and_across_resume(demo_data, tmp_path):
+    full = Trainer(held_config(demo_data, tmp_path / "full"), log=QUIET)
+    run_steps(full, 5)
+    wq = full.model.layers["1"].attn.wq.weight
+    assert float(full.optimizer.state[wq]["wd_scale"].max()) == 0.0
+    assert bool((full.optimizer.state[wq]["lr_scale"] == 2.0).all())
+    run_steps(full, 7)  # the hold ends 4 steps after the growth at step 3; the lr multiplier stays
+    assert "wd_scale" not in full.optimizer.state[wq] and "lr_scale" in full.optimizer.state[wq]
+    first = Trainer(held_config(demo_data, tmp_path / "split"), log=QUIET)
+    run_steps(first, 5)
+    first.save()
+    second = Trainer(held_config(demo_data, tmp_path / "split"), resume="auto", log=QUIET)
+    assert "wd_scale" in second.optimizer.state[second.model.layers["1"].attn.wq.weight]
+    run_steps(second, 7)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+
+
+def test_new_parameter_scales_refuse_reset_and_sharded_backends(demo_data, tmp_path):
+    cfg = tiny_run_config(demo_data, tmp_path)
+    cfg.model.n_layer = 1
+    with pytest.raises(ConfigError, match="reset"):
+        with_stages(cfg, [{"shape": {"n_layer": 2}, "at_step": 3}], new_lr_mult=2.0, optimizer="reset")
+    cfg.train.parallel = "fsdp"
+    with pytest.raises(ConfigError, match="fsdp"):
+        with_stages(cfg, [{"shape": {"n_layer": 2}, "at_step": 3}], new_wd_steps=5)

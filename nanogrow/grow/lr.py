@@ -22,10 +22,13 @@ which is the ``map+age`` transfer policy with nanogrow's ``AdamW``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from nanogrow.grow.plan import param_shapes
 
 if TYPE_CHECKING:
     from nanogrow.grow.plan import GrowthPlan
@@ -104,4 +107,48 @@ def stagewise_lr_scales(plan: GrowthPlan, new_model, read_old_lr_scale=None) -> 
             if n_new > 0 and n_old > 0:
                 scale[fresh] = float(n_new / n_old)
         out[name] = scale
+    return out
+
+
+@torch.no_grad()
+def new_elements(plan: GrowthPlan) -> dict[str, torch.Tensor]:
+    """Which elements of the grown model are new, per target with any (bool tensors; targets without new
+    elements are left out). New: fresh (random, zero, constant) elements, and every copy of an old element after
+    its first one, in target order (``stack``'s second repeat of layer 0, Net2Net's duplicated units): the first
+    copy continues the old element, the others are additions. Targets built by linear maps (a fitted learned
+    plan) mix old elements and have none."""
+    out: dict[str, torch.Tensor] = {}
+    shapes = param_shapes(plan.old_cfg)
+    offsets, total = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = total
+        total += math.prod(shape)
+    if total >= 2 ** 53:
+        raise ValueError("new_elements: too many old elements to number exactly in float64")
+
+    def ids(name: str) -> torch.Tensor:  # every old element's own number, copied through the plan like an age
+        return torch.arange(offsets[name], offsets[name] + math.prod(shapes[name]),
+                            dtype=torch.float64).reshape(shapes[name])
+
+    seen = torch.zeros(total, dtype=torch.bool)
+    for name, pp in plan.targets.items():
+        if any(piece.is_linear for piece in pp.pieces):
+            continue
+        fresh = pp.materialize(lambda n: None, "fresh", dtype=torch.float32).bool()
+        src = pp.materialize(ids, "age", dtype=torch.float64).long()
+        new = fresh.clone()
+        flat_src, flat_new = src.reshape(-1), new.reshape(-1)
+        old = ~fresh.reshape(-1)
+        order = flat_src[old]
+        # an element is a repeat if its source was seen in an earlier target or earlier in this one
+        first = torch.zeros_like(order, dtype=torch.bool)
+        uniq, inverse = torch.unique(order, return_inverse=True)
+        first_pos = torch.full((len(uniq),), len(order), dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(len(order)), reduce="amin")
+        first[first_pos] = True
+        repeat = ~first | seen[order]
+        flat_new[old] = repeat
+        seen[order] = True
+        if bool(new.any()):
+            out[name] = new
     return out

@@ -14,7 +14,11 @@ tensor is uniform is checked once per state tensor version (one sync), not every
                 a fresh Adam, not 1/(1 - beta1) ... times more (Variance-Transfer paper, appendix C: for Adam the
                 stage-wise adaptation is a per-sub-network step count)
     lr_scale    optional, float32 per element: multiplier of the learning rate (and so of the decoupled weight
-                decay); the stage-wise LR adaptation of the VT paper stores its per-sub-network factor here.
+                decay); the stage-wise LR adaptation of the VT paper stores its per-sub-network factor here, and
+                ``growth.new_lr_mult`` its multiplier of the new elements' learning rate.
+    wd_scale    optional, float32 per element: multiplier of the weight decay alone (0 exempts an element);
+                ``growth.new_wd_steps`` holds the new elements' decay off for a while after a growth, then the
+                trainer drops this entry (``drop_wd_scales``).
 
 Only tensors in the state, so ``torch.distributed.checkpoint`` can save and reshard it.
 
@@ -33,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanogrow.grow.lr import stagewise_lr_scales
+from nanogrow.grow.lr import new_elements, stagewise_lr_scales
 
 if TYPE_CHECKING:
     from nanogrow.grow.plan import GrowthPlan
@@ -95,7 +99,7 @@ class AdamW(torch.optim.Optimizer):
                     state.update(self._fresh_state(p))
                 exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 step_t += 1
-                age, lr_scale = state.get("age"), state.get("lr_scale")
+                age, lr_scale, wd_scale = state.get("age"), state.get("lr_scale"), state.get("wd_scale")
                 uniform_age = self._uniform(p, "age", age)
                 lr_p = lr
                 uniform_scale = self._uniform(p, "lr_scale", lr_scale)
@@ -104,7 +108,7 @@ class AdamW(torch.optim.Optimizer):
                 if age is not None:
                     age.add_(1)
                     self._bump(p, age, uniform_age)
-                if lr_scale is None and (age is None or uniform_age is not None):
+                if lr_scale is None and wd_scale is None and (age is None or uniform_age is not None):
                     # torch.optim.adam._single_tensor_adam (decoupled weight decay), operation for operation; with
                     # uniform ages the age is the step count (equal to torch's when ages were tracked from step 0).
                     if wd != 0:
@@ -122,7 +126,7 @@ class AdamW(torch.optim.Optimizer):
                 # Per-element path: bias corrections from each element's age, lr times each element's scale.
                 lr_t = lr_p if lr_scale is None else lr_scale * lr_p
                 if wd != 0:
-                    p.mul_(1 - lr_t * wd)
+                    p.mul_(1 - lr_t * wd if wd_scale is None else 1 - lr_t * wd * wd_scale)
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 if age is not None and uniform_age is None:
@@ -230,23 +234,30 @@ def global_step(opt) -> float:
 
 
 def transfer_optimizer_state(plan: GrowthPlan, old_model, old_opt, new_model, new_opt, policy: str = "map+age",
-                             lr_adapt: str | None = None) -> None:
+                             lr_adapt: str | None = None, new_lr_mult: float = 1.0,
+                             new_wd_hold: bool = False) -> None:
     """Fill ``new_opt``'s state for ``new_model``'s parameters from ``old_opt`` (torch or nanogrow AdamW) through
     ``plan``, one parameter at a time. Param groups and hyper-parameters are the caller's (``grow`` copies them).
-    ``lr_adapt='vt'``: also store the Variance-Transfer stage-wise LR factor as per-element ``lr_scale``."""
+    ``lr_adapt='vt'``: also store the Variance-Transfer stage-wise LR factor as per-element ``lr_scale``.
+    ``new_lr_mult``: the new elements' (``new_elements``) lr scale times this factor; ``new_wd_hold``: a
+    ``wd_scale`` of 0 on the new elements (no weight decay until ``drop_wd_scales``)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown optimizer transfer policy {policy!r}; known: {', '.join(POLICIES)}")
     if lr_adapt not in (None, "vt"):
         raise ValueError(f"lr_adapt must be None or 'vt', got {lr_adapt!r}")
+    if not (isinstance(new_lr_mult, (int, float)) and math.isfinite(new_lr_mult) and new_lr_mult > 0):
+        raise ValueError(f"new_lr_mult must be a positive number, got {new_lr_mult!r}")
     if policy == "reset":
-        if lr_adapt is not None:
-            raise ValueError("lr_adapt needs mapped optimizer state; it cannot be combined with policy='reset'")
+        if lr_adapt is not None or new_lr_mult != 1.0 or new_wd_hold:
+            raise ValueError("lr_adapt, new_lr_mult and new_wd_steps need mapped optimizer state (per-element "
+                             "scales); they cannot be combined with policy='reset'")
         return
     step = global_step(old_opt)
     readers = {k: _state_reader(old_model, old_opt, k) for k in ("exp_avg", "exp_avg_sq", "age", "lr_scale")}
     vt_scales = {}
     if lr_adapt == "vt":
         vt_scales = stagewise_lr_scales(plan, new_model, readers["lr_scale"])
+    new = new_elements(plan) if new_lr_mult != 1.0 or new_wd_hold else {}
     for name, p in new_model.named_parameters():
         pp = plan.targets[name]
         st = {"step": torch.tensor(step, dtype=torch.float32)}
@@ -259,9 +270,25 @@ def transfer_optimizer_state(plan: GrowthPlan, old_model, old_opt, new_model, ne
         lr_scale = vt_scales.get(name)
         if lr_scale is None:
             lr_scale = pp.materialize(readers["lr_scale"], "lr_scale", device=p.device, dtype=torch.float32)
+        fresh = new.get(name)
+        if fresh is not None:
+            fresh = fresh.to(p.device)
+            if new_lr_mult != 1.0:
+                lr_scale = torch.where(fresh, lr_scale * new_lr_mult, lr_scale)
+            if new_wd_hold:
+                st["wd_scale"] = (~fresh).float()
         if not bool((lr_scale == 1).all()):
             st["lr_scale"] = lr_scale
         new_opt.state[p] = st
+
+
+def drop_wd_scales(opt) -> int:
+    """End the weight-decay hold of ``growth.new_wd_steps``: every element decays again. Returns how many
+    tensors had one."""
+    n = 0
+    for st in opt.state.values():
+        n += st.pop("wd_scale", None) is not None
+    return n
 
 
 def group_key(name: str) -> str:
@@ -296,7 +323,8 @@ def grown_optimizer(model, optimizer, plan: GrowthPlan, new_model) -> "AdamW":
     return new_opt
 
 
-def grow(model, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None, lr_adapt: str | None = None):
+def grow(model, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None, lr_adapt: str | None = None,
+         new_lr_mult: float = 1.0, new_wd_hold: bool = False):
     """One-process growth: the grown model (built on meta, ``to_empty``, filled by the plan, masks set) and a
     new nanogrow ``AdamW`` with the old param groups' hyper-parameters, its state transferred by ``policy``.
     Everything is validated before anything is built; the old model and optimizer are left untouched.
@@ -312,5 +340,6 @@ def grow(model, optimizer, plan: GrowthPlan, policy: str = "map+age", device=Non
     if optimizer is None:
         return new_model, None
     new_opt = grown_optimizer(model, optimizer, plan, new_model)
-    transfer_optimizer_state(plan, model, optimizer, new_model, new_opt, policy=policy, lr_adapt=lr_adapt)
+    transfer_optimizer_state(plan, model, optimizer, new_model, new_opt, policy=policy, lr_adapt=lr_adapt,
+                             new_lr_mult=new_lr_mult, new_wd_hold=new_wd_hold)
     return new_model, new_opt

@@ -36,20 +36,24 @@ if TYPE_CHECKING:
 
 
 def grow_parallel(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None,
-                  lr_adapt: str | None = None):
-    """Grow whatever backend ``model`` runs under (none, DDP, FSDP2); returns (new_model, new_optimizer)."""
+                  lr_adapt: str | None = None, **new_scales):
+    """Grow whatever backend ``model`` runs under (none, DDP, FSDP2); returns (new_model, new_optimizer).
+    ``new_scales``: ``new_lr_mult`` / ``new_wd_hold`` of ``transfer_optimizer_state`` (not under FSDP2 yet)."""
     backend = backend_of(model)
     if backend == "fsdp":
+        if new_scales.get("new_lr_mult", 1.0) != 1.0 or new_scales.get("new_wd_hold", False):
+            raise NotImplementedError("grow_sharded: new_lr_mult / new_wd_steps need full tensors (not yet)")
         return grow_sharded(model, optimizer, plan, policy=policy, lr_adapt=lr_adapt)
     if backend == "ddp":
-        return grow_ddp(model, optimizer, plan, policy=policy, device=device, lr_adapt=lr_adapt)
-    return grow(model, optimizer, plan, policy=policy, device=device, lr_adapt=lr_adapt)
+        return grow_ddp(model, optimizer, plan, policy=policy, device=device, lr_adapt=lr_adapt, **new_scales)
+    return grow(model, optimizer, plan, policy=policy, device=device, lr_adapt=lr_adapt, **new_scales)
 
 
 def grow_ddp(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None,
-             lr_adapt: str | None = None):
+             lr_adapt: str | None = None, **new_scales):
     """DDP: unwrap, grow the full (replicated) tensors with ``grow()``, rewrap. Every rank computes the same."""
-    new_model, new_opt = grow(model.module, optimizer, plan, policy=policy, device=device, lr_adapt=lr_adapt)
+    new_model, new_opt = grow(model.module, optimizer, plan, policy=policy, device=device, lr_adapt=lr_adapt,
+                              **new_scales)
     return parallelize(new_model, "ddp"), new_opt
 
 
