@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 import tomllib
 
 from .grow import make_plan
-from .lag import Candidate, default_candidates
+from .lag import STRATEGIES, Candidate, default_candidates
 from .model import ModelConfig
 from .triggers import make_trigger
 
@@ -106,6 +106,7 @@ class StageConfig:
     trigger: str = "schedule"  # schedule (at_* or the growth.schedule) | plateau | gradient | scaling-law | curvature
     trigger_options: dict = field(default_factory=dict)  # e.g. { window = 50, threshold = 0.05, min_steps = 100 }
     lag: dict = field(default_factory=dict)  # LAG: { candidates = "design-space" | [{op, options}], steps = k,
+    #                                            strategy = "all" | "halving" (successive halving, same budget),
     #                                            eval_every = 1, eval_batches = 0 (all), groups = 1 (process
     #                                            groups training candidates at once; must divide the world) }
 
@@ -345,7 +346,7 @@ def lag_candidates(lag: dict, old: ModelConfig, new: ModelConfig) -> list:
 
 
 def _check_lag(lag: dict, old: ModelConfig, new: ModelConfig, seed: int, key: str) -> None:
-    allowed = {"candidates", "steps", "eval_every", "eval_batches", "groups"}
+    allowed = {"candidates", "steps", "eval_every", "eval_batches", "groups", "strategy"}
     for k in lag:
         if k not in allowed:
             raise ValueError(f"{key} has unknown key {k!r}; allowed: {', '.join(sorted(allowed))}")
@@ -353,6 +354,13 @@ def _check_lag(lag: dict, old: ModelConfig, new: ModelConfig, seed: int, key: st
     if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
         raise ValueError(f"{key}.steps and {key}.eval_every must be positive integers, got {steps!r}, {every!r}")
     groups = lag.get("groups", 1)
+    strategy = lag.get("strategy", "all")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{key}.strategy must be one of {', '.join(STRATEGIES)} (all: every candidate k steps; "
+                         f"halving: successive halving with the same budget), got {strategy!r}")
+    if strategy == "halving" and groups != 1:
+        raise ValueError(f"{key}: strategy 'halving' runs its rounds one candidate after another; groups={groups} "
+                         f"is for strategy 'all' (leave groups = 1)")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{key}.groups must be a positive integer (process groups training candidates at the "
                          f"same time; the world size must divide by it), got {groups!r}")

@@ -1,6 +1,11 @@
 """LAG, Landscape-Aware Growing (Karp et al., seed 004): fork candidate growth operators from the same small model,
 train each for k steps on identical batches, keep the one with the lowest validation loss at step k.
 
+``strategy = "halving"`` spends the same selection budget (n candidates x k steps) as successive halving, a bandit
+over the candidates (Karnin et al. 2013; Jamieson & Talwalkar 2016): every candidate trains a few steps, the
+better half goes on training from where it stopped, and so on until one is left, so that most of the budget goes
+to the contenders and the winner has trained longer than k steps when the run continues from it.
+
 This module knows nothing of the trainer. ``select`` receives a function that trains one candidate k steps and
 returns its validation losses (one per evaluation); it decides, and hands back what the trainer needs to continue
 from the winner. The analysis functions (correlations, recall@k, regret) implement section 3.3 and eq. 1-2 of the
@@ -61,6 +66,55 @@ def select(candidates: list[Candidate], train: Callable[[int, Candidate], tuple[
         else:
             del state
     return LagResult(best, curves, best_state)
+
+
+STRATEGIES = ("all", "halving")
+
+
+def halving_rounds(n: int, k: int) -> list[tuple[int, int]]:
+    """The successive-halving schedule for ``n`` candidates and a budget of ``n * k`` candidate-steps (that of
+    LAG@k): a list of (survivors, steps each) per round. ceil(log2 n) rounds; round r trains its n_r survivors
+    max(1, floor(n k / (n_r R))) steps each and keeps ceil(n_r / 2). The total never exceeds n k (except where
+    the 1-step floor binds, when k < R)."""
+    if n < 1 or k < 1:
+        raise ValueError(f"halving needs n >= 1 candidates and k >= 1 steps, got {n}, {k}")
+    rounds = max(1, math.ceil(math.log2(n))) if n > 1 else 1
+    out, alive = [], n
+    for _ in range(rounds):
+        out.append((alive, max(1, (n * k) // (alive * rounds))))
+        alive = math.ceil(alive / 2)
+    return out
+
+
+def select_halving(candidates: list[Candidate], k: int,
+                   train: Callable[[int, Candidate, int, Any], tuple[float, Any]]) -> tuple[LagResult, list[dict]]:
+    """Successive halving. ``train(i, candidate, steps, state)`` trains candidate i ``steps`` more steps from
+    ``state`` (None: grow it first) and returns (validation loss, state). Survivors are the lower half by their
+    latest loss (ties to the earlier candidate); losers' states are dropped once a round is ranked (memory: up to
+    n candidate models in the first round, where LAG@k keeps two). Returns the result (curves: every candidate's
+    losses at the end of each round it trained) and the rounds as records."""
+    if not candidates:
+        raise ValueError("LAG needs at least one candidate")
+    schedule = halving_rounds(len(candidates), k)
+    alive = list(range(len(candidates)))
+    states: dict[int, Any] = {}
+    curves: list[list[float]] = [[] for _ in candidates]
+    rounds = []
+    for r, (n_r, steps) in enumerate(schedule):
+        assert n_r == len(alive)
+        for i in alive:
+            loss, states[i] = train(i, candidates[i], steps, states.get(i))
+            curves[i].append(loss)
+        ranked = sorted(alive, key=lambda i: (curves[i][-1], i))
+        keep = ranked[:1] if r == len(schedule) - 1 else ranked[:math.ceil(n_r / 2)]
+        rounds.append({"round": r, "steps": steps, "trained": list(alive), "kept": sorted(keep),
+                       "losses": {str(i): curves[i][-1] for i in alive}})
+        for i in alive:
+            if i not in keep:
+                del states[i]
+        alive = sorted(keep)
+    winner = alive[0]
+    return LagResult(winner, curves, states[winner]), rounds
 
 
 def select_from_losses(last_losses: list[float]) -> int:

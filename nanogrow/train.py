@@ -25,7 +25,7 @@ from .data import TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
 from .grow.learned import LearnedPlan, fit
 from .grow.optim import drop_wd_scales
-from .lag import select
+from .lag import select, select_halving
 from .lag_parallel import check_world, lag_groups, select_across_groups
 from .metrics import ThroughputMeter, device_peak_flops
 from .model import ModelConfig, Transformer, build_model
@@ -551,34 +551,75 @@ class Trainer:
             return select_across_groups(self, st, old_cfg, new_cfg, seed)
         k, every = st.lag["steps"], st.lag.get("eval_every", 1)
         n_eval = st.lag.get("eval_batches", 0) or len(self.val)
+        strategy = st.lag.get("strategy", "all")
         candidates = lag_candidates(st.lag, old_cfg, new_cfg)
         base = self._soft_state()
-        plans, spent = [], []
+        plans: dict[int, object] = {}
+        ses: list[list[float]] = [[] for _ in candidates]
+        # Each candidate's FLOPs and steps: its meter and step counter advance from the same start.
+        spent, steps = [0.0] * len(candidates), [0] * len(candidates)
 
-        def train_candidate(idx, cand):
+        def account(idx):
+            spent[idx] = self.meter.total_flops - base["meter"]["total_flops"]
+            steps[idx] = self.step - base["step"]
+
+        def grow_candidate(idx, cand):
             self._restore_soft_state(base)
-            plan = self._apply_plan(make_plan(cand.op, old_cfg, new_cfg, seed=seed, **cand.options), st)
-            plans.append(plan)
+            plans[idx] = self._apply_plan(make_plan(cand.op, old_cfg, new_cfg, seed=seed, **cand.options), st)
+
+        def train(idx, n, eval_every):
             losses = []
-            for j in range(k):
+            for j in range(n):
                 self._update_masks()
                 self.train_step()
-                if (j + 1) % every == 0 or j == k - 1:
+                if (j + 1) % eval_every == 0 or j == n - 1:
                     losses.append(self.evaluate(n_eval))
-            spent.append(self.meter.total_flops - base["meter"]["total_flops"])
+                    ses[idx].append(self.last_eval_se())
+            return losses
+
+        def train_candidate(idx, cand):  # LAG@k: k steps each
+            grow_candidate(idx, cand)
+            losses = train(idx, k, every)
+            account(idx)
             self.log(f"  LAG candidate {idx + 1}/{len(candidates)} {cand.name()}: val loss after {k} steps "
-                     f"{losses[-1]:.4f}")
+                     f"{losses[-1]:.4f} (+- {ses[idx][-1]:.4f})")
             return losses, self._soft_state()
 
-        result = select(candidates, train_candidate)
+        def train_more(idx, cand, n, state):  # successive halving: n more steps from where it stopped
+            if state is None:
+                grow_candidate(idx, cand)
+            else:
+                self._restore_soft_state(state)
+            loss = train(idx, n, n)[-1]
+            account(idx)
+            self.log(f"  LAG candidate {idx + 1}/{len(candidates)} {cand.name()}: val loss after "
+                     f"{self.step - base['step']} steps {loss:.4f} (+- {ses[idx][-1]:.4f})")
+            return loss, self._soft_state()
+
+        rounds = None
+        if strategy == "halving":
+            result, rounds = select_halving(candidates, k, train_more)
+        else:
+            result = select(candidates, train_candidate)
         self._restore_soft_state(result.states)
         # The losers' training is compute the run spent: count it, so compute-normalized comparisons stay honest.
         self.meter.add_flops(sum(f for j, f in enumerate(spent) if j != result.winner))
         record = result.to_dict(candidates)
-        record.update(steps=k, eval_every=every, flops_per_candidate=spent)
-        self.log(f"  LAG picked {candidates[result.winner].name()} "
-                 f"(val loss {result.curves[result.winner][-1]:.4f} after {k} steps)")
+        record.update(steps=k, eval_every=every, flops_per_candidate=spent, steps_per_candidate=steps,
+                      strategy=strategy, eval_batches=n_eval, eval_se=ses)
+        if rounds is not None:
+            record["rounds"] = rounds
+        spread = _spread([c[-1] for c in result.curves if c])
+        self.log(f"  LAG ({strategy}) picked {candidates[result.winner].name()} "
+                 f"(val loss {result.curves[result.winner][-1]:.4f} after {steps[result.winner]} steps; "
+                 f"evaluation s.e. {ses[result.winner][-1]:.4f}, candidates' spread {spread:.4f})")
         return plans[result.winner], record
+
+    def last_eval_se(self) -> float:
+        """Standard error of the last evaluation's mean over its batches (this rank's batches): about how far
+        apart two candidates' losses must be to be told apart."""
+        xs = getattr(self, "_last_eval", [])
+        return _spread(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
 
     def evaluate(self, n_batches: int | None = None) -> float:
         """Mean loss over the fixed validation batches (the first ``n_batches`` of them, if given)."""
@@ -589,10 +630,12 @@ class Trainer:
         """This rank's share of ``evaluate`` (LAG across groups reduces it over one group only)."""
         self.model.eval()
         batches = self.val[:n_batches] if n_batches else self.val
-        total = 0.0
+        total, self._last_eval = 0.0, []
         for x, y in batches:
             with self.autocast():
-                total += self.model(x.to(self.device), y.to(self.device)).item()
+                loss = self.model(x.to(self.device), y.to(self.device)).item()
+            total += loss
+            self._last_eval.append(loss)
         self.model.train()
         reshard(self.model)  # FSDP2 keeps the root unsharded after a no_grad forward; checkpoints need it sharded
         return total / len(batches)
@@ -732,6 +775,14 @@ def _new_stage_stats(stage: int, start_step: int, c: ModelConfig, seq_len: int |
             "micro_batch": micro_batch,
             "shape": f"{c.n_layer} x {c.d_model}, {c.d_ff}, {c.n_head}/{c.n_kv_head}",
             "steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": None}
+
+
+def _spread(xs: list[float]) -> float:
+    """Sample standard deviation (nan for fewer than two values)."""
+    if len(xs) < 2:
+        return float("nan")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
 def _fmt(x) -> str:

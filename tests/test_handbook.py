@@ -210,6 +210,8 @@ def test_a_real_study_runs_end_to_end(tmp_path, demo_data):
     assert grown["flops"] == pytest.approx(scratch["flops"], rel=0.05)
     assert len(grown["growth_events"]) == 1
     assert grown["growth_events"][0]["step"] == grown["config"]["stage"][0]["at_step"]
+    assert grown["growth_events"][0]["op"] == "stack" and grown["growth_events"][0]["params_after"] > \
+        grown["growth_events"][0]["params_before"]
     assert all(len(point) == 4 and point[2] is not None for point in grown["curve"])
     assert 0 < grown["final_loss_se"] < 0.5 and math.isfinite(grown["final_loss"])
     assert grown["machine"]["cores"] >= 1 and grown["commit"]
@@ -275,3 +277,44 @@ def test_a_run_the_trainer_rewrites_is_stored_under_its_planned_config(tmp_path,
     study = load_study(p)
     assert runner.run_study(study, arms=["plateau"], log=lambda *a: None) == 2  # the reference, then the arm
     assert runner.run_study(study, arms=["plateau"], log=lambda *a: None) == 0
+
+
+def test_lag_arm_is_scored_against_the_arms_that_apply_its_candidates(tmp_path, demo_data):
+    """A LAG arm's pick is matched to the direct arm with the same plan (stack is LAG's block-2 copy here), its
+    relative regret read off their final losses; the report shows picks, regret and overhead."""
+    extra = """
+[arms."lag b1 random"]
+model = { n_layer = 2 }
+stage = [{ at_frac = 0.5, shape = { n_layer = 4 }, op = "lag", options = { start = 1, block = 1, init = "random" } }]
+
+[arms."LAG@2"]
+model = { n_layer = 2 }
+stage = [{ at_frac = 0.5, shape = { n_layer = 4 }, lag = { candidates = [{ op = "stack" }, { op = "lag", options = { start = 1, block = 1, init = "random" } }], steps = 2, strategy = "halving" } }]
+"""
+    p = write_study(tmp_path, demo_data, extra)
+    p.write_text(p.read_text().replace("seeds = [0, 1]", "seeds = [0]").replace("lr_grid = [3e-3, 1e-2]",
+                                                                                "lr_grid = [1e-2]")
+                 .replace("scratch_scales = [2]", "scratch_scales = []"))
+    study = load_study(p)
+    runner.run_study(study, log=lambda *a: None)
+    store = Store(study.store_path)
+    rows = report.lag_rows(study, store, 1e-2)
+    assert [r["arm"] for r in rows] == ["LAG@2"]
+    row = rows[0]
+    finals = {r["arm"]: r["final_loss"] for r in store.records}
+    assert row["picks"][0] in ("half at 50%", "lag b1 random")
+    best = min(finals["half at 50%"], finals["lag b1 random"])
+    spread = abs(finals["half at 50%"] - finals["lag b1 random"])
+    assert row["regret"] == [pytest.approx((finals[row["picks"][0]] - best) / spread)]
+    assert 0 < row["overhead"][0] < 0.2 and row["se"][0] > 0
+    assert "| LAG@2 |" in report.study_markdown(study, plots=False)
+
+
+def test_preservation_line_needs_arms_grown_at_the_same_point():
+    study = type("S", (), {"reference": "scratch"})()
+    rows = [{"arm": f"a{i}", "seeds": 3, "jumps": [j] * 3, "diffs": [d] * 3, "grown_at": [0.75] * 3}
+            for i, (j, d) in enumerate([(0.0, -0.3), (0.1, -0.25), (0.2, -0.2), (0.4, -0.1), (0.5, 0.0)])]
+    line = report.preservation_line(study, rows)
+    assert "rho = +1.00" in line and "significant at 95%" in line and "not significant" not in line
+    rows[0]["grown_at"] = [0.25] * 3
+    assert report.preservation_line(study, rows) is None

@@ -132,3 +132,122 @@ def test_bench_lag_and_lag_report(demo_data, tmp_path, capsys):
     assert out["steps"] == [2, 4] and out["relative_regret"][-1] == 0.0
     assert main(["lag-report", str(tmp_path)]) == 0
     assert "relative regret" in capsys.readouterr().out
+
+
+# ---- successive halving -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,k", [(1, 5), (2, 3), (3, 4), (6, 8), (12, 5), (5, 1)])
+def test_halving_schedule_spends_at_most_lag_at_k_budget(n, k):
+    from nanogrow.lag import halving_rounds
+
+    rounds = halving_rounds(n, k)
+    assert rounds[0][0] == n and all(s >= 1 for _, s in rounds)
+    assert [a for a, _ in rounds[1:]] == [-(-a // 2) for a, _ in rounds[:-1]]  # ceil(half) survive each round
+    spent = sum(a * s for a, s in rounds)
+    if k >= len(rounds):
+        assert spent <= n * k
+    assert rounds[-1][0] <= 2
+    assert halving_rounds(6, 8) == [(6, 2), (3, 5), (2, 8)]
+
+
+def test_select_halving_keeps_the_better_half_and_drops_the_rest():
+    from nanogrow.lag import Candidate, select_halving
+
+    finals = [3.0, 1.0, 2.5, 0.5, 4.0, 1.5]  # candidate i's loss falls towards finals[i]
+    calls = []
+
+    def train(i, cand, steps, state):
+        trained = (state or 0) + steps
+        calls.append((i, steps, state is None))
+        return finals[i] + 1.0 / trained, trained
+
+    cands = [Candidate("stack", {"i": i}) for i in range(6)]
+    result, rounds = select_halving(cands, 8, train)
+    assert result.winner == 3 and result.states == 2 + 5 + 8
+    assert [r["trained"] for r in rounds] == [[0, 1, 2, 3, 4, 5], [1, 3, 5], [1, 3]]
+    assert [r["kept"] for r in rounds] == [[1, 3, 5], [1, 3], [3]]
+    assert sum(s for _, s, _ in calls) <= 6 * 8
+    assert [fresh for _, _, fresh in calls] == [True] * 6 + [False] * 5  # survivors continue, never regrow
+
+
+def halving_config(data_dir, out_dir, strategy, steps=4):
+    return lag_config(data_dir, out_dir, {"lag": {"candidates": CANDIDATES, "steps": steps, "strategy": strategy}})
+
+
+def test_halving_and_lag_pick_the_same_dominant_candidate():
+    """When one candidate is ahead at every step, LAG@k and halving agree (whatever the others do)."""
+    from nanogrow.lag import Candidate, select, select_halving
+
+    def loss(i, t):  # candidate 2 dominates; the others cross each other
+        return 1.0 + 1.0 / t if i == 2 else 1.5 + (0.3 if (i + t) % 2 else -0.2) + 1.0 / t
+
+    cands = [Candidate("stack", {"i": i}) for i in range(5)]
+    lag = select(cands, lambda i, c: ([loss(i, t) for t in range(1, 7)], i))
+    half, _ = select_halving(cands, 6, lambda i, c, n, st: (loss(i, (st or 0) + n), (st or 0) + n))
+    assert lag.winner == half.winner == 2
+
+
+def test_halving_in_training_accounts_steps_and_flops(demo_data, tmp_path):
+    """LAG@4 and halving with the same budget (3 candidates x 4 steps) on the trainer: the halving winner is the
+    best of its last round, it spends no more candidate-steps, and the run pays the FLOPs of every step."""
+    runs = {}
+    for strategy in ("all", "halving"):
+        t = Trainer(halving_config(demo_data, tmp_path / strategy, strategy), log=QUIET)
+        run(t, 6)
+        runs[strategy] = (t, [h for h in t.history if h["event"] == "grow"][0]["lag"])
+    (_, lag_rec), (half_t, half_rec) = runs["all"], runs["halving"]
+    last = half_rec["rounds"][-1]
+    assert half_rec["winner"] == min(last["trained"], key=lambda i: (last["losses"][str(i)], i))
+    # 3 candidates, budget 3 x 4: two rounds, 2 steps for all three, then 3 more for the better two
+    assert half_rec["strategy"] == "halving" and [r["steps"] for r in half_rec["rounds"]] == [2, 3]
+    kept = half_rec["rounds"][0]["kept"]
+    assert half_rec["steps_per_candidate"] == [5 if i in kept else 2 for i in range(3)]
+    assert sum(half_rec["steps_per_candidate"]) <= 3 * 4 == sum(lag_rec["steps_per_candidate"])
+    # the FLOPs of a candidate are its steps at the grown shape; the run pays for all of them
+    spent, steps = half_rec["flops_per_candidate"], half_rec["steps_per_candidate"]
+    per_step = spent[0] / steps[0]
+    assert all(f == pytest.approx(per_step * n) for f, n in zip(spent, steps))
+    small = Trainer(halving_config(demo_data, tmp_path / "small", "all"), log=QUIET)
+    run(small, 3)  # the three steps before the growth event
+    assert half_t.meter.total_flops == pytest.approx(small.meter.total_flops + sum(spent) + 3 * per_step)
+    assert half_t.step == 3 + 5 + 3  # the winner's 5 steps are kept, then three ordinary steps
+    # every evaluation has its standard error over the validation batches
+    assert all(len(se) == len(c) and all(s > 0 for s in se) for se, c in zip(half_rec["eval_se"], half_rec["curves"]))
+
+
+def test_halving_selection_interrupted_then_resumed_matches_the_uninterrupted_run(demo_data, tmp_path):
+    full = Trainer(halving_config(demo_data, tmp_path / "full", "halving"), log=QUIET)
+    full_losses = run(full, 8)
+
+    first = Trainer(halving_config(demo_data, tmp_path / "split", "halving"), log=QUIET)
+    run(first, 3)
+    first.save()  # the last checkpoint before the growth event
+    calls = {"n": 0}
+    real_step = first.train_step
+
+    def crash_in_round_two():
+        calls["n"] += 1
+        if calls["n"] == 8:  # round 1 is 3 x 2 steps; this is inside round 2
+            raise KeyboardInterrupt
+        return real_step()
+
+    first.train_step = crash_in_round_two
+    with pytest.raises(KeyboardInterrupt):
+        run(first, 1)
+    del first
+    second = Trainer(halving_config(demo_data, tmp_path / "split", "halving"), resume="auto", log=QUIET)
+    assert second.step == 3
+    assert run(second, 5) == full_losses[3:]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+    assert second.meter.total_flops == full.meter.total_flops
+
+
+def test_halving_refuses_process_groups(demo_data, tmp_path):
+    from nanogrow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="halving"):
+        lag_config(demo_data, tmp_path, {"lag": {"candidates": CANDIDATES, "steps": 2, "strategy": "halving",
+                                                 "groups": 2}})
+    with pytest.raises(ConfigError, match="strategy"):
+        lag_config(demo_data, tmp_path, {"lag": {"candidates": CANDIDATES, "steps": 2, "strategy": "bandit"}})

@@ -11,6 +11,17 @@ Every grown arm is compared with the tuned reference of the same seed (paired), 
   wall ratio        as the FLOPs ratio, in wall-clock seconds (growth overhead included; evaluation time too)
 
 Means are over seeds with 95% t-intervals; ratios use the geometric mean and a t-interval on their logarithms.
+
+Two more read-outs where a study has them:
+
+  preservation      with 4 or more grown arms that grow at the same point and jump by different amounts: Spearman's rank
+                    correlation, across arms, of the mean loss jump at growth with the mean final-loss difference
+                    (does keeping the function at the growth step predict the end?), with its t-test
+  LAG selection     for arms that grow by LAG: each seed's pick, its relative regret (LAG paper eq. 2: the pick's
+                    final loss minus the best candidate's, over the candidates' range, where each candidate's
+                    final loss is that of the study's arm that applies it directly, same seed), the selection
+                    overhead (the losers' FLOPs over the run's) and the evaluation's standard error against the
+                    candidates' spread
 """
 
 from __future__ import annotations
@@ -19,8 +30,9 @@ import math
 import statistics
 from pathlib import Path
 
+from ..lag import pearson, spearman
 from .runner import plan_runs, tuned_lr
-from .stats import effective_flops, first_crossing, fmt_ci, mean_ci, ratio_ci
+from .stats import effective_flops, first_crossing, fmt_ci, mean_ci, ratio_ci, t975
 from .store import Store
 from .study import STUDY_DIR, Study, config_hash, studies_in
 
@@ -167,6 +179,99 @@ def plot(study: Study, lr: float, path: Path) -> Path | None:
     return path
 
 
+def preservation_line(study: Study, rows: list[dict]) -> str | None:
+    """Does the loss jump at growth predict the final loss? Rank correlation across grown arms, or None."""
+    grown = [r for r in rows if r["seeds"] and r["arm"] != study.reference and r["jumps"]]
+    pts = [(statistics.fmean(r["jumps"]), statistics.fmean(r["diffs"])) for r in grown]
+    if len(pts) < 4 or max(j for j, _ in pts) - min(j for j, _ in pts) < 1e-3:
+        return None
+    when = [f for r in grown for f in r["grown_at"]]
+    if max(when) - min(when) > 0.02:  # growth at different times: the jump measures the timing, not the operator
+        return None
+    rho = spearman([j for j, _ in pts], [d for _, d in pts])
+    r = pearson([j for j, _ in pts], [d for _, d in pts])
+    n = len(pts)
+    t = rho * math.sqrt((n - 2) / max(1e-12, 1 - rho * rho))
+    verdict = "significant at 95%" if abs(t) > t975(n - 2) else "not significant at 95%"
+    return (f"Function preservation: across the {n} grown arms, the mean loss jump at growth and the mean final-"
+            f"loss difference have Spearman rho = {rho:+.2f} (Pearson r = {r:+.2f}; t = {t:+.2f} on {n - 2} df, "
+            f"critical {t975(n - 2):.2f}): {verdict}. A positive rho means arms that keep the function better "
+            f"(smaller jump) end lower.")
+
+
+def _plan_fingerprint(op: str, options: dict, old_cfg, new_cfg) -> tuple:
+    """What a growth plan builds, independent of the operator's name (``stack`` is LAG's block-D copy)."""
+    from ..grow import make_plan
+
+    plan = make_plan(op, old_cfg, new_cfg, **options)
+    return tuple((name, tuple((p.source if isinstance(p.source, str) else ("fresh", p.source.init))
+                              for p in pp.pieces)) for name, pp in sorted(plan.targets.items()))
+
+
+def lag_rows(study: Study, store: Store, lr: float) -> list[dict]:
+    """Per LAG arm: picks, relative regret against the study's direct arms, selection overhead, s.e. vs spread."""
+    import dataclasses
+
+    direct: dict[tuple, str] = {}
+    for name, arm in study.arms.items():
+        cfg = study.arm_config(name, study.seeds[0], lr)
+        if len(cfg.stage) == 1 and not cfg.stage[0].lag:
+            old = cfg.model
+            new = dataclasses.replace(old, **cfg.stage[0].shape)
+            try:
+                direct[_plan_fingerprint(cfg.stage[0].op or cfg.growth.op, cfg.stage[0].options, old, new)] = name
+            except ValueError:
+                continue
+    finals = {(r["arm"], r["seed"]): r["final_loss"] for r in store.records
+              if r.get("scale", 1.0) == 1.0 and r["lr"] == lr}
+    out = []
+    for name in study.arms:
+        cfg = study.arm_config(name, study.seeds[0], lr)
+        if not any(st.lag for st in cfg.stage):
+            continue
+        old = cfg.model
+        new = dataclasses.replace(old, **cfg.stage[0].shape)
+        row = {"arm": name, "picks": [], "regret": [], "overhead": [], "se": [], "spread": []}
+        keys = {k for seed in study.seeds for k in _current_keys(study, name, seed, lr)}
+        for r in sorted((r for r in store.records if r["arm"] == name and r["config_hash"] in keys),
+                        key=lambda r: r["seed"]):
+            ev = next((e for e in r.get("growth_events", []) if e.get("lag")), None)
+            if ev is None:
+                continue
+            lag = ev["lag"]
+            cands = lag["candidates"]
+            arms_of = [direct.get(_plan_fingerprint(c["op"], c.get("options", {}), old, new)) for c in cands]
+            pick = arms_of[lag["winner"]] or f"candidate {lag['winner']}"
+            row["picks"].append(pick)
+            hind = [finals.get((a, r["seed"])) for a in arms_of]
+            if all(h is not None for h in hind) and max(hind) > min(hind):
+                row["regret"].append((hind[lag["winner"]] - min(hind)) / (max(hind) - min(hind)))
+            f = lag["flops_per_candidate"]
+            row["overhead"].append((sum(f) - f[lag["winner"]]) / r["flops"])
+            se = [x for x in lag.get("last_se") or [] if x is not None and x == x]
+            if se:
+                row["se"].append(statistics.fmean(se))
+            last = [x for x in lag["last_losses"] if x is not None]
+            if len(last) > 1:
+                row["spread"].append(statistics.stdev(last))
+        out.append(row)
+    return out
+
+
+def lag_table(rows: list[dict]) -> str:
+    lines = ["| LAG arm | picks (per seed) | relative regret | selection overhead (losers' FLOPs / run) | "
+             "evaluation s.e. | candidates' spread |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        reg = fmt_ci(*mean_ci(row["regret"]), digits=2) if len(row["regret"]) > 1 else (
+            f"{row['regret'][0]:.2f}" if row["regret"] else "n/a (candidates' direct arms missing)")
+        lines.append(f"| {row['arm']} | {', '.join(row['picks']) or '-'} | {reg} | "
+                     f"{100 * statistics.fmean(row['overhead']):.1f}% | "
+                     f"{statistics.fmean(row['se']):.4f} | {statistics.fmean(row['spread']):.4f} |"
+                     if row["overhead"] and row["se"] and row["spread"] else
+                     f"| {row['arm']} | {', '.join(row['picks']) or '-'} | {reg} | - | - | - |")
+    return "\n".join(lines)
+
+
 def study_markdown(study: Study, plots: bool = True) -> str:
     store = Store(study.store_path)
     lr, grid, rows = arm_rows(study, store)
@@ -197,6 +302,12 @@ def study_markdown(study: Study, plots: bool = True) -> str:
             f"precise than that (their interval is over seeds). Intervals: 95% t over seeds; ratios: geometric "
             f"mean. Effective compute: from the reference at "
             f"{', '.join(['1'] + [f'{k:g}' for k in study.scratch_scales])}x the budget."]
+    line = preservation_line(study, rows)
+    if line:
+        out += ["", line]
+    lag = lag_rows(study, store, lr)
+    if lag:
+        out += ["", lag_table(lag)]
     if plots:
         png = plot(study, lr, study.path.parent / "plots" / f"{study.name}.png")
         if png:

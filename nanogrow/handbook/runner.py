@@ -153,8 +153,7 @@ def execute(study: Study, run: Run) -> dict:
     final, se = full_validation(trainer)
     curve = [[h["flops"], h["tokens"], h.get("seconds"), h["val_loss"]] for h in trainer.history
              if h["event"] == "eval"]
-    events = [{k: h.get(k) for k in ("step", "tokens", "flops", "old_shape", "new_shape", "op", "val_loss_before",
-                                     "val_loss_after", "seconds")} for h in trainer.history if h["event"] == "grow"]
+    events = [growth_event_record(h) for h in trainer.history if h["event"] == "grow"]
     shutil.rmtree(run.cfg.train.out_dir, ignore_errors=True)  # checkpoints of a finished study run are not kept
     return {
         "study": study.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
@@ -164,6 +163,23 @@ def execute(study: Study, run: Run) -> dict:
         "steps": summary["steps"], "wall_seconds": wall, "machine": machine(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def growth_event_record(h: dict) -> dict:
+    """What a store keeps of a growth event: when, the operator, the loss before and after, and a LAG
+    selection's outcome (candidates, winner, each candidate's steps, FLOPs, last loss and its standard error)."""
+    plan = h.get("plan") or {}
+    out = {k: h.get(k) for k in ("step", "tokens", "flops", "val_loss_before", "val_loss_after", "seconds",
+                                  "params_before", "params_after")}
+    out.update(op=plan.get("op"), options=plan.get("options"))
+    lag = h.get("lag")
+    if lag:
+        out["lag"] = {"strategy": lag.get("strategy", "all"), "candidates": lag["candidates"],
+                      "winner": lag["winner"], "steps_per_candidate": lag.get("steps_per_candidate"),
+                      "flops_per_candidate": lag["flops_per_candidate"],
+                      "last_losses": [c[-1] if c else None for c in lag["curves"]],
+                      "last_se": [s[-1] if s else None for s in lag.get("eval_se", [])]}
+    return out
 
 
 @torch.no_grad()
