@@ -25,7 +25,8 @@ import torch
 from .checkpoint import (DEEPSPEED_TAG, CheckpointError, atomic_save, check_finite, is_deepspeed, load_checkpoint,
                          restore_rng, verify_tree)
 from .grow.optim import AdamW, param_groups
-from .grow.plan import GrowthPlan, MaskRamp
+from .grow.fade import MaskRamp
+from .grow.plan import GrowthPlan
 from .parallel.zero import (ZeroRun, ds_config, grow_zero, inner_optimizer, partition_params, set_optimizer_state,
                             zero_initialize)
 

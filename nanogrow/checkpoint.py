@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import dist_utils, safe_dcp
-from .grow.plan import set_buffer
+from .grow.fade import set_buffer
 from .integrity import digest_tree, mismatch
 from .model import ModelConfig
 from .parallel.state import placeholder

@@ -41,7 +41,8 @@ from .checkpoint import checkpoint_dirs, latest_checkpoint, read_meta, save_chec
 from .config import RunConfig, load_config
 from .errors import run_reporting_errors  # one policy for one-line errors and NANOGROW_DEBUG
 from .grow import make_optimizer
-from .grow.plan import MaskRamp, active_masks, param_shapes, set_buffer
+from .grow.fade import MaskRamp, active_masks, set_buffer
+from .grow.schema import param_shapes
 from .model import ModelConfig, Transformer
 
 # nanogrow per-layer parameter suffix -> HF per-layer suffix (under model.layers.{i}.)

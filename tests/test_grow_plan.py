@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanogrow.grow import OPERATORS, MaskRamp, compose, grow, make_plan, operator_options, plan_from_dict
-from nanogrow.grow.plan import KINDS, param_shapes
+from nanogrow.grow.plan import KINDS
+from nanogrow.grow.schema import param_shapes
 from nanogrow.grow.testing import one_thread, tiny_config, train_steps, trained_model
 from nanogrow.model import Transformer
 

@@ -289,8 +289,8 @@ stage = [{ at_frac = 0.5, shape = { n_layer = 4 }, op = "lag", options = { start
 
 [arms."LAG@2"]
 model = { n_layer = 2 }
-stage = [{ at_frac = 0.5, shape = { n_layer = 4 }, lag = { candidates = [{ op = "stack" }, { op = "lag", options = { start = 1, block = 1, init = "random" } }], steps = 2, strategy = "halving" } }]
-"""
+stage = [{ at_frac = 0.5, shape = { n_layer = 4 }, lag = { candidates = CANDIDATES, steps = 2, strategy = "halving" } }]
+""".replace("CANDIDATES", '[{ op = "stack" }, { op = "lag", options = { start = 1, block = 1, init = "random" } }]')
     p = write_study(tmp_path, demo_data, extra)
     p.write_text(p.read_text().replace("seeds = [0, 1]", "seeds = [0]").replace("lr_grid = [3e-3, 1e-2]",
                                                                                 "lr_grid = [1e-2]")

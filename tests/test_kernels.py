@@ -273,7 +273,7 @@ def test_custom_ops_pass_opcheck():
 
 
 def tiny_model_with_fading_masks(kernels="triton"):
-    from nanogrow.grow.plan import set_buffer
+    from nanogrow.grow.fade import set_buffer
 
     cfg = ModelConfig(n_layer=2, d_model=48, n_head=3, n_kv_head=1, d_ff=72, vocab_size=97, max_seq_len=16,
                       kernels=kernels)

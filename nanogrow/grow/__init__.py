@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from nanogrow.grow.lr import GrowthLR, stagewise_lr_scales
 from nanogrow.grow.optim import AdamW, grow, make_optimizer, param_groups, transfer_optimizer_state
-from nanogrow.grow.plan import Fresh, GrowthPlan, MaskRamp, ParamPlan, Piece, compose, param_shapes
+from nanogrow.grow.compose import compose
+from nanogrow.grow.fade import MaskRamp
+from nanogrow.grow.plan import Fresh, GrowthPlan, ParamPlan, Piece
+from nanogrow.grow.schema import param_shapes
 from nanogrow.grow.registry import (DEPTH_OPERATORS, OPERATORS, WIDTH_OPERATORS, joint, make_plan, operator_options,
                                     plan_from_dict)
 

@@ -16,8 +16,8 @@ from itertools import product
 
 import torch
 
-from nanogrow.grow.plan import (STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, copy_piece,
-                                derive_seed, param_shapes)
+from nanogrow.grow.plan import STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, copy_piece
+from nanogrow.grow.schema import check_growth, derive_seed, param_shapes
 from nanogrow.model import ModelConfig
 
 # What a target layer is made of: (kind, j, near). ("copy", j, _) copies old layer j; ("random", None, near) is a

@@ -58,8 +58,8 @@ from typing import Callable, Mapping
 import torch
 
 from nanogrow.grow import depth
-from nanogrow.grow.plan import (LAYER_PARAMS, GrowthPlan, LinearPiece, ParamPlan, check_growth, check_options,
-                                copy_piece, param_shapes)
+from nanogrow.grow.plan import GrowthPlan, LinearPiece, ParamPlan, copy_piece
+from nanogrow.grow.schema import LAYER_PARAMS, check_growth, check_options, param_shapes
 from nanogrow.grow.width import check_tiling_factor, head_maps, plain_map
 from nanogrow.model import ModelConfig, Transformer
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from nanogrow.grow.plan import param_shapes
+from nanogrow.grow.schema import param_shapes
 
 if TYPE_CHECKING:
     from nanogrow.grow.plan import GrowthPlan

@@ -36,16 +36,13 @@ Vocabulary
   scale**2 rule); ``age`` and ``lr_scale`` are the |coefficient|-weighted means of the contributing old elements
   (again a plain copy for a gather-like map; an element no old element contributes to gets age 0, lr_scale 1).
 
-Plans compose (``compose(a, b)``: b's sources are a's targets): gathers of gathers are gathers, gathers of
-Fresh stay Fresh with the same seed, masks follow their units. A joint depth+width growth is one composed plan.
+Plans compose (``compose.py``). Around this core: ``schema.py`` (the model's parameter shapes and the shape
+checks), ``fade.py`` (the fade-in ramp at run time).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import hashlib
-import inspect
 import json
 import math
 import re
@@ -54,105 +51,12 @@ from typing import Callable, Mapping
 
 import torch
 
+from nanogrow.grow.fade import MaskRamp, index_runs, active_masks, set_buffer
+from nanogrow.grow.schema import FIXED_FIELDS, SHAPE_FIELDS, mask_shapes, param_shapes, shape_dict
 from nanogrow.model import ModelConfig, Transformer
 
 KINDS = ("param", "exp_avg", "exp_avg_sq", "age", "lr_scale", "fresh")
 STATE_POLICIES = ("zero", "mean-of-source")
-
-# Fields that describe the shape and may grow; fields that must stay equal across a growth event.
-SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "d_ff")
-FIXED_FIELDS = ("vocab_size", "max_seq_len", "rope_theta", "tie_embeddings")
-
-LAYER_PARAMS = (
-    "attn_norm.weight", "attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight",
-    "mlp_norm.weight", "mlp.w_gate.weight", "mlp.w_up.weight", "mlp.w_down.weight",
-)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Config helpers (no tensors)
-# ----------------------------------------------------------------------------------------------------------
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every parameter of ``Transformer(cfg)``, in ``named_parameters`` order."""
-    c = cfg.resolved()
-    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (c.vocab_size, c.d_model)}
-    per_layer = {
-        "attn_norm.weight": (c.d_model,), "attn.wq.weight": (q, c.d_model), "attn.wk.weight": (kv, c.d_model),
-        "attn.wv.weight": (kv, c.d_model), "attn.wo.weight": (c.d_model, q), "mlp_norm.weight": (c.d_model,),
-        "mlp.w_gate.weight": (c.d_ff, c.d_model), "mlp.w_up.weight": (c.d_ff, c.d_model),
-        "mlp.w_down.weight": (c.d_model, c.d_ff),
-    }
-    for i in range(c.n_layer):
-        for suffix in LAYER_PARAMS:
-            shapes[f"layers.{i}.{suffix}"] = per_layer[suffix]
-    shapes["norm.weight"] = (c.d_model,)
-    if not c.tie_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.d_model)
-    return shapes
-
-
-def mask_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every growth-mask buffer the model can carry."""
-    c = cfg.resolved()
-    out: dict[str, tuple[int, ...]] = {"resid_mask": (c.d_model,)}
-    for i in range(c.n_layer):
-        out[f"layers.{i}.block_mask"] = ()
-        out[f"layers.{i}.attn.head_mask"] = (c.n_head,)
-        out[f"layers.{i}.mlp.unit_mask"] = (c.d_ff,)
-    return out
-
-
-def shape_dict(cfg: ModelConfig) -> dict:
-    c = cfg.resolved()
-    return {k: getattr(c, k) for k in SHAPE_FIELDS}
-
-
-def check_growth(old: ModelConfig, new: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
-    """Validate a growth old -> new and return resolved copies. Raises ValueError naming the key."""
-    if not isinstance(old, ModelConfig) or not isinstance(new, ModelConfig):
-        raise ValueError(f"old and new configs must be ModelConfig, got {type(old).__name__}, {type(new).__name__}")
-    old.validate("old"), new.validate("new")
-    o, n = old.resolved(), new.resolved()
-    for k in FIXED_FIELDS:
-        if getattr(o, k) != getattr(n, k):
-            raise ValueError(f"{k} cannot change across growth (old {getattr(o, k)!r}, new {getattr(n, k)!r})")
-    for k in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff"):
-        if getattr(n, k) < getattr(o, k):
-            raise ValueError(f"growth cannot shrink {k}: old {getattr(o, k)}, new {getattr(n, k)}")
-    if n.head_dim != o.head_dim:
-        raise ValueError(
-            f"head_dim cannot change across growth (old {o.head_dim}, new {n.head_dim}): RoPE frequencies depend "
-            "on it. Grow n_head together with d_model, or set head_dim explicitly")
-    g_old, g_new = o.n_head // o.n_kv_head, n.n_head // n.n_kv_head
-    if g_new < g_old:
-        raise ValueError(
-            f"query heads per kv group cannot shrink (old n_head/n_kv_head={g_old}, new {g_new}): every old query "
-            "head must stay in its old key/value group")
-    return o, n
-
-
-def keyword_options(operator: Callable) -> list[str]:
-    """The keyword options an operator function accepts (its keyword-only parameters)."""
-    sig = inspect.signature(operator)
-    return [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-
-
-def check_options(op: str, operator: Callable, options: dict, where: str = "options") -> None:
-    """ValueError naming the first option ``operator`` (registered as ``op``) does not take."""
-    valid = keyword_options(operator)
-    for k in options:
-        if k not in valid:
-            raise ValueError(f"unknown option {k!r} for growth operator {op!r} (in {where}); valid options: "
-                             f"{', '.join(valid) or 'none'}")
-
-
-def derive_seed(*parts) -> int:
-    """A stable 63-bit seed from anything printable: same inputs, same seed, on every process and platform."""
-    h = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Pieces
@@ -520,82 +424,6 @@ class ParamPlan:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Masks and their ramp
-# ----------------------------------------------------------------------------------------------------------
-
-def _ranges(flat: torch.Tensor) -> list[list[int]]:
-    """Sorted flat indices -> [[start, stop), ...] runs (compact JSON)."""
-    idx = flat.tolist()
-    out: list[list[int]] = []
-    for i in idx:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
-
-
-@dataclass
-class MaskRamp:
-    """Checkpointable state of an MSG-style fade-in: masks are 1 on old elements and m(step) on fading ones,
-    m rising linearly from 0 at ``start_step`` to 1 at ``start_step + steps``; after that the masks are removed
-    (set to None) so the steady state costs nothing. JSON-able via ``to_dict``/``from_dict``."""
-
-    start_step: int
-    steps: int
-    masks: dict[str, dict] = field(default_factory=dict)  # name -> {"shape": [...], "fading": [[a, b), ...]}
-
-    def value(self, step: int) -> float:
-        if self.steps <= 0:
-            return 1.0
-        return min(max((step - self.start_step) / self.steps, 0.0), 1.0)
-
-    def done(self, step: int) -> bool:
-        return self.value(step) >= 1.0
-
-    def mask_values(self, step: int, device=None) -> dict[str, torch.Tensor | None]:
-        m = self.value(step)
-        out: dict[str, torch.Tensor | None] = {}
-        for name, spec in self.masks.items():
-            if m >= 1.0:
-                out[name] = None
-                continue
-            shape = tuple(spec["shape"])
-            t = torch.ones(math.prod(shape), dtype=torch.float32)
-            for a, b in spec["fading"]:
-                t[a:b] = m
-            out[name] = t.view(shape).to(device)
-        return out
-
-    def apply(self, model: torch.nn.Module, step: int) -> bool:
-        """Set the model's mask buffers for ``step``; returns True once the ramp is over (masks removed)."""
-        device = next(model.parameters()).device
-        for name, val in self.mask_values(step, device).items():
-            set_buffer(model, name, val)
-        return self.done(step)
-
-    def to_dict(self) -> dict:
-        return {"start_step": self.start_step, "steps": self.steps, "masks": copy.deepcopy(self.masks)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MaskRamp":
-        return cls(int(d["start_step"]), int(d["steps"]), copy.deepcopy(d.get("masks", {})))
-
-
-def set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor | None) -> None:
-    mod_name, _, buf = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    if buf not in mod._buffers:
-        raise KeyError(f"{name} is not a buffer of the model")
-    mod._buffers[buf] = value
-
-
-def active_masks(model: torch.nn.Module) -> list[str]:
-    names = set(mask_shapes(model.config))
-    return [n for n, b in model.named_buffers() if n in names and b is not None]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # GrowthPlan
 # ----------------------------------------------------------------------------------------------------------
 
@@ -684,7 +512,7 @@ class GrowthPlan:
         """The fade-in state to keep (and checkpoint) from the growth step on; None when nothing fades."""
         if not self.masks:
             return None
-        specs = {name: {"shape": list(m.shape), "fading": _ranges(m.reshape(-1).nonzero().flatten())}
+        specs = {name: {"shape": list(m.shape), "fading": index_runs(m.reshape(-1).nonzero().flatten())}
                  for name, m in self.masks.items()}
         return MaskRamp(int(start_step), int(self.fade_steps), specs)
 
@@ -757,158 +585,3 @@ def _jsonable(x):
 def identity_targets(cfg: ModelConfig) -> dict[str, ParamPlan]:
     """Every parameter copied unchanged (the starting point operators modify)."""
     return {n: ParamPlan(n, s, [copy_piece(n, len(s))]) for n, s in param_shapes(cfg).items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Composition
-# ----------------------------------------------------------------------------------------------------------
-
-def _full(ix: Index | None, n: int) -> Index:
-    return _arange(n) if ix is None else ix
-
-
-def _simplify(ix_dst: Index, ix_src: Index, n_dst: int, n_src: int):
-    if n_dst == n_src and len(ix_dst) == n_dst and torch.equal(ix_dst, _arange(n_dst)) and \
-            torch.equal(ix_src, _arange(n_src)):
-        return None, None
-    return ix_dst, ix_src
-
-
-def _compose_piece(pb: Piece, a_plan: ParamPlan, b_shape, a_shapes_src) -> list[Piece]:
-    """Pieces of (b-piece reading a-target) expressed on a's sources."""
-    out = []
-    n = len(b_shape)
-    s_shape = a_plan.shape
-    for pa in a_plan.pieces:
-        if pa.add and pb.add:
-            continue
-        src_shape = pa.source.shape if pa.is_fresh else a_shapes_src[pa.source]
-        dsts, srcs, scales = [], [], []
-        empty = False
-        for d in range(n):
-            b_src = _full(pb.src[d], s_shape[d])
-            b_dst = _full(pb.dst[d], b_shape[d])
-            a_dst = _full(pa.dst[d], s_shape[d])
-            a_src = _full(pa.src[d], src_shape[d])
-            inv = torch.full((s_shape[d],), -1, dtype=torch.long)
-            inv[a_dst] = _arange(len(a_dst))
-            j = inv[b_src]
-            sel = j >= 0
-            if not bool(sel.any()):
-                empty = True
-                break
-            jj = j[sel]
-            nd, ns = b_dst[sel], a_src[jj]
-            sc = None
-            if pb.dim_scales[d] is not None or pa.dim_scales[d] is not None:
-                sc = torch.ones(len(nd), dtype=torch.float64)
-                if pb.dim_scales[d] is not None:
-                    sc = sc * pb.dim_scales[d][sel]
-                if pa.dim_scales[d] is not None:
-                    sc = sc * pa.dim_scales[d][jj]
-            if sc is None:
-                nd, ns = _simplify(nd, ns, b_shape[d], src_shape[d])
-            dsts.append(nd), srcs.append(ns), scales.append(sc)
-        if empty:
-            continue
-        out.append(Piece(pa.source, tuple(dsts), tuple(srcs), pb.scale * pa.scale, tuple(scales),
-                         add=pa.add or pb.add))
-    return out
-
-
-_ANCHORS = (  # mask buffer -> (parameter whose unit index it shares, dim, stride per mask element)
-    (re.compile(r"^(layers\.\d+)\.mlp\.unit_mask$"), "mlp.w_down.weight", 1),
-    (re.compile(r"^(layers\.\d+)\.attn\.head_mask$"), "attn.wo.weight", 1),
-    (re.compile(r"^(layers\.\d+)\.block_mask$"), "attn_norm.weight", None),
-)
-
-
-def _anchor(mask_name: str, cfg: ModelConfig):
-    if mask_name == "resid_mask":
-        return "norm.weight", 0, 1
-    for pat, suffix, dim in _ANCHORS:
-        m = pat.match(mask_name)
-        if m:
-            stride = cfg.head_dim if suffix == "attn.wo.weight" else 1
-            return f"{m.group(1)}.{suffix}", dim, stride
-    raise KeyError(mask_name)
-
-
-def _mask_for_param(param_name: str, mask_kind: str) -> str:
-    m = re.match(r"^(layers\.\d+)\.", param_name)
-    if mask_kind == "resid_mask":
-        return "resid_mask"
-    return f"{m.group(1)}.{mask_kind}" if m else ""
-
-
-def _carry_masks(a: GrowthPlan, b: GrowthPlan) -> dict[str, torch.Tensor]:
-    """a's fading masks expressed in b's target space, following the units they mask through b's pieces."""
-    out: dict[str, torch.Tensor] = {}
-    if not a.masks:
-        return out
-    for name, shape in mask_shapes(b.new_cfg).items():
-        anchor, dim, stride = _anchor(name, b.new_cfg)
-        kind = re.sub(r"^layers\.\d+\.", "", name)  # "attn.head_mask", "mlp.unit_mask", "block_mask", "resid_mask"
-        pp = b.targets[anchor]
-        if dim is None:  # block mask: follows the layer its norm gain came from
-            src = pp.primary_source
-            src_mask = _mask_for_param(src, kind) if src else None
-            if src_mask in a.masks and bool(a.masks[src_mask]):
-                out[name] = torch.tensor(True)
-            continue
-        fading = torch.zeros(shape, dtype=torch.bool)
-        n_units = shape[0]
-        for p in pp.pieces:
-            if p.is_fresh or p.add:
-                continue
-            src_mask = _mask_for_param(p.source, kind)
-            if src_mask not in a.masks:
-                continue
-            a_anchor, _, a_stride = _anchor(src_mask, a.new_cfg)
-            dst = _full(p.dst[dim], pp.shape[dim])
-            srcix = _full(p.src[dim], a.targets[p.source].shape[dim])
-            fading[dst // stride] |= a.masks[src_mask][srcix // a_stride]
-        if bool(fading.any()):
-            assert fading.numel() == n_units
-            out[name] = fading
-    return out
-
-
-def compose(a: GrowthPlan, b: GrowthPlan) -> GrowthPlan:
-    """One plan equal to applying ``a`` then ``b`` (b's sources are a's targets): same weights, moments, ages,
-    lr scales and masks as the two applied in sequence, but each parameter built in one pass from the old one."""
-    if shape_dict(b.old_cfg) != shape_dict(a.new_cfg) or b.old_cfg.norm_eps != a.new_cfg.norm_eps:
-        raise ValueError(f"compose(a, b): b grows from {shape_dict(b.old_cfg)} but a grows to "
-                         f"{shape_dict(a.new_cfg)}")
-    if a.masks and b.masks and a.fade_steps != b.fade_steps:
-        raise ValueError(f"compose(a, b): both plans fade masks in but over different lengths "
-                         f"({a.fade_steps} and {b.fade_steps} steps); use one fade_steps")
-    if any(p.is_linear for plan in (a, b) for pp in plan.targets.values() for p in pp.pieces):
-        raise ValueError("compose(a, b): a learned plan (linear pieces) does not compose with other plans; the "
-                         "learned operator grows depth and width in one plan itself")
-    old_shapes = param_shapes(a.old_cfg)
-    like_map: dict[int, Fresh] = {}
-
-    def remap_like(f: Fresh) -> Fresh:
-        if f.like is None or f.like not in a.targets:
-            return f
-        if id(f) not in like_map:  # one replacement per Fresh, so +W/-W twins keep sharing it
-            like_map[id(f)] = replace(f, like=a.targets[f.like].primary_source)
-        return like_map[id(f)]
-
-    targets: dict[str, ParamPlan] = {}
-    for name, pb in b.targets.items():
-        pieces: list[Piece] = []
-        for p in pb.pieces:
-            if p.is_fresh:
-                pieces.append(Piece(remap_like(p.source), p.dst, p.src, p.scale, p.dim_scales, p.add))
-            else:
-                pieces.extend(_compose_piece(p, a.targets[p.source], pb.shape, old_shapes))
-        targets[name] = ParamPlan(name, pb.shape, pieces)
-    masks = _carry_masks(a, b)
-    for k, m in b.masks.items():
-        masks[k] = masks[k] | m if k in masks else m.clone()
-    masks = {k: masks[k] for k in mask_shapes(b.new_cfg) if k in masks}
-    parts = (a.parts if a.op == "compose" else [a]) + (b.parts if b.op == "compose" else [b])
-    return GrowthPlan("compose", {}, a.old_cfg, b.new_cfg, a.seed, targets, masks,
-                      max(a.fade_steps if a.masks else 0, b.fade_steps if b.masks else 0), parts)

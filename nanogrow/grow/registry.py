@@ -8,7 +8,9 @@ import functools
 from dataclasses import replace
 
 from nanogrow.grow import depth, learned, width
-from nanogrow.grow.plan import GrowthPlan, check_growth, check_options, compose, keyword_options
+from nanogrow.grow.compose import compose
+from nanogrow.grow.plan import GrowthPlan
+from nanogrow.grow.schema import check_growth, check_options, keyword_options
 from nanogrow.model import ModelConfig
 
 DEPTH_OPERATORS = depth.OPERATORS

@@ -42,8 +42,9 @@ from functools import reduce
 
 import torch
 
-from nanogrow.grow.plan import (STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, check_growth, compose, derive_seed,
-                                identity_targets, param_shapes)
+from nanogrow.grow.compose import compose
+from nanogrow.grow.plan import STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Piece, identity_targets
+from nanogrow.grow.schema import check_growth, derive_seed, param_shapes
 from nanogrow.model import ModelConfig
 
 METHODS = ("zero", "net2net", "vt", "msg")

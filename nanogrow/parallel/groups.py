@@ -19,7 +19,9 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from nanogrow.grow.plan import GrowthPlan, active_masks, identity_targets, set_buffer
+from nanogrow.grow.fade import active_masks, set_buffer
+
+from nanogrow.grow.plan import GrowthPlan, identity_targets
 
 from .backends import device_type
 from .sharded import grow_sharded

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from nanogrow.grow.optim import POLICIES, global_step, grow, grown_optimizer
-from nanogrow.grow.plan import set_buffer
+from nanogrow.grow.fade import set_buffer
 from nanogrow.model import Transformer
 
 from .backends import apply_fsdp, backend_of, fsdp_mesh, parallelize, reshard

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanogrow.grow.optim import AdamW, group_key
-from nanogrow.grow.plan import set_buffer
+from nanogrow.grow.fade import set_buffer
 from nanogrow.model import Transformer
 
 if TYPE_CHECKING:
