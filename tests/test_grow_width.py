@@ -181,3 +181,24 @@ def test_joint_rejects_mismatched_fade_lengths_and_unknown_sub_options():
         make_plan("joint", cfg, new_cfg, depth_op="lag", depth_options={"blok": 1})
     with pytest.raises(ValueError, match="unknown width_op 'wide'"):
         make_plan("joint", cfg, new_cfg, width_op="wide")
+
+
+def test_a_width_method_is_one_record():
+    """Every width operator is a WidthMethod record over the same axis steps: a new record (here zero-like, with
+    fan-in drawn at twice the init std) makes a working, function-preserving operator without other edits."""
+    from nanogrow.grow import width
+
+    assert set(width.METHODS) == set(width.OPERATORS)
+    cfg = tiny_config()
+    model, opt = trained_model(cfg)
+    wide = replace(cfg, d_model=64, n_head=8, n_kv_head=4, d_ff=128)
+    custom = width.WidthMethod("zero2x", fan_in=lambda c, std: ("normal", 2 * std, 0.0),
+                               fan_out=lambda c, std: ("zeros", 0.0, 0.0), writer=lambda std: ("zeros", 0.0, 0.0))
+    plan = width._width(custom, cfg, wide, 0, {})
+    plan.check()
+    new, _ = grow(model, opt, plan)
+    torch.testing.assert_close(logits(new), logits(model), atol=1e-5, rtol=0)
+    ref = make_plan("zero", cfg, wide)
+    w, w_ref = (p.targets["layers.0.mlp.w_up.weight"].materialize(lambda n: dict(model.named_parameters())[n])
+                for p in (plan, ref))
+    assert w[64:].std() > 1.5 * w_ref[64:].std()  # the new rows follow the record's draw

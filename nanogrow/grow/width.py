@@ -2,7 +2,8 @@
 (``n_head`` query heads in ``n_kv_head`` key/value groups, head_dim fixed) and the residual stream ``d_model``.
 
 A width operator is a composition of up to three one-axis steps (heads, then d_ff, then d_model), each a
-GrowthPlan; ``compose`` makes one plan of them. Per axis a unit is a head / hidden unit / residual channel. Its
+GrowthPlan; ``compose`` makes one plan of them. The steps are shared; what differs between methods is one
+``WidthMethod`` record each (``METHODS``). Per axis a unit is a head / hidden unit / residual channel. Its
 *fan-in* weights produce it (wq/wk/wv rows, w_gate/w_up rows; for a residual channel the writers: embedding
 column, wo and w_down rows) and its *fan-out* weights consume it (wo columns, w_down columns; for a residual
 channel the readers: wq/wk/wv/w_gate/w_up columns and the LM head column).
@@ -39,6 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import reduce
+from typing import Callable
 
 import torch
 
@@ -47,7 +49,61 @@ from nanogrow.grow.plan import STATE_POLICIES, Fresh, GrowthPlan, ParamPlan, Pie
 from nanogrow.grow.schema import check_growth, derive_seed, param_shapes
 from nanogrow.model import ModelConfig
 
-METHODS = ("zero", "net2net", "vt", "msg")
+Draw = tuple[str, float, float] | None  # (init, std, value) of new units' weights; None: no fresh units
+
+
+@dataclass(frozen=True)
+class WidthMethod:
+    """What one width method does with new units, in one place; the axis steps below are shared by all methods.
+    A new width operator is one record here, one operator function (its options) and a registry line.
+
+    fan_in(C, std) / fan_out(C2, std): the draw of the new units' producing / consuming weights (C, C2: old and new
+    width of the axis; std: the default init std of that weight). writer(std): d_model only, the draw of the new
+    residual channels' writers (embedding column, wo and w_down rows). copies: new units copy old ones and the
+    fan-out of every copy is divided by the copy count (Net2Net; d_model by an integer factor, channels tiled);
+    twins: new units come in +W/-W pairs sharing one draw and the old fan-out is rescaled (VT); masks: new units
+    fade in through the model's mask buffers (MSG)."""
+
+    name: str
+    fan_in: Callable[[int, float], Draw]
+    fan_out: Callable[[int, float], Draw]
+    writer: Callable[[float], Draw]
+    copies: bool = False
+    twins: bool = False
+    masks: bool = False
+
+
+def _none(*_) -> Draw:
+    return None
+
+
+def _normal(_c: int, std: float) -> Draw:
+    return ("normal", std, 0.0)
+
+
+def _zeros(*_) -> Draw:
+    return ("zeros", 0.0, 0.0)
+
+
+METHODS = {
+    # function-preserving: new fan-out zero (d_model: new writers zero), fan-in random
+    "zero": WidthMethod("zero", fan_in=_normal, fan_out=_zeros, writer=_zeros),
+    # Net2Net: copies, fan-out divided by the copy count
+    "net2net": WidthMethod("net2net", fan_in=_none, fan_out=_none, writer=_none, copies=True),
+    # VT: fan-in variance 1/C^2 (twins share the draw), fan-out 1/(C+k)^2 (twins opposite: outputs cancel)
+    "vt": WidthMethod("vt", fan_in=lambda c, _std: ("normal", 1.0 / c, 0.0),
+                      fan_out=lambda c2, _std: ("normal", 1.0 / c2, 0.0), writer=_zeros, twins=True),
+    # MSG: new units random everywhere, masked to 0 at the growth step
+    "msg": WidthMethod("msg", fan_in=_normal, fan_out=_normal, writer=lambda std: ("normal", std, 0.0), masks=True),
+}
+
+
+def width_method(method: str | WidthMethod) -> WidthMethod:
+    if isinstance(method, WidthMethod):
+        return method
+    if method not in METHODS:
+        raise ValueError(f"unknown width method {method!r}; known: {', '.join(METHODS)}")
+    return METHODS[method]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,12 +169,13 @@ def check_tiling_factor(D: int, D2: int) -> None:
             "every normalised activation. Use zero, vt or msg, or grow d_model to a multiple")
 
 
-def plain_map(C: int, C2: int, method: str, what: str) -> UnitMap:
+def plain_map(C: int, C2: int, method: str | WidthMethod, what: str) -> UnitMap:
     """Old units first, new ones appended."""
     k = C2 - C
-    if method == "net2net":
+    m = width_method(method)
+    if m.copies:
         return UnitMap(C, C2, _ar(C2), _ar(C2) % C, _ar(0), _ar(0))
-    if method == "vt":
+    if m.twins:
         if k % 2:
             raise ValueError(f"vt adds units in +W/-W pairs: {what} must grow by an even number ({C} -> {C2})")
         h = k // 2
@@ -126,14 +183,15 @@ def plain_map(C: int, C2: int, method: str, what: str) -> UnitMap:
     return UnitMap(C, C2, _ar(C), _ar(C), _ar(C, C2), _ar(0))
 
 
-def head_maps(H: int, K: int, H2: int, K2: int, method: str) -> tuple[UnitMap, UnitMap]:
+def head_maps(H: int, K: int, H2: int, K2: int, method: str | WidthMethod) -> tuple[UnitMap, UnitMap]:
     """Query-head and kv-head maps for (n_head, n_kv_head) (H, K) -> (H2, K2), GQA layout respected: query head
     h uses kv head h // (H/K) (SDPA's enable_gqa and flash-attn repeat kv heads in that order), so old head
     (group j, slot s) moves to j*g2 + s, new query heads fill the remaining slots of old groups (sharing their
     key/value) and new kv groups are appended."""
     g, g2 = H // K, H2 // K2
+    m = width_method(method)
     old_pos = torch.tensor([j * g2 + s for j in range(K) for s in range(g)], dtype=torch.long)
-    if method == "net2net":
+    if m.copies:
         # New head (j2, s2) copies old head (j2 mod K, s2 mod g); a new kv group copies kv group j2 mod K, so a
         # copied head sees the same keys/values as its original and computes the same output.
         src = torch.tensor([(j2 % K) * g + (s2 % g) for j2 in range(K2) for s2 in range(g2)], dtype=torch.long)
@@ -141,27 +199,27 @@ def head_maps(H: int, K: int, H2: int, K2: int, method: str) -> tuple[UnitMap, U
     in_old = [j * g2 + s for j in range(K) for s in range(g, g2)]
     in_new = [j * g2 + s for j in range(K, K2) for s in range(g2)]
     kv_a, kv_b = _ar(K, K2), _ar(0)
-    if method != "vt":
+    if not m.twins:
         qa, qb = torch.tensor(in_old + in_new, dtype=torch.long), _ar(0)
         return UnitMap(H, H2, old_pos, _ar(H), qa.sort().values, qb), UnitMap(K, K2, _ar(K), _ar(K), kv_a, kv_b)
     # vt: twins must compute the same head output, so they share a kv head (pairs inside a group), or sit in two
     # new groups whose kv heads are twins too.
-    e, m = g2 - g, K2 - K
+    e, m_new = g2 - g, K2 - K
     if e % 2:
         raise ValueError(f"vt adds query heads in +W/-W pairs that share a kv group: each of the {K} old kv groups "
                          f"gets {e} new query heads ({g} -> {g2} per group), which must be even")
     qa = [j * g2 + g + s for j in range(K) for s in range(e // 2)]
     qb = [j * g2 + g + e // 2 + s for j in range(K) for s in range(e // 2)]
-    if m:
+    if m_new:
         if g2 % 2 == 0:
             qa += [j * g2 + s for j in range(K, K2) for s in range(g2 // 2)]
             qb += [j * g2 + g2 // 2 + s for j in range(K, K2) for s in range(g2 // 2)]
-        elif m % 2 == 0:
-            qa += [(K + i) * g2 + s for i in range(m // 2) for s in range(g2)]
-            qb += [(K + m // 2 + i) * g2 + s for i in range(m // 2) for s in range(g2)]
-            kv_a, kv_b = _ar(K, K + m // 2), _ar(K + m // 2, K2)
+        elif m_new % 2 == 0:
+            qa += [(K + i) * g2 + s for i in range(m_new // 2) for s in range(g2)]
+            qb += [(K + m_new // 2 + i) * g2 + s for i in range(m_new // 2) for s in range(g2)]
+            kv_a, kv_b = _ar(K, K + m_new // 2), _ar(K + m_new // 2, K2)
         else:
-            raise ValueError(f"vt adds query heads in +W/-W pairs: {m} new kv groups of {g2} query heads each "
+            raise ValueError(f"vt adds query heads in +W/-W pairs: {m_new} new kv groups of {g2} query heads each "
                              "cannot be paired (need an even group size or an even number of new groups)")
     q = UnitMap(H, H2, old_pos, _ar(H), torch.tensor(qa, dtype=torch.long), torch.tensor(qb, dtype=torch.long))
     return q, UnitMap(K, K2, _ar(K), _ar(K), kv_a, kv_b)
@@ -182,11 +240,18 @@ def _with(shape, dim, size):
 
 
 class _Ctx:
-    """What every axis step needs: method, seed, options, new config."""
+    """What every axis step needs: the method's record, seed, options, new config."""
 
-    def __init__(self, method, seed, n: ModelConfig, state: str, noise: float = 0.0, rescale: bool = True):
-        self.method, self.seed, self.n, self.state, self.noise, self.rescale = method, seed, n, state, noise, rescale
+    def __init__(self, method: WidthMethod, seed, n: ModelConfig, state: str, noise: float = 0.0,
+                 rescale: bool = True):
+        self.m, self.seed, self.n, self.state, self.noise, self.rescale = method, seed, n, state, noise, rescale
+        self.method = method.name
         self.out_std = n.init_std / math.sqrt(2 * max(1, n.n_layer))
+
+    @property
+    def vt_rescale(self) -> bool:
+        """Old fan-out rescaled by C/C2 (VT's Table 1), with an exact compensation upstream."""
+        return self.m.twins and self.rescale
 
     def fresh(self, name: str, tag: str, shape, init: str, std: float = 0.0, value: float = 0.0) -> Fresh:
         seed = derive_seed(self.seed, self.method, name, tag) if init == "normal" else 0
@@ -218,31 +283,18 @@ def _grow(ctx: _Ctx, name: str, shape, dim: int, um: UnitMap, scale: torch.Tenso
 
 
 def _fan_in(ctx: _Ctx, name, shape, dim, um: UnitMap, C: int, scale=None, std=None) -> ParamPlan:
-    """Weights that produce the axis' units (new units' incoming weights)."""
-    m = ctx.method
-    if m == "vt":
-        new = ("normal", 1.0 / C, 0.0)  # VT: variance 1/C^2, twins share the draw (same sign)
-    elif m in ("zero", "msg"):
-        new = ("normal", ctx.n.init_std if std is None else std, 0.0)
-    else:
-        new = None
+    """Weights that produce the axis' units (new units' incoming weights); twins share the draw (same sign)."""
+    new = ctx.m.fan_in(C, ctx.n.init_std if std is None else std)
     return _grow(ctx, name, shape, dim, um, scale, new, twin_sign=1.0)
 
 
 def _fan_out(ctx: _Ctx, name, shape, dim, um: UnitMap, C2: int, scale=None, std=None) -> ParamPlan:
-    """Weights that consume the axis' units (new units' outgoing weights)."""
-    m = ctx.method
-    if m == "vt":
-        new = ("normal", 1.0 / C2, 0.0)  # VT: variance 1/(C+k)^2, twins opposite: outputs cancel
-    elif m == "msg":
-        new = ("normal", ctx.n.init_std if std is None else std, 0.0)
-    elif m == "zero":
-        new = ("zeros", 0.0, 0.0)
-    else:
-        new = None
-    if m == "net2net":
+    """Weights that consume the axis' units (new units' outgoing weights); twins get opposite signs (their
+    outputs cancel); copies divide the fan-out among themselves."""
+    new = ctx.m.fan_out(C2, ctx.n.init_std if std is None else std)
+    if ctx.m.copies:
         scale = um.counts().reciprocal() if scale is None else scale * um.counts().reciprocal()
-    return _grow(ctx, name, shape, dim, um, scale, new, twin_sign=-1.0, split=m == "net2net")
+    return _grow(ctx, name, shape, dim, um, scale, new, twin_sign=-1.0, split=ctx.m.copies)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,7 +307,7 @@ def _step_plan(ctx, cur, nxt, targets, masks, fade_steps, name) -> GrowthPlan:
 
 def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) -> GrowthPlan:
     H, K, H2, K2, hd = cur.n_head, cur.n_kv_head, nxt.n_head, nxt.n_kv_head, cur.head_dim
-    qh, kvh = head_maps(H, K, H2, K2, ctx.method)
+    qh, kvh = head_maps(H, K, H2, K2, ctx.m)
     q, kv = qh.expand(hd), kvh.expand(hd)
     C, C2 = H * hd, H2 * hd
     shapes = param_shapes(nxt)
@@ -264,7 +316,7 @@ def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) 
     # rows times 1/r: a head's output is linear in v, so wo[:, h] * r @ (attn @ v / r) is unchanged. New query
     # heads inside old groups see the scaled v too, but their twins' wo columns cancel.
     r = C / C2
-    vt_scale = ctx.method == "vt" and ctx.rescale and C2 != C
+    vt_scale = ctx.vt_rescale and C2 != C
     for i in range(nxt.n_layer):
         p = f"layers.{i}.attn."
         targets[p + "wq.weight"] = _fan_in(ctx, p + "wq.weight", shapes[p + "wq.weight"], 0, q, C)
@@ -275,7 +327,7 @@ def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) 
         targets[p + "wo.weight"] = _fan_out(ctx, p + "wo.weight", shapes[p + "wo.weight"], 1, q, C2, scale=o_scale,
                                             std=ctx.out_std)
     masks = {}
-    if ctx.method == "msg" and len(qh.fresh):
+    if ctx.m.masks and len(qh.fresh):
         fading = torch.zeros(H2, dtype=torch.bool)
         fading[qh.fresh] = True
         masks = {f"layers.{i}.attn.head_mask": fading.clone() for i in range(nxt.n_layer)}
@@ -284,13 +336,13 @@ def _heads_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) 
 
 def _dff_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) -> GrowthPlan:
     C, C2 = cur.d_ff, nxt.d_ff
-    um = plain_map(C, C2, ctx.method, "d_ff")
+    um = plain_map(C, C2, ctx.m, "d_ff")
     shapes = param_shapes(nxt)
     targets = identity_targets(nxt)
     # VT rescale: old w_down columns times r = C/C2, compensated by old w_up rows times 1/r: SwiGLU's
     # silu(gate) * up is linear in up, so the hidden unit scales by 1/r and w_down[:, u] * r undoes it.
     r = C / C2
-    vt_scale = ctx.method == "vt" and ctx.rescale and C2 != C
+    vt_scale = ctx.vt_rescale and C2 != C
     n_old = len(um.dst_old)
     for i in range(nxt.n_layer):
         p = f"layers.{i}.mlp."
@@ -302,7 +354,7 @@ def _dff_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) ->
         targets[p + "w_down.weight"] = _fan_out(ctx, p + "w_down.weight", shapes[p + "w_down.weight"], 1, um, C2,
                                                 scale=down_scale, std=ctx.out_std)
     masks = {}
-    if ctx.method == "msg" and len(um.fresh):
+    if ctx.m.masks and len(um.fresh):
         fading = torch.zeros(C2, dtype=torch.bool)
         fading[um.fresh] = True
         masks = {f"layers.{i}.mlp.unit_mask": fading.clone() for i in range(nxt.n_layer)}
@@ -311,8 +363,8 @@ def _dff_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int) ->
 
 def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int, scale_eps: bool) -> GrowthPlan:
     D, D2 = cur.d_model, nxt.d_model
-    m = ctx.method
-    if m == "net2net":
+    m = ctx.m
+    if m.copies:
         check_tiling_factor(D, D2)
     um = plain_map(D, D2, m, "d_model")
     tied = nxt.tie_embeddings
@@ -322,7 +374,7 @@ def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int,
     notes = []
 
     # --- RMSNorm gains (and eps, returned in the new config) ------------------------------------------------
-    if m == "net2net":
+    if m.copies:
         g = D2 // D
         gain = 1.0  # tiling keeps mean(h^2); gains are tiled with their channels
         eps = cur.norm_eps
@@ -334,13 +386,13 @@ def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int,
         if not scale_eps:
             notes.append("scale_eps=False: norm_eps kept, so the function changes by O(eps / mean(h^2))")
     r = D / D2
-    vt_scale = m == "vt" and ctx.rescale and D2 != D
+    vt_scale = ctx.vt_rescale and D2 != D
     # VT rescale of the readers (fan-out of residual channels): old columns times r, compensated by the RMSNorm
     # gain right before them times 1/r (the readers only see gain * normalised h). The tied LM head is also the
     # embedding (a writer), so with tied embeddings the final norm and the head are left unscaled.
     block_gain = gain / r if vt_scale else gain
     final_gain = gain / r if (vt_scale and not tied) else gain
-    if m == "net2net" and tied:
+    if m.copies and tied:
         # The tied LM head reads the tiled channels with tiled (undivided) weights: logits would be g times too
         # large, so the final norm's gain (read only by the head) is divided by g instead.
         final_gain = 1.0 / g
@@ -352,12 +404,9 @@ def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int,
         return _grow(ctx, name, shapes[name], 0, um, sc, new if len(um.fresh_a) else None, twin_sign=1.0)
 
     def writer(name, std):
-        # Writers of residual channels. zero/vt: new channels must stay exactly zero (RMSNorm couples channels).
-        if m in ("zero", "vt"):
-            return _grow(ctx, name, shapes[name], dim_w[name], um, None, ("zeros", 0.0, 0.0), twin_sign=1.0)
-        if m == "msg":
-            return _grow(ctx, name, shapes[name], dim_w[name], um, None, ("normal", std, 0.0), twin_sign=1.0)
-        return _grow(ctx, name, shapes[name], dim_w[name], um, None, None)  # net2net: tiled copies
+        # Writers of residual channels: zero for the function-preserving methods (RMSNorm couples channels, so a
+        # non-zero new channel changes every normalised activation), masked random (msg), tiled copies (net2net).
+        return _grow(ctx, name, shapes[name], dim_w[name], um, None, m.writer(std), twin_sign=1.0)
 
     def reader(name, scale=reader_scale):
         return _fan_out(ctx, name, shapes[name], 1, um, D2, scale=scale)
@@ -379,7 +428,7 @@ def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int,
         targets["lm_head.weight"] = reader("lm_head.weight")
     targets = {k: targets[k] for k in param_shapes(nxt)}
     masks = {}
-    if m == "msg" and len(um.fresh):
+    if m.masks and len(um.fresh):
         fading = torch.zeros(D2, dtype=torch.bool)
         fading[um.fresh] = True
         masks = {"resid_mask": fading}
@@ -393,14 +442,17 @@ def _dmodel_step(ctx: _Ctx, cur: ModelConfig, nxt: ModelConfig, fade_steps: int,
 # Operators
 # ----------------------------------------------------------------------------------------------------------
 
-def _width(method: str, old: ModelConfig, new: ModelConfig, seed: int, options: dict, *, state: str = "zero",
-           noise: float = 0.0, rescale: bool = True, fade_steps: int = 0, scale_eps: bool = True) -> GrowthPlan:
+def _width(method: str | WidthMethod, old: ModelConfig, new: ModelConfig, seed: int, options: dict, *,
+           state: str = "zero", noise: float = 0.0, rescale: bool = True, fade_steps: int = 0,
+           scale_eps: bool = True) -> GrowthPlan:
     if state not in STATE_POLICIES:
         raise ValueError(f"state must be one of {STATE_POLICIES}, got {state!r}")
     if not isinstance(fade_steps, int) or isinstance(fade_steps, bool) or fade_steps < 0:
         raise ValueError(f"fade_steps must be a non-negative integer, got {fade_steps!r}")
-    if method == "msg" and fade_steps < 1:
-        raise ValueError("msg needs fade_steps >= 1 (the mask ramp length)")
+    wm = width_method(method)
+    method = wm.name
+    if wm.masks and fade_steps < 1:
+        raise ValueError(f"{method} needs fade_steps >= 1 (the mask ramp length)")
     if not (isinstance(noise, (int, float)) and noise >= 0):
         raise ValueError(f"noise must be a non-negative number, got {noise!r}")
     o, n = check_growth(old, new)
@@ -410,7 +462,7 @@ def _width(method: str, old: ModelConfig, new: ModelConfig, seed: int, options: 
     # Steps at explicit head_dim/d_ff so the intermediate configs validate; fresh init stds use the new init_std.
     cur = o
     start = replace(o, init_std=n.init_std)
-    ctx = _Ctx(method, seed, n, state, noise=float(noise), rescale=rescale)
+    ctx = _Ctx(wm, seed, n, state, noise=float(noise), rescale=rescale)
     steps: list[GrowthPlan] = []
     if (n.n_head, n.n_kv_head) != (o.n_head, o.n_kv_head):
         nxt = replace(start, n_head=n.n_head, n_kv_head=n.n_kv_head)
