@@ -180,8 +180,39 @@ def cmd_lag_report(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import have_matplotlib, plot_runs
+
+    if not have_matplotlib():
+        raise ValueError("nanogrow plot needs matplotlib, which is not installed (pip install matplotlib; a source "
+                         "checkout's launch/setup.sh installs it)")
+    out = args.out or (f"{args.run_dirs[0]}/loss.png" if len(args.run_dirs) == 1 else "loss.png")
+    print(f"wrote {plot_runs(args.run_dirs, out, labels=args.labels.split(',') if args.labels else None)}")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from .config import bundled_config_dir, bundled_configs
+
+    configs = bundled_configs()
+    if args.name:
+        from .config import resolve_config
+        print(resolve_config(args.name).read_text(), end="")
+        return 0
+    print(f"bundled configs ({bundled_config_dir()}); use the name: nanogrow train --config NAME")
+    for name, path in configs.items():
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"  {name:<28} {first[:90]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # One line at a time even when stdout is a file (SLURM --output, nohup, > log), where Python would otherwise
+    # hold back the output in a block buffer for minutes.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     if argv and argv[0] == "prep":  # data preparation owns its own arguments
         from data_prep.prepare import main as prep_main
         return prep_main(argv[1:])
@@ -242,6 +273,16 @@ def main(argv: list[str] | None = None) -> int:
                                                      "their records everywhere: for runs timed on a loaded machine")
     p.add_argument("--verbose", "-v", action="store_true", help="list: each arm's steps, growth step and budget")
     p.set_defaults(func=cmd_handbook)
+
+    p = sub.add_parser("plot", help="loss against FLOPs and tokens of one or more runs, growth events marked (PNG)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.out_dir) with metrics.jsonl")
+    p.add_argument("--out", help="the PNG to write (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
+    p.add_argument("--labels", help="comma-separated legend labels (default: the directories' names)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("configs", help="list the bundled configs (usable by name: --config demo), or print one")
+    p.add_argument("name", nargs="?", help="print this bundled config, e.g. demo")
+    p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("bench", help="benchmarks that print numbers")
     p.add_argument("what", choices=["throughput", "speedup", "stages", "lag", "grow"],

@@ -17,7 +17,8 @@ PACKAGE = ROOT / "nanogrow"
 # Lowest first. A module belongs to the first entry that is it or a package above it.
 LAYERS = [
     ("base", ["nanogrow", "nanogrow.dist_utils", "nanogrow.errors", "nanogrow.integrity", "nanogrow.kernels",
-              "nanogrow.metrics", "nanogrow.safe_dcp", "nanogrow.data"]),
+              "nanogrow.metrics", "nanogrow.safe_dcp", "nanogrow.data", "nanogrow.logs", "nanogrow.tracking",
+              "nanogrow.plot"]),
     ("model", ["nanogrow.model"]),
     ("grow", ["nanogrow.grow"]),
     ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),

@@ -11,6 +11,7 @@ would only cost time and break the fp32 equality the tests check.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -99,6 +100,28 @@ def backend_of(model: nn.Module) -> str:
     if "deepspeed" in sys.modules and isinstance(model, sys.modules["deepspeed"].DeepSpeedEngine):
         return "deepspeed"  # (checked only once deepspeed is imported: it is optional and slow to import)
     return "none"
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, sync: bool = True):
+    """Backward passes inside this block reduce gradients over ranks only if ``sync``: otherwise they accumulate
+    locally (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``: unsharded gradients are kept until a
+    synced backward reduces the sum). For gradient accumulation: sync only the last micro-batch, one reduction
+    per optimizer step instead of one per micro-batch. A no-op for one process and for DeepSpeed (which reduces
+    at its own accumulation boundary)."""
+    backend = backend_of(model)
+    if sync or backend not in ("ddp", "fsdp"):
+        yield
+        return
+    if backend == "ddp":
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
