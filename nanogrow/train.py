@@ -711,6 +711,7 @@ class Trainer:
             last_loss = loss
             self._watch_loss(last_loss)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
+                last_loss = dist_utils.all_reduce_mean(last_loss, self.device)  # the global batch's, not rank 0's
                 w = self.meter.window()
                 elapsed = time.perf_counter() - start
                 eta = elapsed / max(1, self.step - start_step) * (t.max_steps - self.step)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -85,8 +86,12 @@ def parallelize(model: nn.Module, backend: str = "none", mesh=None, mixed_precis
 
     dev = next(model.parameters()).device
     # No buffer broadcast: RoPE tables and fade-in masks are computed identically on every rank, and a mask that
-    # MaskRamp replaces would not be in DDP's cached buffer list anyway.
-    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    # MaskRamp replaces would not be in DDP's cached buffer list anyway. (torch 2.13 deprecates the flag in favour
+    # of forward_sync_buffers, which still broadcasts at init and is absent from older releases: keep the flag,
+    # without its FutureWarning on every rank.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
+        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
 
 def backend_of(model: nn.Module) -> str:
