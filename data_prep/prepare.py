@@ -1,6 +1,6 @@
 """Documents -> token shards: ``train_*.bin``, ``val_*.bin``, ``meta.json`` and ``tokenizer.json`` in one directory.
 
-    python -m data_prep.prepare --source demo --tokenizer bpe:8192 --out data/demo
+    python -m nanogrow.data_prep.prepare --source demo --tokenizer bpe:8192 --out data/demo
     nanogrow prep --source fineweb --tokenizer gpt2 --max-tokens 1000000000 --out data/fineweb1B
 
 Pipeline: the parent reads documents from the source, groups them into chunks of ~1 MB of text and hands the
@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_prep.sources import FINEWEB_CONFIG, iter_documents
-from data_prep.tokenizer import load_tokenizer
+from nanogrow.data_prep.sources import FINEWEB_CONFIG, iter_documents
+from nanogrow.data_prep.tokenizer import load_tokenizer
 from nanogrow.data import DataError, token_bytes_for, write_shard
 
 # Defaults. The demo corpus is ~1M tokens: small shards give the loader's per-epoch shard permutation something

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from importlib import resources
 from itertools import groupby
 from pathlib import Path
 
@@ -29,7 +28,7 @@ BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "t
 
 
 def demo_corpus_path() -> Path:
-    return Path(str(resources.files("data_prep") / "corpus" / "kjv.jsonl.gz"))
+    return Path(__file__).resolve().parent / "corpus" / "kjv.jsonl.gz"  # package data next to this file
 
 
 def iter_demo() -> Iterator[str]:

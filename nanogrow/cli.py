@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
     if argv and argv[0] == "prep":  # data preparation owns its own arguments
-        from data_prep.prepare import main as prep_main
+        from .data_prep.prepare import main as prep_main
         return prep_main(argv[1:])
     if argv and argv[0] in ("export-hf", "import-hf"):  # so do the transformers converters
         from . import hf

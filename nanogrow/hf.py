@@ -288,7 +288,7 @@ def _special_tokens(tok_path: Path) -> tuple[str, str]:
         if names[1] and tok.token_to_id(names[1]) is not None:
             bos = names[0] if names[0] and tok.token_to_id(names[0]) is not None else names[1]
             return bos, names[1]
-    from data_prep.tokenizer import find_eot
+    from .data_prep.tokenizer import find_eot
     try:
         eot = tok.id_to_token(find_eot(tok, str(tok_path)))
     except ValueError as e:

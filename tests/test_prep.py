@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from data_prep import prepare as prep_mod
-from data_prep.prepare import main, prepare
-from data_prep.sources import iter_documents
-from data_prep.tokenizer import load_tokenizer
+from nanogrow.data_prep import prepare as prep_mod
+from nanogrow.data_prep.prepare import main, prepare
+from nanogrow.data_prep.sources import iter_documents
+from nanogrow.data_prep.tokenizer import load_tokenizer
 from nanogrow.data import TokenLoader, list_shards, open_shard, read_meta, val_batches
 
 DOCS = [f"Document {i}: the {w} fox jumps over {i * 7} lazy dogs.\nSecond line of {w}." for i, w in
