@@ -116,6 +116,11 @@ def test_global_batch_is_kept_across_a_2_to_1_process_resume(demo_data, tmp_path
     steps = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in steps] == list(range(1, 9))
     assert all(r["tokens"] == r["step"] * 8 * 64 for r in steps)  # 512 tokens per step at 2 processes and at 1
+    # the stage's statistics are split where the world size changed, each part with its own world and peak
+    stages = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
+    assert [(s["world"], s["start_step"], s["steps"], bool(s.get("resumed"))) for s in stages] == \
+        [(2, 0, 4, False), (1, 4, 4, True)]
+    assert stages[0]["peak_flops"] > 0 and stages[1]["peak_flops"] > 0
     a, _ = val_losses(tmp_path / "run")
     b, _ = val_losses(tmp_path / "ref")
     assert len(a) == len(b) == 2 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
