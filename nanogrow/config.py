@@ -35,7 +35,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/demo"
+    out_dir: str = "runs/demo"  # checkpoints, train.log, metrics.jsonl, summary.json, loss.png (tb/ for TensorBoard)
     seed: int = 0  # model init and any other randomness
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -44,31 +44,31 @@ class TrainConfig:
     global_batch: int = 0  # sequences per optimizer step over all ranks; > 0: grad_accum = global_batch / (world x
     #                        micro_batch), re-derived at every start, resume and stage, so the batch survives a change
     #                        of world size (0: world x micro_batch x grad_accum, whatever the world)
-    max_steps: int = 200
+    max_steps: int = 200  # optimizer steps of the whole run (stages starting at or after it never run: a warning)
     max_flops: float = 0.0  # > 0: a FLOPs budget. The run stops once it is spent; max_steps is re-derived from the
     #                         FLOPs left at the current stage's cost per step at the start and after every growth
     #                         (so the lr schedule ends with the budget wherever a trigger puts the growth)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear lr warm-up; >= max_steps: max_steps // 10 instead, with a note
     schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay) | constant
     decay_frac: float = 0.2  # wsd: fraction of the run spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW, on matrices only (norm gains are not decayed)
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
     grad_clip: float = 1.0  # 0 disables clipping
     skip_nonfinite_steps: int = 0  # non-finite loss/gradient steps skipped in a row before the run stops
     eval_every: int = 50  # steps; 0 disables periodic evaluation
-    eval_batches: int = 4
-    eval_batch_size: int = 8
-    log_every: int = 10
+    eval_batches: int = 4  # validation batches per evaluation (the same batches every time)
+    eval_batch_size: int = 8  # sequences per validation batch
+    log_every: int = 10  # steps between log lines and metrics.jsonl records
     ckpt_every: int = 0  # steps; 0 = only at the end (and at growth events)
     keep_last: int = 2  # checkpoints kept on disk
     parallel: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp | deepspeed
     zero_stage: int = 1  # deepspeed: ZeRO stage 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters) sharded
     replicate: int = 1  # fsdp: replicate degree > 1 gives HSDP (shard within groups, replicate across)
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
     wandb: bool = False  # log metrics to wandb (the `wandb` extra; missing package: an error at start)
     wandb_project: str = "nanogrow"  # wandb project
     run_name: str = ""  # the run's name in wandb ("" = the last part of out_dir)
@@ -257,6 +257,42 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
         return tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
+def config_reference() -> str:
+    """Every config key with its default and meaning, read from the dataclasses above (and ModelConfig): the
+    comment on a field's line (and its indented continuation lines) is its meaning. ``nanogrow config --show``."""
+    import inspect
+    import re
+
+    out = []
+    for section, cls in {**SECTIONS, "stage": StageConfig}.items():
+        meaning: dict[str, str] = {}
+        last, pending = None, ""
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            field_m = re.match(r"(\s+)(\w+): [^=]+= .*?(?:\s+#\s?(.*))?$", line)
+            comment_m = re.match(r"\s+#(\s*)(.*)$", line)
+            if field_m and not line.lstrip().startswith("#"):
+                last = field_m.group(2)
+                meaning[last] = " ".join(x for x in (pending, (field_m.group(3) or "").strip()) if x)
+                pending = ""
+            elif comment_m and last and len(comment_m.group(1)) > 1:  # "#" then an indent: the comment goes on
+                meaning[last] += " " + comment_m.group(2).strip()
+            elif comment_m:
+                pending = (pending + " " + comment_m.group(2).strip()).strip()  # a comment before the next field
+            else:
+                last = None if line.strip() else last
+        title = "[[stage]]  (one per growth event; --set stage.N.key=value, N from 1)" if section == "stage" \
+            else f"[{section}]"
+        out.append(title)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(defaults, f.name)
+            shown = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) \
+                else ("{}" if value == {} else repr(value))
+            out.append(f"  {f.name} = {shown}" + (f"    # {meaning[f.name]}" if meaning.get(f.name) else ""))
+        out.append("")
+    return "\n".join(out)
 
 
 def bundled_config_dir() -> Path | None:

@@ -60,6 +60,7 @@ class Trainer:
         also goes to ``out_dir/train.log`` on rank 0."""
         cfg.validate()
         self.cfg, self.t = cfg, cfg.train
+        _check_device(cfg)
         self.device = dist_utils.pick_device(self.t.device)
         dist_utils.init_from_env(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
@@ -789,6 +790,21 @@ class Trainer:
         if "r" in notes:
             rows.append("r: the same stage resumed at another world size or peak")
         return "\n".join(rows)
+
+
+def _check_device(cfg: RunConfig) -> None:
+    """A device or kernel backend this machine cannot give is a config error, before anything is built."""
+    t, kernels = cfg.train, cfg.model.kernels
+    if t.device.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build that sees no GPU"
+        raise ConfigError(f"train.device={t.device!r} but torch {torch.__version__} is {build}; use train.device="
+                          f"'auto' or 'cpu' (or install a CUDA torch on a GPU machine)")
+    if kernels == "triton":
+        from . import kernels as K
+        try:
+            K.resolve(kernels, dist_utils.pick_device(t.device) if t.device != "auto" else None)
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _grad_norm(model: torch.nn.Module, clip: float) -> float:
