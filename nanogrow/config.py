@@ -611,6 +611,37 @@ def _check_eval_seq_len(cfg: RunConfig, longest: int, source: str) -> None:
                       f"data.eval_seq_len <= {m}")
 
 
+def from_accelerate(t: TrainConfig, env: dict | None = None) -> str | None:
+    """``accelerate launch`` is a launcher for nanogrow (it sets torchrun's environment), not a wrapper. Its
+    DeepSpeed forms (``--use_deepspeed --zero_stage N`` or ``--deepspeed_config_file F``) also say which ZeRO
+    stage to run: with train.parallel = "auto" the run takes it (zero_optimization.stage of the file), and nanogrow
+    builds its own DeepSpeed config from the train.* keys. Returns the note to log, or None."""
+    import json
+    import os
+
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    stage, source = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), "--zero_stage"
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage in (None, "None") and path and path != "None":
+        try:
+            stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"DeepSpeed config file {path!r} (accelerate --deepspeed_config_file): cannot read "
+                              f"zero_optimization.stage: {e}") from None
+        source = f"{path}: zero_optimization.stage"
+    if t.parallel not in ("auto", "deepspeed"):
+        return (f"note: launched by accelerate with DeepSpeed, but train.parallel={t.parallel!r} in the config; "
+                f"the config wins")
+    t.parallel = "deepspeed"
+    if stage not in (None, "None"):
+        t.zero_stage = int(stage)
+    return (f"note: launched by `accelerate launch` with DeepSpeed: train.parallel='deepspeed', train.zero_stage="
+            f"{t.zero_stage}{f' (from {source})' if stage not in (None, 'None') else ''}; the DeepSpeed config is "
+            f"nanogrow's own, built from the train.* keys")
+
+
 def fit_warmup(t: TrainConfig) -> str | None:
     """A run shortened below its warm-up (``--set train.max_steps=40`` on a config with 50 warm-up steps) keeps
     the warm-up's share of the run rather than failing: warmup_steps becomes max_steps // 10. Returns the note to

@@ -20,7 +20,8 @@ from . import dist_utils
 from .backend import ZeroBackend
 from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint,
                          load_checkpoint, read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
-from .config import ConfigError, RunConfig, StageConfig, changes_parameters, eval_seq_len, fit_warmup, lag_candidates
+from .config import (ConfigError, RunConfig, StageConfig, changes_parameters, eval_seq_len, fit_warmup, from_accelerate,
+                     lag_candidates)
 from .data import TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
 from .grow.learned import LearnedPlan, fit
@@ -58,6 +59,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None, log=None, overwrite: bool = False):
         """``log``: a callable for the console lines (default: the "nanogrow.train" logger, rank 0); every line
         also goes to ``out_dir/train.log`` on rank 0."""
+        launcher_note = from_accelerate(cfg.train)  # accelerate launch --use_deepspeed: the ZeRO stage it names
         cfg.validate()
         self.cfg, self.t = cfg, cfg.train
         _check_device(cfg)
@@ -78,8 +80,9 @@ class Trainer:
         meta = read_meta(ckpt) if ckpt else None
         if meta:
             self._check_compatible(meta, ckpt)
-        if warmup_note:
-            self.log(warmup_note)
+        for note in (launcher_note, warmup_note):
+            if note:
+                self.log(note)
         self.model_config: ModelConfig = (ModelConfig(**meta["model_config"]) if meta else cfg.model).resolved()
         self.seq_len = cfg.data.seq_len
         self.micro_batch = self.t.micro_batch

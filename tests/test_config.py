@@ -10,7 +10,8 @@ def write(tmp_path, text):
 
 
 def test_demo_and_gpt2_configs_load():
-    for name in ("configs/demo.toml", "configs/gpt2-small.toml", "configs/recipe-8x96.toml"):
+    for name in ("configs/demo.toml", "configs/gpt2-small.toml", "configs/gpt2-small-grow.toml",
+                 "configs/recipe-8x96.toml"):
         cfg = load_config(name)
         assert cfg.model.n_layer > 0
 
@@ -95,3 +96,23 @@ def test_global_batch_must_split_into_micro_batches():
         load_config("configs/demo.toml", ["train.global_batch=12"])
     with pytest.raises(ConfigError, match=r"global_batch=16 and train.grad_accum=2 are both set"):
         load_config("configs/demo.toml", ["train.global_batch=16", "train.grad_accum=2"])
+
+
+def test_accelerate_deepspeed_launch_sets_the_zero_stage(tmp_path):
+    from nanogrow.config import TrainConfig, from_accelerate
+
+    t = TrainConfig()
+    assert from_accelerate(t, {}) is None and t.parallel == "auto"
+    note = from_accelerate(t, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    assert t.parallel == "deepspeed" and t.zero_stage == 2 and "from --zero_stage" in note
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}')
+    t = TrainConfig()
+    from_accelerate(t, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})
+    assert t.parallel == "deepspeed" and t.zero_stage == 3
+    t = TrainConfig(parallel="fsdp")
+    assert "the config wins" in from_accelerate(t, {"ACCELERATE_USE_DEEPSPEED": "true"}) and t.parallel == "fsdp"
+    ds.write_text("not json")
+    with pytest.raises(ConfigError, match="ds.json.*zero_optimization.stage"):
+        from_accelerate(TrainConfig(), {"ACCELERATE_USE_DEEPSPEED": "true",
+                                        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})
