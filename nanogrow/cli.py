@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p = verb("grow", "grow a saved checkpoint offline (weights and optimizer state)")
     p.add_argument("checkpoint", help="a checkpoint directory (ckpt_XXXXXXX)")
     p.add_argument("--to", required=True, metavar="SHAPE", help="new shape fields, e.g. n_layer=8,d_ff=1024")
-    p.add_argument("--op", required=True, choices=_operators(), help="growth operator")
+    p.add_argument("--op", required=True, help=f"growth operator: {', '.join(_operators())}")
     p.add_argument("--options", help='operator options as JSON, e.g. \'{"fade_steps": 50}\'')
     p.add_argument("--optimizer", default="map+age", choices=["reset", "map", "map+age"],
                    help="what happens to Adam's moments")
