@@ -2,6 +2,7 @@
 preparation code as ``nanogrow.data_prep`` (no generic top-level ``data_prep``), and the README's demo command
 trains from it in a fresh virtual environment, leaving loss.png and metrics.jsonl."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -47,9 +48,12 @@ def test_wheel_carries_configs_and_trains_the_demo_in_a_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     helpers.run([sys.executable, "-m", "venv", "--without-pip", venv])
     site = next((venv / "lib").glob("python*/site-packages"))
+    # Install first: once the .pth is there, pip would see this interpreter's nanogrow as already installed.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a checkout on the path looks installed
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                           "--no-deps", "-q", str(wheel)], capture_output=True, text=True, timeout=300, env=clean)
+    assert proc.returncode == 0, helpers.tail(proc)
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    helpers.run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "-q",
-                 wheel], timeout=300)
     work = tmp_path / "work"  # not the checkout: configs/demo.toml is not a file here
     work.mkdir()
 
@@ -61,10 +65,11 @@ def test_wheel_carries_configs_and_trains_the_demo_in_a_fresh_venv(tmp_path):
         assert proc.returncode == 0, helpers.tail(proc)
         return proc.stdout
 
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import nanogrow, importlib.util; "
-                            "print(nanogrow.__file__, importlib.util.find_spec('data_prep'))"],
-                           cwd=work, capture_output=True, text=True, env=env).stdout
-    assert where.startswith(str(site)) and where.split()[1] == "None", where
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", "import nanogrow, importlib.util; "
+                           "print(nanogrow.__file__, importlib.util.find_spec('data_prep'))"],
+                          cwd=work, capture_output=True, text=True, env=env)
+    where = proc.stdout
+    assert where.startswith(str(site)) and where.split()[1] == "None", helpers.tail(proc)
     assert "demo" in nanogrow("configs")
     nanogrow("prep", "--source", "demo", "--tokenizer", "bpe:512", "--out", "data/demo", "--max-tokens", 60000,
              "--val-tokens", 4096, "--bpe-train-chars", 200000, "--workers", 1)
