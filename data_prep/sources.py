@@ -6,7 +6,8 @@
 - file or directory paths: ``.parquet``, ``.jsonl`` / ``.json`` (a text column, default ``text``) and ``.txt``,
   each also ``.gz``; directories are searched recursively, files taken in sorted order. A ``.txt`` file is ONE
   document (a book, a web page): splitting on blank lines would cut prose into paragraph-sized documents and put
-  an end-of-text token between every paragraph.
+  an end-of-text token between every paragraph. ``txt_split="paragraph"`` or ``"line"`` asks for that split when a
+  file really holds one document per paragraph or per line.
 
 FineWeb and local files go through the same function (``_hf_stream`` then ``_texts``), so the tested local path
 is the FineWeb path with another dataset name.
@@ -19,7 +20,6 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from importlib import resources
 from itertools import groupby
 from pathlib import Path
 
@@ -29,7 +29,7 @@ BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "t
 
 
 def demo_corpus_path() -> Path:
-    return Path(str(resources.files("data_prep") / "corpus" / "kjv.jsonl.gz"))
+    return Path(__file__).resolve().parent / "corpus" / "kjv.jsonl.gz"  # package data next to this file
 
 
 def iter_demo() -> Iterator[str]:
@@ -83,22 +83,50 @@ def _texts(rows, column: str, where: str) -> Iterator[str]:
             yield text
 
 
-def iter_files(paths: Sequence[str | os.PathLike], text_column: str = "text") -> Iterator[str]:
+TXT_SPLITS = ("document", "paragraph", "line")
+
+
+def check_hub(source: str | Sequence[str]) -> None:
+    """``fineweb`` streams from the Hugging Face hub: on a machine without it, fail at once (datasets would retry
+    for ~23 s first). Offline mode (HF_HUB_OFFLINE) is an error; otherwise a 3 s connection to the hub's host
+    decides, unless a proxy is configured (then the request itself will tell)."""
+    if [str(x) for x in ([source] if isinstance(source, (str, os.PathLike)) else source)] != ["fineweb"]:
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ValueError("--source fineweb streams from the Hugging Face hub, but HF_HUB_OFFLINE is set; unset it, "
+                         "or prepare local files (--source PATH ...)")
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        raise ValueError(f"--source fineweb streams from {host}, which cannot be reached from here ({e}); prepare "
+                         f"local files instead (--source PATH ...)") from None
+
+
+def iter_files(paths: Sequence[str | os.PathLike], text_column: str = "text",
+               txt_split: str = "document") -> Iterator[str]:
+    if txt_split not in TXT_SPLITS:
+        raise ValueError(f"txt_split={txt_split!r} is not one of {', '.join(TXT_SPLITS)}")
     files = expand_paths(paths)  # here, not in the generator: a bad path fails at the call
     if "datasets" not in sys.modules:
         # Local files need no hub; without this, a hub lookup can retry for ~23 s on a machine without network.
         # Only before the first import: huggingface_hub reads the variable once.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return _iter_files(files, text_column)
+    return _iter_files(files, text_column, txt_split)
 
 
-def _iter_files(files: list[Path], text_column: str) -> Iterator[str]:
+def _iter_files(files: list[Path], text_column: str, txt_split: str = "document") -> Iterator[str]:
     # One load_dataset per run of consecutive files of the same kind keeps the sorted file order.
     for builder, group in groupby(files, key=builder_for):
         group = [str(f) for f in group]
         where = group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1} files)"
         if builder == "text":
-            yield from _texts(_hf_stream("text", data_files=group, sample_by="document"), "text", where)
+            yield from _texts(_hf_stream("text", data_files=group, sample_by=txt_split), "text", where)
         else:
             yield from _texts(_hf_stream(builder, data_files=group), text_column, where)
 
@@ -108,8 +136,9 @@ def iter_fineweb(config: str = FINEWEB_CONFIG, text_column: str = "text") -> Ite
 
 
 def iter_documents(source: str | Sequence[str], text_column: str = "text",
-                   fineweb_config: str = FINEWEB_CONFIG) -> Iterator[str]:
-    """Documents of ``source``: ``"demo"``, ``"fineweb"``, or one or more file / directory paths."""
+                   fineweb_config: str = FINEWEB_CONFIG, txt_split: str = "document") -> Iterator[str]:
+    """Documents of ``source``: ``"demo"``, ``"fineweb"``, or one or more file / directory paths (a ``.txt``
+    file is one document, or one per paragraph / line with ``txt_split``)."""
     if isinstance(source, (str, os.PathLike)):
         source = [source]
     source = [str(s) for s in source]
@@ -117,4 +146,4 @@ def iter_documents(source: str | Sequence[str], text_column: str = "text",
         return iter_demo()
     if source == ["fineweb"]:
         return iter_fineweb(fineweb_config, text_column)
-    return iter_files(source, text_column)
+    return iter_files(source, text_column, txt_split)

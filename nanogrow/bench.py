@@ -269,7 +269,7 @@ def _plot_curves(results: dict, png: str, log) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib is not installed (pip install 'nanogrow[plot]'): no plot written")
+        log("matplotlib is not installed (pip install matplotlib; launch/setup.sh installs it): no plot written")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {}

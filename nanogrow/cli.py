@@ -8,8 +8,44 @@ import sys
 from .errors import run_reporting_errors
 
 
+class HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless there is none to tell (None, or an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nanogrow")
+    except PackageNotFoundError:  # a source checkout on sys.path, not installed
+        return "0.1.0 (source)"
+
+
+def _operators() -> list[str]:
+    from .grow import OPERATORS
+
+    return list(OPERATORS)
+
+
+def cmd_config(args) -> int:
+    from .config import config_reference, load_config
+
+    if args.show:
+        print(config_reference())
+        return 0
+    import json
+    print(json.dumps(load_config(args.config, args.overrides).to_dict(), indent=1))
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="TOML config (see configs/)")
+    p.add_argument("--config", "-c", help="TOML config file, or the name of a bundled one (nanogrow configs), e.g. "
+                                          "demo (default: the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
 
@@ -67,8 +103,17 @@ def cmd_bench(args) -> int:
     from . import bench, dist_utils
     from .config import load_config
 
-    if args.what == "grow":
-        args.config = None  # bench grow uses its own model, whose operator shapes it is tied to
+    if args.what == "grow":  # under torchrun: one growth event of a sharded model, time and memory
+        import os
+
+        from .parallel import bench_grow
+        if args.backend != "none" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ValueError(f"nanogrow bench grow --backend {args.backend} measures a sharded growth event: launch "
+                             f"it under torchrun with 2 or more processes (torchrun --standalone --nproc_per_node=2 "
+                             f"-m nanogrow.cli bench grow), or use --backend none")
+        bench_grow(backend=args.backend, steps=args.steps, zero_stages=[int(s) for s in args.zero_stages.split(",")])
+        dist_utils.shutdown_and_exit()
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.what == "throughput":
         bench.throughput(cfg, warmup=args.warmup, steps=args.steps)
@@ -83,14 +128,11 @@ def cmd_bench(args) -> int:
                       out_dir=args.out, png=args.png, budget=args.budget)
     elif args.what == "stages":
         bench.stages(cfg, static_steps=args.steps)
-    elif args.what == "grow":  # under torchrun: one growth event of a sharded model, time and memory
-        from .parallel import bench_grow
-        bench_grow(backend=args.backend, steps=args.steps, zero_stages=[int(s) for s in args.zero_stages.split(",")])
-        dist_utils.shutdown_and_exit()
     elif args.what == "lag":
         import os
-        os.makedirs(cfg.train.out_dir, exist_ok=True)
-        bench.lag(cfg, out_json=f"{cfg.train.out_dir}/lag.json", png_prefix=f"{cfg.train.out_dir}/lag",
+        out = args.out or cfg.train.out_dir
+        os.makedirs(out, exist_ok=True)
+        bench.lag(cfg, out_json=f"{out}/lag.json", png_prefix=f"{out}/lag",
                   ks=[int(k) for k in args.ks.split(",")] if args.ks else None)
     return 0
 
@@ -180,47 +222,91 @@ def cmd_lag_report(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import have_matplotlib, plot_runs
+
+    if not have_matplotlib():
+        raise ValueError("nanogrow plot needs matplotlib, which is not installed (pip install matplotlib; a source "
+                         "checkout's launch/setup.sh installs it)")
+    out = args.out or (f"{args.run_dirs[0]}/loss.png" if len(args.run_dirs) == 1 else "loss.png")
+    print(f"wrote {plot_runs(args.run_dirs, out, labels=args.labels.split(',') if args.labels else None)}")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from .config import bundled_config_dir, bundled_configs
+
+    configs = bundled_configs()
+    if args.name:
+        from .config import resolve_config
+        print(resolve_config(args.name).read_text(), end="")
+        return 0
+    print(f"bundled configs ({bundled_config_dir()}); use the name: nanogrow train --config NAME")
+    for name, path in configs.items():
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"  {name:<28} {first[:90]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # One line at a time even when stdout is a file (SLURM --output, nohup, > log), where Python would otherwise
+    # hold back the output in a block buffer for minutes.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     if argv and argv[0] == "prep":  # data preparation owns its own arguments
-        from data_prep.prepare import main as prep_main
+        from .data_prep.prepare import main as prep_main
         return prep_main(argv[1:])
     if argv and argv[0] in ("export-hf", "import-hf"):  # so do the transformers converters
         from . import hf
         return (hf.export_main if argv[0] == "export-hf" else hf.import_main)(argv[1:])
 
-    parser = argparse.ArgumentParser(prog="nanogrow", description="Pretrain decoder LLMs that grow while they train.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("prep", help="tokenize text into shards (nanogrow prep --help)")
-    sub.add_parser("export-hf", help="write a checkpoint as a transformers Llama model (nanogrow export-hf --help)")
-    sub.add_parser("import-hf", help="turn a local Llama checkpoint into a nanogrow one (nanogrow import-hf --help)")
+    parser = argparse.ArgumentParser(prog="nanogrow", description="Pretrain decoder LLMs that grow while they train.",
+                                     formatter_class=HELP)
+    parser.add_argument("--version", action="version", version=f"nanogrow {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train (and grow) a model")
+    def verb(name: str, text: str, **kw) -> argparse.ArgumentParser:
+        """A sub-command whose help line and description say what it does, options listed with defaults."""
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", formatter_class=HELP,
+                              **kw)
+
+    verb("prep", "tokenize text into shards (nanogrow prep --help)")
+    verb("export-hf", "write a checkpoint as a transformers Llama model (nanogrow export-hf --help)")
+    verb("import-hf", "turn a local Llama checkpoint into a nanogrow one (nanogrow import-hf --help)")
+
+    p = verb("train", "train (and grow) a model", epilog="Config keys: `nanogrow config --show` lists every key with "
+             "its default and meaning; bundled configs: `nanogrow configs`.")
     _config_args(p)
     p.add_argument("--resume", help="'auto' (latest checkpoint in train.out_dir, if any) or a checkpoint path")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a train.out_dir that holds an earlier "
                                                             "run's checkpoints, deleting them first")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("grow", help="grow a saved checkpoint offline (weights and optimizer state)")
+    p = verb("config", "print the resolved config of --config and --set, or every key with its default (--show)")
+    _config_args(p)
+    p.add_argument("--show", action="store_true", help="every config key, its default and what it means")
+    p.set_defaults(func=cmd_config)
+
+    p = verb("grow", "grow a saved checkpoint offline (weights and optimizer state)")
     p.add_argument("checkpoint", help="a checkpoint directory (ckpt_XXXXXXX)")
     p.add_argument("--to", required=True, metavar="SHAPE", help="new shape fields, e.g. n_layer=8,d_ff=1024")
-    p.add_argument("--op", required=True, help="growth operator (stack, interleave, lag, identity, zero, net2net, "
-                                               "vt, msg, joint)")
+    p.add_argument("--op", required=True, help=f"growth operator: {', '.join(_operators())}")
     p.add_argument("--options", help='operator options as JSON, e.g. \'{"fade_steps": 50}\'')
-    p.add_argument("--optimizer", default="map+age", choices=["reset", "map", "map+age"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", default="map+age", choices=["reset", "map", "map+age"],
+                   help="what happens to Adam's moments")
+    p.add_argument("--seed", type=int, default=0, help="randomness of fresh pieces")
     p.add_argument("--out", required=True, help="directory to write the grown checkpoint into")
     p.set_defaults(func=cmd_grow)
 
-    p = sub.add_parser("consolidate", help="a weights-only checkpoint (fresh optimizer, same data position and "
-                                           "history) of a DeepSpeed ZeRO checkpoint, to restart at another world "
-                                           "size or backend")
+    p = verb("consolidate", "write a weights-only checkpoint (fresh optimizer, same data position and history) of "
+                            "a DeepSpeed ZeRO checkpoint, to restart at another world size or backend")
     p.add_argument("checkpoint", help="a checkpoint directory (ckpt_XXXXXXX)")
     p.add_argument("--out", required=True, help="directory to write the consolidated checkpoint into")
     p.set_defaults(func=cmd_consolidate)
 
-    p = sub.add_parser("lag", help="train up to the next LAG stage, select its operator, save and stop")
+    p = verb("lag", "train up to the next LAG stage, select its operator, save and stop")
     _config_args(p)
     p.add_argument("--resume", help="'auto' or a checkpoint path to start from")
     p.add_argument("--overwrite", action="store_true", help="start afresh, deleting train.out_dir's checkpoints")
@@ -228,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                                                "lag.groups of every LAG stage; must divide the world size)")
     p.set_defaults(func=cmd_lag)
 
-    p = sub.add_parser("lag-report", help="correlations, recall and regret of a LAG selection")
+    p = verb("lag-report", "print the correlations, recall and regret of a LAG selection")
     p.add_argument("run_dir", help="a run directory (train.out_dir) or a bench lag output directory")
     p.set_defaults(func=cmd_lag_report)
 
-    p = sub.add_parser("handbook", help="studies behind HANDBOOK.md: run STUDY | report [STUDY] | list")
-    p.add_argument("action", choices=["run", "report", "list"])
+    p = verb("handbook", "run, report or list the studies behind HANDBOOK.md")
+    p.add_argument("action", choices=["run", "report", "list"], help="run STUDY | report [STUDY] | list")
     p.add_argument("study", nargs="?", help="a study file, e.g. configs/handbook/growth-time.toml")
     p.add_argument("--seeds", help="run: these seeds instead of the study's, e.g. 0,1,2")
     p.add_argument("--arms", help="run: only these arms (comma-separated; the reference's lr grid always runs)")
@@ -243,29 +329,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", "-v", action="store_true", help="list: each arm's steps, growth step and budget")
     p.set_defaults(func=cmd_handbook)
 
-    p = sub.add_parser("bench", help="benchmarks that print numbers")
-    p.add_argument("what", choices=["throughput", "speedup", "stages", "lag", "grow"],
-                   help="throughput: tokens/s, MFU, peak memory of a config; speedup: scratch vs grown to the same "
-                        "loss; stages: tokens/s per growth stage vs the same shape static")
-    _config_args(p)
-    p.add_argument("--warmup", type=int, default=3, help="throughput: steps before timing")
-    p.add_argument("--steps", type=int, default=10, help="throughput/stages: timed steps")
-    p.add_argument("--variants", default="map+age,reset", help="speedup: optimizer transfer policies to compare")
-    p.add_argument("--seeds", default="0,1,2", help="speedup: seeds (init and data order)")
-    p.add_argument("--out", default="runs/bench", help="speedup: where the runs write")
-    p.add_argument("--budget", default="flops", choices=["flops", "steps"],
-                   help="speedup: grown run spends the scratch run's FLOPs (default) or trains as many steps")
-    p.add_argument("--png", default="runs/bench/speedup.png", help="speedup: loss-vs-FLOPs plot")
-    p.add_argument("--ops", help="speedup: compare growth operators instead of policies, e.g. stack,learned "
-                                 "(FLOPs to scratch's final loss, map fitting included)")
-    p.add_argument("--against", metavar="CONFIG",
-                   help="speedup: compare --config (e.g. compound growth: depth + width + seq_len) with this "
-                        "schedule (e.g. depth-only) ending in the same shape, at the same FLOPs budget")
-    p.add_argument("--ks", help="lag: LAG@k steps to report, e.g. 5,10,20")
-    p.add_argument("--backend", default="fsdp", choices=["none", "ddp", "fsdp", "deepspeed"],
-                   help="grow: parallel backend")
-    p.add_argument("--zero-stages", default="1,2,3", help="grow with --backend deepspeed: ZeRO stages to measure")
-    p.set_defaults(func=cmd_bench)
+    p = verb("plot", "draw loss against FLOPs and tokens of one or more runs, growth events marked (PNG)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.out_dir) with metrics.jsonl")
+    p.add_argument("--out", help="the PNG to write (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
+    p.add_argument("--labels", help="comma-separated legend labels (default: the directories' names)")
+    p.set_defaults(func=cmd_plot)
+
+    p = verb("configs", "list the bundled configs (usable by name: --config demo), or print one")
+    p.add_argument("name", nargs="?", help="print this bundled config, e.g. demo")
+    p.set_defaults(func=cmd_configs)
+
+    p = verb("bench", "run benchmarks that print numbers (nanogrow bench WHAT --help)")
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+
+    def bench(name: str, text: str, config: bool = True) -> argparse.ArgumentParser:
+        b = what.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", formatter_class=HELP)
+        if config:
+            _config_args(b)
+        b.set_defaults(func=cmd_bench)
+        return b
+
+    b = bench("throughput", "tokens/s, MFU and peak memory of a config")
+    b.add_argument("--warmup", type=int, default=3, help="steps before timing")
+    b.add_argument("--steps", type=int, default=10, help="timed steps")
+    b = bench("speedup", "scratch vs grown to the same loss (or growth operators, or two schedules) on a few seeds")
+    b.add_argument("--variants", default="map+age,reset", help="optimizer transfer policies to compare")
+    b.add_argument("--seeds", default="0,1,2", help="seeds (init and data order)")
+    b.add_argument("--out", default="runs/bench", help="where the runs write")
+    b.add_argument("--budget", default="flops", choices=["flops", "steps"],
+                   help="the grown run spends the scratch run's FLOPs, or trains as many steps")
+    b.add_argument("--png", default="runs/bench/speedup.png", help="loss-vs-FLOPs plot")
+    b.add_argument("--ops", help="compare growth operators instead of policies, e.g. stack,learned (FLOPs to "
+                                 "scratch's final loss, map fitting included)")
+    b.add_argument("--against", metavar="CONFIG",
+                   help="compare --config (e.g. compound growth: depth + width + seq_len) with this schedule (e.g. "
+                        "depth-only) ending in the same shape, at the same FLOPs budget")
+    b = bench("stages", "tokens/s per growth stage vs the same shape trained static")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per stage")
+    b = bench("lag", "LAG@k regret and the correlation phase transition (every candidate trained to the end)")
+    b.add_argument("--ks", help="LAG@k steps to report, e.g. 5,10,20 (default: the config's)")
+    b.add_argument("--out", help="directory for lag.json and the plots (default: the config's train.out_dir)")
+    b = bench("grow", "time, step time and memory of one sharded growth event (under torchrun, 2+ processes)",
+              config=False)
+    b.add_argument("--backend", default="fsdp", choices=["none", "ddp", "fsdp", "deepspeed"], help="parallel backend")
+    b.add_argument("--steps", type=int, default=10, help="timed steps before and after the growth")
+    b.add_argument("--zero-stages", default="1,2,3", help="with --backend deepspeed: ZeRO stages to measure")
 
     args = parser.parse_args(argv)
     return run_reporting_errors("nanogrow", args.func, args)

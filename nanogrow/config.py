@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,39 +36,45 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/demo"
+    out_dir: str = "runs/demo"  # checkpoints, train.log, metrics.jsonl, summary.json, loss.png (tb/ for TensorBoard)
     seed: int = 0  # model init and any other randomness
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     micro_batch: int = 8  # sequences per rank per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    max_steps: int = 200
+    grad_accum: int = 1  # micro-steps per optimizer step (derived from global_batch when that is set)
+    global_batch: int = 0  # sequences per optimizer step over all ranks; > 0: grad_accum = global_batch / (world x
+    #                        micro_batch), re-derived at every start, resume and stage, so the batch survives a change
+    #                        of world size (0: world x micro_batch x grad_accum, whatever the world)
+    max_steps: int = 200  # optimizer steps of the whole run (stages starting at or after it never run: a warning)
     max_flops: float = 0.0  # > 0: a FLOPs budget. The run stops once it is spent; max_steps is re-derived from the
     #                         FLOPs left at the current stage's cost per step at the start and after every growth
     #                         (so the lr schedule ends with the budget wherever a trigger puts the growth)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear lr warm-up; >= max_steps: max_steps // 10 instead, with a note
     schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay) | constant
     decay_frac: float = 0.2  # wsd: fraction of the run spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW, on matrices only (norm gains are not decayed)
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
     grad_clip: float = 1.0  # 0 disables clipping
     skip_nonfinite_steps: int = 0  # non-finite loss/gradient steps skipped in a row before the run stops
     eval_every: int = 50  # steps; 0 disables periodic evaluation
-    eval_batches: int = 4
-    eval_batch_size: int = 8
-    log_every: int = 10
+    eval_batches: int = 4  # validation batches per evaluation (the same batches every time)
+    eval_batch_size: int = 8  # sequences per validation batch
+    log_every: int = 10  # steps between log lines and metrics.jsonl records
     ckpt_every: int = 0  # steps; 0 = only at the end (and at growth events)
     keep_last: int = 2  # checkpoints kept on disk
     parallel: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp | deepspeed
     zero_stage: int = 1  # deepspeed: ZeRO stage 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters) sharded
     replicate: int = 1  # fsdp: replicate degree > 1 gives HSDP (shard within groups, replicate across)
-    compile: bool = False
-    wandb: bool = False  # log to wandb when it is installed
-    tensorboard: bool = False  # log to TensorBoard when it is installed
+    compile: bool = False  # torch.compile the model
+    wandb: bool = False  # log metrics to wandb (the `wandb` extra; missing package: an error at start)
+    wandb_project: str = "nanogrow"  # wandb project
+    run_name: str = ""  # the run's name in wandb ("" = the last part of out_dir)
+    tensorboard: bool = False  # log metrics to TensorBoard in out_dir/tb (the `tensorboard` extra)
+    plot: bool = True  # write out_dir/loss.png at the end of the run (needs matplotlib; skipped with a note if absent)
 
 
 @dataclass
@@ -204,10 +211,45 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if parts[0] == "stage":
+            _set_stage_key(d, parts, _parse_value(value), item)
+            continue
         if len(parts) != 2 or parts[0] not in SECTIONS:
-            raise ConfigError(f"--set {item!r}: key must be one of {', '.join(s + '.<key>' for s in SECTIONS)}")
+            raise ConfigError(f"--set {item!r}: key must be one of {', '.join(s + '.<key>' for s in SECTIONS)} "
+                              f"or stage.N.<key> (N = 1 for the first [[stage]])")
         d.setdefault(parts[0], {})[parts[1]] = _parse_value(value)
     return d
+
+
+def _set_stage_key(d: dict, parts: list[str], value: Any, item: str) -> None:
+    """``stage.N.key=value`` (``stage.N.shape.n_layer=8`` for a key inside a table): N counts the [[stage]] tables
+    from 1, as error messages and the stage table do (stage 0 is the starting [model]); N = one past the last adds
+    a stage. Setting one of at_step / at_tokens / at_flops drops the stage's other two."""
+    stages = d.setdefault("stage", [])
+    count = len(stages) if isinstance(stages, list) else 0
+    if len(parts) < 3 or not parts[1].isdigit() or not isinstance(stages, list):
+        raise ConfigError(f"--set {item!r}: expected stage.N.key=value with N a [[stage]] number (1..{count})")
+    n = int(parts[1])
+    if n == 0:
+        raise ConfigError(f"--set {item!r}: stage 0 is the starting model ([model], --set model.<key>=...); the "
+                          f"[[stage]] tables are stage.1 .. stage.{count}")
+    if n > count + 1:
+        raise ConfigError(f"--set {item!r}: the config has {count} [[stage]] table(s) (stage.1 .. stage.{count}); "
+                          f"stage.{count + 1} adds one")
+    if n == count + 1:
+        stages.append({})
+    target = stages[n - 1]
+    for p in parts[2:-1]:
+        target = target.setdefault(p, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item!r}: stage.{n}.{p} is not a table")
+    if parts[-1] in _WHENS and len(parts) == 3:
+        for other in _WHENS:
+            target.pop(other, None)
+    target[parts[-1]] = value
+
+
+_WHENS = ("at_step", "at_tokens", "at_flops")
 
 
 def read_toml(path: str | Path, what: str = "config file") -> dict:
@@ -221,17 +263,92 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
 
 
+def config_reference() -> str:
+    """Every config key with its default and meaning, read from the dataclasses above (and ModelConfig): the
+    comment on a field's line (and its indented continuation lines) is its meaning. ``nanogrow config --show``."""
+    import inspect
+    import re
+
+    out = []
+    for section, cls in {**SECTIONS, "stage": StageConfig}.items():
+        meaning: dict[str, str] = {}
+        last, pending = None, ""
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            field_m = re.match(r"(\s+)(\w+): [^=]+= .*?(?:\s+#\s?(.*))?$", line)
+            comment_m = re.match(r"\s+#(\s*)(.*)$", line)
+            if field_m and not line.lstrip().startswith("#"):
+                last = field_m.group(2)
+                meaning[last] = " ".join(x for x in (pending, (field_m.group(3) or "").strip()) if x)
+                pending = ""
+            elif comment_m and last and len(comment_m.group(1)) > 1:  # "#" then an indent: the comment goes on
+                meaning[last] += " " + comment_m.group(2).strip()
+            elif comment_m:
+                pending = (pending + " " + comment_m.group(2).strip()).strip()  # a comment before the next field
+            else:
+                last = None if line.strip() else last
+        title = "[[stage]]  (one per growth event; --set stage.N.key=value, N from 1)" if section == "stage" \
+            else f"[{section}]"
+        out.append(title)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(defaults, f.name)
+            shown = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) \
+                else ("{}" if value == {} else repr(value))
+            out.append(f"  {f.name} = {shown}" + (f"    # {meaning[f.name]}" if meaning.get(f.name) else ""))
+        out.append("")
+    return "\n".join(out)
+
+
+def bundled_config_dir() -> Path | None:
+    """The configs that come with nanogrow: ``nanogrow/configs`` in an installed wheel (package data mapped from the
+    repository's ``configs/``), the repository's ``configs/`` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "configs", here.parent / "configs"):
+        if (d / "demo.toml").is_file():
+            return d
+    return None
+
+
+def bundled_configs() -> dict[str, Path]:
+    """name -> file of every bundled config (``demo``, ``gpt2-small``, ``bench/speedup-cpu``, ...)."""
+    d = bundled_config_dir()
+    if d is None:
+        return {}
+    files = sorted(d.glob("*.toml")) + sorted((d / "bench").glob("*.toml"))
+    return {f.relative_to(d).with_suffix("").as_posix(): f for f in files}
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A config file: ``path`` if it exists, else the bundled config of that name (``demo``, ``demo.toml`` and
+    ``configs/demo.toml`` all name ``demo``, so the README's commands work outside a checkout too)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.as_posix().removesuffix(".toml").removeprefix("configs/")
+    found = bundled_configs().get(name)
+    if found is not None:
+        return found
+    raise ConfigError(f"config file {str(p)!r} does not exist, and no bundled config is named {name!r} (bundled: "
+                      f"{', '.join(bundled_configs()) or 'none'}; `nanogrow configs` lists them)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read TOML, apply overrides, build typed config, validate. Raises ConfigError naming the file and key."""
     raw: dict = {}
     source = "defaults"
     if path is not None:
+        path = resolve_config(path)
         source = str(path)
         raw = read_toml(path)
     raw = apply_overrides(raw, overrides or [])
     for section in raw:
         if section not in SECTIONS and section != "stage":
             raise ConfigError(f"{source}: unknown section [{section}]; allowed: {', '.join(SECTIONS)}, [[stage]]")
+    train = raw.get("train", {})
+    if isinstance(train, dict) and train.get("global_batch") and "grad_accum" in train:
+        raise ConfigError(f"{source}: train.global_batch={train['global_batch']} and train.grad_accum="
+                          f"{train['grad_accum']} are both set; with global_batch, grad_accum is derived "
+                          f"(global_batch / (world x micro_batch)): drop train.grad_accum")
     cfg = RunConfig.from_dict(raw, source=source)
     validate(cfg, source)
     return cfg
@@ -276,8 +393,17 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     if t.max_flops < 0 or (t.max_flops and cfg.growth.schedule != "manual"):
         raise ConfigError(f"{source}: train.max_flops={t.max_flops} must be >= 0, and > 0 only with "
                           f"growth.schedule='manual' (a budgeted schedule places its stages from train.max_steps)")
-    if t.warmup_steps >= t.max_steps and t.schedule != "constant":
-        raise ConfigError(f"{source}: train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps}")
+    if t.global_batch < 0:
+        raise ConfigError(f"{source}: train.global_batch must be >= 0 (0: world x micro_batch x grad_accum), got "
+                          f"{t.global_batch}")
+    for mb in sorted({t.micro_batch} | {st.micro_batch for st in cfg.stage if st.micro_batch > 0}):
+        if t.global_batch and t.global_batch % mb:
+            raise ConfigError(f"{source}: train.global_batch={t.global_batch} is not a multiple of the micro-batch "
+                              f"{mb} (train.micro_batch or a stage's micro_batch)")
+    for key, package in (("train.tensorboard", "tensorboard"), ("train.wandb", "wandb")):
+        if getattr(t, key.split(".")[1]) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{source}: {key}=true needs the {package} package, which is not installed (pip "
+                              f"install {package}, or the nanogrow extra: pip install 'nanogrow[{package}]')")
     if dcfg.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"{source}: data.seq_len={dcfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     validate_stages(cfg, source)
@@ -293,7 +419,6 @@ def validate_deepspeed(cfg: RunConfig, source: str) -> None:
         raise ConfigError(f"{source}: train.zero_stage={t.zero_stage!r} is not one of 1, 2, 3")
     if t.parallel != "deepspeed":
         return
-    import importlib.util
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"{source}: train.parallel='deepspeed' needs the deepspeed package "
                           f"(DS_BUILD_OPS=0 pip install deepspeed)")
@@ -509,6 +634,48 @@ def _check_eval_seq_len(cfg: RunConfig, longest: int, source: str) -> None:
                       f"{e}) exceeds model.max_seq_len={m} of the starting model; set model.max_seq_len = {e} "
                       f"(RoPE tables only) so that every stage is evaluated at the same length, or set "
                       f"data.eval_seq_len <= {m}")
+
+
+def from_accelerate(t: TrainConfig, env: dict | None = None) -> str | None:
+    """``accelerate launch`` is a launcher for nanogrow (it sets torchrun's environment), not a wrapper. Its
+    DeepSpeed forms (``--use_deepspeed --zero_stage N`` or ``--deepspeed_config_file F``) also say which ZeRO
+    stage to run: with train.parallel = "auto" the run takes it (zero_optimization.stage of the file), and nanogrow
+    builds its own DeepSpeed config from the train.* keys. Returns the note to log, or None."""
+    import json
+    import os
+
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    stage, source = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), "--zero_stage"
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage in (None, "None") and path and path != "None":
+        try:
+            stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"DeepSpeed config file {path!r} (accelerate --deepspeed_config_file): cannot read "
+                              f"zero_optimization.stage: {e}") from None
+        source = f"{path}: zero_optimization.stage"
+    if t.parallel not in ("auto", "deepspeed"):
+        return (f"note: launched by accelerate with DeepSpeed, but train.parallel={t.parallel!r} in the config; "
+                f"the config wins")
+    t.parallel = "deepspeed"
+    if stage not in (None, "None"):
+        t.zero_stage = int(stage)
+    return (f"note: launched by `accelerate launch` with DeepSpeed: train.parallel='deepspeed', train.zero_stage="
+            f"{t.zero_stage}{f' (from {source})' if stage not in (None, 'None') else ''}; the DeepSpeed config is "
+            f"nanogrow's own, built from the train.* keys")
+
+
+def fit_warmup(t: TrainConfig) -> str | None:
+    """A run shortened below its warm-up (``--set train.max_steps=40`` on a config with 50 warm-up steps) keeps
+    the warm-up's share of the run rather than failing: warmup_steps becomes max_steps // 10. Returns the note to
+    log, or None when nothing changed."""
+    if t.warmup_steps < t.max_steps or t.schedule == "constant":
+        return None
+    old, t.warmup_steps = t.warmup_steps, t.max_steps // 10
+    return (f"note: train.warmup_steps={old} is not below train.max_steps={t.max_steps}; warming up over "
+            f"{t.warmup_steps} steps (max_steps // 10) instead")
 
 
 def eval_seq_len(cfg: RunConfig, longest: int | None = None) -> int:

@@ -289,7 +289,7 @@ def _special_tokens(tok_path: Path) -> tuple[str, str]:
         if names[1] and tok.token_to_id(names[1]) is not None:
             bos = names[0] if names[0] and tok.token_to_id(names[0]) is not None else names[1]
             return bos, names[1]
-    from data_prep.tokenizer import find_eot
+    from .data_prep.tokenizer import find_eot
     try:
         eot = tok.id_to_token(find_eot(tok, str(tok_path)))
     except ValueError as e:
@@ -297,21 +297,32 @@ def _special_tokens(tok_path: Path) -> tuple[str, str]:
     return eot, eot
 
 
-def _write_tokenizer(tok_path: Path, out: Path, vocab_size: int) -> tuple[int, int]:
-    """Save ``tok_path`` as a PreTrainedTokenizerFast in ``out``; returns (bos_token_id, eos_token_id)."""
+def _write_tokenizer(tok_path: Path, out: Path, vocab_size: int, max_seq_len: int | None = None) -> tuple[int, int]:
+    """Save ``tok_path`` as a PreTrainedTokenizerFast in ``out`` (``model_max_length`` = the model's context, so
+    transformers warns about over-long inputs); returns (bos_token_id, eos_token_id)."""
     try:
         from transformers import PreTrainedTokenizerFast
     except ImportError:
         raise HFError("writing the tokenizer needs transformers (pip install 'nanogrow[hf]'); or export without "
                       "it with --no-tokenizer") from None
     bos, eos = _special_tokens(tok_path)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token=bos, eos_token=eos)
+    extra = {"model_max_length": max_seq_len} if max_seq_len else {}
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token=bos, eos_token=eos, **extra)
     n = len(tok)
     if n > vocab_size:
         raise HFError(f"tokenizer {str(tok_path)!r} has {n} tokens but the model's vocab_size is {vocab_size}: "
                       "it would produce ids outside the embedding (wrong tokenizer? use --tokenizer)")
     tok.save_pretrained(str(out))
     return tok.convert_tokens_to_ids(bos), tok.convert_tokens_to_ids(eos)
+
+
+def _normal_modes(directory: Path) -> None:
+    """safetensors writes its file 0600; every exported file gets the mode a plain write would (0666 - umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", tokenizer: str | Path | None = None,
@@ -351,13 +362,14 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", 
     try:
         bos = eos = None
         if tok_path is not None:
-            bos, eos = _write_tokenizer(tok_path, tmp, cfg.vocab_size)
+            bos, eos = _write_tokenizer(tok_path, tmp, cfg.vocab_size, cfg.max_seq_len)
         tensors = to_hf_state_dict(model, DTYPES[dtype])
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_cfg = llama_config(cfg, DTYPES[dtype], bos, eos)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _normal_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -238,7 +238,7 @@ def _plot_report(out: dict, curves: list[list[float]], prefix: str, log) -> None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib is not installed (pip install 'nanogrow[plot]'): no plots written")
+        log("matplotlib is not installed (pip install matplotlib; launch/setup.sh installs it): no plots written")
         return
     steps = out["steps"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))

@@ -35,18 +35,18 @@ except Exception:  # ImportError, or a broken CUDA build
 class ModelConfig:
     """The shape of the model. Every field but ``kernels`` may change when the model grows."""
 
-    n_layer: int = 4
-    d_model: int = 128
-    n_head: int = 4
-    n_kv_head: int = 4
+    n_layer: int = 4  # transformer blocks
+    d_model: int = 128  # residual width
+    n_head: int = 4  # query heads
+    n_kv_head: int = 4  # key/value heads (grouped-query attention when < n_head)
     head_dim: int = 0  # 0: d_model // n_head
     d_ff: int = 0  # 0: SwiGLU's 8/3 * d_model rounded up to a multiple of 32
-    vocab_size: int = 8192
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    vocab_size: int = 8192  # >= the tokenizer's vocabulary
+    max_seq_len: int = 256  # longest context (RoPE tables only)
+    rope_theta: float = 10000.0  # RoPE base
+    tie_embeddings: bool = False  # share the embedding and LM-head matrix
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # std of the normal initialisation
     # Not a shape: "auto" (Triton kernels where they can run, else torch) | "triton" (fail at build without a
     # usable Triton) | "torch". Growth copies the config with dataclasses.replace, so it carries over.
     kernels: str = "auto"

@@ -89,6 +89,12 @@ def grow_checkpoint(path: str | Path, to: dict, op: str, out_dir: str | Path, op
         "flops": meta["meter"]["total_flops"], "plan": plan.to_dict(), "optimizer": policy,
         "params_before": old_cfg.num_params(), "params_after": new_cfg.num_params(),
         "seconds": time.perf_counter() - t0}]
+    if meta.get("stage_stats"):  # the steps from here train the grown model: a statistics row of its own
+        c = new_cfg
+        meta["stage_stats"] = meta["stage_stats"] + [dict(
+            meta["stage_stats"][-1], start_step=meta["step"], params=c.num_params(), offline=True, resumed=False,
+            shape=f"{c.n_layer} x {c.d_model}, {c.d_ff}, {c.n_head}/{c.n_kv_head}",  # as nanogrow.train writes it
+            steps=0, tokens=0, flops=0.0, seconds=0.0, val_loss=None)]
     for key in ("format_version", "step", "world_size"):
         meta.pop(key, None)
     saved = save_checkpoint(out_dir, read_meta(path)["step"], model, optimizer, meta, keep_last=10**6)

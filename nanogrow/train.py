@@ -20,18 +20,21 @@ from . import dist_utils
 from .backend import ZeroBackend
 from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint,
                          load_checkpoint, read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
-from .config import RunConfig, StageConfig, changes_parameters, eval_seq_len, lag_candidates
+from .config import (ConfigError, RunConfig, StageConfig, changes_parameters, eval_seq_len, fit_warmup, from_accelerate,
+                     lag_candidates)
 from .data import TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
 from .grow.learned import LearnedPlan, fit
 from .grow.optim import drop_wd_scales
 from .lag import select, select_halving
 from .lag_parallel import check_world, lag_groups, select_across_groups
+from .logs import RunLog
 from .metrics import ThroughputMeter, device_peak_flops
 from .model import ModelConfig, Transformer, build_model
 from .offline import grow_checkpoint  # noqa: F401  (re-exported: nanogrow.train.grow_checkpoint)
-from .parallel import grow_parallel, make_mesh, parallelize, reshard, unwrap
+from .parallel import grad_sync, grow_parallel, make_mesh, parallelize, reshard, unwrap
 from .schedule import stage_layouts, stage_start_steps
+from .tracking import Trackers
 from .triggers import CurvatureTrigger, GradientTrigger, Observation, make_trigger, trigger_from_state
 
 
@@ -54,16 +57,23 @@ def lr_at(step: int, t) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: str | None = None, log=print, overwrite: bool = False):
+    def __init__(self, cfg: RunConfig, resume: str | None = None, log=None, overwrite: bool = False):
+        """``log``: a callable for the console lines (default: the "nanogrow.train" logger, rank 0); every line
+        also goes to ``out_dir/train.log`` on rank 0."""
+        launcher_note = from_accelerate(cfg.train)  # accelerate launch --use_deepspeed: the ZeRO stage it names
         cfg.validate()
         self.cfg, self.t = cfg, cfg.train
+        _check_device(cfg)
         self.device = dist_utils.pick_device(self.t.device)
         dist_utils.init_from_env(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.dp_group = None  # the data-parallel process group (None: the world; LAG groups narrow it)
         check_world(cfg.stage, self.world)  # LAG across process groups: G must divide the world
-        self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.out_dir = Path(self.t.out_dir)
+        console = None if log is None else (log if self.rank == 0 else (lambda *a, **k: None))
+        self.log = RunLog(self.out_dir, console=console, rank=self.rank)
+        self._check_global_batch()
+        warmup_note = fit_warmup(self.t)
 
         # Everything that can be wrong is checked here, before a single FLOP is spent.
         self._claim_out_dir(resume, overwrite)
@@ -71,6 +81,9 @@ class Trainer:
         meta = read_meta(ckpt) if ckpt else None
         if meta:
             self._check_compatible(meta, ckpt)
+        for note in (launcher_note, warmup_note):
+            if note:
+                self.log(note)
         self.model_config: ModelConfig = (ModelConfig(**meta["model_config"]) if meta else cfg.model).resolved()
         self.seq_len = cfg.data.seq_len
         self.micro_batch = self.t.micro_batch
@@ -90,7 +103,8 @@ class Trainer:
         self.growth_lr = GrowthLR(g.lr_policy, g.rewarm_steps if g.lr_policy != "continue" else 0,
                                   g.rewarm_start, peak_step=self.t.warmup_steps)
         self.ramp: MaskRamp | None = None
-        self.stage_stats: list[dict] = [_new_stage_stats(0, 0, self.model_config, self.seq_len, self.micro_batch)]
+        self.meter = ThroughputMeter(device_peak_flops(self.device), self.world)
+        self.stage_stats: list[dict] = [self._new_stage_stats(0, 0)]
 
         torch.manual_seed(self.t.seed)
         self.parallel = self.t.parallel if self.t.parallel != "auto" else ("ddp" if self.world > 1 else "none")
@@ -111,7 +125,6 @@ class Trainer:
         self._nonfinite_streak, self._loss_avg, self._quiet_until = 0, None, 0
         self.trigger = self._make_trigger()
         self.history: list[dict] = []  # growth events and evaluations, in order
-        self.meter = ThroughputMeter(device_peak_flops(self.device), self.world)
         if meta:
             self.stage_index = meta.get("stage_index", 0)
             if self.zero is None:  # (ZeroBackend.start has loaded the checkpoint)
@@ -127,6 +140,7 @@ class Trainer:
             self.growth_lr = GrowthLR.from_state_dict(meta["growth_lr"]) if "growth_lr" in meta else self.growth_lr
             self.ramp = MaskRamp.from_dict(meta["ramp"]) if meta.get("ramp") else None
             self.stage_stats = meta.get("stage_stats", self.stage_stats)
+            self._continue_stage_stats()
             self.trigger = trigger_from_state(meta["trigger"]) if meta.get("trigger") else self._make_trigger()
             self._set_stage_batch()
             if meta.get("seq_len", self.seq_len) != self.seq_len or \
@@ -137,8 +151,11 @@ class Trainer:
             self.log(f"resumed from {ckpt} at step {self.step} ({self.meter.total_tokens:,} tokens, "
                      f"stage {self.stage_index})")
         self.autocast = self._autocast()
-        self._loggers = self._external_loggers()
+        self.grad_norm: float | None = None  # the last step's global gradient norm (before clipping)
+        self.trackers = Trackers(self.out_dir, self.rank, self.t, cfg.to_dict(),
+                                 resume_step=self.step if meta else None)
         self._fit_steps_to_flops()
+        self._warn_dropped_stages()
 
     def _fit_steps_to_flops(self) -> None:
         """With train.max_flops: the step count that spends what is left of the budget at the current stage's cost
@@ -159,6 +176,8 @@ class Trainer:
                 f"train.out_dir {str(self.out_dir)!r} already holds checkpoints ({existing[0].name} ... "
                 f"{existing[-1].name}) of an earlier run; continue it with `--resume auto`, or start afresh with "
                 f"`--overwrite` (deletes them), or set another train.out_dir")
+        if resume is None:
+            self.log.start_afresh()
         if self.rank == 0:
             if existing and resume is None and overwrite:
                 remove_checkpoints(self.out_dir, log=self.log)
@@ -194,7 +213,7 @@ class Trainer:
             return [{k: getattr(st, k)} for st in self.stages for k in ("at_step", "at_tokens", "at_flops")
                     if getattr(st, k) >= 0]
         # Each stage's own tokens per step and FLOPs per token (its micro-batch, sequence length and shape).
-        tps = [lay.tokens_per_step(self.world, self.t.grad_accum) for lay in self.layouts]
+        tps = [lay.tokens_per_step(self.world, self._accum(lay.micro_batch)) for lay in self.layouts]
         fpt = [lay.flops_per_token() for lay in self.layouts]
         starts = stage_start_steps(g.schedule, self.t.max_steps, tps, fpt, g.exp_ratio)
         return [{"at_step": s} for s in starts]
@@ -204,6 +223,7 @@ class Trainer:
         max_seq_len). The loader keeps its global position: the next batch starts at the token after the last
         one consumed, whatever the new shape."""
         lay = self.layouts[self.stage_index]
+        self.t.grad_accum = self._accum(lay.micro_batch)
         if (lay.micro_batch, lay.seq_len) != (self.micro_batch, self.seq_len):
             self.micro_batch, self.seq_len = lay.micro_batch, lay.seq_len
             self.loader.set_batch_shape(micro_batch=lay.micro_batch, seq_len=lay.seq_len)
@@ -240,25 +260,65 @@ class Trainer:
             return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext
 
-    def _external_loggers(self) -> list:
-        loggers = []
-        if self.rank != 0:
-            return loggers
-        if self.t.wandb:
-            try:
-                import wandb
-                wandb.init(project="nanogrow", config=self.cfg.to_dict(), dir=str(self.out_dir))
-                loggers.append(lambda d, step: wandb.log(d, step=step))
-            except ImportError:
-                self.log("train.wandb=true but wandb is not installed; skipping")
-        if self.t.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(str(self.out_dir / "tb"))
-                loggers.append(lambda d, step: [writer.add_scalar(k, v, step) for k, v in d.items()])
-            except ImportError:
-                self.log("train.tensorboard=true but tensorboard is not installed; skipping")
-        return loggers
+    # ---- batch size, stages that cannot run, per-stage statistics -------------------------------------------------
+    def _accum(self, micro_batch: int) -> int:
+        """Micro-steps per optimizer step: derived from train.global_batch (sequences over all ranks) when set."""
+        if not self.t.global_batch:
+            return self.t.grad_accum
+        return self.t.global_batch // (self.world * micro_batch)
+
+    def _check_global_batch(self) -> None:
+        """train.global_batch must split into world x micro_batch x grad_accum for every stage's micro-batch."""
+        if not self.t.global_batch:
+            return
+        for mb in sorted({self.t.micro_batch} | {st.micro_batch for st in self.cfg.stage if st.micro_batch}):
+            if self.t.global_batch % (self.world * mb):
+                raise ConfigError(f"train.global_batch={self.t.global_batch} cannot be met with world size "
+                                  f"{self.world} x micro_batch {mb}: it must be a multiple of their product "
+                                  f"{self.world * mb} (sequences per optimizer step = world x micro_batch x "
+                                  f"grad_accum)")
+        self.t.grad_accum = self._accum(self.t.micro_batch)
+
+    def _warn_dropped_stages(self) -> None:
+        """Stages that start at or after train.max_steps never run (say, after --set train.max_steps=40 on the
+        demo): name them. at_tokens / at_flops marks are placed with each stage's own tokens per step and FLOPs
+        per token; triggered stages cannot be foreseen."""
+        if self.cfg.growth.schedule != "manual" and not self.stage_starts:
+            return
+        step, tokens, flops, dropped = self.step, self.meter.total_tokens, self.meter.total_flops, []
+        for i in range(self.stage_index, len(self.stages)):
+            st, lay, when = self.stages[i], self.layouts[i], self.stage_starts[i] if i < len(self.stage_starts) else {}
+            tps = lay.tokens_per_step(self.world, self._accum(lay.micro_batch))
+            fps = tps * lay.flops_per_token()
+            if st.trigger != "schedule" or not when:
+                break
+            (kind, mark), = when.items()
+            at = {"at_step": lambda: mark, "at_tokens": lambda: step + math.ceil((mark - tokens) / tps),
+                  "at_flops": lambda: step + math.ceil((mark - flops) / fps)}[kind]()
+            at = max(at, step)
+            if at >= self.t.max_steps:
+                dropped.append(f"stage {i + 1} ({kind} {mark:g})" if kind != "at_step" else f"stage {i + 1} "
+                               f"(at_step {mark})")
+                continue
+            tokens, flops, step = tokens + (at - step) * tps, flops + (at - step) * fps, at
+        if dropped:
+            self.log(f"warning: train.max_steps={self.t.max_steps} ends before {', '.join(dropped)} would start: "
+                     f"{'it' if len(dropped) == 1 else 'they'} will never run (raise train.max_steps or move the "
+                     f"stage with --set stage.N.at_step=...)")
+
+    def _new_stage_stats(self, stage: int, start_step: int) -> dict:
+        """A row of per-stage statistics, with the shape, world size and peak FLOP/s it runs at (MFU of a stage
+        is computed with its own peak, whatever the run's world size later)."""
+        return _new_stage_stats(stage, start_step, self.model_config, self.seq_len, self.micro_batch,
+                                world=self.world, peak=self.meter.peak)
+
+    def _continue_stage_stats(self) -> None:
+        """On resume: a stage continued at another world size, shape or peak gets a row of its own from here."""
+        last = self.stage_stats[-1]
+        now = self._new_stage_stats(self.stage_index, self.step)
+        if any(last.get(k) != now[k] for k in ("world", "peak_flops", "shape")):
+            now["resumed"] = True
+            self.stage_stats.append(now)
 
     # ---- the step -------------------------------------------------------------------------------------------
     def tokens_per_step(self) -> int:
@@ -287,13 +347,17 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if probe:
                 batches.append((x, y))
-            with self.autocast():
-                loss = self.model(x, y) / self.t.grad_accum
-            if self.zero is not None:
-                self.zero.backward(loss)
-                self.zero.step()  # reduce, clip and step at the accumulation boundary only
-            else:
-                loss.backward()
+            # Gradients are reduced over ranks once per step, on the last micro-batch (DDP no_sync, FSDP2
+            # set_requires_gradient_sync); the others accumulate locally. The gradient trigger reads the first
+            # micro-batch's gradient, which must be the same on every rank, so that one is reduced too.
+            with grad_sync(self.model, micro == self.t.grad_accum - 1 or (want_noise and micro == 0)):
+                with self.autocast():
+                    loss = self.model(x, y) / self.t.grad_accum
+                if self.zero is not None:
+                    self.zero.backward(loss)
+                    self.zero.step()  # reduce, clip and step at the accumulation boundary only
+                else:
+                    loss.backward()
             loss_sum += loss.item()
             if want_noise and micro == 0:
                 grad_sq_small = _grad_sq(self.model) * self.t.grad_accum ** 2
@@ -303,6 +367,7 @@ class Trainer:
             params = [p for p in self.model.parameters() if p.grad is not None]
             before = [p.detach().clone() for p in params] if probe else None
             norm = _grad_norm(self.model, self.t.grad_clip)  # global (reduced) norm: every rank decides alike
+            self.grad_norm = norm
             if self._finite_step(loss_sum, norm):
                 self.optimizer.step()
                 if probe:  # clipping scaled the gradient by 1 / unclip; the probe wants the true one
@@ -310,7 +375,8 @@ class Trainer:
                     decrease = self._probe_decrease(params, before, unclip, batches, loss_sum)
             self.optimizer.zero_grad(set_to_none=True)
         else:  # DeepSpeed has stepped already: a bad step cannot be skipped, only stopped at
-            self._finite_step(loss_sum, float(self.zero.engine.get_global_grad_norm() or 0.0), can_skip=False)
+            self.grad_norm = float(self.zero.engine.get_global_grad_norm() or 0.0)
+            self._finite_step(loss_sum, self.grad_norm, can_skip=False)
         tokens, fpt = self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len)
         self.meter.add(tokens, fpt)
         if probe:
@@ -424,6 +490,7 @@ class Trainer:
         if fit:
             plan = self._fit_learned(plan)
         if self.zero is not None:
+            self.t.grad_accum = self._accum(st.micro_batch or self.micro_batch)  # the new engine's accumulation
             self.model = self.zero.grow(plan, st.optimizer or g.optimizer, st.micro_batch or self.micro_batch)
             self.optimizer = self.zero.optimizer
         else:
@@ -478,8 +545,7 @@ class Trainer:
         """The stage counter, its batch shape and context, and a fresh row of per-stage statistics."""
         self.stage_index += 1
         self._set_stage_batch()
-        self.stage_stats.append(_new_stage_stats(self.stage_index, self.step, self.model_config, self.seq_len,
-                                                 self.micro_batch))
+        self.stage_stats.append(self._new_stage_stats(self.stage_index, self.step))
 
     def grow_next_stage(self) -> dict:
         """Apply the next stage's growth plan in place (weights, optimizer state, ages, masks), log the event and
@@ -514,6 +580,10 @@ class Trainer:
         if lag_record:
             event["lag"] = lag_record
         self.history.append(event)
+        self.trackers.log({"kind": "grow", "step": self.step, "tokens": event["tokens"], "flops": event["flops"],
+                           "stage": i, "params_before": event["params_before"], "params_after": event["params_after"],
+                           "val_loss_before": before, "val_loss_after": after,
+                           "op": plan.op if plan is not None else None, "seconds": seconds})
         self.trigger = self._make_trigger()
         self._fit_steps_to_flops()
         what = plan.describe().splitlines()[0] if plan is not None else "no parameter change"
@@ -700,14 +770,18 @@ class Trainer:
             last_loss = loss
             self._watch_loss(last_loss)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
+                last_loss = dist_utils.all_reduce_mean(last_loss, self.device)  # the global batch's, not rank 0's
                 w = self.meter.window()
                 elapsed = time.perf_counter() - start
                 eta = elapsed / max(1, self.step - start_step) * (t.max_steps - self.step)
                 self.log(f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | "
                          f"lr {self.current_lr(self.step - 1):.2e} | {w['tokens_per_s']:,.0f} tok/s | "
                          f"mfu {100 * w['mfu']:.2f}% | eta {_hms(eta)}")
-                for emit in self._loggers:
-                    emit({"train/loss": last_loss, "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"]}, self.step)
+                self.trackers.log({"kind": "train", "step": self.step, "tokens": self.meter.total_tokens,
+                                   "flops": self.meter.total_flops, "loss": last_loss,
+                                   "lr": self.current_lr(self.step - 1), "grad_norm": self.grad_norm,
+                                   "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"], "stage": self.stage_index,
+                                   "params": self.model_config.num_params(), "seconds": round(elapsed, 3)})
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
                 val_loss = self.evaluate()
                 self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
@@ -715,8 +789,8 @@ class Trainer:
                                      "seconds": round(time.perf_counter() - start, 3)})
                 self.stage_stats[-1]["val_loss"] = val_loss
                 self.log(f"step {self.step:>6} | val loss {val_loss:.4f} | {self.meter.total_flops:.3e} FLOPs")
-                for emit in self._loggers:
-                    emit({"val/loss": val_loss}, self.step)
+                self.trackers.log({"kind": "eval", "step": self.step, "tokens": self.meter.total_tokens,
+                                   "flops": self.meter.total_flops, "val_loss": val_loss, "stage": self.stage_index})
                 self.meter.reset_window()  # evaluation time is not training throughput
             if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.max_steps:
                 self.save()
@@ -724,6 +798,8 @@ class Trainer:
             val_loss = self.evaluate()
             self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
                                  "flops": self.meter.total_flops, "val_loss": val_loss})
+            self.trackers.log({"kind": "eval", "step": self.step, "tokens": self.meter.total_tokens,
+                               "flops": self.meter.total_flops, "val_loss": val_loss, "stage": self.stage_index})
         self.save()
         summary = {"steps": self.step, "train_loss": last_loss, "val_loss": val_loss,
                    "tokens": self.meter.total_tokens, "flops": self.meter.total_flops,
@@ -733,24 +809,60 @@ class Trainer:
             self.log(self.stage_table())
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.trackers.close()
+        self._plot()
         self.log(f"done: {summary['steps']} steps, val loss {val_loss:.4f}, {summary['tokens']:,} tokens, "
                  f"{summary['flops']:.3e} FLOPs, {summary['seconds']:.1f} s")
         return summary
 
 
+    def _plot(self) -> None:
+        """out_dir/loss.png from metrics.jsonl (rank 0; train.plot)."""
+        if self.rank != 0 or not self.t.plot:
+            return
+        from .plot import have_matplotlib, plot_runs
+        if not have_matplotlib():
+            self.log("note: matplotlib is not installed, so no loss.png (pip install matplotlib; "
+                     "`nanogrow plot RUN_DIR` draws it later)")
+            return
+        self.log(f"wrote {plot_runs([self.out_dir], self.out_dir / 'loss.png')}")
+
     def stage_table(self) -> str:
-        peak = self.meter.peak
-        rows = ["stage | from step | shape (L x d, ff, heads) | seq x mb | params | steps | tokens | FLOPs | tok/s | "
-                "MFU | val loss"]
+        rows = ["stage | from step | shape (L x d, ff, heads) | seq x mb | world | params | steps | tokens | FLOPs | "
+                "tok/s | MFU | val loss"]
+        notes = set()
         for st in self.stage_stats:
+            peak = st.get("peak_flops") or self.meter.peak  # the stage's own peak (older checkpoints: the run's)
             tps = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
             mfu = st["flops"] / st["seconds"] / peak if st["seconds"] and peak else 0.0
             batch = f"{st.get('seq_len', '?')} x {st.get('micro_batch', '?')}"
-            rows.append(f"{st['stage']:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | "
+            mark = "g" if st.get("offline") else ("r" if st.get("resumed") else "")
+            notes.add(mark)
+            rows.append(f"{str(st['stage']) + mark:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | "
+                        f"{st.get('world', '?'):>5} | "
                         f"{st['params']:>10,} | {st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | "
                         f"{tps:>7,.0f} | "
                         f"{100 * mfu:4.1f}% | {_fmt(st.get('val_loss'))}")
+        if "g" in notes:
+            rows.append("g: the same stage after an offline `nanogrow grow` (new shape)")
+        if "r" in notes:
+            rows.append("r: the same stage resumed at another world size or peak")
         return "\n".join(rows)
+
+
+def _check_device(cfg: RunConfig) -> None:
+    """A device or kernel backend this machine cannot give is a config error, before anything is built."""
+    t, kernels = cfg.train, cfg.model.kernels
+    if t.device.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build that sees no GPU"
+        raise ConfigError(f"train.device={t.device!r} but torch {torch.__version__} is {build}; use train.device="
+                          f"'auto' or 'cpu' (or install a CUDA torch on a GPU machine)")
+    if kernels == "triton":
+        from . import kernels as K
+        try:
+            K.resolve(kernels, dist_utils.pick_device(t.device) if t.device != "auto" else None)
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _grad_norm(model: torch.nn.Module, clip: float) -> float:
@@ -770,9 +882,9 @@ def _grad_sq(model: torch.nn.Module) -> float:
 
 
 def _new_stage_stats(stage: int, start_step: int, c: ModelConfig, seq_len: int | None = None,
-                     micro_batch: int | None = None) -> dict:
+                     micro_batch: int | None = None, world: int | None = None, peak: float | None = None) -> dict:
     return {"stage": stage, "start_step": start_step, "params": c.num_params(), "seq_len": seq_len,
-            "micro_batch": micro_batch,
+            "micro_batch": micro_batch, "world": world, "peak_flops": peak,
             "shape": f"{c.n_layer} x {c.d_model}, {c.d_ff}, {c.n_head}/{c.n_kv_head}",
             "steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": None}
 

@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(session, config, items):
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """~120k train tokens of the King James Bible, byte-level BPE with 512 tokens, 8k val tokens."""
-    from data_prep.prepare import prepare
+    from nanogrow.data_prep.prepare import prepare
 
     out = tmp_path_factory.mktemp("demo_data")
     prepare("demo", out, tokenizer="bpe:512", max_tokens=120_000, val_tokens=8_192, shard_tokens=40_000,

@@ -10,7 +10,8 @@ def write(tmp_path, text):
 
 
 def test_demo_and_gpt2_configs_load():
-    for name in ("configs/demo.toml", "configs/gpt2-small.toml", "configs/recipe-8x96.toml"):
+    for name in ("configs/demo.toml", "configs/gpt2-small.toml", "configs/gpt2-small-grow.toml",
+                 "configs/recipe-8x96.toml"):
         cfg = load_config(name)
         assert cfg.model.n_layer > 0
 
@@ -58,3 +59,60 @@ def test_bad_override_is_named():
         load_config(None, ["train.nope=1"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["train.lr"])
+
+
+def test_set_reaches_stage_keys():
+    cfg = load_config("configs/demo.toml", ["stage.1.at_step=50", "stage.2.shape.n_layer=6", "stage.2.op='identity'"])
+    assert cfg.stage[0].at_step == 50 and cfg.stage[1].shape == {"n_layer": 6} and cfg.stage[1].op == "identity"
+    # one past the last adds a stage; setting at_tokens replaces the stage's at_step
+    cfg = load_config("configs/demo.toml", ["stage.3.at_step=250", "stage.3.shape.n_layer=10",
+                                            "stage.2.at_tokens=400000"])
+    assert len(cfg.stage) == 3 and cfg.stage[2].shape == {"n_layer": 10}
+    assert cfg.stage[1].at_tokens == 400000 and cfg.stage[1].at_step == -1
+
+
+@pytest.mark.parametrize("item,match", [
+    ("stage.0.at_step=5", r"stage 0 is the starting model.*stage.1 .. stage.2"),
+    ("stage.4.at_step=5", r"the config has 2 \[\[stage\]\] table\(s\).*stage.3 adds one"),
+    ("stage.x.at_step=5", r"expected stage.N.key=value"),
+    ("stage.1.shape.n_layr=5", r"stage\[1\].shape has unknown key 'n_layr'"),
+    ("stage.1.at_step=500", r"stage at_step values must strictly increase"),
+])
+def test_bad_stage_override_is_named(item, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("configs/demo.toml", [item])
+
+
+def test_bundled_configs_resolve_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout: configs/demo.toml is not a file here
+    for name in ("demo", "demo.toml", "configs/demo.toml", "bench/speedup-cpu"):
+        assert load_config(name).model.n_layer > 0
+    with pytest.raises(ConfigError, match=r"'nope' does not exist.*bundled: .*demo.*nanogrow configs"):
+        load_config("nope")
+
+
+def test_global_batch_must_split_into_micro_batches():
+    with pytest.raises(ConfigError, match=r"train.global_batch=12 is not a multiple of the micro-batch 8"):
+        load_config("configs/demo.toml", ["train.global_batch=12"])
+    with pytest.raises(ConfigError, match=r"global_batch=16 and train.grad_accum=2 are both set"):
+        load_config("configs/demo.toml", ["train.global_batch=16", "train.grad_accum=2"])
+
+
+def test_accelerate_deepspeed_launch_sets_the_zero_stage(tmp_path):
+    from nanogrow.config import TrainConfig, from_accelerate
+
+    t = TrainConfig()
+    assert from_accelerate(t, {}) is None and t.parallel == "auto"
+    note = from_accelerate(t, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    assert t.parallel == "deepspeed" and t.zero_stage == 2 and "from --zero_stage" in note
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}')
+    t = TrainConfig()
+    from_accelerate(t, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})
+    assert t.parallel == "deepspeed" and t.zero_stage == 3
+    t = TrainConfig(parallel="fsdp")
+    assert "the config wins" in from_accelerate(t, {"ACCELERATE_USE_DEEPSPEED": "true"}) and t.parallel == "fsdp"
+    ds.write_text("not json")
+    with pytest.raises(ConfigError, match="ds.json.*zero_optimization.stage"):
+        from_accelerate(TrainConfig(), {"ACCELERATE_USE_DEEPSPEED": "true",
+                                        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})

@@ -145,6 +145,12 @@ def test_grow_checkpoint_offline_then_resume(demo_data, tmp_path, capsys):
     st = resumed.optimizer.state[resumed.model.layers["1"].attn.wq.weight]
     assert torch.equal(st["exp_avg"], trainer.optimizer.state[trainer.model.layers["0"].attn.wq.weight]["exp_avg"])
     assert [resumed.train_step() for _ in range(2)]
+    # the stage statistics describe the grown model from the growth on (its own row, marked g in the table)
+    rows = resumed.stage_stats
+    assert [(r["stage"], r["steps"], r["shape"][:1], bool(r.get("offline"))) for r in rows] == \
+        [(0, 3, "1", False), (0, 2, "2", True)]
+    assert rows[1]["params"] == resumed.model_config.num_params() > rows[0]["params"]
+    assert "\n   0g | " in resumed.stage_table()
 
 
 def test_grow_cli_rejects_bad_input_before_writing(demo_data, tmp_path, capsys):

@@ -142,6 +142,11 @@ def test_export_matches_transformers_logits_greedy_and_tokenizer(tmp_path, data_
     assert tok("w5 w17 w3")["input_ids"] == [5, 17, 3]
     assert tok.eos_token == tok.bos_token == "<|endoftext|>"
     assert hf.config.eos_token_id == hf.config.bos_token_id == 0
+    assert tok.model_max_length == model.config.max_seq_len
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == \
+        {f.name: 0o666 & ~mask for f in out.iterdir()}  # safetensors alone would write model.safetensors 0600
 
 
 def test_bf16_export_holds_the_rounded_weights(tmp_path):

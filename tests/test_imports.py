@@ -17,14 +17,15 @@ PACKAGE = ROOT / "nanogrow"
 # Lowest first. A module belongs to the first entry that is it or a package above it.
 LAYERS = [
     ("base", ["nanogrow", "nanogrow.dist_utils", "nanogrow.errors", "nanogrow.integrity", "nanogrow.kernels",
-              "nanogrow.metrics", "nanogrow.safe_dcp", "nanogrow.data"]),
+              "nanogrow.metrics", "nanogrow.safe_dcp", "nanogrow.data", "nanogrow.logs", "nanogrow.tracking",
+              "nanogrow.plot"]),
     ("model", ["nanogrow.model"]),
     ("grow", ["nanogrow.grow"]),
     ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),
     ("parallel", ["nanogrow.parallel"]),
     ("checkpoint", ["nanogrow.checkpoint", "nanogrow.offline"]),
     ("train", ["nanogrow.backend", "nanogrow.lag_parallel", "nanogrow.train"]),
-    ("apps", ["nanogrow.bench", "nanogrow.cli", "nanogrow.hf", "nanogrow.handbook"]),
+    ("apps", ["nanogrow.bench", "nanogrow.cli", "nanogrow.hf", "nanogrow.handbook", "nanogrow.data_prep"]),
 ]
 
 

@@ -50,6 +50,14 @@ def test_fsdp_ddp_hsdp_training_matches_single_process():
 
 
 @pytest.mark.slow
+def test_no_sync_accumulation_gives_the_synced_gradients():
+    """DDP and FSDP2 reduce gradients once per optimizer step (the last micro-batch), and the gradients equal those
+    of a reduction on every micro-batch (tests/dist/tolerance.py: grad_tol)."""
+    out = torchrun(2, "nosync", "ddp,fsdp").stdout
+    assert out.count("OK nosync") == 2
+
+
+@pytest.mark.slow
 def test_fsdp_growth_matches_single_process():
     """stack (whole copies shard to shard), zero / msg width (gathered), joint (both), policies map+age, map, reset:
     exactly grow()'s full weights, moments and ages; the next steps' losses within 1e-5."""

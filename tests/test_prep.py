@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from data_prep import prepare as prep_mod
-from data_prep.prepare import main, prepare
-from data_prep.sources import iter_documents
-from data_prep.tokenizer import load_tokenizer
+from nanogrow.data_prep import prepare as prep_mod
+from nanogrow.data_prep.prepare import main, prepare
+from nanogrow.data_prep.sources import iter_documents
+from nanogrow.data_prep.tokenizer import load_tokenizer
 from nanogrow.data import TokenLoader, list_shards, open_shard, read_meta, val_batches
 
 DOCS = [f"Document {i}: the {w} fox jumps over {i * 7} lazy dogs.\nSecond line of {w}." for i, w in
@@ -182,3 +182,34 @@ def test_cli_demo_end_to_end_and_overwrite(tmp_path, capsys):
     assert main(argv) == 1 and "not empty; pass --overwrite" in capsys.readouterr().err
     (out / "notes.txt").write_text("mine")
     assert main(argv + ["--overwrite"]) == 0 and (out / "notes.txt").read_text() == "mine"
+
+
+def test_txt_is_one_document_unless_split_is_asked(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("First paragraph,\nstill first.\n\nSecond paragraph.\n")
+    assert len(list(iter_documents([str(p)]))) == 1
+    assert len(list(iter_documents([str(p)], txt_split="paragraph"))) == 2
+    assert len(list(iter_documents([str(p)], txt_split="line"))) == 3
+    with pytest.raises(ValueError, match="txt_split='words'"):
+        iter_documents([str(p)], txt_split="words")
+
+
+def test_fineweb_offline_fails_at_once_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import socket
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    assert main(["--source", "fineweb", "--out", str(tmp_path / "a")]) == 1
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+
+    def unreachable(*a, **k):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    assert main(["--source", "fineweb", "--out", str(tmp_path / "b")]) == 1
+    assert "huggingface.co, which cannot be reached" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "b").exists()

@@ -183,3 +183,26 @@ def test_curvature_trigger_probes_count_their_flops_and_grow_the_model(demo_data
     assert trainer.model_config.n_layer == 4
     event = trainer.history[-1]
     assert event["trigger"]["kind"] == "curvature" and event["trigger"]["probes"] == 2
+
+
+def test_stages_past_max_steps_are_named_and_warmup_is_fitted(demo_data, tmp_path):
+    from helpers import with_stages
+
+    lines = []
+    cfg = with_stages(tiny_run_config(demo_data, tmp_path, max_steps=8, warmup_steps=20),
+                      [{"at_step": 4, "shape": {"n_layer": 3}}, {"at_step": 8, "shape": {"n_layer": 4}},
+                       {"at_tokens": 10**6, "shape": {"n_layer": 5}}], rewarm_steps=2)
+    trainer = Trainer(cfg, log=lines.append)
+    text = "\n".join(lines)
+    assert "warmup_steps=20 is not below train.max_steps=8; warming up over 0 steps" in text
+    assert trainer.t.warmup_steps == 0
+    assert ("train.max_steps=8 ends before stage 2 (at_step 8), stage 3 (at_tokens 1e+06) would start: they will "
+            "never run") in text
+    assert "stage 1" not in text.split("ends before")[1]
+
+
+def test_global_batch_derives_accumulation(demo_data, tmp_path):
+    trainer = Trainer(tiny_run_config(demo_data, tmp_path, global_batch=12, micro_batch=4), log=lambda *_: None)
+    assert trainer.t.grad_accum == 3 and trainer.tokens_per_step() == 12 * 64
+    trainer.train_step()
+    assert trainer.meter.total_tokens == 12 * 64

@@ -134,7 +134,7 @@ def ensure_data(study: Study, log) -> None:
         return
     if not study.prep:
         raise FileNotFoundError(f"{d} does not exist and {study.path} has no study.prep to make it")
-    from data_prep.prepare import main as prep_main
+    from ..data_prep.prepare import main as prep_main
     log(f"preparing {d}: nanogrow prep {' '.join(study.prep)} --out {d}")
     prep_main([*study.prep, "--out", str(d)])
 

@@ -11,7 +11,9 @@ would only cost time and break the fp32 equality the tests check.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -84,8 +86,12 @@ def parallelize(model: nn.Module, backend: str = "none", mesh=None, mixed_precis
 
     dev = next(model.parameters()).device
     # No buffer broadcast: RoPE tables and fade-in masks are computed identically on every rank, and a mask that
-    # MaskRamp replaces would not be in DDP's cached buffer list anyway.
-    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    # MaskRamp replaces would not be in DDP's cached buffer list anyway. (torch 2.13 deprecates the flag in favour
+    # of forward_sync_buffers, which still broadcasts at init and is absent from older releases: keep the flag,
+    # without its FutureWarning on every rank.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
+        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
 
 def backend_of(model: nn.Module) -> str:
@@ -99,6 +105,28 @@ def backend_of(model: nn.Module) -> str:
     if "deepspeed" in sys.modules and isinstance(model, sys.modules["deepspeed"].DeepSpeedEngine):
         return "deepspeed"  # (checked only once deepspeed is imported: it is optional and slow to import)
     return "none"
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, sync: bool = True):
+    """Backward passes inside this block reduce gradients over ranks only if ``sync``: otherwise they accumulate
+    locally (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``: unsharded gradients are kept until a
+    synced backward reduces the sum). For gradient accumulation: sync only the last micro-batch, one reduction
+    per optimizer step instead of one per micro-batch. A no-op for one process and for DeepSpeed (which reduces
+    at its own accumulation boundary)."""
+    backend = backend_of(model)
+    if sync or backend not in ("ddp", "fsdp"):
+        yield
+        return
+    if backend == "ddp":
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

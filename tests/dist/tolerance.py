@@ -18,7 +18,12 @@ step (1e-3 * |w|: 1e-4 after 4 steps on a unit gain).
 Losses are O(ln vocab) ~ 4, where one fp32 ulp is 2**-21 (4.8e-7). They differ by the reduction order of the loss
 itself (a few ulps) plus the first-order effect of the weight drift above, which stays within a few ulps per step at
 these sizes: the tolerance is LOSS_ULPS_PER_STEP ulps per step (measured: 9.5e-7 after 8 steps at 3 ranks; a missed
-all-reduce: 3.8e-2)."""
+all-reduce: 3.8e-2).
+
+Gradients accumulated with a reduction on every micro-batch vs once at the end add the same n = world x accum
+terms g_i (each computed identically in both runs) in two orders; each order's sum is within (n - 1) u sum|g_i|
+of the exact one, and the average over ranks divides by the world size (exact for a power of two), so they differ
+by at most 2 (n - 1) u sum|g_i| / world, element by element. A missed reduction is off by O(|g|)."""
 
 from __future__ import annotations
 
@@ -35,3 +40,9 @@ def state_tol(lr: float, steps: int) -> float:
 def loss_tol(steps: int) -> float:
     """Largest allowed |difference| of a training loss after ``steps`` optimizer steps (losses of order 4)."""
     return LOSS_ULPS_PER_STEP * LOSS_ULP * max(steps, 1)
+
+
+def grad_tol(abs_sum, n_terms: int, world: int):
+    """Largest allowed |difference|, element by element, of two accumulated gradients that add the same
+    ``n_terms`` terms in different orders; ``abs_sum`` is the sum of the terms' absolute values (tensor or float)."""
+    return 2 * max(n_terms - 1, 1) * 2.0 ** -24 * abs_sum / world

@@ -147,6 +147,57 @@ def _train(backend: str, steps: int):
         print(f"OK train {backend}: {steps} steps, max loss diff {diff:.2e}, max state diff {w:.2e}")
 
 
+def mode_nosync(backends: str, accum: int = 3):
+    """Gradient accumulation with the reduction skipped on all but the last micro-batch (grad_sync(model, False),
+    as the Trainer does) gives the gradients of a reduction on every micro-batch, up to summation order, with
+    1/accum of the reductions (DDP: counted through a comm hook; FSDP2: no sharded gradient before the last)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from nanogrow.parallel import grad_sync
+    from tolerance import grad_tol
+
+    cfg = tiny_config()
+    n = GLOBAL_BATCH // world()
+    xs = [batch(cfg, 2000 + m, batch_size=GLOBAL_BATCH)[rank() * n:(rank() + 1) * n] for m in range(accum)]
+    # sum over ranks and micro-batches of |g| (the terms both runs add up, in different orders)
+    plain = build_model(cfg, seed=0)
+    mags = {name: torch.zeros_like(p) for name, p in plain.named_parameters()}
+    for x in xs:
+        plain.zero_grad(set_to_none=True)
+        (plain(x[:, :-1].contiguous(), x[:, 1:].contiguous()) / accum).backward()
+        for name, p in plain.named_parameters():
+            mags[name] += p.grad.abs()
+    for t in mags.values():
+        dist.all_reduce(t)
+    for backend in backends.split(","):
+        grads, reductions = {}, {}
+        for mode in ("every", "last"):
+            model, _ = build(cfg, backend)
+            calls = [0]
+            if backend == "ddp":
+                model.register_comm_hook(None, lambda state, bucket: (calls.__setitem__(0, calls[0] + 1),
+                                                                      allreduce_hook(None, bucket))[1])
+            for m, x in enumerate(xs):
+                last = m == accum - 1
+                with grad_sync(model, mode == "every" or last):
+                    (model(x[:, :-1].contiguous(), x[:, 1:].contiguous()) / accum).backward()
+                if backend == "fsdp" and mode == "last" and not last:
+                    assert all(p.grad is None for p in model.parameters()), "fsdp: reduced before the last micro-batch"
+            grads[mode] = {name: full(p.grad).detach().clone() for name, p in unwrap(model).named_parameters()}
+            reductions[mode] = calls[0]
+        if backend == "ddp":
+            assert reductions["every"] == accum * reductions["last"] > 0, reductions
+        worst = 0.0
+        for name, g in grads["every"].items():
+            d = (g.double() - grads["last"][name].double()).abs()
+            tol = grad_tol(mags[name].double(), world() * accum, world())
+            assert (d <= tol).all(), f"{backend} {name}: differs by {d.max():.3g} (tol {tol.max():.3g})"
+            worst = max(worst, d.max().item())
+        if rank() == 0:
+            counted = f", reductions {reductions['every']} -> {reductions['last']}" if backend == "ddp" else ""
+            print(f"OK nosync {backend}: {accum} micro-batches, max grad diff {worst:.2e}{counted}")
+
+
 def mode_grow(backend: str, ops: str, policy: str = "map+age"):
     """``ops``: comma-separated operator names from PLANS, each optionally ``op:policy``."""
     for spec in ops.split(","):
