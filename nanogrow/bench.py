@@ -14,6 +14,7 @@ from .dist_utils import pick_device
 from .grow import make_optimizer
 from .metrics import cpu_matmul_peak_flops, device_peak_flops
 from .model import build_model
+from .parallel import compile_blocks
 from .schedule import stage_layouts
 from .train import Trainer
 
@@ -32,8 +33,8 @@ def throughput(cfg: RunConfig, warmup: int = 3, steps: int = 10, log=print) -> d
     mc = cfg.model.resolved()
     torch.manual_seed(t.seed)
     model = build_model(mc, device, seed=t.seed)
-    if t.compile:
-        model = torch.compile(model)
+    if t.compile:  # per block, as the Trainer compiles
+        compile_blocks(model)
     opt = make_optimizer(model, t)
     use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda")
     T, B = cfg.data.seq_len, t.micro_batch
