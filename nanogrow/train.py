@@ -21,7 +21,7 @@ from .backend import ZeroBackend
 from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint,
                          load_checkpoint, read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
 from .config import RunConfig, StageConfig, changes_parameters, eval_seq_len, lag_candidates
-from .data import TokenLoader, val_batches
+from .data import PrefetchLoader, TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
 from .grow.learned import LearnedPlan, fit
 from .lag import select
@@ -73,9 +73,12 @@ class Trainer:
         self.model_config: ModelConfig = (ModelConfig(**meta["model_config"]) if meta else cfg.model).resolved()
         self.seq_len = cfg.data.seq_len
         self.micro_batch = self.t.micro_batch
-        self.loader = TokenLoader(cfg.data.dir, "train", self.seq_len, self.micro_batch, rank=self.rank,
-                                  world_size=self.world, seed=cfg.data.seed, vocab_size=self.model_config.vocab_size,
-                                  shuffle_block=cfg.data.shuffle_block)
+        # The next batch is read (and pinned on CUDA) in a background thread while a step computes.
+        self.loader = PrefetchLoader(TokenLoader(cfg.data.dir, "train", self.seq_len, self.micro_batch, rank=self.rank,
+                                                 world_size=self.world, seed=cfg.data.seed,
+                                                 vocab_size=self.model_config.vocab_size,
+                                                 shuffle_block=cfg.data.shuffle_block),
+                                     pin=self.device.type == "cuda")
         # Validation at one fixed length for the whole run (see config.eval_seq_len): comparable across stages.
         self.val = val_batches(cfg.data.dir, eval_seq_len(cfg), self.t.eval_batch_size, self.t.eval_batches,
                                rank=self.rank, world_size=self.world, vocab_size=self.model_config.vocab_size)
