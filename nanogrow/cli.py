@@ -88,9 +88,13 @@ def cmd_bench(args) -> int:
     from . import bench, dist_utils
     from .config import load_config
 
-    tune_allocator()
+    if args.what == "gpu":  # one GPU, ~8 minutes, one table (on a machine without CUDA: says so, exit 0)
+        from .gpu_check import gpu_check
+        return gpu_check()
     if args.what == "grow":
         args.config = None  # bench grow uses its own model, whose operator shapes it is tied to
+    else:  # (bench grow sets the allocator itself: default for its times, exact RSS for its memory pass)
+        tune_allocator()
     cfg = load_config(args.config, args.overrides)
     if args.what == "throughput":
         bench.throughput(cfg, warmup=args.warmup, steps=args.steps)
@@ -266,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_handbook)
 
     p = sub.add_parser("bench", help="benchmarks that print numbers")
-    p.add_argument("what", choices=["throughput", "speedup", "stages", "lag", "grow"],
+    p.add_argument("what", choices=["throughput", "speedup", "stages", "lag", "grow", "gpu"],
                    help="throughput: tokens/s, MFU, peak memory of a config; speedup: scratch vs grown to the same "
-                        "loss; stages: tokens/s per growth stage vs the same shape static")
+                        "loss; stages: tokens/s per growth stage vs the same shape static; gpu: the one-GPU check "
+                        "(kernels, bf16 training, growth under FSDP2; launch/gpu_check.sh)")
     _config_args(p)
     p.add_argument("--warmup", type=int, default=3, help="throughput: steps before timing")
     p.add_argument("--steps", type=int, default=10, help="throughput/stages: timed steps")
