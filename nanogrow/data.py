@@ -476,7 +476,8 @@ class PrefetchLoader:
         return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
     def _prefetch(self) -> None:
-        self._pending = (self._pool.submit(self._read), self._position())
+        before = self._position()  # read before the reader starts: it moves the loader on
+        self._pending = (self._pool.submit(self._read), before)
 
     def _drop(self) -> None:
         """Forget the batch in flight and rewind the loader to before it."""

@@ -1,11 +1,18 @@
 """``train.compile``: the Trainer compiles each block, recompiles after a growth event, and a fade-in's masks
-(new values every step) do not force recompiles; losses match eager training to fp32 tolerance."""
+(new values every step) do not force recompiles; losses match eager training to fp32 tolerance.
+
+The compiled training runs in its own pytest process: once inductor has initialised Triton in this process, the
+kernel tests' Triton interpreter no longer runs their kernels ("Cannot call @triton.jit'd outside of the scope
+of a kernel"), whatever order the test files run in."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
-import torch._dynamo
-from torch._dynamo.utils import counters
 
 from nanogrow.parallel import compile_blocks
 from nanogrow.train import Trainer
@@ -14,6 +21,9 @@ from helpers import run_steps, tiny_run_config, with_stages
 
 
 def _run(cfg, steps):
+    import torch._dynamo  # here, not at import: dynamo loads Triton, before test_kernels can pick its interpreter
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     counters.clear()
     trainer = Trainer(cfg, log=lambda *_: None)
@@ -21,7 +31,21 @@ def _run(cfg, steps):
     return trainer, losses, counters["stats"]["unique_graphs"]
 
 
-def test_compiled_training_matches_eager_through_a_growth_event_and_a_fade_in(demo_data, tmp_path):
+IN_CHILD = os.environ.get("NANOGROW_COMPILE_TEST_CHILD") == "1"
+
+
+def test_compiled_training_matches_eager_through_a_growth_event_and_a_fade_in():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NANOGROW_COMPILE_TEST_CHILD="1", PYTHONPATH=os.pathsep.join(
+        [str(root), os.environ.get("PYTHONPATH", "")]))
+    child = f"{__file__}::test_child_compiled_vs_eager"
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", child],
+                       cwd=root / "tests", env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="run in its own process by the test above")
+def test_child_compiled_vs_eager(demo_data, tmp_path):
     stages = [{"at_step": 3, "shape": {"d_ff": 224}, "op": "msg", "options": {"fade_steps": 4}}]
     base = dict(max_steps=9, eval_every=0)
     eager_cfg = with_stages(tiny_run_config(demo_data, tmp_path / "eager", **base), stages, eval_at_growth=False)
