@@ -192,10 +192,17 @@ class Trainer:
         t0 = time.perf_counter()
         if compile_blocks(self.model):
             x = torch.zeros(self.micro_batch, self.seq_len, dtype=torch.long, device=self.device)
-            with self.autocast():
-                loss = self.model(x, x)
-            loss.backward()
-            self.optimizer.zero_grad(set_to_none=True)
+            # A fade-in in progress: also the variant without masks, which the run reaches when the ramp ends.
+            ramp_end = [] if self.ramp is None else [self.ramp.start_step + self.ramp.steps]
+            for step in [self.step] + ramp_end:
+                if ramp_end:
+                    self.ramp.apply(unwrap(self.model), step)
+                with self.autocast():
+                    loss = self.model(x, x)
+                loss.backward()
+                self.optimizer.zero_grad(set_to_none=True)
+            if ramp_end:
+                self.ramp.apply(unwrap(self.model), self.step)  # this step's masks again
         seconds = time.perf_counter() - t0
         self.log(f"compiled {len(unwrap(self.model).layers)} blocks ({self.micro_batch} x {self.seq_len}): "
                  f"{seconds:.1f} s")

@@ -17,7 +17,7 @@ import torch
 from nanogrow.parallel import compile_blocks
 from nanogrow.train import Trainer
 
-from helpers import run_steps, tiny_run_config, with_stages
+from helpers import tiny_run_config, with_stages
 
 
 def _run(cfg, steps):
@@ -27,8 +27,12 @@ def _run(cfg, steps):
     torch._dynamo.reset()
     counters.clear()
     trainer = Trainer(cfg, log=lambda *_: None)
-    losses = run_steps(trainer, steps)
-    return trainer, losses, counters["stats"]["unique_graphs"]
+    losses, new_graphs = [], []  # per turn: graphs compiled by it
+    for _ in range(steps):
+        before = counters["stats"]["unique_graphs"]
+        losses.append(trainer.advance())
+        new_graphs.append(counters["stats"]["unique_graphs"] - before)
+    return trainer, losses, counters["stats"]["unique_graphs"], new_graphs
 
 
 IN_CHILD = os.environ.get("NANOGROW_COMPILE_TEST_CHILD") == "1"
@@ -51,13 +55,14 @@ def test_child_compiled_vs_eager(demo_data, tmp_path):
     eager_cfg = with_stages(tiny_run_config(demo_data, tmp_path / "eager", **base), stages, eval_at_growth=False)
     comp_cfg = with_stages(tiny_run_config(demo_data, tmp_path / "compiled", compile=True, **base), stages,
                            eval_at_growth=False)
-    eager, eager_losses, _ = _run(eager_cfg, 9)
-    compiled, losses, graphs = _run(comp_cfg, 9)
+    eager, eager_losses, _, _ = _run(eager_cfg, 9)
+    compiled, losses, graphs, new_graphs = _run(comp_cfg, 9)
     assert all(b is not None for b in losses) and compiled.stage_index == 1
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-4, atol=0)
-    # One graph for the first shape, one for the grown shape with its unit masks, one once the masks are removed:
-    # not one per fade-in step, although every step sets new mask values.
-    assert graphs <= 3, graphs
+    # One graph for the first shape (at the start), and at the growth event one for the grown shape with its unit
+    # masks and one without them (compiled ahead for the end of the fade-in): none in the fade-in's steps,
+    # although every step sets new mask values, nor when the masks are removed.
+    assert graphs <= 3 and new_graphs[3] >= 1 and sum(new_graphs) == sum(new_graphs[3:4]), (graphs, new_graphs)
     event = compiled.history[-1]
     assert event["event"] == "grow" and 0 < event["compile_seconds"] <= event["seconds"]
     assert all("forward" in b.__dict__ for b in compiled.model.layers.values())  # the grown blocks are compiled
