@@ -11,7 +11,8 @@ dispatcher that picks one or the other.
     loss = K.cross_entropy(logits, targets, backend=backend)   # chunked over the vocabulary
     loss = K.linear_cross_entropy(h, w_head, targets, backend=backend)  # never materialises all logits
 
-Backends: ``"torch"`` runs ``reference.py`` (plain torch, autograd); ``"triton"`` runs the custom operators of
+Backends: ``"torch"`` runs ``reference.py`` (plain torch, autograd; the fp32 LM-head loss runs ``chunked.py``,
+the same maths a chunk of rows at a time); ``"triton"`` runs the custom operators of
 ``ops.py`` (``torch.ops.nanogrow.*``: fake implementations and autograd registered, so they compose with
 torch.compile and FSDP2) and raises if the tensors are on a device Triton cannot serve; ``"auto"`` runs Triton
 where it can (CUDA tensors; CPU tensors when the kernels were defined under ``TRITON_INTERPRET=1``) and torch
@@ -29,7 +30,7 @@ import os
 
 import torch
 
-from . import ops, reference
+from . import chunked, ops, reference
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -180,6 +181,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     tokens at once on the Triton path. Under autocast the matmuls run in the autocast dtype, as F.linear would."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if not _use_triton(backend, h):
+        if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+            return chunked.linear_cross_entropy(h, weight, targets, ignore_index)  # same maths, fewer passes
         return reference.linear_cross_entropy(h, weight, targets, ignore_index)
     if torch.is_autocast_enabled(h.device.type):
         dt = torch.get_autocast_dtype(h.device.type)
@@ -206,4 +209,4 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter must be chosen 
         pass
 
 __all__ = ["BACKENDS", "resolve", "triton_status", "load_triton", "rms_norm", "add_rms_norm", "residual_add",
-           "swiglu", "rope", "cross_entropy", "linear_cross_entropy", "bench_kernels", "reference", "ops"]
+           "swiglu", "rope", "cross_entropy", "linear_cross_entropy", "bench_kernels", "reference", "ops", "chunked"]

@@ -14,6 +14,7 @@ from .dist_utils import pick_device
 from .grow import make_optimizer
 from .metrics import cpu_matmul_peak_flops, device_peak_flops
 from .model import build_model
+from .parallel import compile_blocks
 from .schedule import stage_layouts
 from .train import Trainer
 
@@ -32,8 +33,8 @@ def throughput(cfg: RunConfig, warmup: int = 3, steps: int = 10, log=print) -> d
     mc = cfg.model.resolved()
     torch.manual_seed(t.seed)
     model = build_model(mc, device, seed=t.seed)
-    if t.compile:
-        model = torch.compile(model)
+    if t.compile:  # per block, as the Trainer compiles
+        compile_blocks(model)
     opt = make_optimizer(model, t)
     use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda")
     T, B = cfg.data.seq_len, t.micro_batch
@@ -433,3 +434,69 @@ def speedup_compound(cfg: RunConfig, baseline: RunConfig, seeds: list[int], out_
 def _ratio(r: dict, target: str) -> str:
     f = r[f"flops_to_{target}"]
     return f"{f:.3e} ({r[f'flops_ratio_vs_{target}']:.2f}x)" if f else "not reached"
+
+
+# ---- optimizer step -----------------------------------------------------------------------------------------
+
+OPTIMIZER_MODES = ("torch-foreach", "ours", "ours-ages-uniform", "ours-ages-mixed", "ours-ages+lr-scales",
+                   "torch-fused", "ours-fused")
+
+
+def _optimizer_setup(mc, mode: str, seed: int = 0):
+    """Parameters shaped like ``mc``'s model with random gradients and the optimizer ``mode`` names; 'mixed'
+    modes put two ages in every tensor (a growth's fresh rows at age 0 next to age 1000; 'lr-scales' also
+    scales the fresh rows' lr), as after a width growth with map+age (and lr_adapt='vt')."""
+    from .grow import AdamW
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = [(n, p.shape) for n, p in build_model(mc, "meta", seed=None).named_parameters()]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for _, s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if mode.startswith("torch"):
+        return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), **({"fused": True} if "fused" in mode
+                                                                          else {"foreach": True}))
+    opt = AdamW(groups, lr=1e-3, betas=(0.9, 0.95), ages=mode == "ours-ages-uniform", fused="fused" in mode)
+    if "mixed" in mode or "scales" in mode:
+        for p in params:
+            st = opt.state[p] = opt._fresh_state(p)
+            st["step"].fill_(1000.0)
+            age = torch.full(p.shape, 1000.0)
+            age[-max(1, p.shape[0] // 4):] = 0.0  # the last quarter of the rows is fresh
+            st["age"] = age
+            if "scales" in mode:
+                st["lr_scale"] = torch.where(age == 0, 0.3, 1.0)
+    return opt
+
+
+def optimizer_step(mc, modes=OPTIMIZER_MODES, rounds: int = 3, steps: int = 5, log=print) -> dict:
+    """Median time of one optimizer step per ``mode``, the modes alternated within each round (A B C A B C ...)
+    so that a shared machine's drift hits all alike; reports each mode's median per-round ratio to the first
+    mode (torch.optim.AdamW(foreach=True)) with its min-max spread."""
+    per_round: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(rounds):
+        for m in modes:
+            opt = _optimizer_setup(mc, m)
+            opt.step()  # state created, caches filled: what every later step sees
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+            per_round[m].append(statistics.median(times))
+            del opt
+    base = per_round[modes[0]]
+    out = {}
+    n = sum(p.numel() for p in build_model(mc, "meta", seed=None).parameters())
+    log(f"optimizer step, {n / 1e6:.1f}M params, {torch.get_num_threads()} thread(s), {rounds} alternated rounds "
+        f"x {steps} steps (median per round)")
+    for m in modes:
+        ratios = sorted(t / b for t, b in zip(per_round[m], base))
+        out[m] = {"seconds": per_round[m], "ratio_median": statistics.median(ratios),
+                  "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+        log(f"  {m:<20} {1e3 * statistics.median(per_round[m]):8.1f} ms   x{out[m]['ratio_median']:.2f} of "
+            f"{modes[0]} (spread {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    return out

@@ -452,6 +452,74 @@ class TokenLoader:
         self.tokens_consumed = int(sd["tokens_consumed"])
 
 
+class PrefetchLoader:
+    """A ``TokenLoader`` whose next batch is read in a background thread while the current step computes (and
+    pinned, with ``pin=True``, so that ``.to(cuda, non_blocking=True)`` really overlaps the copy).
+
+    The token stream is the wrapped loader's, batch for batch. The loader runs one batch ahead, so the state this
+    wrapper reports is the one from before the batch in flight (the position of the batches handed out), and
+    anything that moves the stream (``load_state_dict``, ``set_batch_shape``) first drops that batch and rewinds
+    the loader to it: checkpoints and resume are exactly those of the plain loader."""
+
+    def __init__(self, loader: TokenLoader, pin: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loader, self.pin = loader, pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanogrow-prefetch")
+        self._pending = None  # (future of (x, y), the loader's position before that batch)
+
+    def _position(self) -> tuple[int, int, int]:
+        return self.loader.epoch, self.loader.position, self.loader.tokens_consumed
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.loader.next_batch()
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
+    def _prefetch(self) -> None:
+        before = self._position()  # read before the reader starts: it moves the loader on
+        self._pending = (self._pool.submit(self._read), before)
+
+    def _drop(self) -> None:
+        """Forget the batch in flight and rewind the loader to before it."""
+        if self._pending is not None:
+            future, (epoch, position, consumed) = self._pending
+            future.result()  # let the reader finish before its state is rewound
+            self.loader.epoch, self.loader.position, self.loader.tokens_consumed = epoch, position, consumed
+            self._pending = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pending is None:
+            self._prefetch()
+        batch = self._pending[0].result()
+        self._prefetch()
+        return batch
+
+    def set_batch_shape(self, micro_batch: int | None = None, seq_len: int | None = None) -> None:
+        self._drop()
+        self.loader.set_batch_shape(micro_batch, seq_len)
+
+    def state_dict(self) -> dict:
+        sd = self.loader.state_dict() if self._pending is None else None
+        if sd is None:
+            future, (epoch, position, consumed) = self._pending
+            future.result()  # the loader's other fields are not changed by a read, but wait for a quiet copy
+            sd = dict(self.loader.state_dict(), epoch=epoch, position_in_epoch=position, tokens_consumed=consumed)
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._drop()
+        self.loader.load_state_dict(sd)
+
+    def close(self) -> None:
+        self._drop()
+        self._pool.shutdown(wait=True)
+
+    def __getattr__(self, name):  # seq_len, micro_batch, tokens_per_step, fingerprint, ...: the loader's
+        if name in ("epoch", "position", "tokens_consumed"):
+            self._drop()  # the position of the batches handed out, not of the one in flight
+        return getattr(self.__dict__["loader"], name)
+
+
 def val_batches(data_dir, seq_len: int, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1,
                 vocab_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed validation batches from the ``val`` split: the same set for every run on the same data.

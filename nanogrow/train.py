@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoi
                          load_checkpoint, read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
 from .config import (ConfigError, RunConfig, StageConfig, changes_parameters, eval_seq_len, fit_warmup, from_accelerate,
                      lag_candidates)
-from .data import TokenLoader, val_batches
+from .data import PrefetchLoader, TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
 from .grow.learned import LearnedPlan, fit
 from .grow.optim import drop_wd_scales
@@ -32,7 +32,7 @@ from .logs import RunLog
 from .metrics import ThroughputMeter, device_peak_flops
 from .model import ModelConfig, Transformer, build_model
 from .offline import grow_checkpoint  # noqa: F401  (re-exported: nanogrow.train.grow_checkpoint)
-from .parallel import grad_sync, grow_parallel, make_mesh, parallelize, reshard, unwrap
+from .parallel import compile_blocks, grad_sync, grow_parallel, make_mesh, parallelize, reshard, unwrap
 from .schedule import stage_layouts, stage_start_steps
 from .tracking import Trackers
 from .triggers import CurvatureTrigger, GradientTrigger, Observation, make_trigger, trigger_from_state
@@ -87,9 +87,12 @@ class Trainer:
         self.model_config: ModelConfig = (ModelConfig(**meta["model_config"]) if meta else cfg.model).resolved()
         self.seq_len = cfg.data.seq_len
         self.micro_batch = self.t.micro_batch
-        self.loader = TokenLoader(cfg.data.dir, "train", self.seq_len, self.micro_batch, rank=self.rank,
-                                  world_size=self.world, seed=cfg.data.seed, vocab_size=self.model_config.vocab_size,
-                                  shuffle_block=cfg.data.shuffle_block)
+        # The next batch is read (and pinned on CUDA) in a background thread while a step computes.
+        self.loader = PrefetchLoader(TokenLoader(cfg.data.dir, "train", self.seq_len, self.micro_batch, rank=self.rank,
+                                                 world_size=self.world, seed=cfg.data.seed,
+                                                 vocab_size=self.model_config.vocab_size,
+                                                 shuffle_block=cfg.data.shuffle_block),
+                                     pin=self.device.type == "cuda")
         # Validation at one fixed length for the whole run (see config.eval_seq_len): comparable across stages.
         self.val = val_batches(cfg.data.dir, eval_seq_len(cfg), self.t.eval_batch_size, self.t.eval_batches,
                                rank=self.rank, world_size=self.world, vocab_size=self.model_config.vocab_size)
@@ -154,6 +157,7 @@ class Trainer:
         self.grad_norm: float | None = None  # the last step's global gradient norm (before clipping)
         self.trackers = Trackers(self.out_dir, self.rank, self.t, cfg.to_dict(),
                                  resume_step=self.step if meta else None)
+        self.compile_seconds = self._compile() if self.t.compile else 0.0
         self._fit_steps_to_flops()
         self._warn_dropped_stages()
 
@@ -196,6 +200,33 @@ class Trainer:
         bf16 = self.device.type == "cuda" and self.t.dtype in ("auto", "bf16")
         mesh = make_mesh(self.parallel, self.t.replicate, self.device.type) if self.parallel == "fsdp" else None
         return parallelize(model, self.parallel, mesh=mesh, mixed_precision=bf16, replicate=self.t.replicate)
+
+    def _compile(self) -> float:
+        """``train.compile``: compile the blocks not compiled yet (all of them at the start, the grown model's after
+        a growth event; ``parallel.compile_blocks``) and run one forward and backward on a batch of zeros of the
+        current shape and masks, so that the compile happens now (timed, logged, counted in a growth event's
+        time) instead of inside the next step. Nothing is stepped; the gradients are dropped. Returns seconds."""
+        if self.zero is not None:
+            self.log("note: train.compile is not applied under DeepSpeed (the engine owns the module)")
+            return 0.0
+        t0 = time.perf_counter()
+        if compile_blocks(self.model):
+            x = torch.zeros(self.micro_batch, self.seq_len, dtype=torch.long, device=self.device)
+            # A fade-in in progress: also the variant without masks, which the run reaches when the ramp ends.
+            ramp_end = [] if self.ramp is None else [self.ramp.start_step + self.ramp.steps]
+            for step in [self.step] + ramp_end:
+                if ramp_end:
+                    self.ramp.apply(unwrap(self.model), step)
+                with self.autocast():
+                    loss = self.model(x, x)
+                loss.backward()
+                self.optimizer.zero_grad(set_to_none=True)
+            if ramp_end:
+                self.ramp.apply(unwrap(self.model), self.step)  # this step's masks again
+        seconds = time.perf_counter() - t0
+        self.log(f"compiled {len(unwrap(self.model).layers)} blocks ({self.micro_batch} x {self.seq_len}): "
+                 f"{seconds:.1f} s")
+        return seconds
 
     def _apply_optimizer_config(self) -> None:
         """Loading restores the hyper-parameters saved in the checkpoint; the config in force wins."""
@@ -505,6 +536,8 @@ class Trainer:
         if (st.lr_policy or g.lr_policy) != "continue":
             self.growth_lr.on_growth(self.step)
         self._enter_next_stage()
+        if self.t.compile:  # the grown model's blocks, at the new stage's shapes: part of the growth event's time
+            self.compile_seconds = self._compile()
         return plan
 
     def _fit_learned(self, plan):
@@ -576,6 +609,7 @@ class Trainer:
                  "seq_len_before": old_seq, "seq_len_after": self.seq_len, "micro_batch_before": old_mb,
                  "micro_batch_after": self.micro_batch, "max_seq_len": self.model_config.max_seq_len,
                  "val_loss_before": before, "val_loss_after": after, "seconds": seconds,
+                 "compile_seconds": self.compile_seconds if self.t.compile and plan is not None else 0.0,
                  "trigger": self.trigger.state_dict() if self.trigger else None}
         if lag_record:
             event["lag"] = lag_record
@@ -591,7 +625,8 @@ class Trainer:
             what += f" | seq_len {old_seq} -> {self.seq_len}, micro_batch {old_mb} -> {self.micro_batch}"
         self.log(f"grow -> stage {i} at step {self.step}: {what} | "
                  f"{event['params_before']:,} -> {event['params_after']:,} params | val loss "
-                 f"{_fmt(before)} -> {_fmt(after)} | {1e3 * seconds:.0f} ms")
+                 f"{_fmt(before)} -> {_fmt(after)} | {1e3 * seconds:.0f} ms"
+                 + (f" (recompile {1e3 * event['compile_seconds']:.0f} ms)" if event["compile_seconds"] else ""))
         self.save()  # every growth event is a checkpoint: the grown shape is recoverable from here on
         self.meter.reset_window()
         return event

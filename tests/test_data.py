@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanogrow.data import (HEADER_BYTES, MAGIC, DataError, TokenLoader, open_shard, read_header, shard_order,
-                           val_batches, write_shard)
+from nanogrow.data import (HEADER_BYTES, MAGIC, DataError, PrefetchLoader, TokenLoader, open_shard, read_header,
+                           shard_order, val_batches, write_shard)
 
 # Shards whose tokens are all distinct (1..5300, eot 0 never used) so a token names its place in the stream.
 SIZES = [1000, 1500, 700, 1200, 900]
@@ -298,3 +298,28 @@ def test_shuffle_block_must_be_a_multiple_of_seq_len(data, tmp_path):
         TokenLoader(data, "train", 16, 4, shuffle_block=100)
     with pytest.raises(ConfigError, match=r"data.shuffle_block=96 must be 0 or a multiple of every seq_len.*\[64\]"):
         load_config(None, ["data.shuffle_block=96", "data.seq_len=64", "model.max_seq_len=64"])
+
+
+@pytest.mark.parametrize("shuffle_block", [0, 64])
+def test_prefetching_loader_gives_the_same_stream_and_resumes_exactly(data, shuffle_block):
+    """The prefetching wrapper hands out the plain loader's batches; its state is that of the batches handed out
+    (not of the one in flight), through an epoch wrap, a batch-shape change and a resume from that state."""
+    plain = TokenLoader(data, "train", 32, 4, seed=3, shuffle_block=shuffle_block)
+    fast = PrefetchLoader(TokenLoader(data, "train", 32, 4, seed=3, shuffle_block=shuffle_block))
+    for i in range(70):  # crosses the wrap into epoch 1
+        assert all(torch.equal(a, b) for a, b in zip(plain.next_batch(), fast.next_batch()))
+        if i == 5:
+            assert fast.state_dict() == plain.state_dict()  # a batch is in flight, not counted
+    plain.set_batch_shape(2, 16)
+    fast.set_batch_shape(2, 16)  # the batch in flight had the old shape: dropped, stream rewound
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(plain.next_batch(), fast.next_batch()))
+    state = json.loads(json.dumps(fast.state_dict()))
+    assert state == plain.state_dict() and fast.tokens_consumed == plain.tokens_consumed and plain.epoch >= 1
+    resumed = PrefetchLoader(TokenLoader(data, "train", 16, 2, seed=3, shuffle_block=shuffle_block))
+    resumed.next_batch()  # a loader that has moved (and prefetched) before the state is loaded
+    resumed.load_state_dict(state)
+    for _ in range(5):
+        assert all(torch.equal(a, b) for a, b in zip(plain.next_batch(), resumed.next_batch()))
+    fast.close()
+    resumed.close()

@@ -25,7 +25,8 @@ LAYERS = [
     ("parallel", ["nanogrow.parallel"]),
     ("checkpoint", ["nanogrow.checkpoint", "nanogrow.offline"]),
     ("train", ["nanogrow.backend", "nanogrow.lag_parallel", "nanogrow.train"]),
-    ("apps", ["nanogrow.bench", "nanogrow.cli", "nanogrow.hf", "nanogrow.handbook", "nanogrow.data_prep"]),
+    ("apps", ["nanogrow.bench", "nanogrow.cli", "nanogrow.gpu_check", "nanogrow.hf", "nanogrow.handbook",
+              "nanogrow.data_prep"]),
 ]
 
 

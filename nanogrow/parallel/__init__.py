@@ -4,7 +4,8 @@ benchmark. DeepSpeed ZeRO 1-3 growth lives in ``nanogrow.parallel.zero`` (deepsp
 it is optional); the Trainer's ZeRO backend, which also reads and writes checkpoints, is ``nanogrow.backend``, one
 layer up. The model and the growth operators know nothing of this package."""
 
-from .backends import BACKENDS, backend_of, dist_backend, grad_sync, make_mesh, parallelize, reshard, unwrap
+from .backends import (BACKENDS, backend_of, compile_blocks, dist_backend, grad_sync, make_mesh, parallelize,
+                       reshard, unwrap)
 from .groups import broadcast_group_state, candidate_index, candidate_mesh, group_values, model_and_optimizer_tensors
 from .sharded import grow_ddp, grow_parallel, grow_sharded, grown_optimizer
 
@@ -16,7 +17,8 @@ def bench_grow(*args, **kwargs):
 
 
 __all__ = [
-    "BACKENDS", "backend_of", "dist_backend", "grad_sync", "make_mesh", "parallelize", "reshard", "unwrap",
+    "BACKENDS", "backend_of", "compile_blocks", "dist_backend", "grad_sync", "make_mesh", "parallelize", "reshard",
+    "unwrap",
     "broadcast_group_state", "candidate_index", "candidate_mesh", "group_values", "model_and_optimizer_tensors",
     "grow_ddp", "grow_parallel", "grow_sharded", "grown_optimizer", "bench_grow",
 ]

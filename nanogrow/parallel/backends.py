@@ -135,6 +135,39 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if backend_of(model) in ("ddp", "deepspeed") else model
 
 
+_compiled_block_forward = []  # Block.forward, compiled once and shared by every block of every model
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each block of ``model.layers`` in place (torchtitan's per-block compile); returns how many
+    blocks were newly compiled. A block's ``forward`` becomes the class's compiled forward bound to it, so:
+    parameter names and state-dict keys do not change (growth plans, checkpoints and HF export see the same
+    model); FSDP2/DDP hooks stay outside the graph; ``copy.deepcopy`` rebinds it to the copy; and all blocks
+    share one dynamo cache, with parameters and mask buffers as graph inputs: a fade-in mask changing value each
+    step does not recompile, a mask appearing or disappearing (or a new shape after growth) compiles once.
+    Blocks already compiled are left alone, so calling it again after a growth compiles only the new blocks."""
+    import types
+
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    # Every (shape, masks present, grad mode) variant of the one shared forward is a cache entry; growth adds
+    # some, and torch's default limit (8) would silently fall back to eager after a few growth events.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 64:
+            setattr(cfg, name, 64)
+    n = 0
+    for block in unwrap(model).layers.values():
+        if "forward" in block.__dict__:
+            continue
+        if not _compiled_block_forward:
+            from nanogrow.model import Block
+            _compiled_block_forward.append(torch.compile(Block.forward))
+        block.forward = types.MethodType(_compiled_block_forward[0], block)
+        n += 1
+    return n
+
+
 def fsdp_mesh(model: nn.Module):
     """The mesh an FSDP2 model's parameters live on."""
     return next(model.parameters()).device_mesh
