@@ -318,3 +318,28 @@ def test_preservation_line_needs_arms_grown_at_the_same_point():
     assert "rho = +1.00" in line and "significant at 95%" in line and "not significant" not in line
     rows[0]["grown_at"] = [0.25] * 3
     assert report.preservation_line(study, rows) is None
+
+
+def test_arms_are_paired_with_their_baseline_by_seed(tmp_path, demo_data):
+    """study.baseline pairs grown arms with each other seed by seed: the interval is over per-seed differences, so
+    a small but consistent gap is "lower" although the arms' own intervals overlap; prefixes pick the baseline."""
+    from nanogrow.handbook.study import _baselines
+
+    study = load_study(write_study(tmp_path, demo_data))
+    arms = {"scratch": None, "stack": None, "stack, reset": None, "random": None, "random, reset": None}
+    study.baseline = _baselines(tmp_path, {"": "stack", "random,": "random"}, arms)
+    assert study.baseline_of("stack, reset") == "stack" and study.baseline_of("random, reset") == "random"
+    assert study.baseline_of("stack") is None and study.baseline_of("scratch") is None
+    assert study.baseline_of("random") == "stack"  # (the longest prefix it matches is "")
+    rows = [{"arm": "scratch", "seeds": 3, "by_seed": {0: 5.0, 1: 5.5, 2: 6.0}},
+            {"arm": "stack", "seeds": 3, "by_seed": {0: 4.0, 1: 4.5, 2: 5.0}},
+            {"arm": "stack, reset", "seeds": 3, "by_seed": {0: 4.01, 1: 4.512, 2: 5.011}},
+            {"arm": "random", "seeds": 2, "by_seed": {0: 4.0, 2: 5.0}},
+            {"arm": "random, reset", "seeds": 3, "by_seed": {0: 4.2, 1: 4.0, 2: 4.9}}]
+    got = {r["arm"]: r for r in report.baseline_rows(study, rows)}
+    assert got["stack, reset"]["verdict"] == "higher" and got["stack, reset"]["mean"] == pytest.approx(0.011)
+    assert got["random"]["seeds"] == 2 and got["random"]["verdict"] == "no difference shown"  # (equal on both)
+    assert got["random, reset"]["seeds"] == 2 and got["random, reset"]["verdict"] == "no difference shown"
+    assert "| stack, reset | stack | 3 | 0.011 [" in report.baseline_table(list(got.values()))
+    with pytest.raises(ConfigError, match=r"study.baseline '' = 'nope' is not an arm"):
+        _baselines(tmp_path, "nope", arms)

@@ -17,6 +17,9 @@ Two more read-outs where a study has them:
   preservation      with 4 or more grown arms that grow at the same point and jump by different amounts: Spearman's rank
                     correlation, across arms, of the mean loss jump at growth with the mean final-loss difference
                     (does keeping the function at the growth step predict the end?), with its t-test
+  vs baseline       with ``study.baseline``: each grown arm's final loss minus its baseline arm's, paired by seed
+                    (which operator or transfer choice is better, not only which beats scratch), and whether the
+                    interval excludes zero
   LAG selection     for arms that grow by LAG: each seed's pick, its relative regret (LAG paper eq. 2: the pick's
                     final loss minus the best candidate's, over the candidates' range, where each candidate's
                     final loss is that of the study's arm that applies it directly, same seed), the selection
@@ -54,11 +57,12 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
         if not runs:
             rows.append({"arm": name, "seeds": 0})
             continue
-        row: dict = {"arm": name, "seeds": len(runs), "finals": [], "diffs": [], "flops_ratio": [], "never": 0,
+        row: dict = {"arm": name, "seeds": len(runs), "by_seed": {}, "finals": [], "diffs": [], "flops_ratio": [], "never": 0,
                      "effective": [], "extrapolated": 0, "wall_ratio": [], "jumps": [], "rises": [], "grown_at": []}
         for seed, r in sorted(runs.items()):
             base = ref[seed]
             row["finals"].append(r["final_loss"])
+            row["by_seed"][seed] = r["final_loss"]
             row["diffs"].append(r["final_loss"] - base["final_loss"])
             target = base["curve"][-1][3]
             ref_cost, cost = first_crossing(base["curve"], target), first_crossing(r["curve"], target)
@@ -137,6 +141,33 @@ def table(study: Study, rows: list[dict]) -> str:
             f"{'1' if is_ref else (fmt_ratios(row['flops_ratio']) if row['flops_ratio'] else 'never')}{never} | "
             f"{eff} | {'1' if is_ref else fmt_ratios(row['wall_ratio'])} | "
             f"{fmt_ci(*mean_ci(row['jumps']), digits=3) if row['jumps'] else '-'} | {_grown_at(row['grown_at'])} |")
+    return "\n".join(lines)
+
+
+def baseline_rows(study: Study, rows: list[dict]) -> list[dict]:
+    """Each arm against its baseline arm (``study.baseline``): per-seed final-loss differences on the seeds both
+    ran, their mean and 95% interval, and whether the interval excludes zero."""
+    by_arm = {r["arm"]: r for r in rows if r["seeds"]}
+    out = []
+    for row in rows:
+        base = study.baseline_of(row["arm"])
+        if base is None or not row["seeds"] or base not in by_arm:
+            continue
+        seeds = sorted(set(row["by_seed"]) & set(by_arm[base]["by_seed"]))
+        diffs = [row["by_seed"][s] - by_arm[base]["by_seed"][s] for s in seeds]
+        if not diffs:
+            continue
+        mean, lo, hi = mean_ci(diffs)
+        verdict = ("lower" if hi < 0 else "higher" if lo > 0 else "no difference shown") if len(diffs) > 1 else "1 seed"
+        out.append({"arm": row["arm"], "baseline": base, "seeds": len(diffs), "mean": mean, "lo": lo, "hi": hi,
+                    "verdict": verdict})
+    return out
+
+
+def baseline_table(rows: list[dict]) -> str:
+    lines = ["| arm | paired with | seeds | final loss minus the baseline's | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['baseline']} | {r['seeds']} | {fmt_ci(r['mean'], r['lo'], r['hi'], digits=3)} | "
+              f"{r['verdict']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -302,6 +333,10 @@ def study_markdown(study: Study, plots: bool = True) -> str:
             f"precise than that (their interval is over seeds). Intervals: 95% t over seeds; ratios: geometric "
             f"mean. Effective compute: from the reference at "
             f"{', '.join(['1'] + [f'{k:g}' for k in study.scratch_scales])}x the budget."]
+    paired = baseline_rows(study, rows)
+    if paired:
+        out += ["", "Arms against each other (paired by seed; \"lower\" / \"higher\": the 95% interval excludes zero):",
+                "", baseline_table(paired)]
     line = preservation_line(study, rows)
     if line:
         out += ["", line]

@@ -38,7 +38,7 @@ from ..config import SECTIONS, ConfigError, RunConfig, load_config, read_toml, v
 from ..schedule import stage_layouts, stage_start_steps
 
 STUDY_KEYS = {"title", "question", "base", "seeds", "reference", "lr_grid", "scratch_scales", "prep", "notes",
-              "ladder_arm"}
+              "ladder_arm", "baseline"}
 ARM_KEYS = {"model", "stage", "set", "about"}
 
 
@@ -81,6 +81,18 @@ class Study:
     question: str = ""
     notes: str = ""
     ladder_arm: str = ""  # a rung of the growth scaling ladder: this arm against the reference, across studies
+    # Grown arms compared with each other, paired by seed: {name prefix: baseline arm}; an arm is paired with the
+    # baseline of the longest prefix its name starts with ("" matches every arm). A string means {"": it}.
+    baseline: dict[str, str] = field(default_factory=dict)
+
+    def baseline_of(self, arm: str) -> str | None:
+        """The arm this one is paired with in the study's comparison table, or None (the reference, an arm no
+        prefix matches, an arm whose baseline is itself)."""
+        prefixes = [p for p in self.baseline if arm.startswith(p)]
+        if arm == self.reference or not prefixes:
+            return None
+        base = self.baseline[max(prefixes, key=len)]
+        return None if base == arm else base
 
     @property
     def store_path(self) -> Path:
@@ -258,11 +270,23 @@ def load_study(path: str | Path) -> Study:
     study = Study(path=p, name=p.stem, title=s["title"], base=base, base_path=base_path, seeds=list(s["seeds"]),
                   reference=s["reference"], lr_grid=[float(x) for x in s["lr_grid"]],
                   scratch_scales=[float(x) for x in scales], arms=arms, prep=list(s.get("prep", [])),
-                  question=s.get("question", ""), notes=s.get("notes", ""), ladder_arm=s.get("ladder_arm", ""))
+                  question=s.get("question", ""), notes=s.get("notes", ""), ladder_arm=s.get("ladder_arm", ""),
+                  baseline=_baselines(p, s.get("baseline", {}), arms))
     if study.ladder_arm and study.ladder_arm not in arms:
         raise ConfigError(f"{p}: study.ladder_arm {study.ladder_arm!r} is not an arm ({', '.join(arms)})")
     study.check()
     return study
+
+
+def _baselines(p: Path, value, arms: dict) -> dict[str, str]:
+    if isinstance(value, str):
+        value = {"": value}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{p}: study.baseline must be an arm's name or a table {{name prefix = arm}}, got {value!r}")
+    for prefix, arm in value.items():
+        if arm not in arms:
+            raise ConfigError(f"{p}: study.baseline {prefix!r} = {arm!r} is not an arm ({', '.join(arms)})")
+    return dict(value)
 
 
 STUDY_DIR = Path(__file__).resolve().parents[2] / "configs" / "handbook"
