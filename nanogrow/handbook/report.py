@@ -1,6 +1,6 @@
 """Tables, plots and HANDBOOK.md from the result stores.
 
-Every grown arm is compared with the tuned reference of the same seed (paired), on five measures:
+Every grown arm is compared with the tuned reference of the same seed (paired), on these measures:
 
   final loss        the arm's loss on the full validation set (480 sequences) at the end of the common budget,
                     and its difference from the reference's (paired by seed)
@@ -9,6 +9,8 @@ Every grown arm is compared with the tuned reference of the same seed (paired), 
   effective x       FLOPs the reference needs to end at the arm's final loss, read off the reference runs at
                     1x, 2x, 4x the budget (interpolated in log-FLOPs), / the arm's FLOPs
   wall ratio        as the FLOPs ratio, in wall-clock seconds (growth overhead included; evaluation time too)
+  jump / next eval  validation loss just after the first growth, and at the first evaluation after it, each
+                    minus the loss just before the growth
 
 Means are over seeds with 95% t-intervals; ratios use the geometric mean and a t-interval on their logarithms.
 
@@ -58,7 +60,8 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
             rows.append({"arm": name, "seeds": 0})
             continue
         row: dict = {"arm": name, "seeds": len(runs), "by_seed": {}, "finals": [], "diffs": [], "flops_ratio": [], "never": 0,
-                     "effective": [], "extrapolated": 0, "wall_ratio": [], "jumps": [], "rises": [], "grown_at": []}
+                     "effective": [], "extrapolated": 0, "wall_ratio": [], "jumps": [], "after": [], "rises": [],
+                     "grown_at": []}
         for seed, r in sorted(runs.items()):
             base = ref[seed]
             row["finals"].append(r["final_loss"])
@@ -86,8 +89,23 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
             for ev in r.get("growth_events", []):
                 if ev.get("val_loss_before") is not None and ev.get("val_loss_after") is not None:
                     row["jumps"].append(ev["val_loss_after"] - ev["val_loss_before"])
+            after = loss_after_growth(r)
+            if after is not None:
+                row["after"].append(after)
         rows.append(row)
     return lr, grid, rows
+
+
+def loss_after_growth(record: dict) -> float | None:
+    """The validation loss at the first evaluation after the first growth minus the loss just before it: the spike
+    the new shape and the carried optimizer state leave after a few steps (the jump at the growth step itself is
+    the operator's alone)."""
+    events = [ev for ev in record.get("growth_events", []) if ev.get("val_loss_before") is not None]
+    if not events:
+        return None
+    ev = events[0]
+    later = [point for point in record["curve"] if point[0] > ev["flops"] * (1 + 1e-9)]
+    return later[0][3] - ev["val_loss_before"] if later else None
 
 
 def _current_keys(study: Study, arm: str, seed: int, lr: float) -> set[str]:
@@ -119,7 +137,8 @@ def _grown_at(fractions: list[float]) -> str:
 
 def table(study: Study, rows: list[dict]) -> str:
     head = ("| arm | seeds | final loss | vs scratch (paired) | FLOPs ratio to scratch's loss | effective compute x "
-            "| wall-clock ratio | loss jump at growth | first growth at |\n|---|---|---|---|---|---|---|---|---|")
+            "| wall-clock ratio | loss jump at growth | at the next evaluation | first growth at |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     if not any(a.stage for a in study.arms.values()):  # no growth anywhere: show how much each curve goes back up
         head = head.replace("loss jump at growth |", "largest rise between evaluations |")
         for row in rows:
@@ -128,7 +147,7 @@ def table(study: Study, rows: list[dict]) -> str:
     lines = [head]
     for row in rows:
         if not row["seeds"]:
-            lines.append(f"| {row['arm']} | 0 | not run | | | | | | |")
+            lines.append(f"| {row['arm']} | 0 | not run | | | | | | | |")
             continue
         is_ref = row["arm"] == study.reference
         never = f", never in {row['never']}" if row["never"] else ""
@@ -140,7 +159,8 @@ def table(study: Study, rows: list[dict]) -> str:
             f"{'-' if is_ref else fmt_ci(*mean_ci(row['diffs']), digits=3)} | "
             f"{'1' if is_ref else (fmt_ratios(row['flops_ratio']) if row['flops_ratio'] else 'never')}{never} | "
             f"{eff} | {'1' if is_ref else fmt_ratios(row['wall_ratio'])} | "
-            f"{fmt_ci(*mean_ci(row['jumps']), digits=3) if row['jumps'] else '-'} | {_grown_at(row['grown_at'])} |")
+            f"{fmt_ci(*mean_ci(row['jumps']), digits=3) if row['jumps'] else '-'} | "
+            f"{fmt_ci(*mean_ci(row['after']), digits=3) if row['after'] else '-'} | {_grown_at(row['grown_at'])} |")
     return "\n".join(lines)
 
 
@@ -331,7 +351,10 @@ def study_markdown(study: Study, plots: bool = True) -> str:
             f"Final losses are on 480 validation sequences; their standard error over the 15 batches is {se:.3f}, "
             f"but every run is scored on the same sequences, so the paired differences in the table are far more "
             f"precise than that (their interval is over seeds). Intervals: 95% t over seeds; ratios: geometric "
-            f"mean. Effective compute: from the reference at "
+            f"mean. Loss jump at growth: validation loss just after the growth step minus just before (the "
+            f"operator's alone); at the next evaluation: the first evaluation after the growth minus just before "
+            f"(what the new shape, the carried optimizer state and the lr do in the first steps). "
+            f"Effective compute: from the reference at "
             f"{', '.join(['1'] + [f'{k:g}' for k in study.scratch_scales])}x the budget."]
     paired = baseline_rows(study, rows)
     if paired:
