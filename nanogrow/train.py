@@ -661,6 +661,7 @@ class Trainer:
         base = self._soft_state()
         plans: dict[int, object] = {}
         ses: list[list[float]] = [[] for _ in candidates]
+        last_batches: dict[int, list[float]] = {}  # each candidate's per-batch losses at its last evaluation
         # Each candidate's FLOPs and steps: its meter and step counter advance from the same start.
         spent, steps = [0.0] * len(candidates), [0] * len(candidates)
 
@@ -680,6 +681,7 @@ class Trainer:
                 if (j + 1) % eval_every == 0 or j == n - 1:
                     losses.append(self.evaluate(n_eval))
                     ses[idx].append(self.last_eval_se())
+                    last_batches[idx] = list(self._last_eval)
             return losses
 
         def train_candidate(idx, cand):  # LAG@k: k steps each
@@ -714,10 +716,12 @@ class Trainer:
                       strategy=strategy, eval_batches=n_eval, eval_se=ses)
         if rounds is not None:
             record["rounds"] = rounds
+        record["paired_se"] = _paired_se(result, steps, last_batches)
         spread = _spread([c[-1] for c in result.curves if c])
         self.log(f"  LAG ({strategy}) picked {candidates[result.winner].name()} "
                  f"(val loss {result.curves[result.winner][-1]:.4f} after {steps[result.winner]} steps; "
-                 f"evaluation s.e. {ses[result.winner][-1]:.4f}, candidates' spread {spread:.4f})")
+                 f"evaluation s.e. {ses[result.winner][-1]:.4f}, of its difference from the runner-up "
+                 f"{record['paired_se']:.4f}; candidates' spread {spread:.4f})")
         return plans[result.winner], record
 
     def last_eval_se(self) -> float:
@@ -922,6 +926,20 @@ def _new_stage_stats(stage: int, start_step: int, c: ModelConfig, seq_len: int |
             "micro_batch": micro_batch, "world": world, "peak_flops": peak,
             "shape": f"{c.n_layer} x {c.d_model}, {c.d_ff}, {c.n_head}/{c.n_kv_head}",
             "steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": None}
+
+
+def _paired_se(result, steps: list[int], last_batches: dict[int, list[float]]) -> float:
+    """Standard error of the winner's loss minus the runner-up's, over the validation batches both were scored on
+    (this rank's): every candidate sees the same batches, so their difference is far less noisy than either
+    loss. The runner-up: the lowest last loss among the candidates trained as long as the winner (under
+    successive halving, the last round's other finalists). NaN if there is none."""
+    w = result.winner
+    rivals = [i for i, c in enumerate(result.curves) if i != w and c and steps[i] == steps[w] and i in last_batches]
+    if not rivals or w not in last_batches:
+        return float("nan")
+    r = min(rivals, key=lambda i: result.curves[i][-1])
+    diffs = [a - b for a, b in zip(last_batches[w], last_batches[r])]
+    return _spread(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
 
 
 def _spread(xs: list[float]) -> float:

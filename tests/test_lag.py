@@ -1,6 +1,8 @@
 """LAG: selection on one process equals applying the winner directly; analysis functions against hand values."""
 
 
+import math
+
 import pytest
 import torch
 
@@ -213,6 +215,8 @@ def test_halving_in_training_accounts_steps_and_flops(demo_data, tmp_path):
     assert half_t.step == 3 + 5 + 3  # the winner's 5 steps are kept, then three ordinary steps
     # every evaluation has its standard error over the validation batches
     assert all(len(se) == len(c) and all(s > 0 for s in se) for se, c in zip(half_rec["eval_se"], half_rec["curves"]))
+    # ... and the winner's difference from the runner-up (the other finalist) its own
+    assert 0 < half_rec["paired_se"] < math.inf
 
 
 def test_halving_selection_interrupted_then_resumed_matches_the_uninterrupted_run(demo_data, tmp_path):
@@ -251,3 +255,20 @@ def test_halving_refuses_process_groups(demo_data, tmp_path):
                                                  "groups": 2}})
     with pytest.raises(ConfigError, match="strategy"):
         lag_config(demo_data, tmp_path, {"lag": {"candidates": CANDIDATES, "steps": 2, "strategy": "bandit"}})
+
+
+def test_paired_standard_error_of_the_winner_against_the_runner_up():
+    """The winner's and runner-up's per-batch losses share the batches' difficulty: the s.e. of their difference is
+    computed from the per-batch differences (here constant, so ~0) and only over candidates trained as long."""
+    import math
+    import statistics
+
+    from nanogrow.lag import LagResult
+    from nanogrow.train import _paired_se
+
+    batches = {0: [3.0, 5.0, 4.0, 6.0], 1: [3.1, 5.1, 4.1, 6.1], 2: [2.0, 9.0, 1.0, 7.0]}
+    result = LagResult(0, [[4.6, 4.5], [4.7, 4.6], [4.8]], None)
+    assert _paired_se(result, [5, 5, 2], batches) == pytest.approx(0.0, abs=1e-12)  # candidate 2 stopped at 2 steps
+    spread = statistics.stdev([3.0, 5.0, 4.0, 6.0]) / 2
+    assert spread > 0.6  # (the unpaired s.e. of the winner's loss)
+    assert math.isnan(_paired_se(result, [5, 2, 2], batches))  # nobody trained as long as the winner

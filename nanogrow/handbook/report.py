@@ -282,7 +282,7 @@ def lag_rows(study: Study, store: Store, lr: float) -> list[dict]:
             continue
         old = cfg.model
         new = dataclasses.replace(old, **cfg.stage[0].shape)
-        row = {"arm": name, "picks": [], "regret": [], "overhead": [], "se": [], "spread": []}
+        row = {"arm": name, "picks": [], "regret": [], "overhead": [], "se": [], "paired_se": [], "spread": []}
         keys = {k for seed in study.seeds for k in _current_keys(study, name, seed, lr)}
         for r in sorted((r for r in store.records if r["arm"] == name and r["config_hash"] in keys),
                         key=lambda r: r["seed"]):
@@ -302,6 +302,8 @@ def lag_rows(study: Study, store: Store, lr: float) -> list[dict]:
             se = [x for x in lag.get("last_se") or [] if x is not None and x == x]
             if se:
                 row["se"].append(statistics.fmean(se))
+            if lag.get("paired_se") is not None and lag["paired_se"] == lag["paired_se"]:
+                row["paired_se"].append(lag["paired_se"])
             last = [x for x in lag["last_losses"] if x is not None]
             if len(last) > 1:
                 row["spread"].append(statistics.stdev(last))
@@ -311,15 +313,17 @@ def lag_rows(study: Study, store: Store, lr: float) -> list[dict]:
 
 def lag_table(rows: list[dict]) -> str:
     lines = ["| LAG arm | picks (per seed) | relative regret | selection overhead (losers' FLOPs / run) | "
-             "evaluation s.e. | candidates' spread |", "|---|---|---|---|---|---|"]
+             "evaluation s.e. | s.e. of winner - runner-up | candidates' spread |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         reg = fmt_ci(*mean_ci(row["regret"]), digits=2) if len(row["regret"]) > 1 else (
             f"{row['regret'][0]:.2f}" if row["regret"] else "n/a (candidates' direct arms missing)")
-        lines.append(f"| {row['arm']} | {', '.join(row['picks']) or '-'} | {reg} | "
-                     f"{100 * statistics.fmean(row['overhead']):.1f}% | "
-                     f"{statistics.fmean(row['se']):.4f} | {statistics.fmean(row['spread']):.4f} |"
-                     if row["overhead"] and row["se"] and row["spread"] else
-                     f"| {row['arm']} | {', '.join(row['picks']) or '-'} | {reg} | - | - | - |")
+        head = f"| {row['arm']} | {', '.join(row['picks']) or '-'} | {reg} | "
+        if not (row["overhead"] and row["se"] and row["spread"]):
+            lines.append(head + "- | - | - | - |")
+            continue
+        paired = f"{statistics.fmean(row['paired_se']):.4f}" if row["paired_se"] else "not recorded"
+        lines.append(head + f"{100 * statistics.fmean(row['overhead']):.1f}% | {statistics.fmean(row['se']):.4f} | "
+                            f"{paired} | {statistics.fmean(row['spread']):.4f} |")
     return "\n".join(lines)
 
 

@@ -167,7 +167,8 @@ def execute(study: Study, run: Run) -> dict:
 
 def growth_event_record(h: dict) -> dict:
     """What a store keeps of a growth event: when, the operator, the loss before and after, and a LAG
-    selection's outcome (candidates, winner, each candidate's steps, FLOPs, last loss and its standard error)."""
+    selection's outcome (candidates, winner, each candidate's steps, FLOPs, last loss and its standard error, and that of the winner's difference
+    from the runner-up)."""
     plan = h.get("plan") or {}
     out = {k: h.get(k) for k in ("step", "tokens", "flops", "val_loss_before", "val_loss_after", "seconds",
                                   "params_before", "params_after")}
@@ -178,7 +179,8 @@ def growth_event_record(h: dict) -> dict:
                       "winner": lag["winner"], "steps_per_candidate": lag.get("steps_per_candidate"),
                       "flops_per_candidate": lag["flops_per_candidate"],
                       "last_losses": [c[-1] if c else None for c in lag["curves"]],
-                      "last_se": [s[-1] if s else None for s in lag.get("eval_se", [])]}
+                      "last_se": [s[-1] if s else None for s in lag.get("eval_se", [])],
+                      "paired_se": lag.get("paired_se")}
     return out
 
 
