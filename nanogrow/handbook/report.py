@@ -321,7 +321,7 @@ def lag_table(rows: list[dict]) -> str:
         if not (row["overhead"] and row["se"] and row["spread"]):
             lines.append(head + "- | - | - | - |")
             continue
-        paired = f"{statistics.fmean(row['paired_se']):.4f}" if row["paired_se"] else "not recorded"
+        paired = f"{statistics.fmean(row['paired_se']):.1e}" if row["paired_se"] else "not recorded"
         lines.append(head + f"{100 * statistics.fmean(row['overhead']):.1f}% | {statistics.fmean(row['se']):.4f} | "
                             f"{paired} | {statistics.fmean(row['spread']):.4f} |")
     return "\n".join(lines)
