@@ -153,6 +153,13 @@ def cmd_bench(args) -> int:
                       out_dir=args.out, png=args.png, budget=args.budget)
     elif args.what == "stages":
         bench.stages(cfg, static_steps=args.steps)
+    elif args.what == "optimizer":
+        modes = args.modes.split(",")
+        bad = [m for m in modes if m not in bench.OPTIMIZER_MODES]
+        if bad:
+            raise ValueError(f"nanogrow bench optimizer --modes: unknown mode(s) {', '.join(bad)}; "
+                             f"choose from {', '.join(bench.OPTIMIZER_MODES)}")
+        bench.optimizer_step(cfg.model, modes=modes, rounds=args.rounds, steps=args.steps)
     elif args.what == "lag":
         import os
         out = args.out or cfg.train.out_dir
@@ -391,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
                         "depth-only) ending in the same shape, at the same FLOPs budget")
     b = bench("stages", "tokens/s per growth stage vs the same shape trained static")
     b.add_argument("--steps", type=int, default=10, help="timed steps per stage")
+    b = bench("optimizer", "time of one AdamW step at the config's model shape: ours (with and without ages, mixed "
+                           "ages, lr scales) against torch's foreach and fused AdamW, alternated")
+    b.add_argument("--modes", default=",".join(("torch-foreach", "ours", "ours-ages-uniform", "ours-ages-mixed",
+                                                 "ours-ages+lr-scales", "torch-fused", "ours-fused")),
+                   help="modes to time; ratios are to the first")
+    b.add_argument("--rounds", type=int, default=5, help="alternated rounds (the median per-round ratio is reported)")
+    b.add_argument("--steps", type=int, default=5, help="timed steps per mode per round (median)")
     b = bench("lag", "LAG@k regret and the correlation phase transition (every candidate trained to the end)")
     b.add_argument("--ks", help="LAG@k steps to report, e.g. 5,10,20 (default: the config's)")
     b.add_argument("--out", help="directory for lag.json and the plots (default: the config's train.out_dir)")

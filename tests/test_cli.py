@@ -43,6 +43,15 @@ def test_bench_sub_verbs_take_only_their_own_options(capsys):
     assert "--out" in capsys.readouterr().out
 
 
+def test_bench_optimizer_times_each_mode_against_the_first(capsys):
+    assert main(["bench", "optimizer", "--config", "demo", "--rounds", "1", "--steps", "1",
+                 "--modes", "torch-foreach,ours,ours-ages-mixed"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer step" in out and "ours-ages-mixed" in out and "of torch-foreach" in out
+    one_line_error(capsys, ["bench", "optimizer", "--config", "demo", "--modes", "torch-foreach,adam"],
+                   "unknown mode(s) adam")
+
+
 def test_version_and_help_for_every_verb(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
