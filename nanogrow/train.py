@@ -96,6 +96,7 @@ class Trainer:
         # Validation at one fixed length for the whole run (see config.eval_seq_len): comparable across stages.
         self.val = val_batches(cfg.data.dir, eval_seq_len(cfg), self.t.eval_batch_size, self.t.eval_batches,
                                rank=self.rank, world_size=self.world, vocab_size=self.model_config.vocab_size)
+        self._val_at_len: dict[int, list] = {}  # a short stage's own-length batches (evaluate_at_stage_len)
 
         # Growth: stage i >= 1 starts with the i-th growth event. Boundaries of a budgeted schedule are fixed now.
         self.stages: list[StageConfig] = cfg.stage
@@ -734,11 +735,25 @@ class Trainer:
         """Mean loss over the fixed validation batches (the first ``n_batches`` of them, if given)."""
         return dist_utils.all_reduce_mean(self._local_val_loss(n_batches), self.device)
 
+    def evaluate_at_stage_len(self) -> float | None:
+        """Mean validation loss at the current stage's own sequence length, or None when that is the run's
+        validation length. A short-sequence stage is scored at the final length by ``evaluate`` (comparable across
+        stages and runs); this is what it does at the length it trains on. Same number of batches and sequences,
+        from the start of the val split."""
+        if self.seq_len == eval_seq_len(self.cfg):
+            return None
+        if self.seq_len not in self._val_at_len:
+            self._val_at_len[self.seq_len] = val_batches(
+                self.cfg.data.dir, self.seq_len, self.t.eval_batch_size, self.t.eval_batches, rank=self.rank,
+                world_size=self.world, vocab_size=self.model_config.vocab_size)
+        return dist_utils.all_reduce_mean(self._local_val_loss(batches=self._val_at_len[self.seq_len]), self.device)
+
     @torch.no_grad()
-    def _local_val_loss(self, n_batches: int | None = None) -> float:
+    def _local_val_loss(self, n_batches: int | None = None, batches: list | None = None) -> float:
         """This rank's share of ``evaluate`` (LAG across groups reduces it over one group only)."""
         self.model.eval()
-        batches = self.val[:n_batches] if n_batches else self.val
+        if batches is None:
+            batches = self.val[:n_batches] if n_batches else self.val
         total, self._last_eval = 0.0, []
         for x, y in batches:
             with self.autocast():
@@ -822,14 +837,19 @@ class Trainer:
                                    "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"], "stage": self.stage_index,
                                    "params": self.model_config.num_params(), "seconds": round(elapsed, 3)})
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
-                val_loss = self.evaluate()
-                self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
-                                     "flops": self.meter.total_flops, "val_loss": val_loss,
-                                     "seconds": round(time.perf_counter() - start, 3)})
+                val_loss, own = self.evaluate(), self.evaluate_at_stage_len()
+                record = {"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
+                          "flops": self.meter.total_flops, "val_loss": val_loss,
+                          "seconds": round(time.perf_counter() - start, 3)}
                 self.stage_stats[-1]["val_loss"] = val_loss
-                self.log(f"step {self.step:>6} | val loss {val_loss:.4f} | {self.meter.total_flops:.3e} FLOPs")
+                if own is not None:  # a stage shorter than the validation length: its own-length loss as well
+                    record["val_loss_stage_len"] = self.stage_stats[-1]["val_loss_stage_len"] = own
+                self.history.append(record)
+                at_len = f" ({own:.4f} at its own seq_len {self.seq_len})" if own is not None else ""
+                self.log(f"step {self.step:>6} | val loss {val_loss:.4f}{at_len} | {self.meter.total_flops:.3e} FLOPs")
                 self.trackers.log({"kind": "eval", "step": self.step, "tokens": self.meter.total_tokens,
-                                   "flops": self.meter.total_flops, "val_loss": val_loss, "stage": self.stage_index})
+                                   "flops": self.meter.total_flops, "val_loss": val_loss, "stage": self.stage_index,
+                                   **({"val_loss_stage_len": own} if own is not None else {})})
                 self.meter.reset_window()  # evaluation time is not training throughput
             if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.max_steps:
                 self.save()

@@ -219,6 +219,30 @@ def test_a_real_study_runs_end_to_end(tmp_path, demo_data):
     assert "| half at 50% | 1 |" in report.study_markdown(study, plots=False)
 
 
+def test_a_short_sequence_stage_is_reported_at_both_lengths(tmp_path, demo_data):
+    """An arm that trains 16-token sequences before the validation length stores each stage's last loss at both
+    lengths, and the report shows them per stage."""
+    extra = """
+[arms."seq 16 -> 32"]
+set = { "data.seq_len" = 16, "train.micro_batch" = 8 }
+stage = [{ at_frac = 0.5, seq_len = 32, micro_batch = 4 }]
+"""
+    p = write_study(tmp_path, demo_data, extra)
+    p.write_text(p.read_text().replace("seeds = [0, 1]", "seeds = [0]").replace("lr_grid = [3e-3, 1e-2]",
+                                                                                "lr_grid = [1e-2]")
+                 .replace("scratch_scales = [2]", "scratch_scales = []"))
+    study = load_study(p)
+    assert runner.run_study(study, arms=["scratch", "seq 16 -> 32"], log=lambda *a: None) == 2
+    rec = next(r for r in Store(study.store_path).records if r["arm"] == "seq 16 -> 32")
+    first, second = rec["stages"]
+    assert (first["seq_len"], second["seq_len"]) == (16, 32)
+    assert math.isfinite(first["val_loss_stage_len"]) and first["val_loss_stage_len"] != first["val_loss"]
+    assert second["val_loss_stage_len"] is None
+    md = report.study_markdown(study, plots=False)
+    assert "loss at the stage's own length" in md
+    assert "| seq 16 -> 32 | 0 | 16 | " in md and f"{first['val_loss_stage_len']:.3f} |" in md
+
+
 def test_a_run_stored_for_another_study_is_copied_not_rerun(tmp_path, demo_data, monkeypatch):
     first = load_study(write_study(tmp_path, demo_data))
     monkeypatch.setattr(runner, "execute", fake_record)

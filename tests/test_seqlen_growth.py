@@ -212,6 +212,34 @@ def test_eval_seq_len_is_fixed_at_the_longest_training_length(demo_data, tmp_pat
     assert trainer.evaluate() != before
 
 
+def test_a_short_stage_is_also_evaluated_at_its_own_length(demo_data, tmp_path):
+    """Evaluations during a 16-token stage record the loss on 16-token validation windows next to the fixed-length
+    one (history, stage stats); once the stage trains at the validation length there is only the one."""
+    from nanogrow.data import val_batches
+    from nanogrow.parallel import unwrap
+
+    cfg = tiny_run_config(demo_data, tmp_path, eval_every=2, max_steps=6)
+    cfg.data.seq_len = 16
+    cfg = with_stages(cfg, [{"at_step": 3, "seq_len": 64, "micro_batch": 1}])
+    trainer = Trainer(cfg, log=QUIET)
+    assert trainer.evaluate_at_stage_len() is not None
+    expected = []
+    model = unwrap(trainer.model)
+    with torch.no_grad():
+        model.eval()
+        for x, y in val_batches(demo_data, 16, 4, 2, vocab_size=512):
+            expected.append(float(model(x, y)))
+        model.train()
+    assert trainer.evaluate_at_stage_len() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    trainer.run()
+    evals = [h for h in trainer.history if h["event"] == "eval"]
+    assert [h["step"] for h in evals] == [2, 4, 6]
+    assert "val_loss_stage_len" in evals[0] and evals[0]["val_loss_stage_len"] != evals[0]["val_loss"]
+    assert all("val_loss_stage_len" not in h for h in evals[1:])  # seq_len 64 from step 3: the validation length
+    assert trainer.stage_stats[0]["val_loss_stage_len"] == evals[0]["val_loss_stage_len"]
+    assert "val_loss_stage_len" not in trainer.stage_stats[1] and trainer.evaluate_at_stage_len() is None
+
+
 # ---- FSDP: the RoPE tables are rebuilt on every rank -----------------------------------------------------------
 
 CONFIG = """

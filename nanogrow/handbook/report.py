@@ -311,6 +311,39 @@ def lag_rows(study: Study, store: Store, lr: float) -> list[dict]:
     return out
 
 
+def stage_len_rows(study: Study, store: Store, lr: float) -> list[dict]:
+    """Per arm with a stage shorter than the validation length: each stage's last evaluation at the validation
+    length and at the stage's own sequence length, over seeds (records written before runs stored their stages
+    are left out)."""
+    out = []
+    for name in study.arms:
+        keys = {k for seed in study.seeds for k in _current_keys(study, name, seed, lr)}
+        recs = [r for r in store.records if r["arm"] == name and r["config_hash"] in keys and r.get("stages")]
+        if not any(st.get("val_loss_stage_len") is not None for r in recs for st in r["stages"]):
+            continue
+        for i in range(max(len(r["stages"]) for r in recs)):
+            stages = [r["stages"][i] for r in recs if len(r["stages"]) > i]
+            own = [st["val_loss_stage_len"] for st in stages if st.get("val_loss_stage_len") is not None]
+            at_val = [st["val_loss"] for st in stages if st.get("val_loss") is not None]
+            out.append({"arm": name, "stage": i, "seq_len": stages[0].get("seq_len"), "shape": stages[0].get("shape"),
+                        "val": at_val, "own": own})
+    return out
+
+
+def stage_len_table(rows: list[dict]) -> str:
+    def cell(xs: list[float]) -> str:
+        if not xs:
+            return "-"
+        return fmt_ci(*mean_ci(xs), digits=3) if len(xs) > 1 else f"{xs[0]:.3f}"
+
+    lines = ["| arm | stage | seq_len | shape | loss at the validation length | loss at the stage's own length | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['arm']} | {row['stage']} | {row['seq_len']} | {row['shape']} | {cell(row['val'])} | "
+                     f"{cell(row['own'])} | {max(len(row['val']), len(row['own']))} |")
+    return "\n".join(lines)
+
+
 def lag_table(rows: list[dict]) -> str:
     lines = ["| LAG arm | picks (per seed) | relative regret | selection overhead (losers' FLOPs / run) | "
              "evaluation s.e. | s.e. of winner - runner-up | candidates' spread |", "|---|---|---|---|---|---|---|"]
@@ -367,6 +400,10 @@ def study_markdown(study: Study, plots: bool = True) -> str:
     line = preservation_line(study, rows)
     if line:
         out += ["", line]
+    per_stage = stage_len_rows(study, store, lr)
+    if per_stage:
+        out += ["", "Each stage's last evaluation, at the validation length and at the stage's own sequence length "
+                    "(\"-\" where they are the same):", "", stage_len_table(per_stage)]
     lag = lag_rows(study, store, lr)
     if lag:
         out += ["", lag_table(lag)]

@@ -154,11 +154,14 @@ def execute(study: Study, run: Run) -> dict:
     curve = [[h["flops"], h["tokens"], h.get("seconds"), h["val_loss"]] for h in trainer.history
              if h["event"] == "eval"]
     events = [growth_event_record(h) for h in trainer.history if h["event"] == "grow"]
+    # Each stage's last evaluation, at the validation length and (a shorter stage) at its own sequence length.
+    stages = [{k: st.get(k) for k in ("stage", "start_step", "seq_len", "shape", "val_loss", "val_loss_stage_len")}
+              for st in trainer.stage_stats]
     shutil.rmtree(run.cfg.train.out_dir, ignore_errors=True)  # checkpoints of a finished study run are not kept
     return {
         "study": study.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
         "config_hash": key, "config": config, "commit": git_commit(),
-        "curve": curve, "growth_events": events, "final_loss": final, "final_loss_se": se,
+        "curve": curve, "growth_events": events, "stages": stages, "final_loss": final, "final_loss_se": se,
         "final_curve_loss": summary["val_loss"], "flops": summary["flops"], "tokens": summary["tokens"],
         "steps": summary["steps"], "wall_seconds": wall, "machine": machine(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
