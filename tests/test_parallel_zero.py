@@ -35,6 +35,24 @@ def test_zero_refuses_per_element_ages():
         grow_zero(None, None, policy="map+age")
 
 
+
+# ---- gather_full / scatter_full: many parameters per collective ------------------------------------------------
+
+# Elements per all-reduce: 333 is smaller than every matrix of the tiny model (a 2048-element tensor spans up to 7
+# buckets, boundaries fall mid-tensor and mid-partition), 1000 holds many norm gains, 10**6 holds all (one call).
+BUCKETS = (333, 1000, 10**6)
+
+
+@pytest.mark.slow
+def test_bucketed_gather_and_scatter_equal_deepspeeds_per_parameter_api():
+    """Under ZeRO 1, 2, 3 (this file run by torchrun, ``_buckets_worker``): ``gather_full`` gives the weights and
+    both moments bit for bit as DeepSpeed's one-collective-per-parameter getters at every bucket size;
+    ``scatter_full`` writes what those getters read back; a growth with buckets smaller than one tensor gives the
+    state ``grow()`` gives from the same state, bit for bit (also before the first step: zero moments)."""
+    p = torchrun(2, __file__, "buckets", "1,2,3", timeout=400, env=zero_env())
+    assert p.stdout.count("OK buckets zero") == 3, tail(p)
+
+
 # ---- the Trainer under train.parallel = "deepspeed" ----------------------------------------------------------
 
 TRAINER_CONFIG = tiny_model_toml(n_layer=1) + """
@@ -255,3 +273,94 @@ def test_zero_checkpoint_resumes_only_at_its_world_size_stage_and_backend(tmp_pa
                                          ("fsdp", 2, 2, "this run is train.parallel='fsdp' at world size 2")]:
         with pytest.raises(CheckpointError, match=f"ZeRO-2 at world size 2; {says}.*nanogrow consolidate"):
             check_resume(meta, tmp_path, parallel, world, stage)
+
+
+def _buckets_worker(stages: list[int]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    import deepspeed
+
+    sys.path.insert(0, str(Path(__file__).parent / "dist"))
+    from worker import GLOBAL_BATCH, PLANS  # tests/dist/worker.py
+    from zero_worker import check, ds_full, ds_step, groups_of, ref_full  # tests/dist/zero_worker.py
+
+    from nanogrow.dist_utils import shutdown_and_exit
+    from nanogrow.grow import grow
+    from nanogrow.grow.optim import AdamW
+    from nanogrow.grow.testing import tiny_config
+    from nanogrow.model import build_model
+    from nanogrow.parallel import zero
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = tiny_config()
+    default_bucket = zero.BUCKET_NUMEL
+
+    def new_run(stage):
+        model = build_model(cfg, seed=0)
+        config = zero.ds_config(stage, GLOBAL_BATCH // dist.get_world_size())
+        return zero.zero_initialize(model, groups_of(model), config)
+
+    def key(name, kind):
+        return f"param/{name}" if kind is None else f"optim/{name}/{kind}"
+
+    for stage in stages:
+        run = new_run(stage)
+        assert not zero.has_state(run)
+        for s in range(2):
+            ds_step(run, s, cfg)
+        assert zero.has_state(run)
+        names, params = zip(*run.module.named_parameters())
+        ref = ds_full(run)  # DeepSpeed's safe_get_full_*: one all-reduce / all-gather per tensor
+        for bucket in BUCKETS:
+            for kind in (None, "exp_avg", "exp_avg_sq"):
+                got = zero.gather_full(run.engine, list(params), kind, bucket_numel=bucket)
+                for n, t in zip(names, got):
+                    assert torch.equal(t, ref[key(n, kind)]), (stage, bucket, key(n, kind))
+        g = torch.Generator().manual_seed(7)  # the same values on every rank
+        values = {k: torch.randn(v.shape, generator=g) for k, v in ref.items()}
+        for kind in (None, "exp_avg", "exp_avg_sq"):
+            zero.scatter_full(run.engine, list(params), [values[key(n, kind)] for n in names], kind)
+        check(ds_full(run), values, f"zero{stage} scatter_full", 0.0)
+        zero.destroy(run)
+
+        # Growth with buckets smaller than one tensor: the state grow() gives from the same state, bit for bit.
+        zero.BUCKET_NUMEL = BUCKETS[0]
+        for op, steps in (("zero", 3), ("stack", 0)):  # "stack" before the first step: no moments yet
+            run = new_run(stage)
+            for s in range(steps):
+                ds_step(run, s, cfg)
+            plan = PLANS[op](cfg)
+            if steps:
+                before = ds_full(run)
+            else:
+                zero._relink(run)
+                before = {f"param/{n}": deepspeed.utils.safe_get_full_fp32_param(p).clone()
+                          for n, p in run.module.named_parameters()}
+            ref_m = build_model(cfg, seed=0)
+            ref_o = AdamW(groups_of(ref_m))
+            with torch.no_grad():
+                for n, p in ref_m.named_parameters():
+                    p.copy_(before[f"param/{n}"])
+                    if steps:
+                        ref_o.state[p] = {"step": torch.tensor(float(steps)), **{
+                            k: before[f"optim/{n}/{k}"].clone() for k in ("exp_avg", "exp_avg_sq")}}
+            ref_m, ref_o = grow(ref_m, ref_o, plan, policy="map")
+            run = zero.grow_zero(run, plan, policy="map")
+            want = ref_full(ref_m, ref_o) if steps else {
+                **{f"param/{n}": p.detach() for n, p in ref_m.named_parameters()},
+                **{key(n, k): torch.zeros(p.shape) for n, p in ref_m.named_parameters()
+                   for k in ("exp_avg", "exp_avg_sq")}}
+            check(ds_full(run), want, f"zero{stage} {op} growth (bucket {BUCKETS[0]}, {steps} steps)", 0.0)
+            assert zero.zero_step_count(run) == steps
+            ds_step(run, steps, plan.new_cfg)  # the grown engine trains
+            zero.destroy(run)
+        zero.BUCKET_NUMEL = default_bucket
+        if dist.get_rank() == 0:
+            print(f"OK buckets zero{stage}", flush=True)
+    shutdown_and_exit()
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=2 tests/test_parallel_zero.py buckets 1,2,3
+    _buckets_worker([int(s) for s in sys.argv[2].split(",")])

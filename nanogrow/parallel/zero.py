@@ -1,19 +1,23 @@
-"""DeepSpeed ZeRO (stages 1-3) training and growth through DeepSpeed's full-parameter / optimizer-state API.
+"""DeepSpeed ZeRO (stages 1-3) training and growth from ZeRO's fp32 master partitions.
 
 ZeRO keeps fp32 master weights and Adam moments in flat partitions, so the plan cannot be applied to its tensors
 directly. Growth (``grow_zero``), the route that gave results equal to plain torch in every stage on CPU:
-  1. every target of the plan is materialised from full fp32 sources read with
-     ``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` (collectives: every rank
-     reads the same parameters in the same order, which the plan guarantees), one target at a time;
+  1. the full fp32 weights, then each Adam moment, of every old parameter are read from the master partitions in
+     flat buckets (``gather_full``: each rank copies the fragments it owns into a zeroed flat buffer, one
+     all-reduce per ``BUCKET_NUMEL`` elements gives every rank the full tensors; the fragments are found the way
+     DeepSpeed's ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` find them, which send one
+     collective per parameter), and every target of the plan is materialised from them;
   2. the grown module is built with the mapped weights BEFORE ``deepspeed.initialize`` (``safe_set_full_fp32_param``
      updates only the master copy, not the weights forward uses, until the next step);
-  3. the new engine's optimizer state is created by one zero-learning-rate step on zero gradients, then the
-     mapped moments are written with ``safe_set_full_optimizer_state`` and the partitions' step counts set to
-     the old step.
-Costs: the new model's weights and moments in full on every rank while growing (routes through full tensors).
-Per-element ages are not supported under ZeRO (its step count is one per flat partition): policy ``map+age``
-raises; use ``map`` or ``reset``. Under bf16 (``ds_config(..., bf16=True)``) ``initialize`` builds the fp32 masters
-from the bf16 module, so the mapped fp32 weights are written back into them with ``safe_set_full_fp32_param``.
+  3. the new engine's Adam state is created directly on its flat partitions (zero moments, the old step count,
+     as a first step would make it), and the mapped moments are copied into this rank's fragments
+     (``scatter_full``: local copies, no collective).
+The old engine is released without a forced ``gc.collect`` and ``deepspeed.initialize`` runs under ``gc.freeze``
+(its many allocations otherwise trigger collections that walk every object in the process).
+Costs: the old model's full fp32 tensors of one kind and the new model's weights and moments in full on every
+rank while growing. Per-element ages are not supported under ZeRO (its step count is one per flat partition):
+policy ``map+age`` raises; use ``map`` or ``reset``. Under bf16 (``ds_config(..., bf16=True)``) ``initialize``
+builds the fp32 masters from the bf16 module, so the mapped fp32 weights are written back into them.
 ``set_optimizer_state`` (moments + step into a fresh engine) also starts a ZeRO run from a DCP checkpoint.
 The Trainer drives all this through ``nanogrow.backend.ZeroBackend``.
 """
@@ -21,6 +25,7 @@ The Trainer drives all this through ``nanogrow.backend.ZeroBackend``.
 from __future__ import annotations
 
 import gc
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -32,6 +37,10 @@ from nanogrow.model import Transformer
 
 if TYPE_CHECKING:
     from nanogrow.grow.plan import GrowthPlan
+
+# Elements per all-reduce when full tensors are gathered from the partitions (32 MiB of fp32): few collectives
+# (the bench model's 7.1M parameters take one), each small enough for any backend's buffers.
+BUCKET_NUMEL = 8 * 2**20
 
 
 def ds_config(stage: int, micro_batch: int, grad_accum: int = 1, grad_clip: float = 0.0, bf16: bool = False) -> dict:
@@ -79,7 +88,13 @@ def zero_initialize(model: Transformer, groups: list[dict], config: dict) -> Zer
     name_group = {names[p]: gi for gi, g in enumerate(groups) for p in g["params"]}
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     opt = AdamW([dict(h, params=list(g["params"])) for h, g in zip(hyper, groups)])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    # initialize allocates many Python objects; freezing the existing ones keeps the collections this triggers
+    # from walking the whole process (torch, DeepSpeed, an old engine waiting for the collector).
+    gc.freeze()
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    finally:
+        gc.unfreeze()
     return ZeroRun(engine, config, hyper, name_group)
 
 
@@ -110,8 +125,88 @@ def zero_step_count(run: ZeroRun) -> float:
                default=0.0)
 
 
-def destroy(run: ZeroRun) -> None:
-    """Free an engine (ZeRO 3 keeps the old module alive through module-level references)."""
+def _is_zero3(engine) -> bool:
+    return hasattr(engine.optimizer, "fp32_partitioned_groups_flat")
+
+
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape  # ZeRO 3 leaves an empty placeholder in p
+
+
+def has_state(run: ZeroRun) -> bool:
+    """Whether the engine's optimizer holds Adam moments yet (none before the first step). The same on every rank."""
+    st = inner_optimizer(run.engine).state
+    return all("exp_avg" in st.get(part, {}) for part in partition_params(run.engine))
+
+
+def _fragments(engine, params: list[torch.Tensor], kind: str | None = None) -> list[tuple[int, torch.Tensor] | None]:
+    """Where this rank's fp32 partitions hold each of ``params``: (offset in the flattened full tensor, the 1-D
+    fragment itself) or None if this rank holds none of it. ``kind``: None for the master weights, else an
+    optimizer-state key ("exp_avg", "exp_avg_sq"; under ZeRO 1/2 only once ``_relink`` has run).
+    These are the fragments ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` reduce."""
+    zo = engine.optimizer
+    out: list[tuple[int, torch.Tensor] | None] = []
+    if _is_zero3(engine):  # every parameter split evenly over the ranks (the last partition padded)
+        state = zo.optimizer.state
+        for p in params:
+            group, offset, numel = zo.grad_position[zo.get_param_id(p)]
+            flat = zo.fp32_partitioned_groups_flat[group]
+            src = flat if kind is None else state[flat][kind]
+            start = zo._get_param_partition_rank(p) * numel
+            n = min(numel, p.ds_numel - start)
+            out.append((start, src.narrow(0, offset, n)) if n > 0 else None)
+    else:  # ZeRO 1/2: each group flattened, then split; DeepSpeed's hp mapping says which slice of p is here
+        for p in params:
+            m = getattr(p, "_hp_mapping", None)
+            out.append(None if m is None else (m.lp_fragment_address.start, m.get_hp_fragment(kind)))
+    return out
+
+
+def gather_full(engine, params: list[torch.Tensor], kind: str | None = None,
+                bucket_numel: int | None = None) -> list[torch.Tensor]:
+    """The full fp32 master weights (``kind`` None) or optimizer state ``kind`` of ``params``, identical on every
+    rank. A collective (every rank passes the same parameters in the same order): the parameters are laid end to
+    end in one flat buffer, each rank writes the fragments it owns into it (zeros elsewhere; every element is
+    owned by exactly one rank, so the sums are exact), and one all-reduce per ``bucket_numel`` elements (default
+    ``BUCKET_NUMEL``) completes it; a parameter may span buckets. Returns views of that buffer."""
+    from deepspeed import comm
+
+    bucket = BUCKET_NUMEL if bucket_numel is None else int(bucket_numel)
+    if bucket < 1:
+        raise ValueError(f"bucket_numel must be positive, got {bucket}")
+    shapes = [_full_shape(p) for p in params]
+    sizes = [math.prod(s) for s in shapes]
+    flat = torch.zeros(sum(sizes), dtype=torch.float32, device=partition_params(engine)[0].device)
+    offset = 0
+    for size, frag in zip(sizes, _fragments(engine, params, kind)):
+        if frag is not None:
+            start, t = frag
+            flat.narrow(0, offset + start, t.numel()).copy_(t.detach().reshape(-1))
+        offset += size
+    group = engine.optimizer.dp_process_group
+    for s in range(0, flat.numel(), bucket):
+        comm.all_reduce(flat.narrow(0, s, min(bucket, flat.numel() - s)), group=group)
+    out, offset = [], 0
+    for size, shape in zip(sizes, shapes):
+        out.append(flat.narrow(0, offset, size).view(shape))
+        offset += size
+    return out
+
+
+def scatter_full(engine, params: list[torch.Tensor], values: list[torch.Tensor], kind: str | None = None) -> None:
+    """Write full tensors (the same on every rank) into this rank's fragments of the fp32 master weights
+    (``kind`` None) or of optimizer state ``kind``: local copies, no collective."""
+    for p, value, frag in zip(params, values, _fragments(engine, params, kind)):
+        if value.numel() != math.prod(_full_shape(p)):
+            raise ValueError(f"scatter_full: {value.numel()} elements for a parameter of shape {_full_shape(p)}")
+        if frag is not None:
+            start, t = frag
+            t.detach().copy_(value.reshape(-1).narrow(0, start, t.numel()).to(device=t.device, dtype=t.dtype))
+
+
+def _release(run: ZeroRun) -> None:
+    """Destroy an engine and drop the module-level references ZeRO 3 keeps to its modules, without collecting:
+    what is left in reference cycles goes with the collector's next pass."""
     run.engine.destroy()
     try:
         from deepspeed.runtime.zero import parameter_offload
@@ -120,6 +215,11 @@ def destroy(run: ZeroRun) -> None:
         pass
     _clear_release_cache()
     run.engine = None
+
+
+def destroy(run: ZeroRun) -> None:
+    """Free an engine now (ZeRO 3 keeps the old module alive through module-level references)."""
+    _release(run)
     gc.collect()
 
 
@@ -140,8 +240,6 @@ def _clear_release_cache() -> None:
 def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict | None = None) -> ZeroRun:
     """Grow a ZeRO run: returns a new ZeroRun (new engine); the old engine is destroyed. A collective.
     ``config``: the new engine's DeepSpeed config (default: the old one; a stage may change the micro-batch)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     if policy == "map+age":
         raise NotImplementedError("grow_zero: per-element ages are not supported under ZeRO (one step count per "
                                   "flat partition); use policy 'map' or 'reset'")
@@ -150,33 +248,32 @@ def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict 
     old = run.module
     plan.check_model(old)
     _relink(run)
-    old_params = dict(old.named_parameters())
-    device = next(iter(old_params.values())).device
-
-    def reader(kind):
-        def read(name):
-            p = old_params[name]
-            if kind == "param":
-                return safe_get_full_fp32_param(p)
-            t = safe_get_full_optimizer_state(p, kind)
-            return torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape) if t is None else t
-        return read
+    names, params = zip(*old.named_parameters())
+    device = params[0].device
 
     with torch.device("meta"):
         new = Transformer(replace(plan.new_cfg))
     new.to_empty(device=device)
+    full = dict(zip(names, gather_full(run.engine, list(params))))
     with torch.no_grad():
         for name, p in new.named_parameters():
-            p.copy_(plan.targets[name].materialize(reader("param"), "param", device=device, dtype=p.dtype))
+            p.copy_(plan.targets[name].materialize(full.__getitem__, "param", device=device, dtype=p.dtype))
+    del full
     new.reset_rope()
     for name, val in plan.initial_mask_values(device).items():
         set_buffer(new, name, val)
     new.train(old.training)
-    moments = {}
+    moments: dict[str, dict[str, torch.Tensor]] = {name: {} for name in plan.targets}
     if policy == "map":
-        for name in plan.targets:  # full tensors, in the plan's order on every rank
-            moments[name] = {k: plan.targets[name].materialize(reader(k), k, device="cpu", dtype=torch.float32)
-                             for k in ("exp_avg", "exp_avg_sq")}
+        stateful = has_state(run)
+        for k in ("exp_avg", "exp_avg_sq"):  # one kind at a time: the old full tensors of one kind at most
+            if stateful:
+                full = dict(zip(names, gather_full(run.engine, list(params), k)))
+            else:  # grown before the first step: zero moments
+                full = {n: torch.zeros(_full_shape(p)) for n, p in zip(names, params)}
+            for name, target in plan.targets.items():
+                moments[name][k] = target.materialize(full.__getitem__, k, device="cpu", dtype=torch.float32)
+            del full
     step = zero_step_count(run)
     # Param groups: a target joins its primary source's group, else the same parameter's group in another layer
     # (nanogrow.grow.optim.grow's rule).
@@ -192,14 +289,14 @@ def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict 
     # Under bf16, initialize casts the module to bf16 and builds the fp32 masters from it: keep the mapped fp32
     # weights to restore the masters' precision afterwards.
     masters = {n: p.detach().to("cpu", copy=True) for n, p in new.named_parameters()} if _bf16(config) else None
-    destroy(run)
+    del old, params
+    _release(run)
     keep = [i for i, g in enumerate(groups) if g["params"]]
     new_run = zero_initialize(new, [groups[i] for i in keep], config)
     new_run.groups = [hyper[i] for i in keep]
     if masters is not None:
-        from deepspeed.utils import safe_set_full_fp32_param
-        for name, p in new_run.module.named_parameters():
-            safe_set_full_fp32_param(p, masters[name].to(device))
+        names_new, params_new = zip(*new_run.module.named_parameters())
+        scatter_full(new_run.engine, list(params_new), [masters[n] for n in names_new])
     if policy == "map":
         set_optimizer_state(new_run, moments, step)
     return new_run
@@ -207,36 +304,19 @@ def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict 
 
 def set_optimizer_state(run: ZeroRun, moments: dict[str, dict[str, torch.Tensor]], step: float) -> None:
     """Give a fresh engine's optimizer the full Adam moments ``moments[name] = {"exp_avg", "exp_avg_sq"}`` of
-    every parameter and the step count ``step`` (a collective: every rank passes the same full tensors)."""
-    from deepspeed.utils import safe_set_full_optimizer_state
+    every parameter and the step count ``step`` (every rank passes the same full tensors; no collective)."""
+    _init_state(run, step)
+    names, params = zip(*run.module.named_parameters())
+    for k in ("exp_avg", "exp_avg_sq"):
+        scatter_full(run.engine, list(params), [moments[n][k] for n in names], k)
 
-    device = next(run.module.parameters()).device
-    _create_state(run)
-    for name, p in run.module.named_parameters():
-        for k, v in moments[name].items():
-            safe_set_full_optimizer_state(p, v.to(device), k)
-    st = inner_optimizer(run.engine).state
+
+def _init_state(run: ZeroRun, step: float) -> None:
+    """Create the Adam state of every flat partition as the optimizer's first step would (zero moments), with
+    step count ``step``, and link DeepSpeed's per-parameter views to it (ZeRO 1/2). Replaces any state."""
+    inner = inner_optimizer(run.engine)
     for part in partition_params(run.engine):
-        if part in st:
-            st[part]["step"] = torch.tensor(step, dtype=torch.float32) if isinstance(st[part]["step"], torch.Tensor) \
-                else step
-
-
-def _create_state(run: ZeroRun) -> None:
-    """One step at learning rate 0 on zero gradients: creates the (zero) Adam state without moving weights."""
-    eng = run.engine
-    saved = [g["lr"] for g in eng.optimizer.param_groups]
-    for g in eng.optimizer.param_groups:
-        g["lr"] = 0.0
-    # A real forward (ZeRO 3 gathers its partitioned parameters only inside one), times 0: zero gradients.
-    # With gradient accumulation the optimizer steps only at the accumulation boundary: run a whole step.
-    idx = torch.zeros(1, 2, dtype=torch.long, device=next(eng.module.parameters()).device)
-    for _ in range(eng.gradient_accumulation_steps()):
-        loss = eng(idx, idx) * 0.0
-        eng.backward(loss)
-        eng.step()
+        inner.state[part] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                             "exp_avg": torch.zeros_like(part, memory_format=torch.preserve_format),
+                             "exp_avg_sq": torch.zeros_like(part, memory_format=torch.preserve_format)}
     _relink(run)
-    for g, lr in zip(eng.optimizer.param_groups, saved):
-        g["lr"] = lr
-
-
