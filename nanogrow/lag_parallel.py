@@ -32,7 +32,7 @@ import math
 
 import torch.distributed as dist
 
-from .config import ConfigError, StageConfig, lag_candidates
+from .config import ConfigError, LagConfig, Stage, StageConfig
 from .data import TokenLoader, val_batches
 from .grow import GrowthPlan, make_plan
 from .lag import LagResult
@@ -43,14 +43,10 @@ from .parallel.backends import backend_of, fsdp_mesh
 from .parallel.groups import adopt_optimizer_structure, move_to_mesh, replicate_in_group, state_structure
 
 
-def lag_groups(st: StageConfig) -> int:
-    return int(st.lag.get("groups", 1)) if st.lag else 1
-
-
 def check_world(stages: list[StageConfig], world: int) -> None:
     """Raise ConfigError before any compute when a stage's ``lag.groups`` cannot split this world."""
     for i, st in enumerate(stages, start=1):
-        g = lag_groups(st)
+        g = LagConfig.from_dict(st.lag).groups if st.lag else 1
         if g > 1 and world % g:
             raise ConfigError(f"stage[{i}].lag.groups={g} must divide the world size {world} (launch a multiple "
                               f"of {g} processes, or set groups = 1 to run the candidates one after another)")
@@ -120,15 +116,15 @@ def _mesh(trainer, n_groups: int):
     return meshes[n_groups]
 
 
-def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
-    """LAG with the candidates spread over ``st.lag["groups"]`` process groups; returns (winner's plan, record)
+def select_across_groups(trainer, st: Stage, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
+    """LAG with the candidates spread over ``st.lag.groups`` process groups; returns (winner's plan, record)
     like ``Trainer._lag_select`` and leaves the trainer in the winner's state on every rank. A collective."""
-    n_groups = lag_groups(st)
+    n_groups = st.lag.groups
     mesh = _mesh(trainer, n_groups)
     group = candidate_index(mesh)
-    k, every = st.lag["steps"], st.lag.get("eval_every", 1)
-    n_eval = st.lag.get("eval_batches", 0) or len(trainer.val)
-    candidates = lag_candidates(st.lag, old_cfg, new_cfg)
+    k, every = st.lag.steps, st.lag.eval_every
+    n_eval = st.lag.eval_batches or len(trainer.val)
+    candidates = st.lag.candidate_list(old_cfg, new_cfg)
     n = len(candidates)
     fsdp = backend_of(trainer.model) == "fsdp"
     world_mesh = fsdp_mesh(trainer.model) if fsdp else None
@@ -188,7 +184,7 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
 _COUNTERS = ("step", "loader", "meter", "growth_lr", "rng", "stage_index", "stage_stats", "model_config", "ramp")
 
 
-def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict, plan, st: StageConfig,
+def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict, plan, st: Stage,
                           world_mesh=None) -> GrowthPlan:
     """Every rank takes the winning group's state, then the world-wide wrapping is rebuilt (FSDP: the winner is
     re-sharded from the group's mesh onto ``world_mesh``). Returns the winner's plan as its group applied it (a

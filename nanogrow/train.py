@@ -20,14 +20,14 @@ from . import dist_utils
 from .backend import ZeroBackend
 from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint,
                          load_checkpoint, read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
-from .config import (ConfigError, RunConfig, StageConfig, changes_parameters, eval_seq_len, fit_warmup, from_accelerate,
-                     lag_candidates)
+from .config import (ConfigError, RunConfig, Stage, changes_parameters, eval_seq_len, fit_warmup, from_accelerate,
+                     resolve_stages)
 from .data import PrefetchLoader, TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
 from .grow.learned import LearnedPlan, fit
 from .grow.optim import drop_wd_scales
 from .lag import select, select_halving
-from .lag_parallel import check_world, lag_groups, select_across_groups
+from .lag_parallel import check_world, select_across_groups
 from .logs import RunLog
 from .metrics import ThroughputMeter, device_peak_flops
 from .model import ModelConfig, Transformer, build_model
@@ -99,7 +99,7 @@ class Trainer:
         self._val_at_len: dict[int, list] = {}  # a short stage's own-length batches (evaluate_at_stage_len)
 
         # Growth: stage i >= 1 starts with the i-th growth event. Boundaries of a budgeted schedule are fixed now.
-        self.stages: list[StageConfig] = cfg.stage
+        self.stages: list[Stage] = resolve_stages(cfg)  # every stage's values, growth defaults filled in
         self.layouts = stage_layouts(cfg.model, cfg.data.seq_len, self.t.micro_batch, cfg.stage)
         self.stage_starts = self._stage_boundaries()
         self.stage_index = 0
@@ -514,7 +514,7 @@ class Trainer:
             return False
         return self.trigger.should_grow(self.step, self.meter.total_tokens, self.meter.total_flops)
 
-    def _apply_plan(self, plan, st: StageConfig, fit: bool = True):
+    def _apply_plan(self, plan, st: Stage, fit: bool = True):
         """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy.
         Returns the plan applied (a learned plan is fitted first, unless ``fit`` is False: a structure-only rebuild
         whose values are about to be overwritten, as LAG across groups does)."""
@@ -523,18 +523,18 @@ class Trainer:
             plan = self._fit_learned(plan)
         if self.zero is not None:
             self.t.grad_accum = self._accum(st.micro_batch or self.micro_batch)  # the new engine's accumulation
-            self.model = self.zero.grow(plan, st.optimizer or g.optimizer, st.micro_batch or self.micro_batch)
+            self.model = self.zero.grow(plan, st.optimizer, st.micro_batch or self.micro_batch)
             self.optimizer = self.zero.optimizer
         else:
             self.model, self.optimizer = grow_parallel(self.model, self.optimizer, plan,
-                                                       policy=st.optimizer or g.optimizer, device=self.device,
+                                                       policy=st.optimizer, device=self.device,
                                                        lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt,
                                                        new_lr_mult=g.new_lr_mult, new_wd_hold=g.new_wd_steps > 0)
         self.model_config = plan.new_cfg.resolved()
         self.ramp = plan.mask_ramp(self.step)
         if self.ramp is not None:
             self.ramp.apply(unwrap(self.model), self.step)
-        if (st.lr_policy or g.lr_policy) != "continue":
+        if st.lr_policy != "continue":
             self.growth_lr.on_growth(self.step)
         self._enter_next_stage()
         if self.t.compile:  # the grown model's blocks, at the new stage's shapes: part of the growth event's time
@@ -567,11 +567,11 @@ class Trainer:
         self.meter.add_flops(plan.fit_record["flops"] * self.world)
         return plan
 
-    def _enter_stage_without_growth(self, st: StageConfig) -> None:
+    def _enter_stage_without_growth(self, st: Stage) -> None:
         """A stage that changes no parameter (only seq_len, micro_batch or max_seq_len): no plan, no copy of the
         weights, no optimizer change. The lr is re-warmed only if the stage asks for it (lr_policy): the default
         growth.lr_policy is about fresh weights and moments, which this stage does not make."""
-        if st.lr_policy and st.lr_policy != "continue":
+        if st.rewarm_without_growth:
             self.growth_lr.on_growth(self.step)
         self._enter_next_stage()
 
@@ -596,16 +596,16 @@ class Trainer:
         if not changes_parameters(old_cfg, new_cfg):
             self._enter_stage_without_growth(st)
         elif st.lag:
-            plan, lag_record = self._lag_select(st, old_cfg, new_cfg, seed=g.seed + i)
+            plan, lag_record = self._lag_select(st, old_cfg, new_cfg, seed=st.seed)
         else:
-            plan = make_plan(st.op or g.op, old_cfg, new_cfg, seed=g.seed + i, **st.options)
+            plan = make_plan(st.op, old_cfg, new_cfg, seed=st.seed, **st.options)
             plan = self._apply_plan(plan, st)
         seconds = time.perf_counter() - t0
         # Same weights and the same (fixed-length) validation batches: the loss after a plan-free stage is the same.
         after = (self.evaluate() if plan is not None else before) if g.eval_at_growth else None
         event = {"event": "grow", "stage": i, "step": self.step, "tokens": self.meter.total_tokens,
                  "flops": self.meter.total_flops, "plan": plan.to_dict() if plan is not None else None,
-                 "optimizer": (st.optimizer or g.optimizer) if plan is not None else None,
+                 "optimizer": st.optimizer if plan is not None else None,
                  "params_before": old_cfg.num_params(), "params_after": self.model_config.num_params(),
                  "seq_len_before": old_seq, "seq_len_after": self.seq_len, "micro_batch_before": old_mb,
                  "micro_batch_after": self.micro_batch, "max_seq_len": self.model_config.max_seq_len,
@@ -652,13 +652,12 @@ class Trainer:
         self.model, self.optimizer = s["model"], s["optimizer"]
         self._set_stage_batch()
 
-    def _lag_select(self, st: StageConfig, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
-        if lag_groups(st) > 1:  # candidates train at the same time, one per process group
+    def _lag_select(self, st: Stage, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
+        if st.lag.groups > 1:  # candidates train at the same time, one per process group
             return select_across_groups(self, st, old_cfg, new_cfg, seed)
-        k, every = st.lag["steps"], st.lag.get("eval_every", 1)
-        n_eval = st.lag.get("eval_batches", 0) or len(self.val)
-        strategy = st.lag.get("strategy", "all")
-        candidates = lag_candidates(st.lag, old_cfg, new_cfg)
+        k, every, strategy = st.lag.steps, st.lag.eval_every, st.lag.strategy
+        n_eval = st.lag.eval_batches or len(self.val)
+        candidates = st.lag.candidate_list(old_cfg, new_cfg)
         base = self._soft_state()
         plans: dict[int, object] = {}
         ses: list[list[float]] = [[] for _ in candidates]
