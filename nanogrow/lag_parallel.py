@@ -158,7 +158,7 @@ def select_across_groups(trainer, st: Stage, old_cfg: ModelConfig, new_cfg: Mode
                     for h, loss in enumerate(group_values(local, mesh)):
                         if first + h < n:
                             curves[first + h].append(loss)
-            flops = trainer.meter.total_flops - base["meter"]["total_flops"] if mine < n else 0.0
+            flops = trainer.meter.total_flops - base["state"].meter["total_flops"] if mine < n else 0.0
             for h, f in enumerate(group_values(flops, mesh, reduce="max")):
                 if first + h < n:
                     spent[first + h] = f
@@ -181,9 +181,6 @@ def select_across_groups(trainer, st: Stage, old_cfg: ModelConfig, new_cfg: Mode
     return plan, record
 
 
-_COUNTERS = ("step", "loader", "meter", "growth_lr", "rng", "stage_index", "stage_stats", "model_config", "ramp")
-
-
 def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict, plan, st: Stage,
                           world_mesh=None) -> GrowthPlan:
     """Every rank takes the winning group's state, then the world-wide wrapping is rebuilt (FSDP: the winner is
@@ -196,7 +193,7 @@ def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict
         trainer._restore_soft_state(base)
         trainer._apply_plan(plan, st, fit=False)
     # The winner's counters, and the layout its tensors have, travel as one small object.
-    mine = {key: trainer._soft_state()[key] for key in _COUNTERS}
+    mine = {"state": trainer.run_state()}
     mine["structure"] = state_structure(trainer.model, trainer.optimizer)
     mine["plan"] = plan
     box = [mine]
@@ -204,7 +201,7 @@ def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict
     winner = box[0]
     if kept is None:
         ramp = trainer.ramp  # the plan's fade-in, started at the growth step like the winner's
-        trainer._restore_soft_state(dict(trainer._soft_state(), **{key: winner[key] for key in _COUNTERS}))
+        trainer.load_run_state(winner["state"])
         if ramp is not None:  # masks as the winner's last step left them (removed if its fade-in has ended)
             ramp.apply(trainer.model, trainer.step - 1)
         adopt_optimizer_structure(trainer.model, trainer.optimizer, winner["structure"])

@@ -32,6 +32,7 @@ from .logs import RunLog
 from .metrics import ThroughputMeter, device_peak_flops
 from .model import ModelConfig, Transformer, build_model
 from .offline import grow_checkpoint  # noqa: F401  (re-exported: nanogrow.train.grow_checkpoint)
+from .run_state import RunState
 from .parallel import compile_blocks, grad_sync, grow_parallel, make_mesh, parallelize, reshard, unwrap
 from .schedule import stage_layouts, stage_start_steps
 from .tracking import Trackers
@@ -130,23 +131,13 @@ class Trainer:
         self.trigger = self._make_trigger()
         self.history: list[dict] = []  # growth events and evaluations, in order
         if meta:
-            self.stage_index = meta.get("stage_index", 0)
+            state = RunState.from_meta(meta)
             if self.zero is None:  # (ZeroBackend.start has loaded the checkpoint)
-                if self.stage_index:  # a grown model: the optimizer may track per-element ages
+                if state.stage_index:  # a grown model: the optimizer may track per-element ages
                     self.optimizer = make_optimizer(unwrap(self.model), self.t, ages=meta.get("optimizer_ages", False))
                 load_checkpoint(ckpt, unwrap(self.model), self.optimizer)
                 self._apply_optimizer_config()  # a resume may change weight decay, betas or eps on purpose
-            self.step = meta["step"]
-            if meta.get("loader") is not None:  # None: an imported model, whose data stream starts here
-                self.loader.load_state_dict(meta["loader"])
-            self.meter.load_state_dict(meta["meter"])
-            self.history = meta.get("history", [])
-            self.growth_lr = GrowthLR.from_state_dict(meta["growth_lr"]) if "growth_lr" in meta else self.growth_lr
-            self.ramp = MaskRamp.from_dict(meta["ramp"]) if meta.get("ramp") else None
-            self.stage_stats = meta.get("stage_stats", self.stage_stats)
-            self._continue_stage_stats()
-            self.trigger = trigger_from_state(meta["trigger"]) if meta.get("trigger") else self._make_trigger()
-            self._set_stage_batch()
+            self.load_run_state(state, resumed=True)
             if meta.get("seq_len", self.seq_len) != self.seq_len or \
                     meta.get("micro_batch", self.micro_batch) != self.micro_batch:
                 self.log(f"note: the config trains stage {self.stage_index} at seq_len {self.seq_len} x micro_batch "
@@ -634,23 +625,12 @@ class Trainer:
 
     # ---- LAG: fork candidates, train each k steps on the same batches, continue from the winner -----------------
     def _soft_state(self) -> dict:
-        """Everything but model and optimizer that training a candidate changes."""
-        return {"step": self.step, "loader": self.loader.state_dict(), "meter": self.meter.state_dict(),
-                "growth_lr": self.growth_lr.state_dict(), "rng": torch.get_rng_state(),
-                "stage_index": self.stage_index, "stage_stats": json.loads(json.dumps(self.stage_stats)),
-                "model_config": self.model_config, "ramp": self.ramp.to_dict() if self.ramp else None,
-                "model": self.model, "optimizer": self.optimizer}
+        """A fork: the run state, and the model and optimizer it trains (left untouched by a grown candidate)."""
+        return {"state": self.run_state(), "model": self.model, "optimizer": self.optimizer}
 
     def _restore_soft_state(self, s: dict) -> None:
-        self.step, self.stage_index, self.model_config = s["step"], s["stage_index"], s["model_config"]
-        self.loader.load_state_dict(s["loader"])
-        self.meter.load_state_dict(s["meter"])
-        self.growth_lr = GrowthLR.from_state_dict(s["growth_lr"])
-        torch.set_rng_state(s["rng"])
-        self.stage_stats = json.loads(json.dumps(s["stage_stats"]))
-        self.ramp = MaskRamp.from_dict(s["ramp"]) if s["ramp"] else None
         self.model, self.optimizer = s["model"], s["optimizer"]
-        self._set_stage_batch()
+        self.load_run_state(s["state"])
 
     def _lag_select(self, st: Stage, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
         if st.lag.groups > 1:  # candidates train at the same time, one per process group
@@ -666,8 +646,8 @@ class Trainer:
         spent, steps = [0.0] * len(candidates), [0] * len(candidates)
 
         def account(idx):
-            spent[idx] = self.meter.total_flops - base["meter"]["total_flops"]
-            steps[idx] = self.step - base["step"]
+            spent[idx] = self.meter.total_flops - base["state"].meter["total_flops"]
+            steps[idx] = self.step - base["state"].step
 
         def grow_candidate(idx, cand):
             self._restore_soft_state(base)
@@ -700,7 +680,7 @@ class Trainer:
             loss = train(idx, n, n)[-1]
             account(idx)
             self.log(f"  LAG candidate {idx + 1}/{len(candidates)} {cand.name()}: val loss after "
-                     f"{self.step - base['step']} steps {loss:.4f} (+- {ses[idx][-1]:.4f})")
+                     f"{self.step - base['state'].step} steps {loss:.4f} (+- {ses[idx][-1]:.4f})")
             return loss, self._soft_state()
 
         rounds = None
@@ -765,21 +745,38 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict:
-        return {
-            "run_config": self.cfg.to_dict(),
-            "model_config": dataclasses.asdict(self.model_config),
-            "loader": self.loader.state_dict(),
-            "meter": self.meter.state_dict(),
-            "history": self.history,
-            "stage_index": self.stage_index,
-            "stage_stats": self.stage_stats,
-            "growth_lr": self.growth_lr.state_dict(),
-            "ramp": self.ramp.to_dict() if self.ramp is not None else None,
-            "optimizer_ages": bool(getattr(self.optimizer, "track_ages", False)),
-            "trigger": self.trigger.state_dict() if self.trigger is not None else None,
-            "seq_len": self.seq_len,  # the current stage's batch shape (the config's stages decide it on resume)
-            "micro_batch": self.micro_batch,
-        }
+        return {"run_config": self.cfg.to_dict(), **self.run_state(rng=False).to_meta(),
+                "optimizer_ages": bool(getattr(self.optimizer, "track_ages", False))}
+
+    def run_state(self, rng: bool = True) -> RunState:
+        """A copy of what the run carries besides model and optimizer (``rng``: with torch's RNG state)."""
+        return RunState(
+            step=self.step, loader=self.loader.state_dict(), meter=self.meter.state_dict(),
+            stage_index=self.stage_index, stage_stats=self.stage_stats, model_config=self.model_config,
+            growth_lr=self.growth_lr.state_dict(), ramp=self.ramp.to_dict() if self.ramp is not None else None,
+            trigger=self.trigger.state_dict() if self.trigger is not None else None, history=self.history,
+            seq_len=self.seq_len, micro_batch=self.micro_batch, rng=torch.get_rng_state() if rng else None).copy()
+
+    def load_run_state(self, s: RunState, resumed: bool = False) -> None:
+        """Continue from ``s`` (a fork's, the LAG winner's, or a checkpoint's on resume). The model and optimizer
+        are not part of it; the stage's batch shape follows from its index."""
+        s = s.copy()
+        self.step, self.stage_index, self.model_config = s.step, s.stage_index, s.model_config
+        if s.loader is not None:
+            self.loader.load_state_dict(s.loader)
+        self.meter.load_state_dict(s.meter)
+        self.history = s.history
+        if s.growth_lr is not None:
+            self.growth_lr = GrowthLR.from_state_dict(s.growth_lr)
+        if s.rng is not None:
+            torch.set_rng_state(s.rng)
+        self.ramp = MaskRamp.from_dict(s.ramp) if s.ramp else None
+        if s.stage_stats is not None:
+            self.stage_stats = s.stage_stats
+        if resumed:
+            self._continue_stage_stats()
+        self.trigger = trigger_from_state(s.trigger) if s.trigger else self._make_trigger()
+        self._set_stage_batch()
 
     def save(self) -> Path:
         try:

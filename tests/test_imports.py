@@ -24,7 +24,7 @@ LAYERS = [
     ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),
     ("parallel", ["nanogrow.parallel"]),
     ("checkpoint", ["nanogrow.checkpoint", "nanogrow.offline"]),
-    ("train", ["nanogrow.backend", "nanogrow.lag_parallel", "nanogrow.train"]),
+    ("train", ["nanogrow.run_state", "nanogrow.backend", "nanogrow.lag_parallel", "nanogrow.train"]),
     ("apps", ["nanogrow.bench", "nanogrow.cli", "nanogrow.gpu_check", "nanogrow.hf", "nanogrow.handbook",
               "nanogrow.data_prep"]),
 ]
