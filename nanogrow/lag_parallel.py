@@ -217,5 +217,5 @@ def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict
     if world_mesh is not None:
         trainer.model, trainer.optimizer = move_to_mesh(trainer.model, trainer.optimizer, world_mesh)
     else:
-        trainer.model = trainer._parallelize(trainer.model)
+        trainer.model = trainer.backend.wrap(trainer.model)
     return winner["plan"]

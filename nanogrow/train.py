@@ -6,7 +6,6 @@ any compute, ``run`` is the loop, ``train_step`` one optimizer step with gradien
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -17,23 +16,23 @@ from typing import Callable
 import torch
 
 from . import dist_utils
-from .backend import ZeroBackend
-from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint,
-                         load_checkpoint, read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
+from .backend import ZeroBackend, make_backend
+from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint, read_meta,
+                         remove_checkpoints, remove_stray_tmp)
 from .config import (ConfigError, RunConfig, Stage, changes_parameters, eval_seq_len, fit_warmup, from_accelerate,
                      resolve_stages)
 from .data import PrefetchLoader, TokenLoader, val_batches
-from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
+from .grow import GrowthLR, MaskRamp, make_plan
+from .grow import make_optimizer  # noqa: F401  (re-exported: nanogrow.train.make_optimizer)
 from .grow.learned import LearnedPlan, fit
-from .grow.optim import drop_wd_scales
 from .lag import select, select_halving
 from .lag_parallel import check_world, select_across_groups
 from .logs import RunLog
 from .metrics import ThroughputMeter, device_peak_flops
-from .model import ModelConfig, Transformer, build_model
+from .model import ModelConfig, build_model
 from .offline import grow_checkpoint  # noqa: F401  (re-exported: nanogrow.train.grow_checkpoint)
 from .run_state import RunState
-from .parallel import compile_blocks, grad_sync, grow_parallel, make_mesh, parallelize, reshard, unwrap
+from .parallel import grad_sync, reshard, unwrap
 from .schedule import stage_layouts, stage_start_steps
 from .tracking import Trackers
 from .triggers import CurvatureTrigger, GradientTrigger, Observation, make_trigger, trigger_from_state
@@ -117,27 +116,15 @@ class Trainer:
             self.parallel = "none"  # one process: nothing to shard or replicate
         if meta:
             check_resume(meta, ckpt, self.parallel, self.world, self.t.zero_stage)  # before any engine is built
-        self.zero = None  # DeepSpeed ZeRO: the engine is the model, and backward/step/grow/save go through it
-        if self.parallel == "deepspeed":
-            self.zero = ZeroBackend(self.t.zero_stage, self.t, self.device)
-            self.model = self.zero.start(build_model(self.model_config, self.device, seed=self.t.seed),
-                                         self.micro_batch, resume=(ckpt, meta) if meta else None)
-            self.optimizer = self.zero.optimizer
-        else:
-            self.model = self._parallelize(build_model(self.model_config, self.device, seed=self.t.seed))
-            self.optimizer = make_optimizer(unwrap(self.model), self.t)
+        self.backend = make_backend(self.parallel, self.t, self.device, cfg.growth)
+        self.model, self.optimizer = self.backend.start(build_model(self.model_config, self.device, seed=self.t.seed),
+                                                        self.micro_batch, resume=(ckpt, meta) if meta else None)
         self.step = 0
         self._nonfinite_streak, self._loss_avg, self._quiet_until = 0, None, 0
         self.trigger = self._make_trigger()
         self.history: list[dict] = []  # growth events and evaluations, in order
         if meta:
-            state = RunState.from_meta(meta)
-            if self.zero is None:  # (ZeroBackend.start has loaded the checkpoint)
-                if state.stage_index:  # a grown model: the optimizer may track per-element ages
-                    self.optimizer = make_optimizer(unwrap(self.model), self.t, ages=meta.get("optimizer_ages", False))
-                load_checkpoint(ckpt, unwrap(self.model), self.optimizer)
-                self._apply_optimizer_config()  # a resume may change weight decay, betas or eps on purpose
-            self.load_run_state(state, resumed=True)
+            self.load_run_state(RunState.from_meta(meta), resumed=True)  # (backend.start loaded the checkpoint)
             if meta.get("seq_len", self.seq_len) != self.seq_len or \
                     meta.get("micro_batch", self.micro_batch) != self.micro_batch:
                 self.log(f"note: the config trains stage {self.stage_index} at seq_len {self.seq_len} x micro_batch "
@@ -145,7 +132,7 @@ class Trainer:
                          f"{meta.get('micro_batch')}; the token stream continues from the same global position")
             self.log(f"resumed from {ckpt} at step {self.step} ({self.meter.total_tokens:,} tokens, "
                      f"stage {self.stage_index})")
-        self.autocast = self._autocast()
+        self.autocast = self.backend.autocast()
         self.grad_norm: float | None = None  # the last step's global gradient norm (before clipping)
         self.trackers = Trackers(self.out_dir, self.rank, self.t, cfg.to_dict(),
                                  resume_step=self.step if meta else None)
@@ -187,45 +174,10 @@ class Trainer:
             return latest_checkpoint(self.out_dir)  # None: nothing to resume, start fresh
         return Path(resume)
 
-    def _parallelize(self, model: Transformer) -> torch.nn.Module:
-        """DDP or FSDP2 (per block, then the root), applied from outside the model (nanogrow.parallel)."""
-        bf16 = self.device.type == "cuda" and self.t.dtype in ("auto", "bf16")
-        mesh = make_mesh(self.parallel, self.t.replicate, self.device.type) if self.parallel == "fsdp" else None
-        return parallelize(model, self.parallel, mesh=mesh, mixed_precision=bf16, replicate=self.t.replicate)
-
     def _compile(self) -> float:
-        """``train.compile``: compile the blocks not compiled yet (all of them at the start, the grown model's after
-        a growth event; ``parallel.compile_blocks``) and run one forward and backward on a batch of zeros of the
-        current shape and masks, so that the compile happens now (timed, logged, counted in a growth event's
-        time) instead of inside the next step. Nothing is stepped; the gradients are dropped. Returns seconds."""
-        if self.zero is not None:
-            self.log("note: train.compile is not applied under DeepSpeed (the engine owns the module)")
-            return 0.0
-        t0 = time.perf_counter()
-        if compile_blocks(self.model):
-            x = torch.zeros(self.micro_batch, self.seq_len, dtype=torch.long, device=self.device)
-            # A fade-in in progress: also the variant without masks, which the run reaches when the ramp ends.
-            ramp_end = [] if self.ramp is None else [self.ramp.start_step + self.ramp.steps]
-            for step in [self.step] + ramp_end:
-                if ramp_end:
-                    self.ramp.apply(unwrap(self.model), step)
-                with self.autocast():
-                    loss = self.model(x, x)
-                loss.backward()
-                self.optimizer.zero_grad(set_to_none=True)
-            if ramp_end:
-                self.ramp.apply(unwrap(self.model), self.step)  # this step's masks again
-        seconds = time.perf_counter() - t0
-        self.log(f"compiled {len(unwrap(self.model).layers)} blocks ({self.micro_batch} x {self.seq_len}): "
-                 f"{seconds:.1f} s")
-        return seconds
-
-    def _apply_optimizer_config(self) -> None:
-        """Loading restores the hyper-parameters saved in the checkpoint; the config in force wins."""
-        for group in self.optimizer.param_groups:
-            if any(p.dim() >= 2 for p in group["params"]):  # the no-decay group (norm gains) stays at 0
-                group["weight_decay"] = self.t.weight_decay
-            group["betas"], group["eps"] = (self.t.beta1, self.t.beta2), self.t.eps
+        """``train.compile`` (the backend's ``compile``): returns the seconds it took."""
+        return self.backend.compile(self.model, self.optimizer, (self.micro_batch, self.seq_len), self.ramp, self.step,
+                                    self.log)
 
     def _stage_boundaries(self) -> list[dict]:
         """For each growth event, the condition that fires it: {"at_step"|"at_tokens"|"at_flops": value}."""
@@ -272,16 +224,6 @@ class Trainer:
         if diff:
             pairs = ", ".join(f"model.{k}: checkpoint {started.get(k)!r} vs config {ours[k]!r}" for k in diff)
             raise CheckpointError(f"checkpoint {str(path)!r} is from another model shape ({pairs})")
-
-    def _autocast(self):
-        if self.zero is not None:  # DeepSpeed casts the module itself (bf16 on CUDA)
-            return contextlib.nullcontext
-        dtype = self.t.dtype
-        if dtype == "auto":
-            dtype = "bf16" if self.device.type == "cuda" else "fp32"
-        if dtype == "bf16":
-            return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext
 
     # ---- batch size, stages that cannot run, per-stage statistics -------------------------------------------------
     def _accum(self, micro_batch: int) -> int:
@@ -361,7 +303,7 @@ class Trainer:
         # The gradient trigger compares one micro-batch's gradient with the whole step's (two batch sizes).
         want_noise = isinstance(self.trigger, GradientTrigger) and self.t.grad_accum > 1
         # The curvature trigger re-evaluates this step's batches after the update (see CurvatureTrigger).
-        probe = (isinstance(self.trigger, CurvatureTrigger) and self.zero is None and
+        probe = (isinstance(self.trigger, CurvatureTrigger) and self.backend.probes and
                  self.trigger.probe_due(self.step))
         batches: list = []
         loss_sum, grad_sq_small = 0.0, None
@@ -376,30 +318,21 @@ class Trainer:
             with grad_sync(self.model, micro == self.t.grad_accum - 1 or (want_noise and micro == 0)):
                 with self.autocast():
                     loss = self.model(x, y) / self.t.grad_accum
-                if self.zero is not None:
-                    self.zero.backward(loss)
-                    self.zero.step()  # reduce, clip and step at the accumulation boundary only
-                else:
-                    loss.backward()
+                self.backend.backward(loss)  # (DeepSpeed also steps here, at the accumulation boundary)
             loss_sum += loss.item()
             if want_noise and micro == 0:
                 grad_sq_small = _grad_sq(self.model) * self.t.grad_accum ** 2
         grad_sq_big = _grad_sq(self.model) if want_noise else None
         decrease = (None, None)
-        if self.zero is None:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            before = [p.detach().clone() for p in params] if probe else None
-            norm = _grad_norm(self.model, self.t.grad_clip)  # global (reduced) norm: every rank decides alike
-            self.grad_norm = norm
-            if self._finite_step(loss_sum, norm):
-                self.optimizer.step()
-                if probe:  # clipping scaled the gradient by 1 / unclip; the probe wants the true one
-                    unclip = max(1.0, norm / self.t.grad_clip) if self.t.grad_clip > 0 else 1.0
-                    decrease = self._probe_decrease(params, before, unclip, batches, loss_sum)
-            self.optimizer.zero_grad(set_to_none=True)
-        else:  # DeepSpeed has stepped already: a bad step cannot be skipped, only stopped at
-            self.grad_norm = float(self.zero.engine.get_global_grad_norm() or 0.0)
-            self._finite_step(loss_sum, self.grad_norm, can_skip=False)
+        params = [p for p in self.model.parameters() if p.grad is not None] if probe else []
+        before = [p.detach().clone() for p in params] if probe else None
+        self.grad_norm = norm = self.backend.grad_norm(self.model)  # global (reduced): every rank decides alike
+        if self._finite_step(loss_sum, norm, can_skip=self.backend.can_skip):
+            self.backend.step(self.optimizer)
+            if probe:  # clipping scaled the gradient by 1 / unclip; the probe wants the true one
+                unclip = max(1.0, norm / self.t.grad_clip) if self.t.grad_clip > 0 else 1.0
+                decrease = self._probe_decrease(params, before, unclip, batches, loss_sum)
+        self.backend.zero_grad(self.optimizer)
         tokens, fpt = self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len)
         self.meter.add(tokens, fpt)
         if probe:
@@ -444,6 +377,11 @@ class Trainer:
         raise NonFiniteError(self._nonfinite_message(f"loss or gradient (loss {loss}, gradient norm {grad_norm})",
                                                      step))
 
+    @property
+    def zero(self) -> ZeroBackend | None:
+        """The DeepSpeed backend, when the run uses it (its engine is the model)."""
+        return self.backend if isinstance(self.backend, ZeroBackend) else None
+
     def _nonfinite_message(self, what: str, step: int) -> str:
         last = latest_checkpoint(self.out_dir)
         resume = f"last good checkpoint {last} (`--resume {last}`)" if last else "no checkpoint written yet"
@@ -474,11 +412,11 @@ class Trainer:
         """growth.new_wd_steps after the last growth, the new elements decay again. Derived from the growth
         history, so a resumed run ends the hold at the same step (the held scales are in the checkpoint)."""
         n = self.cfg.growth.new_wd_steps
-        if n <= 0 or self.zero is not None:
+        if n <= 0:
             return
         last = next((h["step"] for h in reversed(self.history) if h["event"] == "grow"), None)
         if last is not None and self.step == last + n:
-            drop_wd_scales(self.optimizer)
+            self.backend.end_wd_hold(self.optimizer)
     def _update_masks(self) -> None:
         """Set the fade-in masks for this step; once the ramp is over they are removed (no steady-state cost)."""
         if self.ramp is not None and self.ramp.apply(unwrap(self.model), self.step):
@@ -509,18 +447,11 @@ class Trainer:
         """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy.
         Returns the plan applied (a learned plan is fitted first, unless ``fit`` is False: a structure-only rebuild
         whose values are about to be overwritten, as LAG across groups does)."""
-        g = self.cfg.growth
         if fit:
             plan = self._fit_learned(plan)
-        if self.zero is not None:
-            self.t.grad_accum = self._accum(st.micro_batch or self.micro_batch)  # the new engine's accumulation
-            self.model = self.zero.grow(plan, st.optimizer, st.micro_batch or self.micro_batch)
-            self.optimizer = self.zero.optimizer
-        else:
-            self.model, self.optimizer = grow_parallel(self.model, self.optimizer, plan,
-                                                       policy=st.optimizer, device=self.device,
-                                                       lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt,
-                                                       new_lr_mult=g.new_lr_mult, new_wd_hold=g.new_wd_steps > 0)
+        self.t.grad_accum = self._accum(st.micro_batch or self.micro_batch)  # (a new ZeRO engine is built with it)
+        self.model, self.optimizer = self.backend.grow(self.model, self.optimizer, plan, st.optimizer,
+                                                       st.micro_batch or self.micro_batch)
         self.model_config = plan.new_cfg.resolved()
         self.ramp = plan.mask_ramp(self.step)
         if self.ramp is not None:
@@ -780,11 +711,8 @@ class Trainer:
 
     def save(self) -> Path:
         try:
-            if self.zero is not None:
-                path = self.zero.save(self.out_dir, self.step, self.checkpoint_meta(), keep_last=self.t.keep_last)
-            else:
-                path = save_checkpoint(self.out_dir, self.step, unwrap(self.model), self.optimizer,
-                                       self.checkpoint_meta(), keep_last=self.t.keep_last)
+            path = self.backend.save(self.out_dir, self.step, self.model, self.optimizer, self.checkpoint_meta(),
+                                     keep_last=self.t.keep_last)
         except NonFiniteError as e:  # nothing was written or rotated
             raise NonFiniteError(self._nonfinite_message(f"model or optimizer state, not saved ({e})",
                                                          self.step)) from None
@@ -918,18 +846,6 @@ def _check_device(cfg: RunConfig) -> None:
             K.resolve(kernels, dist_utils.pick_device(t.device) if t.device != "auto" else None)
         except RuntimeError as e:
             raise ConfigError(str(e)) from None
-
-
-def _grad_norm(model: torch.nn.Module, clip: float) -> float:
-    """The global gradient norm, clipped to ``clip`` when > 0 (clip_grad_norm_ returns the norm before
-    clipping). A DTensor norm (FSDP) is reduced over the mesh by full_tensor()."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(norm)
 
 
 def _grad_sq(model: torch.nn.Module) -> float:
