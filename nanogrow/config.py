@@ -453,47 +453,106 @@ def validate_deepspeed(cfg: RunConfig, source: str) -> None:
                               f"or scaling-law")
 
 
-def lag_candidates(lag: dict, old: ModelConfig, new: ModelConfig) -> list:
-    """The LAG candidates of a stage: the depth design space, or an explicit list of {op, options}."""
-    spec = lag.get("candidates", "design-space")
-    if spec == "design-space":
-        if new.n_layer <= old.n_layer or any(getattr(new, f) != getattr(old, f) for f in ("d_model", "d_ff", "n_head")):
-            raise ValueError("candidates='design-space' is the depth design space: the stage must add layers only")
-        return default_candidates(old.n_layer, new.n_layer)
-    if not isinstance(spec, list) or not spec:
-        raise ValueError(f"candidates must be 'design-space' or a non-empty list of {{op, options}}, got {spec!r}")
-    out = []
-    for j, c in enumerate(spec):
-        if not isinstance(c, dict) or "op" not in c or set(c) - {"op", "options"}:
-            raise ValueError(f"candidates[{j}] must be a table {{op = ..., options = {{...}}}}, got {c!r}")
-        out.append(Candidate(c["op"], dict(c.get("options", {}))))
-    return out
+LAG_KEYS = ("candidates", "steps", "eval_every", "eval_batches", "groups", "strategy")
+
+
+@dataclass(frozen=True)
+class LagConfig:
+    """A stage's ``lag`` table, typed: read once (``from_dict``, which checks the keys and values) instead of
+    ``lag.get(key, default)`` wherever it is used."""
+
+    candidates: Any = "design-space"  # "design-space" (the depth design space) | [{op, options}, ...]
+    steps: int = 0  # k: steps each candidate trains before the decision
+    eval_every: int = 1
+    eval_batches: int = 0  # 0: all validation batches
+    groups: int = 1  # process groups training candidates at the same time (must divide the world)
+    strategy: str = "all"  # all | halving
+
+    @classmethod
+    def from_dict(cls, lag: dict, key: str = "lag") -> LagConfig:
+        for k in lag:
+            if k not in LAG_KEYS:
+                raise ValueError(f"{key} has unknown key {k!r}; allowed: {', '.join(sorted(LAG_KEYS))}")
+        return cls(**lag)
+
+    def check(self, key: str = "lag") -> None:
+        steps, every, groups = self.steps, self.eval_every, self.groups
+        if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{key}.steps and {key}.eval_every must be positive integers, got {steps!r}, {every!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"{key}.strategy must be one of {', '.join(STRATEGIES)} (all: every candidate k steps; "
+                             f"halving: successive halving with the same budget), got {self.strategy!r}")
+        if self.strategy == "halving" and groups != 1:
+            raise ValueError(f"{key}: strategy 'halving' runs its rounds one candidate after another; groups="
+                             f"{groups} is for strategy 'all' (leave groups = 1)")
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+            raise ValueError(f"{key}.groups must be a positive integer (process groups training candidates at the "
+                             f"same time; the world size must divide by it), got {groups!r}")
+
+    def candidate_list(self, old: ModelConfig, new: ModelConfig) -> list[Candidate]:
+        """The LAG candidates of a stage: the depth design space, or an explicit list of {op, options}."""
+        spec = self.candidates
+        if spec == "design-space":
+            if new.n_layer <= old.n_layer or any(getattr(new, f) != getattr(old, f)
+                                                 for f in ("d_model", "d_ff", "n_head")):
+                raise ValueError("candidates='design-space' is the depth design space: the stage must add layers only")
+            return default_candidates(old.n_layer, new.n_layer)
+        if not isinstance(spec, list) or not spec:
+            raise ValueError(f"candidates must be 'design-space' or a non-empty list of {{op, options}}, got {spec!r}")
+        out = []
+        for j, c in enumerate(spec):
+            if not isinstance(c, dict) or "op" not in c or set(c) - {"op", "options"}:
+                raise ValueError(f"candidates[{j}] must be a table {{op = ..., options = {{...}}}}, got {c!r}")
+            out.append(Candidate(c["op"], dict(c.get("options", {}))))
+        return out
 
 
 def _check_lag(lag: dict, old: ModelConfig, new: ModelConfig, seed: int, key: str) -> None:
-    allowed = {"candidates", "steps", "eval_every", "eval_batches", "groups", "strategy"}
-    for k in lag:
-        if k not in allowed:
-            raise ValueError(f"{key} has unknown key {k!r}; allowed: {', '.join(sorted(allowed))}")
-    steps, every = lag.get("steps", 0), lag.get("eval_every", 1)
-    if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
-        raise ValueError(f"{key}.steps and {key}.eval_every must be positive integers, got {steps!r}, {every!r}")
-    groups = lag.get("groups", 1)
-    strategy = lag.get("strategy", "all")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{key}.strategy must be one of {', '.join(STRATEGIES)} (all: every candidate k steps; "
-                         f"halving: successive halving with the same budget), got {strategy!r}")
-    if strategy == "halving" and groups != 1:
-        raise ValueError(f"{key}: strategy 'halving' runs its rounds one candidate after another; groups={groups} "
-                         f"is for strategy 'all' (leave groups = 1)")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"{key}.groups must be a positive integer (process groups training candidates at the "
-                         f"same time; the world size must divide by it), got {groups!r}")
-    for j, c in enumerate(lag_candidates(lag, old, new)):
+    lc = LagConfig.from_dict(lag, key)
+    lc.check(key)
+    for j, c in enumerate(lc.candidate_list(old, new)):
         try:
             make_plan(c.op, old, new, seed=seed, **c.options)
         except ValueError as e:
             raise ValueError(f"{key}.candidates[{j}] ({c.name()}): {e}") from None
+
+
+@dataclass
+class Stage:
+    """Stage ``index`` (>= 1) with every value resolved from the growth defaults once (``resolve_stages``):
+    nothing downstream asks "the stage's value or the default?"."""
+
+    index: int
+    shape: dict
+    op: str
+    options: dict
+    optimizer: str  # the optimizer-state policy at this growth event
+    lr_policy: str  # after a growth event that changes parameters
+    rewarm_without_growth: bool  # a plan-free stage re-warms only when the stage itself asks for it
+    seed: int  # growth.seed + index: the randomness of this event's fresh pieces
+    micro_batch: int
+    seq_len: int
+    lr: float
+    at_step: int
+    at_tokens: int
+    at_flops: float
+    trigger: str
+    trigger_options: dict
+    lag: LagConfig | None
+
+
+def resolve_stages(cfg: RunConfig) -> list[Stage]:
+    """Every [[stage]] of ``cfg`` with its growth defaults filled in (``cfg`` validated)."""
+    g, out = cfg.growth, []
+    for i, st in enumerate(cfg.stage, start=1):
+        out.append(Stage(index=i, shape=dict(st.shape), op=st.op or g.op, options=dict(st.options),
+                         optimizer=st.optimizer or g.optimizer, lr_policy=st.lr_policy or g.lr_policy,
+                         rewarm_without_growth=bool(st.lr_policy) and st.lr_policy != "continue",
+                         seed=g.seed + i, micro_batch=st.micro_batch, seq_len=st.seq_len, lr=st.lr,
+                         at_step=st.at_step, at_tokens=st.at_tokens, at_flops=st.at_flops, trigger=st.trigger,
+                         trigger_options=dict(st.trigger_options),
+                         lag=LagConfig.from_dict(st.lag) if st.lag else None))
+    return out
 
 
 def validate_stages(cfg: RunConfig, source: str) -> None:

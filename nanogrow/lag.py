@@ -122,6 +122,32 @@ def select_from_losses(last_losses: list[float]) -> int:
     return min(range(len(last_losses)), key=lambda i: (last_losses[i], i))
 
 
+def spread(xs: list[float]) -> float:
+    """Sample standard deviation (nan for fewer than two values)."""
+    if len(xs) < 2:
+        return float("nan")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def standard_error(xs: list[float]) -> float:
+    """Standard error of the mean of ``xs`` (nan for fewer than two values)."""
+    return spread(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+
+
+def paired_se(result: LagResult, steps: list[int], last_batches: dict[int, list[float]]) -> float:
+    """Standard error of the winner's loss minus the runner-up's, over the validation batches both were scored on
+    (this rank's): every candidate sees the same batches, so their difference is far less noisy than either
+    loss. The runner-up: the lowest last loss among the candidates trained as long as the winner (under
+    successive halving, the last round's other finalists). NaN if there is none."""
+    w = result.winner
+    rivals = [i for i, c in enumerate(result.curves) if i != w and c and steps[i] == steps[w] and i in last_batches]
+    if not rivals or w not in last_batches:
+        return float("nan")
+    r = min(rivals, key=lambda i: result.curves[i][-1])
+    return standard_error([a - b for a, b in zip(last_batches[w], last_batches[r])])
+
+
 # ---- analysis (LAG paper, section 3.3) --------------------------------------------------------------------------
 
 def _ranks(xs: list[float]) -> list[float]:

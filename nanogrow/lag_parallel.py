@@ -1,7 +1,8 @@
 """LAG across process groups: the world splits into G groups, each trains one candidate at the same time.
 
-The trainer calls ``select_across_groups`` instead of its one-process loop when a stage says
-``lag = { ..., groups = G }``. What stays equal to the one-process LAG (tests/test_lag_groups.py checks it):
+The growth controller calls ``select_across_groups`` instead of the one-process ``lag_runner.lag_select`` when a
+stage says ``lag = { ..., groups = G }``; both drive the trainer through the same ``lag_runner.CandidateRunner``.
+What stays equal to the one-process LAG (tests/test_lag_groups.py checks it):
 
 * the data: every group trains on the run's global batches. A group has W/G ranks instead of W, so it runs G times
   the gradient accumulation and its rank d reads, at the g-th of every G micro-steps, the slice world rank
@@ -32,10 +33,11 @@ import math
 
 import torch.distributed as dist
 
-from .config import ConfigError, StageConfig, lag_candidates
+from .config import ConfigError, LagConfig, Stage, StageConfig
 from .data import TokenLoader, val_batches
 from .grow import GrowthPlan, make_plan
 from .lag import LagResult
+from .lag_runner import CandidateRunner
 from .model import ModelConfig
 from .parallel import (broadcast_group_state, candidate_index, candidate_mesh, group_values,
                        model_and_optimizer_tensors, unwrap)
@@ -43,14 +45,10 @@ from .parallel.backends import backend_of, fsdp_mesh
 from .parallel.groups import adopt_optimizer_structure, move_to_mesh, replicate_in_group, state_structure
 
 
-def lag_groups(st: StageConfig) -> int:
-    return int(st.lag.get("groups", 1)) if st.lag else 1
-
-
 def check_world(stages: list[StageConfig], world: int) -> None:
     """Raise ConfigError before any compute when a stage's ``lag.groups`` cannot split this world."""
     for i, st in enumerate(stages, start=1):
-        g = lag_groups(st)
+        g = LagConfig.from_dict(st.lag).groups if st.lag else 1
         if g > 1 and world % g:
             raise ConfigError(f"stage[{i}].lag.groups={g} must divide the world size {world} (launch a multiple "
                               f"of {g} processes, or set groups = 1 to run the candidates one after another)")
@@ -114,25 +112,26 @@ def group_view(trainer, mesh):
 
 def _mesh(trainer, n_groups: int):
     """One mesh per group count for the trainer's lifetime (creating process groups is a world collective)."""
-    meshes = trainer.__dict__.setdefault("_lag_meshes", {})
-    if n_groups not in meshes:
-        meshes[n_groups] = candidate_mesh(n_groups, trainer.device.type)
-    return meshes[n_groups]
+    if n_groups not in trainer.lag_meshes:
+        trainer.lag_meshes[n_groups] = candidate_mesh(n_groups, trainer.device.type)
+    return trainer.lag_meshes[n_groups]
 
 
-def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
-    """LAG with the candidates spread over ``st.lag["groups"]`` process groups; returns (winner's plan, record)
-    like ``Trainer._lag_select`` and leaves the trainer in the winner's state on every rank. A collective."""
-    n_groups = lag_groups(st)
+def select_across_groups(runner: CandidateRunner, st: Stage, old_cfg: ModelConfig, new_cfg: ModelConfig,
+                         seed: int):
+    """LAG with the candidates spread over ``st.lag.groups`` process groups; returns (winner's plan, record) like
+    ``lag_runner.lag_select`` and leaves the trainer in the winner's state on every rank. A collective."""
+    trainer = runner.trainer
+    n_groups = st.lag.groups
     mesh = _mesh(trainer, n_groups)
     group = candidate_index(mesh)
-    k, every = st.lag["steps"], st.lag.get("eval_every", 1)
-    n_eval = st.lag.get("eval_batches", 0) or len(trainer.val)
-    candidates = lag_candidates(st.lag, old_cfg, new_cfg)
+    k, every = st.lag.steps, st.lag.eval_every
+    n_eval = st.lag.eval_batches or len(trainer.val)
+    candidates = st.lag.candidate_list(old_cfg, new_cfg)
     n = len(candidates)
     fsdp = backend_of(trainer.model) == "fsdp"
     world_mesh = fsdp_mesh(trainer.model) if fsdp else None
-    base = trainer._soft_state()
+    base = runner.fork()
     # Candidates grow from the pre-growth state laid out for one group: sharded over the group's ranks (FSDP),
     # or the plain model, replicated within the group once grown.
     if fsdp:
@@ -148,21 +147,19 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
         for first in range(0, n, n_groups):
             mine = first + group
             if mine < n:
-                trainer._restore_soft_state(base)
-                plan = make_plan(candidates[mine].op, old_cfg, new_cfg, seed=seed, **candidates[mine].options)
-                applied[mine] = trainer._apply_plan(plan, st)
+                runner.restore(base)
+                applied[mine] = runner.apply(candidates[mine], old_cfg, new_cfg, seed)
                 if not fsdp:
                     trainer.model = replicate_in_group(trainer.model, mesh)
             for j in range(k):
                 if mine < n:
-                    trainer._update_masks()
-                    trainer.train_step()
+                    runner.train(1)
                 if (j + 1) % every == 0 or j == k - 1:
-                    local = trainer._local_val_loss(n_eval) if mine < n else math.inf
+                    local = runner.local_val_loss(runner.val_batches(n_eval)) if mine < n else math.inf
                     for h, loss in enumerate(group_values(local, mesh)):
                         if first + h < n:
                             curves[first + h].append(loss)
-            flops = trainer.meter.total_flops - base["meter"]["total_flops"] if mine < n else 0.0
+            flops = trainer.meter.total_flops - base["state"].meter["total_flops"] if mine < n else 0.0
             for h, f in enumerate(group_values(flops, mesh, reduce="max")):
                 if first + h < n:
                     spent[first + h] = f
@@ -170,12 +167,12 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
                 trainer.log(f"  LAG candidate {idx + 1}/{n} {candidates[idx].name()} (group {idx - first}): val "
                             f"loss after {k} steps {curves[idx][-1]:.4f}")
                 if winner is None or curves[idx][-1] < curves[winner][-1]:
-                    winner, kept = idx, (trainer._soft_state() if idx == mine else None)
+                    winner, kept = idx, (runner.fork() if idx == mine else None)
 
     plan = applied.get(winner)
     if plan is None:
         plan = make_plan(candidates[winner].op, old_cfg, new_cfg, seed=seed, **candidates[winner].options)
-    plan = _continue_from_winner(trainer, mesh, winner % n_groups, kept, base, plan, st, world_mesh)
+    plan = _continue_from_winner(runner, mesh, winner % n_groups, kept, base, plan, world_mesh)
     # The losers' training is compute the run spent: count it, so compute-normalized comparisons stay honest.
     trainer.meter.add_flops(sum(f for j, f in enumerate(spent) if j != winner))
     record = LagResult(winner, curves).to_dict(candidates)
@@ -185,30 +182,26 @@ def select_across_groups(trainer, st: StageConfig, old_cfg: ModelConfig, new_cfg
     return plan, record
 
 
-_COUNTERS = ("step", "loader", "meter", "growth_lr", "rng", "stage_index", "stage_stats", "model_config", "ramp")
-
-
-def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict, plan, st: StageConfig,
+def _continue_from_winner(runner: CandidateRunner, mesh, src: int, kept: dict | None, base: dict, plan,
                           world_mesh=None) -> GrowthPlan:
     """Every rank takes the winning group's state, then the world-wide wrapping is rebuilt (FSDP: the winner is
     re-sharded from the group's mesh onto ``world_mesh``). Returns the winner's plan as its group applied it (a
     learned plan with the maps that group fitted; the other ranks only rebuild its structure, without fitting)."""
+    trainer = runner.trainer
     if kept is not None:  # this group trained the winner
-        trainer._restore_soft_state(kept)
+        runner.restore(kept)
         trainer.model = unwrap(trainer.model)
     else:  # rebuild the winner's structure from its plan; values follow by broadcast
-        trainer._restore_soft_state(base)
-        trainer._apply_plan(plan, st, fit=False)
-    # The winner's counters, and the layout its tensors have, travel as one small object.
-    mine = {key: trainer._soft_state()[key] for key in _COUNTERS}
-    mine["structure"] = state_structure(trainer.model, trainer.optimizer)
-    mine["plan"] = plan
+        runner.restore(base)
+        runner.apply_plan(plan, fit=False)
+    # The winner's run state, and the layout its tensors have, travel as one small object.
+    mine = {"state": runner.state(), "structure": state_structure(trainer.model, trainer.optimizer), "plan": plan}
     box = [mine]
     dist.broadcast_object_list(box, group=mesh.get_group("candidate"), group_src=src)
     winner = box[0]
     if kept is None:
         ramp = trainer.ramp  # the plan's fade-in, started at the growth step like the winner's
-        trainer._restore_soft_state(dict(trainer._soft_state(), **{key: winner[key] for key in _COUNTERS}))
+        runner.load_state(winner["state"])
         if ramp is not None:  # masks as the winner's last step left them (removed if its fade-in has ended)
             ramp.apply(trainer.model, trainer.step - 1)
         adopt_optimizer_structure(trainer.model, trainer.optimizer, winner["structure"])
@@ -224,5 +217,5 @@ def _continue_from_winner(trainer, mesh, src: int, kept: dict | None, base: dict
     if world_mesh is not None:
         trainer.model, trainer.optimizer = move_to_mesh(trainer.model, trainer.optimizer, world_mesh)
     else:
-        trainer.model = trainer._parallelize(trainer.model)
+        trainer.model = trainer.backend.wrap(trainer.model)
     return winner["plan"]

@@ -1,12 +1,14 @@
 """The training loop: data -> step -> metrics -> evaluation -> checkpoints, for a model whose shape may change.
 
 Read top to bottom: ``Trainer.__init__`` validates everything that can be wrong (config, data, checkpoint) before
-any compute, ``run`` is the loop, ``train_step`` one optimizer step with gradient accumulation.
+any compute, ``run`` is the loop, ``advance`` one turn of it, ``train_step`` one optimizer step with gradient
+accumulation. What the Trainer composes: a backend (``backend.py``: how the model is built, stepped, grown and
+saved), a growth controller (``growth.py``: when the next stage starts and what entering it does, LAG included)
+and the run state (``run_state.py``: what a checkpoint, a resume and a LAG fork carry).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -17,25 +19,25 @@ from typing import Callable
 import torch
 
 from . import dist_utils
-from .backend import ZeroBackend
-from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint,
-                         load_checkpoint, read_meta, remove_checkpoints, remove_stray_tmp, save_checkpoint)
-from .config import (ConfigError, RunConfig, StageConfig, changes_parameters, eval_seq_len, fit_warmup, from_accelerate,
-                     lag_candidates)
+from .backend import ZeroBackend, make_backend
+from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint, read_meta,
+                         remove_checkpoints, remove_stray_tmp)
+from .config import ConfigError, RunConfig, eval_seq_len, fit_warmup, from_accelerate
 from .data import PrefetchLoader, TokenLoader, val_batches
-from .grow import GrowthLR, MaskRamp, make_optimizer, make_plan
-from .grow.learned import LearnedPlan, fit
-from .grow.optim import drop_wd_scales
-from .lag import select, select_halving
-from .lag_parallel import check_world, lag_groups, select_across_groups
+from .grow import GrowthLR, MaskRamp
+from .grow import make_optimizer  # noqa: F401  (re-exported: nanogrow.train.make_optimizer)
+from .growth import GrowthController, fmt
+from .lag import standard_error
+from .lag_parallel import check_world
 from .logs import RunLog
 from .metrics import ThroughputMeter, device_peak_flops
-from .model import ModelConfig, Transformer, build_model
+from .model import ModelConfig, build_model
 from .offline import grow_checkpoint  # noqa: F401  (re-exported: nanogrow.train.grow_checkpoint)
-from .parallel import compile_blocks, grad_sync, grow_parallel, make_mesh, parallelize, reshard, unwrap
-from .schedule import stage_layouts, stage_start_steps
+from .parallel import grad_sync, reshard
+from .plot import have_matplotlib, plot_runs
+from .run_state import RunState
 from .tracking import Trackers
-from .triggers import CurvatureTrigger, GradientTrigger, Observation, make_trigger, trigger_from_state
+from .triggers import CurvatureTrigger, GradientTrigger, Observation
 
 
 def lr_at(step: int, t) -> float:
@@ -68,25 +70,26 @@ class Trainer:
         dist_utils.init_from_env(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.dp_group = None  # the data-parallel process group (None: the world; LAG groups narrow it)
+        self.lag_meshes: dict = {}  # LAG across groups: one device mesh per group count (lag_parallel)
         check_world(cfg.stage, self.world)  # LAG across process groups: G must divide the world
         self.out_dir = Path(self.t.out_dir)
         console = None if log is None else (log if self.rank == 0 else (lambda *a, **k: None))
         self.log = RunLog(self.out_dir, console=console, rank=self.rank)
-        self._check_global_batch()
+        _check_global_batch(self.t, cfg, self.world)
+        self.t.grad_accum = self.accum(self.t.micro_batch)
         warmup_note = fit_warmup(self.t)
 
         # Everything that can be wrong is checked here, before a single FLOP is spent.
-        self._claim_out_dir(resume, overwrite)
-        ckpt = self._resolve_resume(resume)
-        meta = read_meta(ckpt) if ckpt else None
+        _claim_out_dir(self.out_dir, resume, overwrite, self.log, self.rank)
+        ckpt = None if resume is None else (latest_checkpoint(self.out_dir) if resume == "auto" else Path(resume))
+        meta = read_meta(ckpt) if ckpt else None  # (auto with nothing to resume: start fresh)
         if meta:
-            self._check_compatible(meta, ckpt)
+            _check_compatible(cfg, meta, ckpt)
         for note in (launcher_note, warmup_note):
             if note:
                 self.log(note)
         self.model_config: ModelConfig = (ModelConfig(**meta["model_config"]) if meta else cfg.model).resolved()
-        self.seq_len = cfg.data.seq_len
-        self.micro_batch = self.t.micro_batch
+        self.seq_len, self.micro_batch = cfg.data.seq_len, self.t.micro_batch
         # The next batch is read (and pinned on CUDA) in a background thread while a step computes.
         self.loader = PrefetchLoader(TokenLoader(cfg.data.dir, "train", self.seq_len, self.micro_batch, rank=self.rank,
                                                  world_size=self.world, seed=cfg.data.seed,
@@ -96,19 +99,18 @@ class Trainer:
         # Validation at one fixed length for the whole run (see config.eval_seq_len): comparable across stages.
         self.val = val_batches(cfg.data.dir, eval_seq_len(cfg), self.t.eval_batch_size, self.t.eval_batches,
                                rank=self.rank, world_size=self.world, vocab_size=self.model_config.vocab_size)
-        self._val_at_len: dict[int, list] = {}  # a short stage's own-length batches (evaluate_at_stage_len)
+        self.val_at_len: dict[int, list] = {}  # a short stage's own-length batches (evaluate_at_stage_len)
 
         # Growth: stage i >= 1 starts with the i-th growth event. Boundaries of a budgeted schedule are fixed now.
-        self.stages: list[StageConfig] = cfg.stage
-        self.layouts = stage_layouts(cfg.model, cfg.data.seq_len, self.t.micro_batch, cfg.stage)
-        self.stage_starts = self._stage_boundaries()
+        self.growth = GrowthController(self, cfg)
+        self.stages, self.stage_starts, self.layouts = self.growth.stages, self.growth.starts, self.growth.layouts
         self.stage_index = 0
         g = cfg.growth
         self.growth_lr = GrowthLR(g.lr_policy, g.rewarm_steps if g.lr_policy != "continue" else 0,
                                   g.rewarm_start, peak_step=self.t.warmup_steps)
         self.ramp: MaskRamp | None = None
         self.meter = ThroughputMeter(device_peak_flops(self.device), self.world)
-        self.stage_stats: list[dict] = [self._new_stage_stats(0, 0)]
+        self.stage_stats: list[dict] = [self.new_stage_stats(0, 0)]
 
         torch.manual_seed(self.t.seed)
         self.parallel = self.t.parallel if self.t.parallel != "auto" else ("ddp" if self.world > 1 else "none")
@@ -116,37 +118,16 @@ class Trainer:
             self.parallel = "none"  # one process: nothing to shard or replicate
         if meta:
             check_resume(meta, ckpt, self.parallel, self.world, self.t.zero_stage)  # before any engine is built
-        self.zero = None  # DeepSpeed ZeRO: the engine is the model, and backward/step/grow/save go through it
-        if self.parallel == "deepspeed":
-            self.zero = ZeroBackend(self.t.zero_stage, self.t, self.device)
-            self.model = self.zero.start(build_model(self.model_config, self.device, seed=self.t.seed),
-                                         self.micro_batch, resume=(ckpt, meta) if meta else None)
-            self.optimizer = self.zero.optimizer
-        else:
-            self.model = self._parallelize(build_model(self.model_config, self.device, seed=self.t.seed))
-            self.optimizer = make_optimizer(unwrap(self.model), self.t)
+        self.backend = make_backend(self.parallel, self.t, self.device, cfg.growth)
+        self.model, self.optimizer = self.backend.start(build_model(self.model_config, self.device, seed=self.t.seed),
+                                                        self.micro_batch, resume=(ckpt, meta) if meta else None)
         self.step = 0
-        self._nonfinite_streak, self._loss_avg, self._quiet_until = 0, None, 0
-        self.trigger = self._make_trigger()
+        self.guard = StepGuard(self.t, self.out_dir, self.log)  # non-finite steps and exploding losses
+        self.trigger = self.growth.make_trigger()
         self.history: list[dict] = []  # growth events and evaluations, in order
+        self.last_eval: list[float] = []  # the last evaluation's per-batch losses (this rank's)
         if meta:
-            self.stage_index = meta.get("stage_index", 0)
-            if self.zero is None:  # (ZeroBackend.start has loaded the checkpoint)
-                if self.stage_index:  # a grown model: the optimizer may track per-element ages
-                    self.optimizer = make_optimizer(unwrap(self.model), self.t, ages=meta.get("optimizer_ages", False))
-                load_checkpoint(ckpt, unwrap(self.model), self.optimizer)
-                self._apply_optimizer_config()  # a resume may change weight decay, betas or eps on purpose
-            self.step = meta["step"]
-            if meta.get("loader") is not None:  # None: an imported model, whose data stream starts here
-                self.loader.load_state_dict(meta["loader"])
-            self.meter.load_state_dict(meta["meter"])
-            self.history = meta.get("history", [])
-            self.growth_lr = GrowthLR.from_state_dict(meta["growth_lr"]) if "growth_lr" in meta else self.growth_lr
-            self.ramp = MaskRamp.from_dict(meta["ramp"]) if meta.get("ramp") else None
-            self.stage_stats = meta.get("stage_stats", self.stage_stats)
-            self._continue_stage_stats()
-            self.trigger = trigger_from_state(meta["trigger"]) if meta.get("trigger") else self._make_trigger()
-            self._set_stage_batch()
+            RunState.from_meta(meta).restore(self, resumed=True)
             if meta.get("seq_len", self.seq_len) != self.seq_len or \
                     meta.get("micro_batch", self.micro_batch) != self.micro_batch:
                 self.log(f"note: the config trains stage {self.stage_index} at seq_len {self.seq_len} x micro_batch "
@@ -154,203 +135,42 @@ class Trainer:
                          f"{meta.get('micro_batch')}; the token stream continues from the same global position")
             self.log(f"resumed from {ckpt} at step {self.step} ({self.meter.total_tokens:,} tokens, "
                      f"stage {self.stage_index})")
-        self.autocast = self._autocast()
+        self.autocast = self.backend.autocast()
         self.grad_norm: float | None = None  # the last step's global gradient norm (before clipping)
         self.trackers = Trackers(self.out_dir, self.rank, self.t, cfg.to_dict(),
                                  resume_step=self.step if meta else None)
-        self.compile_seconds = self._compile() if self.t.compile else 0.0
-        self._fit_steps_to_flops()
-        self._warn_dropped_stages()
+        self.compile_seconds = self.compile() if self.t.compile else 0.0
+        self.growth.fit_steps_to_flops()
+        self.growth.warn_dropped_stages()
 
-    def _fit_steps_to_flops(self) -> None:
-        """With train.max_flops: the step count that spends what is left of the budget at the current stage's cost
-        per step (called at the start, on resume, and after every growth event, so it is exact and resumable)."""
-        if not self.t.max_flops:
-            return
-        per_step = self.tokens_per_step() * self.model_config.flops_per_token(self.seq_len)
-        left = max(0.0, self.t.max_flops - self.meter.total_flops)
-        self.t.max_steps = self.step + max(1, round(left / per_step))
+    @property
+    def zero(self) -> ZeroBackend | None:
+        """The DeepSpeed backend, when the run uses it (its engine is the model)."""
+        return self.backend if isinstance(self.backend, ZeroBackend) else None
 
-    # ---- set-up helpers -------------------------------------------------------------------------------------
-    def _claim_out_dir(self, resume: str | None, overwrite: bool) -> None:
-        """A fresh run never writes into another run's checkpoints: rotation orders by step number across both
-        runs and --resume auto would then load a mix. Leftovers of a crashed save are removed in any case."""
-        existing = checkpoint_dirs(self.out_dir)
-        if existing and resume is None and not overwrite:
-            raise CheckpointError(
-                f"train.out_dir {str(self.out_dir)!r} already holds checkpoints ({existing[0].name} ... "
-                f"{existing[-1].name}) of an earlier run; continue it with `--resume auto`, or start afresh with "
-                f"`--overwrite` (deletes them), or set another train.out_dir")
-        if resume is None:
-            self.log.start_afresh()
-        if self.rank == 0:
-            if existing and resume is None and overwrite:
-                remove_checkpoints(self.out_dir, log=self.log)
-            remove_stray_tmp(self.out_dir, log=self.log)
-        dist_utils.barrier()
+    def compile(self) -> float:
+        """``train.compile`` (the backend's ``compile``): returns the seconds it took."""
+        return self.backend.compile(self.model, self.optimizer, (self.micro_batch, self.seq_len), self.ramp, self.step,
+                                    self.log)
 
-    def _resolve_resume(self, resume: str | None) -> Path | None:
-        if resume is None:
-            return None
-        if resume == "auto":
-            return latest_checkpoint(self.out_dir)  # None: nothing to resume, start fresh
-        return Path(resume)
-
-    def _parallelize(self, model: Transformer) -> torch.nn.Module:
-        """DDP or FSDP2 (per block, then the root), applied from outside the model (nanogrow.parallel)."""
-        bf16 = self.device.type == "cuda" and self.t.dtype in ("auto", "bf16")
-        mesh = make_mesh(self.parallel, self.t.replicate, self.device.type) if self.parallel == "fsdp" else None
-        return parallelize(model, self.parallel, mesh=mesh, mixed_precision=bf16, replicate=self.t.replicate)
-
-    def _compile(self) -> float:
-        """``train.compile``: compile the blocks not compiled yet (all of them at the start, the grown model's after
-        a growth event; ``parallel.compile_blocks``) and run one forward and backward on a batch of zeros of the
-        current shape and masks, so that the compile happens now (timed, logged, counted in a growth event's
-        time) instead of inside the next step. Nothing is stepped; the gradients are dropped. Returns seconds."""
-        if self.zero is not None:
-            self.log("note: train.compile is not applied under DeepSpeed (the engine owns the module)")
-            return 0.0
-        t0 = time.perf_counter()
-        if compile_blocks(self.model):
-            x = torch.zeros(self.micro_batch, self.seq_len, dtype=torch.long, device=self.device)
-            # A fade-in in progress: also the variant without masks, which the run reaches when the ramp ends.
-            ramp_end = [] if self.ramp is None else [self.ramp.start_step + self.ramp.steps]
-            for step in [self.step] + ramp_end:
-                if ramp_end:
-                    self.ramp.apply(unwrap(self.model), step)
-                with self.autocast():
-                    loss = self.model(x, x)
-                loss.backward()
-                self.optimizer.zero_grad(set_to_none=True)
-            if ramp_end:
-                self.ramp.apply(unwrap(self.model), self.step)  # this step's masks again
-        seconds = time.perf_counter() - t0
-        self.log(f"compiled {len(unwrap(self.model).layers)} blocks ({self.micro_batch} x {self.seq_len}): "
-                 f"{seconds:.1f} s")
-        return seconds
-
-    def _apply_optimizer_config(self) -> None:
-        """Loading restores the hyper-parameters saved in the checkpoint; the config in force wins."""
-        for group in self.optimizer.param_groups:
-            if any(p.dim() >= 2 for p in group["params"]):  # the no-decay group (norm gains) stays at 0
-                group["weight_decay"] = self.t.weight_decay
-            group["betas"], group["eps"] = (self.t.beta1, self.t.beta2), self.t.eps
-
-    def _stage_boundaries(self) -> list[dict]:
-        """For each growth event, the condition that fires it: {"at_step"|"at_tokens"|"at_flops": value}."""
-        g = self.cfg.growth
-        if not self.stages:
-            return []
-        if g.schedule == "manual":
-            return [{k: getattr(st, k)} for st in self.stages for k in ("at_step", "at_tokens", "at_flops")
-                    if getattr(st, k) >= 0]
-        # Each stage's own tokens per step and FLOPs per token (its micro-batch, sequence length and shape).
-        tps = [lay.tokens_per_step(self.world, self._accum(lay.micro_batch)) for lay in self.layouts]
-        fpt = [lay.flops_per_token() for lay in self.layouts]
-        starts = stage_start_steps(g.schedule, self.t.max_steps, tps, fpt, g.exp_ratio)
-        return [{"at_step": s} for s in starts]
-
-    def _set_stage_batch(self) -> None:
-        """Batch shape and context of the current stage (later stages may change micro-batch, seq_len and
-        max_seq_len). The loader keeps its global position: the next batch starts at the token after the last
-        one consumed, whatever the new shape."""
-        lay = self.layouts[self.stage_index]
-        self.t.grad_accum = self._accum(lay.micro_batch)
-        if (lay.micro_batch, lay.seq_len) != (self.micro_batch, self.seq_len):
-            self.micro_batch, self.seq_len = lay.micro_batch, lay.seq_len
-            self.loader.set_batch_shape(micro_batch=lay.micro_batch, seq_len=lay.seq_len)
-        if lay.model.max_seq_len != self.model_config.max_seq_len:
-            unwrap(self.model).set_max_seq_len(lay.model.max_seq_len)  # every rank: RoPE tables are not sharded
-            self.model_config = dataclasses.replace(self.model_config, max_seq_len=lay.model.max_seq_len)
-
-    def lr_mult(self) -> float:
-        """A stage's own peak lr, as a multiple of train.lr (the schedule's shape is kept)."""
-        mult = 1.0
-        for st in self.stages[: self.stage_index]:
-            mult = st.lr / self.t.lr if st.lr else mult
-        return mult
-
-    def _check_compatible(self, meta: dict, path: Path) -> None:
-        """The run being resumed must have started from the same shape; later shapes come from its history."""
-        started = meta["run_config"].get("model")
-        if not isinstance(started, dict):
-            raise CheckpointError(f"checkpoint {str(path / 'meta.json')!r}: run_config.model should be the table "
-                                  f"the run started with, found {type(started).__name__}")
-        ours = dataclasses.asdict(self.cfg.model)
-        diff = [k for k in ours if ours[k] != started.get(k) and k != "kernels"]  # kernels: not a shape
-        if diff:
-            pairs = ", ".join(f"model.{k}: checkpoint {started.get(k)!r} vs config {ours[k]!r}" for k in diff)
-            raise CheckpointError(f"checkpoint {str(path)!r} is from another model shape ({pairs})")
-
-    def _autocast(self):
-        if self.zero is not None:  # DeepSpeed casts the module itself (bf16 on CUDA)
-            return contextlib.nullcontext
-        dtype = self.t.dtype
-        if dtype == "auto":
-            dtype = "bf16" if self.device.type == "cuda" else "fp32"
-        if dtype == "bf16":
-            return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext
-
-    # ---- batch size, stages that cannot run, per-stage statistics -------------------------------------------------
-    def _accum(self, micro_batch: int) -> int:
+    # ---- stages: batch shape, statistics --------------------------------------------------------------------
+    def accum(self, micro_batch: int) -> int:
         """Micro-steps per optimizer step: derived from train.global_batch (sequences over all ranks) when set."""
         if not self.t.global_batch:
             return self.t.grad_accum
         return self.t.global_batch // (self.world * micro_batch)
 
-    def _check_global_batch(self) -> None:
-        """train.global_batch must split into world x micro_batch x grad_accum for every stage's micro-batch."""
-        if not self.t.global_batch:
-            return
-        for mb in sorted({self.t.micro_batch} | {st.micro_batch for st in self.cfg.stage if st.micro_batch}):
-            if self.t.global_batch % (self.world * mb):
-                raise ConfigError(f"train.global_batch={self.t.global_batch} cannot be met with world size "
-                                  f"{self.world} x micro_batch {mb}: it must be a multiple of their product "
-                                  f"{self.world * mb} (sequences per optimizer step = world x micro_batch x "
-                                  f"grad_accum)")
-        self.t.grad_accum = self._accum(self.t.micro_batch)
-
-    def _warn_dropped_stages(self) -> None:
-        """Stages that start at or after train.max_steps never run (say, after --set train.max_steps=40 on the
-        demo): name them. at_tokens / at_flops marks are placed with each stage's own tokens per step and FLOPs
-        per token; triggered stages cannot be foreseen."""
-        if self.cfg.growth.schedule != "manual" and not self.stage_starts:
-            return
-        step, tokens, flops, dropped = self.step, self.meter.total_tokens, self.meter.total_flops, []
-        for i in range(self.stage_index, len(self.stages)):
-            st, lay, when = self.stages[i], self.layouts[i], self.stage_starts[i] if i < len(self.stage_starts) else {}
-            tps = lay.tokens_per_step(self.world, self._accum(lay.micro_batch))
-            fps = tps * lay.flops_per_token()
-            if st.trigger != "schedule" or not when:
-                break
-            (kind, mark), = when.items()
-            at = {"at_step": lambda: mark, "at_tokens": lambda: step + math.ceil((mark - tokens) / tps),
-                  "at_flops": lambda: step + math.ceil((mark - flops) / fps)}[kind]()
-            at = max(at, step)
-            if at >= self.t.max_steps:
-                dropped.append(f"stage {i + 1} ({kind} {mark:g})" if kind != "at_step" else f"stage {i + 1} "
-                               f"(at_step {mark})")
-                continue
-            tokens, flops, step = tokens + (at - step) * tps, flops + (at - step) * fps, at
-        if dropped:
-            self.log(f"warning: train.max_steps={self.t.max_steps} ends before {', '.join(dropped)} would start: "
-                     f"{'it' if len(dropped) == 1 else 'they'} will never run (raise train.max_steps or move the "
-                     f"stage with --set stage.N.at_step=...)")
-
-    def _new_stage_stats(self, stage: int, start_step: int) -> dict:
+    def new_stage_stats(self, stage: int, start_step: int) -> dict:
         """A row of per-stage statistics, with the shape, world size and peak FLOP/s it runs at (MFU of a stage
         is computed with its own peak, whatever the run's world size later)."""
-        return _new_stage_stats(stage, start_step, self.model_config, self.seq_len, self.micro_batch,
-                                world=self.world, peak=self.meter.peak)
+        c = self.model_config
+        return {"stage": stage, "start_step": start_step, "params": c.num_params(), "seq_len": self.seq_len,
+                "micro_batch": self.micro_batch, "world": self.world, "peak_flops": self.meter.peak,
+                "shape": f"{c.n_layer} x {c.d_model}, {c.d_ff}, {c.n_head}/{c.n_kv_head}",
+                "steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": None}
 
-    def _continue_stage_stats(self) -> None:
-        """On resume: a stage continued at another world size, shape or peak gets a row of its own from here."""
-        last = self.stage_stats[-1]
-        now = self._new_stage_stats(self.stage_index, self.step)
-        if any(last.get(k) != now[k] for k in ("world", "peak_flops", "shape")):
-            now["resumed"] = True
-            self.stage_stats.append(now)
+    def stage_table(self) -> str:
+        return stage_table(self.stage_stats, self.meter.peak)
 
     # ---- the step -------------------------------------------------------------------------------------------
     def tokens_per_step(self) -> int:
@@ -358,19 +178,19 @@ class Trainer:
 
     def current_lr(self, step: int | None = None) -> float:
         step = self.step if step is None else step
-        return self.growth_lr.lr(step, lambda s: lr_at(s, self.t)) * self.lr_mult()
+        return self.growth_lr.lr(step, lambda s: lr_at(s, self.t)) * self.growth.lr_mult(self.stage_index)
 
     def train_step(self) -> float:
         t0 = time.perf_counter()
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self._update_masks()
-        self._end_wd_hold()
+        self.growth.update_masks()
+        self.growth.end_wd_hold()
         # The gradient trigger compares one micro-batch's gradient with the whole step's (two batch sizes).
         want_noise = isinstance(self.trigger, GradientTrigger) and self.t.grad_accum > 1
         # The curvature trigger re-evaluates this step's batches after the update (see CurvatureTrigger).
-        probe = (isinstance(self.trigger, CurvatureTrigger) and self.zero is None and
+        probe = (isinstance(self.trigger, CurvatureTrigger) and self.backend.probes and
                  self.trigger.probe_due(self.step))
         batches: list = []
         loss_sum, grad_sq_small = 0.0, None
@@ -385,30 +205,21 @@ class Trainer:
             with grad_sync(self.model, micro == self.t.grad_accum - 1 or (want_noise and micro == 0)):
                 with self.autocast():
                     loss = self.model(x, y) / self.t.grad_accum
-                if self.zero is not None:
-                    self.zero.backward(loss)
-                    self.zero.step()  # reduce, clip and step at the accumulation boundary only
-                else:
-                    loss.backward()
+                self.backend.backward(loss)  # (DeepSpeed also steps here, at the accumulation boundary)
             loss_sum += loss.item()
             if want_noise and micro == 0:
                 grad_sq_small = _grad_sq(self.model) * self.t.grad_accum ** 2
         grad_sq_big = _grad_sq(self.model) if want_noise else None
         decrease = (None, None)
-        if self.zero is None:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            before = [p.detach().clone() for p in params] if probe else None
-            norm = _grad_norm(self.model, self.t.grad_clip)  # global (reduced) norm: every rank decides alike
-            self.grad_norm = norm
-            if self._finite_step(loss_sum, norm):
-                self.optimizer.step()
-                if probe:  # clipping scaled the gradient by 1 / unclip; the probe wants the true one
-                    unclip = max(1.0, norm / self.t.grad_clip) if self.t.grad_clip > 0 else 1.0
-                    decrease = self._probe_decrease(params, before, unclip, batches, loss_sum)
-            self.optimizer.zero_grad(set_to_none=True)
-        else:  # DeepSpeed has stepped already: a bad step cannot be skipped, only stopped at
-            self.grad_norm = float(self.zero.engine.get_global_grad_norm() or 0.0)
-            self._finite_step(loss_sum, self.grad_norm, can_skip=False)
+        params = [p for p in self.model.parameters() if p.grad is not None] if probe else []
+        before = [p.detach().clone() for p in params] if probe else None
+        self.grad_norm = norm = self.backend.grad_norm(self.model)  # global (reduced): every rank decides alike
+        if self.guard.finite(self.step + 1, loss_sum, norm, can_skip=self.backend.can_skip):
+            self.backend.step(self.optimizer)
+            if probe:  # clipping scaled the gradient by 1 / unclip; the probe wants the true one
+                unclip = max(1.0, norm / self.t.grad_clip) if self.t.grad_clip > 0 else 1.0
+                decrease = self._probe_decrease(params, before, unclip, batches, loss_sum)
+        self.backend.zero_grad(self.optimizer)
         tokens, fpt = self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len)
         self.meter.add(tokens, fpt)
         if probe:
@@ -425,6 +236,7 @@ class Trainer:
                 self.micro_batch * self.seq_len, tokens, *decrease))
         return loss_sum
 
+
     @torch.no_grad()
     def _probe_decrease(self, params, before, unclip: float, batches, loss_before: float) -> tuple[float, float]:
         """(actual, predicted) loss decrease of the step just taken on its own batches: the loss re-evaluated at
@@ -435,305 +247,23 @@ class Trainer:
         actual = dist_utils.all_reduce_mean(loss_before - after, self.device)
         return actual, predicted
 
-    def _finite_step(self, loss: float, grad_norm: float, can_skip: bool = True) -> bool:
-        """May this step's update be applied? A non-finite loss or gradient norm skips it (up to
-        train.skip_nonfinite_steps in a row, as torchtitan does), then stops the run naming the step, the likely
-        cause and the checkpoint to go back to. A finite update that makes the weights non-finite is caught by
-        the finite check every checkpoint save does (checkpoint.check_finite), or at the next step's loss."""
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self._nonfinite_streak = 0
-            return True
-        self._nonfinite_streak += 1
-        step = self.step + 1
-        if can_skip and self._nonfinite_streak <= self.t.skip_nonfinite_steps:
-            self.log(f"warning: step {step}: loss {loss}, gradient norm {grad_norm}: update skipped "
-                     f"({self._nonfinite_streak} of train.skip_nonfinite_steps={self.t.skip_nonfinite_steps} "
-                     f"in a row)")
-            return False
-        raise NonFiniteError(self._nonfinite_message(f"loss or gradient (loss {loss}, gradient norm {grad_norm})",
-                                                     step))
-
-    def _nonfinite_message(self, what: str, step: int) -> str:
-        last = latest_checkpoint(self.out_dir)
-        resume = f"last good checkpoint {last} (`--resume {last}`)" if last else "no checkpoint written yet"
-        return (f"step {step}: non-finite {what}; likely cause: a learning rate too high for this model "
-                f"(train.lr={self.t.lr}) or corrupt data; {resume}; lower train.lr or set "
-                f"train.skip_nonfinite_steps to skip isolated bad steps")
-
-    def _watch_loss(self, loss: float) -> None:
-        """Warn about a finite but exploding loss: far above a uniform guess (ln vocab_size), or a spike over the
-        recent average. At most one warning per 100 steps."""
-        uniform = math.log(self.model_config.vocab_size)
-        avg = self._loss_avg
-        self._loss_avg = loss if avg is None else 0.9 * avg + 0.1 * loss
-        if self.step < self._quiet_until:
-            return
-        if loss > 2 * uniform:
-            why = f"more than twice ln(vocab_size) = {uniform:.2f}, what a uniform guess scores"
-        elif avg is not None and self.step > 20 and loss > 1.5 * avg:
-            why = f"a spike over the recent average {avg:.4f}"
-        else:
-            return
-        self.log(f"warning: step {self.step}: loss {loss:.4g} is {why}: training may be diverging "
-                 f"(train.lr={self.t.lr})")
-        self._quiet_until = self.step + 100
-
-    # ---- growth ---------------------------------------------------------------------------------------------
-    def _end_wd_hold(self) -> None:
-        """growth.new_wd_steps after the last growth, the new elements decay again. Derived from the growth
-        history, so a resumed run ends the hold at the same step (the held scales are in the checkpoint)."""
-        n = self.cfg.growth.new_wd_steps
-        if n <= 0 or self.zero is not None:
-            return
-        last = next((h["step"] for h in reversed(self.history) if h["event"] == "grow"), None)
-        if last is not None and self.step == last + n:
-            drop_wd_scales(self.optimizer)
-    def _update_masks(self) -> None:
-        """Set the fade-in masks for this step; once the ramp is over they are removed (no steady-state cost)."""
-        if self.ramp is not None and self.ramp.apply(unwrap(self.model), self.step):
-            self.ramp = None
-
-    def _make_trigger(self):
-        """The trigger that decides when the next stage starts; its stage-length bounds count from now."""
-        if self.stage_index >= len(self.stages):
-            return None
-        st = self.stages[self.stage_index]
-        opts = dict(st.trigger_options)
-        if st.trigger == "schedule":
-            opts.update(self.stage_starts[self.stage_index])
-        elif st.trigger == "scaling-law":
-            nxt = dataclasses.replace(self.model_config, **st.shape)
-            opts.setdefault("next_params", nxt.num_params(include_embedding=False))
-        return make_trigger(st.trigger, start_step=self.step, **opts)
-
+    # ---- growth (GrowthController) --------------------------------------------------------------------------
     def growth_due(self) -> bool:
-        """Does the trigger of the next stage fire now? (Checked before every step.) A growth that falls inside
-        a fade-in waits for it to finish: operators are defined on unmasked models."""
-        self._update_masks()
-        if self.trigger is None or self.ramp is not None:
-            return False
-        return self.trigger.should_grow(self.step, self.meter.total_tokens, self.meter.total_flops)
-
-    def _apply_plan(self, plan, st: StageConfig, fit: bool = True):
-        """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy.
-        Returns the plan applied (a learned plan is fitted first, unless ``fit`` is False: a structure-only rebuild
-        whose values are about to be overwritten, as LAG across groups does)."""
-        g = self.cfg.growth
-        if fit:
-            plan = self._fit_learned(plan)
-        if self.zero is not None:
-            self.t.grad_accum = self._accum(st.micro_batch or self.micro_batch)  # the new engine's accumulation
-            self.model = self.zero.grow(plan, st.optimizer or g.optimizer, st.micro_batch or self.micro_batch)
-            self.optimizer = self.zero.optimizer
-        else:
-            self.model, self.optimizer = grow_parallel(self.model, self.optimizer, plan,
-                                                       policy=st.optimizer or g.optimizer, device=self.device,
-                                                       lr_adapt=None if g.lr_adapt == "none" else g.lr_adapt,
-                                                       new_lr_mult=g.new_lr_mult, new_wd_hold=g.new_wd_steps > 0)
-        self.model_config = plan.new_cfg.resolved()
-        self.ramp = plan.mask_ramp(self.step)
-        if self.ramp is not None:
-            self.ramp.apply(unwrap(self.model), self.step)
-        if (st.lr_policy or g.lr_policy) != "continue":
-            self.growth_lr.on_growth(self.step)
-        self._enter_next_stage()
-        if self.t.compile:  # the grown model's blocks, at the new stage's shapes: part of the growth event's time
-            self.compile_seconds = self._compile()
-        return plan
-
-    def _fit_learned(self, plan):
-        """Fit a learned (LiGO-style) plan's maps on the grown model's LM loss before it is applied. Batches come
-        from the training loader (this rank's share, one micro-batch per map step): they count as tokens seen
-        and are not trained on again. The old weights are gathered in full on every rank (the maps are fitted
-        identically everywhere, their gradients averaged over ranks); the FLOPs spent, on every rank, count in
-        the run's total. Other plans pass through."""
-        if not isinstance(plan, LearnedPlan) or plan.fitted:
-            return plan
-        reshard(self.model)
-        old = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-               for n, p in unwrap(self.model).named_parameters()}
-
-        def next_batch():
-            x, y = self.loader.next_batch()
-            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-        def average(flat):
-            torch.distributed.all_reduce(flat, group=self.dp_group)
-            flat.div_(self.world)
-
-        plan = fit(plan, old, next_batch, reduce_grads=average if self.world > 1 else None, autocast=self.autocast,
-                   log=self.log)
-        self.meter.add(plan.fit_record["tokens"] * self.world, 0.0)
-        self.meter.add_flops(plan.fit_record["flops"] * self.world)
-        return plan
-
-    def _enter_stage_without_growth(self, st: StageConfig) -> None:
-        """A stage that changes no parameter (only seq_len, micro_batch or max_seq_len): no plan, no copy of the
-        weights, no optimizer change. The lr is re-warmed only if the stage asks for it (lr_policy): the default
-        growth.lr_policy is about fresh weights and moments, which this stage does not make."""
-        if st.lr_policy and st.lr_policy != "continue":
-            self.growth_lr.on_growth(self.step)
-        self._enter_next_stage()
-
-    def _enter_next_stage(self) -> None:
-        """The stage counter, its batch shape and context, and a fresh row of per-stage statistics."""
-        self.stage_index += 1
-        self._set_stage_batch()
-        self.stage_stats.append(self._new_stage_stats(self.stage_index, self.step))
+        return self.growth.due()
 
     def grow_next_stage(self) -> dict:
-        """Apply the next stage's growth plan in place (weights, optimizer state, ages, masks), log the event and
-        write a checkpoint. With ``lag`` set, the operator is chosen by LAG first."""
-        i = self.stage_index + 1
-        st, g = self.stages[i - 1], self.cfg.growth
-        old_cfg, old_seq, old_mb = self.model_config, self.seq_len, self.micro_batch
-        # The plan maps parameters at the old context length; the stage's max_seq_len (RoPE tables only) and its
-        # batch shape are applied by _set_stage_batch once the stage is entered.
-        new_cfg = dataclasses.replace(old_cfg, **{**st.shape, "max_seq_len": old_cfg.max_seq_len}).resolved()
-        before = self.evaluate() if g.eval_at_growth else None
-        t0 = time.perf_counter()
-        lag_record, plan = None, None
-        if not changes_parameters(old_cfg, new_cfg):
-            self._enter_stage_without_growth(st)
-        elif st.lag:
-            plan, lag_record = self._lag_select(st, old_cfg, new_cfg, seed=g.seed + i)
-        else:
-            plan = make_plan(st.op or g.op, old_cfg, new_cfg, seed=g.seed + i, **st.options)
-            plan = self._apply_plan(plan, st)
-        seconds = time.perf_counter() - t0
-        # Same weights and the same (fixed-length) validation batches: the loss after a plan-free stage is the same.
-        after = (self.evaluate() if plan is not None else before) if g.eval_at_growth else None
-        event = {"event": "grow", "stage": i, "step": self.step, "tokens": self.meter.total_tokens,
-                 "flops": self.meter.total_flops, "plan": plan.to_dict() if plan is not None else None,
-                 "optimizer": (st.optimizer or g.optimizer) if plan is not None else None,
-                 "params_before": old_cfg.num_params(), "params_after": self.model_config.num_params(),
-                 "seq_len_before": old_seq, "seq_len_after": self.seq_len, "micro_batch_before": old_mb,
-                 "micro_batch_after": self.micro_batch, "max_seq_len": self.model_config.max_seq_len,
-                 "val_loss_before": before, "val_loss_after": after, "seconds": seconds,
-                 "compile_seconds": self.compile_seconds if self.t.compile and plan is not None else 0.0,
-                 "trigger": self.trigger.state_dict() if self.trigger else None}
-        if lag_record:
-            event["lag"] = lag_record
-        self.history.append(event)
-        self.trackers.log({"kind": "grow", "step": self.step, "tokens": event["tokens"], "flops": event["flops"],
-                           "stage": i, "params_before": event["params_before"], "params_after": event["params_after"],
-                           "val_loss_before": before, "val_loss_after": after,
-                           "op": plan.op if plan is not None else None, "seconds": seconds})
-        self.trigger = self._make_trigger()
-        self._fit_steps_to_flops()
-        what = plan.describe().splitlines()[0] if plan is not None else "no parameter change"
-        if (old_seq, old_mb) != (self.seq_len, self.micro_batch):
-            what += f" | seq_len {old_seq} -> {self.seq_len}, micro_batch {old_mb} -> {self.micro_batch}"
-        self.log(f"grow -> stage {i} at step {self.step}: {what} | "
-                 f"{event['params_before']:,} -> {event['params_after']:,} params | val loss "
-                 f"{_fmt(before)} -> {_fmt(after)} | {1e3 * seconds:.0f} ms"
-                 + (f" (recompile {1e3 * event['compile_seconds']:.0f} ms)" if event["compile_seconds"] else ""))
-        self.save()  # every growth event is a checkpoint: the grown shape is recoverable from here on
-        self.meter.reset_window()
-        return event
+        return self.growth.grow_next_stage()
 
-    # ---- LAG: fork candidates, train each k steps on the same batches, continue from the winner -----------------
-    def _soft_state(self) -> dict:
-        """Everything but model and optimizer that training a candidate changes."""
-        return {"step": self.step, "loader": self.loader.state_dict(), "meter": self.meter.state_dict(),
-                "growth_lr": self.growth_lr.state_dict(), "rng": torch.get_rng_state(),
-                "stage_index": self.stage_index, "stage_stats": json.loads(json.dumps(self.stage_stats)),
-                "model_config": self.model_config, "ramp": self.ramp.to_dict() if self.ramp else None,
-                "model": self.model, "optimizer": self.optimizer}
-
-    def _restore_soft_state(self, s: dict) -> None:
-        self.step, self.stage_index, self.model_config = s["step"], s["stage_index"], s["model_config"]
-        self.loader.load_state_dict(s["loader"])
-        self.meter.load_state_dict(s["meter"])
-        self.growth_lr = GrowthLR.from_state_dict(s["growth_lr"])
-        torch.set_rng_state(s["rng"])
-        self.stage_stats = json.loads(json.dumps(s["stage_stats"]))
-        self.ramp = MaskRamp.from_dict(s["ramp"]) if s["ramp"] else None
-        self.model, self.optimizer = s["model"], s["optimizer"]
-        self._set_stage_batch()
-
-    def _lag_select(self, st: StageConfig, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int):
-        if lag_groups(st) > 1:  # candidates train at the same time, one per process group
-            return select_across_groups(self, st, old_cfg, new_cfg, seed)
-        k, every = st.lag["steps"], st.lag.get("eval_every", 1)
-        n_eval = st.lag.get("eval_batches", 0) or len(self.val)
-        strategy = st.lag.get("strategy", "all")
-        candidates = lag_candidates(st.lag, old_cfg, new_cfg)
-        base = self._soft_state()
-        plans: dict[int, object] = {}
-        ses: list[list[float]] = [[] for _ in candidates]
-        last_batches: dict[int, list[float]] = {}  # each candidate's per-batch losses at its last evaluation
-        # Each candidate's FLOPs and steps: its meter and step counter advance from the same start.
-        spent, steps = [0.0] * len(candidates), [0] * len(candidates)
-
-        def account(idx):
-            spent[idx] = self.meter.total_flops - base["meter"]["total_flops"]
-            steps[idx] = self.step - base["step"]
-
-        def grow_candidate(idx, cand):
-            self._restore_soft_state(base)
-            plans[idx] = self._apply_plan(make_plan(cand.op, old_cfg, new_cfg, seed=seed, **cand.options), st)
-
-        def train(idx, n, eval_every):
-            losses = []
-            for j in range(n):
-                self._update_masks()
-                self.train_step()
-                if (j + 1) % eval_every == 0 or j == n - 1:
-                    losses.append(self.evaluate(n_eval))
-                    ses[idx].append(self.last_eval_se())
-                    last_batches[idx] = list(self._last_eval)
-            return losses
-
-        def train_candidate(idx, cand):  # LAG@k: k steps each
-            grow_candidate(idx, cand)
-            losses = train(idx, k, every)
-            account(idx)
-            self.log(f"  LAG candidate {idx + 1}/{len(candidates)} {cand.name()}: val loss after {k} steps "
-                     f"{losses[-1]:.4f} (+- {ses[idx][-1]:.4f})")
-            return losses, self._soft_state()
-
-        def train_more(idx, cand, n, state):  # successive halving: n more steps from where it stopped
-            if state is None:
-                grow_candidate(idx, cand)
-            else:
-                self._restore_soft_state(state)
-            loss = train(idx, n, n)[-1]
-            account(idx)
-            self.log(f"  LAG candidate {idx + 1}/{len(candidates)} {cand.name()}: val loss after "
-                     f"{self.step - base['step']} steps {loss:.4f} (+- {ses[idx][-1]:.4f})")
-            return loss, self._soft_state()
-
-        rounds = None
-        if strategy == "halving":
-            result, rounds = select_halving(candidates, k, train_more)
-        else:
-            result = select(candidates, train_candidate)
-        self._restore_soft_state(result.states)
-        # The losers' training is compute the run spent: count it, so compute-normalized comparisons stay honest.
-        self.meter.add_flops(sum(f for j, f in enumerate(spent) if j != result.winner))
-        record = result.to_dict(candidates)
-        record.update(steps=k, eval_every=every, flops_per_candidate=spent, steps_per_candidate=steps,
-                      strategy=strategy, eval_batches=n_eval, eval_se=ses)
-        if rounds is not None:
-            record["rounds"] = rounds
-        record["paired_se"] = _paired_se(result, steps, last_batches)
-        spread = _spread([c[-1] for c in result.curves if c])
-        self.log(f"  LAG ({strategy}) picked {candidates[result.winner].name()} "
-                 f"(val loss {result.curves[result.winner][-1]:.4f} after {steps[result.winner]} steps; "
-                 f"evaluation s.e. {ses[result.winner][-1]:.4f}, of its difference from the runner-up "
-                 f"{record['paired_se']:.4f}; candidates' spread {spread:.4f})")
-        return plans[result.winner], record
-
+    # ---- evaluation -----------------------------------------------------------------------------------------
     def last_eval_se(self) -> float:
         """Standard error of the last evaluation's mean over its batches (this rank's batches): about how far
         apart two candidates' losses must be to be told apart."""
-        xs = getattr(self, "_last_eval", [])
-        return _spread(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+        return standard_error(self.last_eval)
 
     def evaluate(self, n_batches: int | None = None) -> float:
         """Mean loss over the fixed validation batches (the first ``n_batches`` of them, if given)."""
-        return dist_utils.all_reduce_mean(self._local_val_loss(n_batches), self.device)
+        return dist_utils.all_reduce_mean(self.local_val_loss(self.val[:n_batches] if n_batches else self.val),
+                                          self.device)
 
     def evaluate_at_stage_len(self) -> float | None:
         """Mean validation loss at the current stage's own sequence length, or None when that is the run's
@@ -742,56 +272,39 @@ class Trainer:
         from the start of the val split."""
         if self.seq_len == eval_seq_len(self.cfg):
             return None
-        if self.seq_len not in self._val_at_len:
-            self._val_at_len[self.seq_len] = val_batches(
+        if self.seq_len not in self.val_at_len:
+            self.val_at_len[self.seq_len] = val_batches(
                 self.cfg.data.dir, self.seq_len, self.t.eval_batch_size, self.t.eval_batches, rank=self.rank,
                 world_size=self.world, vocab_size=self.model_config.vocab_size)
-        return dist_utils.all_reduce_mean(self._local_val_loss(batches=self._val_at_len[self.seq_len]), self.device)
+        return dist_utils.all_reduce_mean(self.local_val_loss(self.val_at_len[self.seq_len]), self.device)
 
     @torch.no_grad()
-    def _local_val_loss(self, n_batches: int | None = None, batches: list | None = None) -> float:
-        """This rank's share of ``evaluate`` (LAG across groups reduces it over one group only)."""
+    def local_val_loss(self, batches: list) -> float:
+        """This rank's mean loss over ``batches`` (``evaluate`` averages it over ranks; LAG across groups over
+        one group only). Keeps the per-batch losses in ``last_eval``."""
         self.model.eval()
-        if batches is None:
-            batches = self.val[:n_batches] if n_batches else self.val
-        total, self._last_eval = 0.0, []
+        total, self.last_eval = 0.0, []
         for x, y in batches:
             with self.autocast():
                 loss = self.model(x.to(self.device), y.to(self.device)).item()
             total += loss
-            self._last_eval.append(loss)
+            self.last_eval.append(loss)
         self.model.train()
         reshard(self.model)  # FSDP2 keeps the root unsharded after a no_grad forward; checkpoints need it sharded
         return total / len(batches)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict:
-        return {
-            "run_config": self.cfg.to_dict(),
-            "model_config": dataclasses.asdict(self.model_config),
-            "loader": self.loader.state_dict(),
-            "meter": self.meter.state_dict(),
-            "history": self.history,
-            "stage_index": self.stage_index,
-            "stage_stats": self.stage_stats,
-            "growth_lr": self.growth_lr.state_dict(),
-            "ramp": self.ramp.to_dict() if self.ramp is not None else None,
-            "optimizer_ages": bool(getattr(self.optimizer, "track_ages", False)),
-            "trigger": self.trigger.state_dict() if self.trigger is not None else None,
-            "seq_len": self.seq_len,  # the current stage's batch shape (the config's stages decide it on resume)
-            "micro_batch": self.micro_batch,
-        }
+        return {"run_config": self.cfg.to_dict(), **RunState.of(self, rng=False).to_meta(),
+                "optimizer_ages": bool(getattr(self.optimizer, "track_ages", False))}
 
     def save(self) -> Path:
         try:
-            if self.zero is not None:
-                path = self.zero.save(self.out_dir, self.step, self.checkpoint_meta(), keep_last=self.t.keep_last)
-            else:
-                path = save_checkpoint(self.out_dir, self.step, unwrap(self.model), self.optimizer,
-                                       self.checkpoint_meta(), keep_last=self.t.keep_last)
+            path = self.backend.save(self.out_dir, self.step, self.model, self.optimizer, self.checkpoint_meta(),
+                                     keep_last=self.t.keep_last)
         except NonFiniteError as e:  # nothing was written or rotated
-            raise NonFiniteError(self._nonfinite_message(f"model or optimizer state, not saved ({e})",
-                                                         self.step)) from None
+            raise NonFiniteError(self.guard.message(f"model or optimizer state, not saved ({e})",
+                                                    self.step)) from None
         self.log(f"saved {path}")
         return path
 
@@ -822,7 +335,7 @@ class Trainer:
             if loss is None:  # LAG's candidate steps count as training steps and may reach the end
                 break
             last_loss = loss
-            self._watch_loss(last_loss)
+            self.guard.watch(self.step, last_loss, self.model_config.vocab_size)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 last_loss = dist_utils.all_reduce_mean(last_loss, self.device)  # the global batch's, not rank 0's
                 w = self.meter.window()
@@ -869,44 +382,109 @@ class Trainer:
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.trackers.close()
-        self._plot()
+        if self.rank == 0 and self.t.plot:
+            _plot(self.out_dir, self.log)
         self.log(f"done: {summary['steps']} steps, val loss {val_loss:.4f}, {summary['tokens']:,} tokens, "
                  f"{summary['flops']:.3e} FLOPs, {summary['seconds']:.1f} s")
         return summary
 
 
-    def _plot(self) -> None:
-        """out_dir/loss.png from metrics.jsonl (rank 0; train.plot)."""
-        if self.rank != 0 or not self.t.plot:
-            return
-        from .plot import have_matplotlib, plot_runs
-        if not have_matplotlib():
-            self.log("note: matplotlib is not installed, so no loss.png (pip install matplotlib; "
-                     "`nanogrow plot RUN_DIR` draws it later)")
-            return
-        self.log(f"wrote {plot_runs([self.out_dir], self.out_dir / 'loss.png')}")
+class StepGuard:
+    """Non-finite steps (skipped up to train.skip_nonfinite_steps in a row, then the run stops naming the step, the
+    likely cause and the checkpoint to go back to) and finite but exploding losses (a warning)."""
 
-    def stage_table(self) -> str:
-        rows = ["stage | from step | shape (L x d, ff, heads) | seq x mb | world | params | steps | tokens | FLOPs | "
-                "tok/s | MFU | val loss"]
-        notes = set()
-        for st in self.stage_stats:
-            peak = st.get("peak_flops") or self.meter.peak  # the stage's own peak (older checkpoints: the run's)
-            tps = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
-            mfu = st["flops"] / st["seconds"] / peak if st["seconds"] and peak else 0.0
-            batch = f"{st.get('seq_len', '?')} x {st.get('micro_batch', '?')}"
-            mark = "g" if st.get("offline") else ("r" if st.get("resumed") else "")
-            notes.add(mark)
-            rows.append(f"{str(st['stage']) + mark:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | "
-                        f"{st.get('world', '?'):>5} | "
-                        f"{st['params']:>10,} | {st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | "
-                        f"{tps:>7,.0f} | "
-                        f"{100 * mfu:4.1f}% | {_fmt(st.get('val_loss'))}")
-        if "g" in notes:
-            rows.append("g: the same stage after an offline `nanogrow grow` (new shape)")
-        if "r" in notes:
-            rows.append("r: the same stage resumed at another world size or peak")
-        return "\n".join(rows)
+    def __init__(self, t, out_dir: Path, log):
+        self.t, self.out_dir, self.log = t, out_dir, log
+        self.streak, self.loss_avg, self.quiet_until = 0, None, 0
+
+    def finite(self, step: int, loss: float, grad_norm: float, can_skip: bool = True) -> bool:
+        """May step ``step``'s update be applied? A finite update that makes the weights non-finite is caught by
+        the finite check every checkpoint save does (checkpoint.check_finite), or at the next step's loss."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.streak = 0
+            return True
+        self.streak += 1
+        if can_skip and self.streak <= self.t.skip_nonfinite_steps:
+            self.log(f"warning: step {step}: loss {loss}, gradient norm {grad_norm}: update skipped "
+                     f"({self.streak} of train.skip_nonfinite_steps={self.t.skip_nonfinite_steps} in a row)")
+            return False
+        raise NonFiniteError(self.message(f"loss or gradient (loss {loss}, gradient norm {grad_norm})", step))
+
+    def message(self, what: str, step: int) -> str:
+        last = latest_checkpoint(self.out_dir)
+        resume = f"last good checkpoint {last} (`--resume {last}`)" if last else "no checkpoint written yet"
+        return (f"step {step}: non-finite {what}; likely cause: a learning rate too high for this model "
+                f"(train.lr={self.t.lr}) or corrupt data; {resume}; lower train.lr or set "
+                f"train.skip_nonfinite_steps to skip isolated bad steps")
+
+    def watch(self, step: int, loss: float, vocab_size: int) -> None:
+        """Warn about a finite but exploding loss: far above a uniform guess (ln vocab_size), or a spike over the
+        recent average. At most one warning per 100 steps."""
+        uniform = math.log(vocab_size)
+        avg = self.loss_avg
+        self.loss_avg = loss if avg is None else 0.9 * avg + 0.1 * loss
+        if step < self.quiet_until:
+            return
+        if loss > 2 * uniform:
+            why = f"more than twice ln(vocab_size) = {uniform:.2f}, what a uniform guess scores"
+        elif avg is not None and step > 20 and loss > 1.5 * avg:
+            why = f"a spike over the recent average {avg:.4f}"
+        else:
+            return
+        self.log(f"warning: step {step}: loss {loss:.4g} is {why}: training may be diverging (train.lr={self.t.lr})")
+        self.quiet_until = step + 100
+
+
+def _claim_out_dir(out_dir: Path, resume: str | None, overwrite: bool, log, rank: int) -> None:
+    """A fresh run never writes into another run's checkpoints: rotation orders by step number across both
+    runs and --resume auto would then load a mix. Leftovers of a crashed save are removed in any case."""
+    existing = checkpoint_dirs(out_dir)
+    if existing and resume is None and not overwrite:
+        raise CheckpointError(
+            f"train.out_dir {str(out_dir)!r} already holds checkpoints ({existing[0].name} ... "
+            f"{existing[-1].name}) of an earlier run; continue it with `--resume auto`, or start afresh with "
+            f"`--overwrite` (deletes them), or set another train.out_dir")
+    if resume is None:
+        log.start_afresh()
+    if rank == 0:
+        if existing and resume is None and overwrite:
+            remove_checkpoints(out_dir, log=log)
+        remove_stray_tmp(out_dir, log=log)
+    dist_utils.barrier()
+
+
+def _check_compatible(cfg: RunConfig, meta: dict, path: Path) -> None:
+    """The run being resumed must have started from the same shape; later shapes come from its history."""
+    started = meta["run_config"].get("model")
+    if not isinstance(started, dict):
+        raise CheckpointError(f"checkpoint {str(path / 'meta.json')!r}: run_config.model should be the table "
+                              f"the run started with, found {type(started).__name__}")
+    ours = dataclasses.asdict(cfg.model)
+    diff = [k for k in ours if ours[k] != started.get(k) and k != "kernels"]  # kernels: not a shape
+    if diff:
+        pairs = ", ".join(f"model.{k}: checkpoint {started.get(k)!r} vs config {ours[k]!r}" for k in diff)
+        raise CheckpointError(f"checkpoint {str(path)!r} is from another model shape ({pairs})")
+
+
+def _check_global_batch(t, cfg: RunConfig, world: int) -> None:
+    """train.global_batch must split into world x micro_batch x grad_accum for every stage's micro-batch."""
+    if not t.global_batch:
+        return
+    for mb in sorted({t.micro_batch} | {st.micro_batch for st in cfg.stage if st.micro_batch}):
+        if t.global_batch % (world * mb):
+            raise ConfigError(f"train.global_batch={t.global_batch} cannot be met with world size "
+                              f"{world} x micro_batch {mb}: it must be a multiple of their product "
+                              f"{world * mb} (sequences per optimizer step = world x micro_batch x "
+                              f"grad_accum)")
+
+
+def _plot(out_dir: Path, log) -> None:
+    """out_dir/loss.png from metrics.jsonl (train.plot)."""
+    if not have_matplotlib():
+        log("note: matplotlib is not installed, so no loss.png (pip install matplotlib; `nanogrow plot RUN_DIR` "
+            "draws it later)")
+        return
+    log(f"wrote {plot_runs([out_dir], out_dir / 'loss.png')}")
 
 
 def _check_device(cfg: RunConfig) -> None:
@@ -924,54 +502,32 @@ def _check_device(cfg: RunConfig) -> None:
             raise ConfigError(str(e)) from None
 
 
-def _grad_norm(model: torch.nn.Module, clip: float) -> float:
-    """The global gradient norm, clipped to ``clip`` when > 0 (clip_grad_norm_ returns the norm before
-    clipping). A DTensor norm (FSDP) is reduced over the mesh by full_tensor()."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(norm)
-
-
 def _grad_sq(model: torch.nn.Module) -> float:
     return sum(float(p.grad.detach().float().pow(2).sum()) for p in model.parameters() if p.grad is not None)
 
 
-def _new_stage_stats(stage: int, start_step: int, c: ModelConfig, seq_len: int | None = None,
-                     micro_batch: int | None = None, world: int | None = None, peak: float | None = None) -> dict:
-    return {"stage": stage, "start_step": start_step, "params": c.num_params(), "seq_len": seq_len,
-            "micro_batch": micro_batch, "world": world, "peak_flops": peak,
-            "shape": f"{c.n_layer} x {c.d_model}, {c.d_ff}, {c.n_head}/{c.n_kv_head}",
-            "steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": None}
-
-
-def _paired_se(result, steps: list[int], last_batches: dict[int, list[float]]) -> float:
-    """Standard error of the winner's loss minus the runner-up's, over the validation batches both were scored on
-    (this rank's): every candidate sees the same batches, so their difference is far less noisy than either
-    loss. The runner-up: the lowest last loss among the candidates trained as long as the winner (under
-    successive halving, the last round's other finalists). NaN if there is none."""
-    w = result.winner
-    rivals = [i for i, c in enumerate(result.curves) if i != w and c and steps[i] == steps[w] and i in last_batches]
-    if not rivals or w not in last_batches:
-        return float("nan")
-    r = min(rivals, key=lambda i: result.curves[i][-1])
-    diffs = [a - b for a, b in zip(last_batches[w], last_batches[r])]
-    return _spread(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-
-
-def _spread(xs: list[float]) -> float:
-    """Sample standard deviation (nan for fewer than two values)."""
-    if len(xs) < 2:
-        return float("nan")
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
+def stage_table(stage_stats: list[dict], run_peak: float) -> str:
+    """The per-stage statistics as a table (``Trainer.stage_table``)."""
+    rows = ["stage | from step | shape (L x d, ff, heads) | seq x mb | world | params | steps | tokens | FLOPs | "
+            "tok/s | MFU | val loss"]
+    notes = set()
+    for st in stage_stats:
+        peak = st.get("peak_flops") or run_peak  # the stage's own peak (older checkpoints: the run's)
+        tps = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
+        mfu = st["flops"] / st["seconds"] / peak if st["seconds"] and peak else 0.0
+        batch = f"{st.get('seq_len', '?')} x {st.get('micro_batch', '?')}"
+        mark = "g" if st.get("offline") else ("r" if st.get("resumed") else "")
+        notes.add(mark)
+        rows.append(f"{str(st['stage']) + mark:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | "
+                    f"{st.get('world', '?'):>5} | "
+                    f"{st['params']:>10,} | {st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | "
+                    f"{tps:>7,.0f} | "
+                    f"{100 * mfu:4.1f}% | {fmt(st.get('val_loss'))}")
+    if "g" in notes:
+        rows.append("g: the same stage after an offline `nanogrow grow` (new shape)")
+    if "r" in notes:
+        rows.append("r: the same stage resumed at another world size or peak")
+    return "\n".join(rows)
 
 
 def _hms(seconds: float) -> str:

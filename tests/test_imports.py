@@ -2,7 +2,8 @@
 ``TYPE_CHECKING`` ones alike) are parsed, and the test fails on an import cycle or on an import of a higher layer.
 
     base <- model <- grow <- run plan (config, triggers, lag, schedule) <- parallel <- checkpoint
-         <- train (backend, trainer, LAG across groups) <- apps (bench, cli, hf, handbook)
+         <- train (run state, backend, growth, LAG runner, LAG across groups, trainer)
+         <- apps (bench, cli, hf, handbook)
 
 A module may import its own layer (without cycles) and any layer below it."""
 
@@ -24,7 +25,8 @@ LAYERS = [
     ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),
     ("parallel", ["nanogrow.parallel"]),
     ("checkpoint", ["nanogrow.checkpoint", "nanogrow.offline"]),
-    ("train", ["nanogrow.backend", "nanogrow.lag_parallel", "nanogrow.train"]),
+    ("train", ["nanogrow.run_state", "nanogrow.backend", "nanogrow.growth", "nanogrow.lag_runner",
+               "nanogrow.lag_parallel", "nanogrow.train"]),
     ("apps", ["nanogrow.bench", "nanogrow.cli", "nanogrow.gpu_check", "nanogrow.hf", "nanogrow.handbook",
               "nanogrow.data_prep"]),
 ]

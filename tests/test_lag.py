@@ -264,7 +264,7 @@ def test_paired_standard_error_of_the_winner_against_the_runner_up():
     import statistics
 
     from nanogrow.lag import LagResult
-    from nanogrow.train import _paired_se
+    from nanogrow.lag import paired_se as _paired_se
 
     batches = {0: [3.0, 5.0, 4.0, 6.0], 1: [3.1, 5.1, 4.1, 6.1], 2: [2.0, 9.0, 1.0, 7.0]}
     result = LagResult(0, [[4.6, 4.5], [4.7, 4.6], [4.8]], None)
