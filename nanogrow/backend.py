@@ -244,10 +244,10 @@ class ZeroBackend:
         pass  # DeepSpeed has stepped already (``backward``): a bad step cannot be skipped, only stopped at
 
     def zero_grad(self, optimizer) -> None:
-        pass
+        pass  # the engine zeroes gradients itself at the accumulation boundary (``engine.step`` in ``backward``)
 
     def end_wd_hold(self, optimizer) -> None:
-        pass
+        pass  # no hold to end: config validation refuses growth.new_wd_steps with train.parallel = "deepspeed"
 
     def grow(self, model, optimizer, plan: GrowthPlan, policy: str, micro_batch: int):
         """Grow in place (a collective); returns (the new engine, its optimizer)."""
