@@ -439,7 +439,7 @@ def _ratio(r: dict, target: str) -> str:
 # ---- optimizer step -----------------------------------------------------------------------------------------
 
 OPTIMIZER_MODES = ("torch-foreach", "ours", "ours-ages-uniform", "ours-ages-mixed", "ours-ages+lr-scales",
-                   "torch-fused", "ours-fused")
+                   "torch-fused", "ours-fused", "ours-fused-ages-mixed")
 
 
 def _optimizer_setup(mc, mode: str, seed: int = 0):

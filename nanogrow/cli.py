@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     b = bench("optimizer", "time of one AdamW step at the config's model shape: ours (with and without ages, mixed "
                            "ages, lr scales) against torch's foreach and fused AdamW, alternated")
     b.add_argument("--modes", default=",".join(("torch-foreach", "ours", "ours-ages-uniform", "ours-ages-mixed",
-                                                 "ours-ages+lr-scales", "torch-fused", "ours-fused")),
+                                                 "ours-ages+lr-scales", "torch-fused", "ours-fused",
+                                                 "ours-fused-ages-mixed")),
                    help="modes to time; ratios are to the first")
     b.add_argument("--rounds", type=int, default=5, help="alternated rounds (the median per-round ratio is reported)")
     b.add_argument("--steps", type=int, default=5, help="timed steps per mode per round (median)")

@@ -362,43 +362,56 @@ def test_adamw_hands_uniform_tensors_to_torchs_foreach_or_fused_adamw_bit_for_bi
         assert torch.equal(opt_a.state[p]["exp_avg_sq"], opt_b.state[q]["exp_avg_sq"]), n
 
 
-def test_per_pair_bias_corrections_match_the_per_element_formula():
-    """The gathered per-(age, lr scale) route and the direct per-element route (forced by allowing no pairs) agree
-    to 1e-6 over several steps on the same gradients, after a growth that mixed ages and lr scales (so the pair
-    cache must follow the ages from step to step)."""
+ROUTES = {"blocks": {}, "pairs": {"_MAX_BLOCKS": 0}, "direct": {"_MAX_BLOCKS": 0, "_MAX_CLASSES": 0}}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mixed_age_routes_agree_blocks_pairs_and_per_element(fused):
+    """After a growth that mixed ages and lr scales, the three routes for such tensors agree to 1e-6 over several
+    steps on the same gradients (so each route's cache must follow the ages from step to step): uniform boxes as
+    views (the default; with ``fused``, torch's fused kernel on the contiguous ones), per-(age, lr scale) pairs
+    gathered (no boxes allowed), and the direct per-element formula (neither allowed)."""
     import copy
 
     model, opt = aged_model()
     cfg = model.config
     new, new_opt = grow(model, opt, make_plan("vt", cfg, replace(cfg, d_ff=128, d_model=48, n_head=6,
                                                                  n_kv_head=3)), policy="map+age", lr_adapt="vt")
-    twin = copy.deepcopy(new)
-    twin_opt = AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1)
-    twin_opt.load_state_dict(copy.deepcopy(new_opt.state_dict()))  # (load_state_dict shares same-dtype tensors)
-    twin_opt._MAX_CLASSES = 0
+    twins = {}
+    for route, limits in ROUTES.items():
+        twin = copy.deepcopy(new)
+        twin_opt = AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
+        twin_opt.load_state_dict(copy.deepcopy(new_opt.state_dict()))  # (load_state_dict shares same-dtype tensors)
+        for name, value in limits.items():
+            setattr(twin_opt, name, value)
+        twins[route] = (twin, twin_opt)
     for s in range(4):
-        train_steps(new, new_opt, 1, seed=s)  # gradients from the first model, copied to its twin
-        for p, q in zip(new.parameters(), twin.parameters()):
-            q.grad = p.grad.clone() if p.grad is not None else None
-        twin_opt.step()
-        for (n, p), q in zip(new.named_parameters(), twin.parameters()):
-            torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
-            q.data.copy_(p)  # the next step starts from the same weights, so gradients stay identical
+        train_steps(new, new_opt, 1, seed=s)  # gradients from the first model, copied to its twins
+        for route, (twin, twin_opt) in twins.items():
+            for p, q in zip(new.parameters(), twin.parameters()):
+                q.grad = p.grad.clone() if p.grad is not None else None
+            twin_opt.step()
+            for (n, p), q in zip(new.named_parameters(), twin.parameters()):
+                torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=f"{route}: {n}")
+                q.data.copy_(p)  # the next step starts from the same weights, so gradients stay identical
     routed = [p for p in new.parameters() if "age" in new_opt.state[p] or "lr_scale" in new_opt.state[p]]
-    assert len(routed) > 10 and len(new_opt._class_cache) == len(routed)
-    assert all(v[1] is None for v in twin_opt._class_cache.values())
+    assert len(routed) > 10 and len(new_opt._layout_cache) == len(routed)
+    kinds = {route: {v[1] and v[1][0] for v in twin_opt._layout_cache.values()}
+             for route, (_, twin_opt) in twins.items()}
+    assert kinds == {"blocks": {"blocks"}, "pairs": {"pairs"}, "direct": {None}}
 
 
-def test_uniform_ages_off_the_step_count_and_uniform_lr_scales_take_the_scalar_route():
+@pytest.mark.parametrize("fused", [False, True])
+def test_uniform_ages_off_the_step_count_and_uniform_lr_scales_take_the_scalar_route(fused):
     """A tensor whose ages are uniform but differ from its step count, or whose lr scale is one value, updates
-    exactly as torch's AdamW at that step / that lr."""
+    exactly as torch's AdamW (its fused one with ``fused``) at that step / that lr."""
     torch.manual_seed(0)
     p0, grads = torch.randn(3, 5), [torch.randn(3, 5) for _ in range(3)]
     ref = torch.nn.Parameter(p0.clone())
-    ref_opt = torch.optim.AdamW([ref], lr=2e-2 * 0.5, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW([ref], lr=2e-2 * 0.5, weight_decay=0.1, fused=fused)
     ref_opt.state[ref] = {"step": torch.tensor(7.0), "exp_avg": torch.zeros(3, 5), "exp_avg_sq": torch.zeros(3, 5)}
     p = torch.nn.Parameter(p0.clone())
-    opt = AdamW([p], lr=2e-2, weight_decay=0.1)
+    opt = AdamW([p], lr=2e-2, weight_decay=0.1, fused=fused)
     opt.state[p] = {"step": torch.tensor(2.0), "exp_avg": torch.zeros(3, 5), "exp_avg_sq": torch.zeros(3, 5),
                     "age": torch.full((3, 5), 7.0), "lr_scale": torch.full((3, 5), 0.5)}
     for g in grads:
@@ -410,21 +423,41 @@ def test_uniform_ages_off_the_step_count_and_uniform_lr_scales_take_the_scalar_r
 
 def test_lr_scales_without_ages_and_a_zero_scale():
     """Mixed lr scales without ages (the step count is every element's age); a zero scale freezes its elements
-    but for nothing else: the direct route agrees."""
+    but for nothing else: the three routes agree."""
     torch.manual_seed(1)
     p0, grads = torch.randn(4, 6), [torch.randn(4, 6) for _ in range(3)]
     scales = torch.tensor([1.0, 0.0, 0.25, 3.0]).repeat_interleave(6).view(4, 6)
     out = []
-    for max_classes in (None, 0):
+    for limits in ROUTES.values():
         p = torch.nn.Parameter(p0.clone())
         opt = AdamW([p], lr=1e-2, weight_decay=0.0)
-        if max_classes is not None:
-            opt._MAX_CLASSES = max_classes
+        for name, value in limits.items():
+            setattr(opt, name, value)
         opt.state[p] = {"step": torch.tensor(4.0), "exp_avg": torch.zeros(4, 6), "exp_avg_sq": torch.zeros(4, 6),
                         "lr_scale": scales.clone()}
         for g in grads:
             p.grad = g.clone()
             opt.step()
         out.append(p.detach().clone())
-    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-7)
-    assert torch.equal(out[0][1], p0[1])
+    torch.testing.assert_close(out[0], out[2], rtol=0, atol=1e-7)
+    torch.testing.assert_close(out[1], out[2], rtol=0, atol=1e-7)
+    assert all(torch.equal(o[1], p0[1]) for o in out)
+
+
+def test_uniform_blocks_cut_where_neighbours_differ():
+    from nanogrow.grow.optim import _uniform_blocks
+
+    age = torch.full((6, 8), 9.0)
+    age[4:] = 0.0  # new rows
+    age[:, 5:] = 0.0  # new columns
+    scale = torch.ones(6, 8)
+    scale[:, 5:] = 0.5
+    blocks = _uniform_blocks(age, scale, max_blocks=4)
+    assert [(b[0], b[1], b[2]) for b in blocks] == [
+        ((slice(0, 4), slice(0, 5)), 9.0, 1.0), ((slice(0, 4), slice(5, 8)), 0.0, 0.5),
+        ((slice(4, 6), slice(0, 5)), 0.0, 1.0), ((slice(4, 6), slice(5, 8)), 0.0, 0.5)]
+    for index, a, s in blocks:
+        assert bool((age[index] == a).all()) and bool((scale[index] == s).all())
+    assert _uniform_blocks(age, scale, max_blocks=3) is None
+    checkerboard = (torch.arange(6)[:, None] + torch.arange(8)) % 2 * 1.0
+    assert _uniform_blocks(checkerboard, None, max_blocks=32) is None  # 48 boxes: gathered pairs instead

@@ -3,10 +3,13 @@
 ``AdamW`` is bit-identical to ``torch.optim.AdamW`` when no growth happened, also when it tracks ages
 (``ages=True``): such tensors are handed to torch's own foreach AdamW (``fused=True``: its fused one; foreach and
 single-tensor give the same bits on CPU, the tests check both). The step is vectorised (``torch._foreach_*``):
-tensors whose ages or lr scales are uniform but off torch's view take the same foreach ops with their own step
-size; only tensors with mixed ages or lr scales take the per-element path, whose bias corrections are computed
-per distinct (age, lr scale) pair in fp64 and gathered (~1e-7 relative to the fp64 closed form). Whether a tensor
-is uniform, and its pairs, are found once per state tensor version (one sync), not every step.
+tensors whose ages or lr scales are uniform but off torch's view take the same foreach ops (or fused kernel) with
+their own step and lr; so do the boxes of a tensor with mixed ages or lr scales when a few boxes tile it uniformly
+(a growth adds whole rows and columns), as views. Only other mixed tensors take the per-element path, whose bias
+corrections are computed per distinct (age, lr scale) pair in fp64 and gathered (~1e-7 relative to the fp64
+closed form).
+Whether a tensor is uniform, its boxes and its pairs are found once per state tensor version (one sync), not every
+step.
 Per-parameter state:
 
     step        0-d float32 tensor on CPU, as torch (steps this optimizer took for the tensor)
@@ -34,6 +37,7 @@ Transfer policies at growth (``transfer_optimizer_state``):
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import TYPE_CHECKING
@@ -96,19 +100,22 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict) -> None:
-        """One update of a param group, vectorised with ``torch._foreach_*`` ops. Each tensor takes one of three
+        """One update of a param group, vectorised with ``torch._foreach_*`` ops. Each tensor takes one of four
         routes, decided by the cached uniformity of its ages and lr scales (no sync per step):
 
         torch      no ages (or uniform ages equal to its step count) and lr scale 1: handed to torch's own
                    foreach (or, with ``fused=True``, fused) Adam, so the update is torch's, bit for bit;
-        scalar     uniform ages that differ from the step count, or one lr scale for the whole tensor: the same
-                   foreach ops with a step size per tensor (operation for operation torch's multi-tensor Adam);
-        element    mixed ages or lr scales: bias corrections per distinct (age, lr scale) pair, computed in
-                   fp64 for a handful of values and gathered per element (``_element_update``).
+        scalar     uniform ages that differ from the step count, or one lr scale for the whole tensor: torch's
+                   ops (or fused kernel) with a step and lr per tensor (``_own_step_update``), bit for bit;
+        blocks     mixed ages or lr scales that tile the tensor in a few uniform boxes (whole rows and columns
+                   added by a growth): each box, as a view, takes the scalar route with its own step and lr;
+        element    other mixed ages or lr scales: bias corrections per distinct (age, lr scale) pair, computed
+                   in fp64 for a handful of values and gathered per element (``_element_update``).
         """
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         torch_route: tuple[list, ...] = ([], [], [], [], [])  # params, grads, exp_avgs, exp_avg_sqs, steps
-        scalar_route: tuple[list, ...] = ([], [], [], [], [], [])  # ... + (step, lr) per tensor
+        scalar_route: tuple[list, ...] = ([], [], [], [], [])  # params, grads, exp_avgs, exp_avg_sqs, (step, lr)
+        block_route: tuple[list, ...] = ([], [], [], [], [])  # the same, of views
         element_route = []
         ages, own_steps = [], []
         for p in group["params"]:
@@ -135,10 +142,19 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 step_now = float(state["step"]) + 1 if age is None else uniform_age + 1
                 lr_p = lr if uniform_scale in (None, 1.0) else lr * uniform_scale
-                for lst, t in zip(scalar_route, tensors + ((step_now, lr_p),)):
+                for lst, t in zip(scalar_route, tensors[:4] + ((step_now, lr_p),)):
                     lst.append(t)
             else:
-                element_route.append((p, state, uniform_age, uniform_scale, False))
+                layout = self._layout(p, age, lr_scale)
+                if layout is not None and layout[0] == "blocks":
+                    grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
+                    for index, block_age, block_scale in layout[1]:
+                        step_now = (float(state["step"]) if block_age is None else block_age) + 1
+                        views = (p[index], grad[index], exp_avg[index], exp_avg_sq[index])
+                        for lst, t in zip(block_route, views + ((step_now, lr * block_scale),)):
+                            lst.append(t)
+                else:
+                    element_route.append((p, state, uniform_age, uniform_scale, False))
             own_steps.append(state["step"])
         if own_steps:
             torch._foreach_add_(own_steps, 1)
@@ -153,7 +169,9 @@ class AdamW(torch.optim.Optimizer):
                        decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd,
                        eps=eps, maximize=False)
         if scalar_route[0]:
-            _scalar_update(*scalar_route, beta1, beta2, eps, wd)
+            self._own_step_update(*scalar_route, beta1, beta2, eps, wd, fold=False)
+        if block_route[0]:
+            self._own_step_update(*block_route, beta1, beta2, eps, wd, fold=True)
         for p, state, uniform_age, uniform_scale, direct in element_route:
             update = _element_update_direct if direct else self._element_update
             update(p, state, uniform_age, uniform_scale, lr, beta1, beta2, eps, wd)
@@ -167,13 +185,13 @@ class AdamW(torch.optim.Optimizer):
         with bc = 1 - beta**age per element. A tensor's elements take few distinct (age, s) pairs (one per growth
         event that touched it), so A and C are computed per pair in fp64 and gathered per element: two passes
         instead of a dozen over the tensor. The pairs and each element's pair index are found once per state
-        version (``_classes``); an element with s = 0 gets A = 0, C = inf, so it does not move (but decays)."""
+        version (``_layout``); an element with s = 0 gets A = 0, C = inf, so it does not move (but decays)."""
         age, lr_scale = state.get("age"), state.get("lr_scale")
         grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
-        classes = self._classes(p, age, lr_scale)
-        if classes is None:  # too many distinct pairs: per-element bias corrections from the ages
+        layout = self._layout(p, age, lr_scale)
+        if layout is None:  # too many distinct pairs: per-element bias corrections from the ages
             return _element_update_direct(p, state, uniform_age, uniform_scale, lr, beta1, beta2, eps, wd)
-        age_k, scale_k, index = classes
+        age_k, scale_k, index = layout[1]
         if age_k is None:  # lr scales differ, ages do not: the step count is every element's age
             age_k = torch.full_like(scale_k, float(state["step"]))
         bc1 = -torch.expm1(age_k * math.log(beta1)) if beta1 > 0 else torch.ones_like(age_k)
@@ -197,41 +215,97 @@ class AdamW(torch.optim.Optimizer):
         torch.sqrt(exp_avg_sq, out=d)
         p.addcdiv_(exp_avg, c.addcmul_(d, a), value=-lr)
 
-    def _scratch(self, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-        """Three flat work buffers of at least ``n`` elements, kept between steps and shared by all tensors: a
-        fresh temporary per tensor and step costs more (page faults) than the arithmetic on CPU."""
-        key = (dtype, torch.device(device))
-        pool = self.__dict__.setdefault("_scratch_pool", {})
-        bufs = pool.get(key)
-        if bufs is None or bufs[0].numel() < n:
-            bufs = pool[key] = tuple(torch.empty(n, dtype=dtype, device=device) for _ in range(3))
-        return tuple(b[:n] for b in bufs)
+    def _scratch(self, n: int, dtype: torch.dtype, device, count: int = 3) -> tuple[torch.Tensor, ...]:
+        """``count`` flat work buffers of at least ``n`` elements, kept between steps and shared by all tensors: a
+        fresh temporary per tensor and step costs more (page faults) than the arithmetic on CPU. The scalar route
+        uses the first for all its square roots at once (the memory torch's foreach Adam allocates every step),
+        the element route all three for one tensor at a time."""
+        pool = self.__dict__.setdefault("_scratch_pool", {}).setdefault((dtype, torch.device(device)), [])
+        for i in range(count):
+            if i == len(pool):
+                pool.append(torch.empty(n, dtype=dtype, device=device))
+            elif pool[i].numel() < n:
+                pool[i] = torch.empty(n, dtype=dtype, device=device)
+        return tuple(b[:n] for b in pool[:count])
 
+    def _own_step_update(self, params, grads, exp_avgs, exp_avg_sqs, step_lr, beta1, beta2, eps, wd,
+                         fold: bool) -> None:
+        """AdamW on tensors (or uniform boxes of them, as views) that each have their own (step, lr). With
+        ``fused=True``, the contiguous plain CPU ones take torch's fused kernel, one call per lr, with the step
+        counts as tensors (so a tensor's update is ``torch.optim.AdamW(fused=True)``'s at that step, bit for bit;
+        the kernel ignores strides, hence contiguous only). The others take the ops of torch's multi-tensor Adam
+        (``torch.optim.adam._multi_tensor_adam``, decoupled weight decay, steps on the host), operation for
+        operation, the square roots written into kept buffers (the same values). ``fold`` (boxes of tensors with
+        mixed ages, which need not match torch's bits) folds the second moment's bias correction into eps and
+        the step size, one pass fewer, the same update to rounding:
+
+            p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
+               = p - (lr sqrt(bc2) / bc1) m / (sqrt(v) + eps sqrt(bc2))
+        """
+        rest: tuple[list, ...] = ([], [], [], [], [])
+        by_lr: dict[float, tuple[list, ...]] = {}
+        for item in zip(params, grads, exp_avgs, exp_avg_sqs, step_lr):
+            fused = getattr(self, "fused", False) and all(
+                type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous() for t in item[:4])
+            lists = by_lr.setdefault(item[4][1], ([], [], [], [], [])) if fused else rest
+            for lst, t in zip(lists, item):
+                lst.append(t)
+        for lr, (ps, gs, ms, vs, steps) in by_lr.items():
+            torch._fused_adamw_(ps, gs, ms, vs, [], [torch.tensor(float(step)) for step, _ in steps], lr=lr,
+                                beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+        params, grads, exp_avgs, exp_avg_sqs, step_lr = rest
+        if not params:
+            return
+        if wd != 0:
+            torch._foreach_mul_(params, [1 - lr * wd for _, lr in step_lr])
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        step_size = [(lr / (1 - beta1 ** step)) * -1 for step, lr in step_lr]
+        bias_correction2_sqrt = [(1 - beta2 ** step) ** 0.5 for step, _ in step_lr]
+        denom = self._sqrt(exp_avg_sqs)
+        if fold:
+            torch._foreach_add_(denom, [eps * bc2 for bc2 in bias_correction2_sqrt])
+            step_size = [size * bc2 for size, bc2 in zip(step_size, bias_correction2_sqrt)]
+        else:
+            torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+    def _sqrt(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``torch._foreach_sqrt(tensors)``, written into a kept work buffer when the tensors are plain CPU ones
+        (on CPU a fresh temporary costs page faults; CUDA's caching allocator already reuses its memory)."""
+        if (not all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+                or len({t.dtype for t in tensors}) > 1):
+            return torch._foreach_sqrt(tensors)
+        (flat,) = self._scratch(sum(t.numel() for t in tensors), tensors[0].dtype, tensors[0].device, count=1)
+        out, offset = [], 0
+        for t in tensors:
+            out.append(torch.sqrt(t, out=flat[offset:offset + t.numel()].view(t.shape)))
+            offset += t.numel()
+        return out
+
+    _MAX_BLOCKS = 32
     _MAX_CLASSES = 256
 
-    def _classes(self, p, age, lr_scale):
-        """(ages [k] fp64 or None, lr scales [k] fp64, pair index per element [numel] int32) of a tensor's
-        distinct (age, lr scale) pairs, or None if there are more than _MAX_CLASSES or the tensor is not a plain
-        one (a DTensor shard takes the direct route). Without ages, the pairs are the lr scales'. Cached by
-        state tensor identity and version; ``_bump`` advances the cached ages with the tensor's."""
+    def _layout(self, p, age, lr_scale):
+        """How a tensor with mixed ages or lr scales is updated, found once per state version and cached by
+        tensor identity and version (``_bump`` advances the cached ages with the tensor's):
+
+        ("blocks", [(index, age, lr scale)])  the tensor cut into at most _MAX_BLOCKS boxes, each uniform (a growth
+                       adds whole rows and columns, so its ages form a few boxes; age None: the step count);
+        ("pairs", (ages [k] fp64 or None, lr scales [k] fp64, pair index per element int32))  its distinct
+                       (age, lr scale) pairs, at most _MAX_CLASSES (without ages, the pairs are the lr scales');
+        None           neither, or not a plain tensor (a DTensor shard): the direct per-element route."""
         if type(p.data) is not torch.Tensor:
             return None
-        cache = self.__dict__.setdefault("_class_cache", {})
+        cache = self.__dict__.setdefault("_layout_cache", {})
         key = _versions(age, lr_scale)
         hit = cache.get(id(p))
         if hit is not None and _same(hit[0], key):
             return hit[1]
-        s = lr_scale.reshape(-1).double() if lr_scale is not None else None
-        if age is None:
-            scale_k, inverse = torch.unique(s, return_inverse=True)
-            age_k = None
-        elif s is None:
-            age_k, inverse = torch.unique(age.reshape(-1).double(), return_inverse=True)
-            scale_k = torch.ones_like(age_k)
-        else:
-            pairs, inverse = torch.unique(torch.stack([age.reshape(-1).double(), s]), dim=1, return_inverse=True)
-            age_k, scale_k = pairs[0].contiguous(), pairs[1].contiguous()
-        value = None if scale_k.numel() > self._MAX_CLASSES else (age_k, scale_k, inverse.to(torch.int32))
+        blocks = _uniform_blocks(age, lr_scale, self._MAX_BLOCKS)
+        value = ("blocks", blocks) if blocks is not None else _pairs(age, lr_scale, self._MAX_CLASSES)
         cache[id(p)] = (key, value)
         return value
 
@@ -256,18 +330,21 @@ class AdamW(torch.optim.Optimizer):
         """Call after writing state tensors by means that do not bump their version (collectives such as
         ``dist.broadcast`` write the storage directly): the next step re-checks which ages are uniform."""
         self.__dict__.pop("_uniform_cache", None)
-        self.__dict__.pop("_class_cache", None)
+        self.__dict__.pop("_layout_cache", None)
 
     def _bump(self, p: torch.Tensor, age: torch.Tensor, value: float | None) -> None:
         """Record that ``age`` (of parameter ``p``) was just advanced by one step, by this optimizer."""
         self._uniform_cache[(id(p), "age")] = (age, age._version, None if value is None else value + 1)
-        classes = self.__dict__.get("_class_cache", {}).get(id(p))
-        if classes is not None:
-            (a, version, s, s_version), value = classes
+        layout = self.__dict__.get("_layout_cache", {}).get(id(p))
+        if layout is not None:
+            (a, version, s, s_version), value = layout
             if a is age and version == age._version - 1:
-                if value is not None:
-                    value = (value[0] + 1, value[1], value[2])
-                self._class_cache[id(p)] = ((a, age._version, s, s_version), value)
+                if value is not None and value[0] == "blocks":
+                    value = ("blocks", [(index, block_age + 1, scale) for index, block_age, scale in value[1]])
+                elif value is not None:
+                    age_k, scale_k, inverse = value[1]
+                    value = ("pairs", (age_k + 1, scale_k, inverse))
+                self._layout_cache[id(p)] = ((a, age._version, s, s_version), value)
 
     def load_state_dict(self, state_dict):
         # torch casts every floating state tensor but "step" to the parameter's dtype; ages and lr/wd scales stay
@@ -313,20 +390,46 @@ def _same(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1] == b[1] and a[2] is b[2] and a[3] == b[3]
 
 
-def _scalar_update(params, grads, exp_avgs, exp_avg_sqs, _steps, step_lr, beta1, beta2, eps, wd) -> None:
-    """torch.optim.adam._multi_tensor_adam (decoupled weight decay, steps on the host), operation for
-    operation, with each tensor's own (step, lr): uniform ages other than the step count, a uniform lr scale."""
-    if wd != 0:
-        torch._foreach_mul_(params, [1 - lr * wd for _, lr in step_lr])
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    step_size = [(lr / (1 - beta1 ** step)) * -1 for step, lr in step_lr]
-    bias_correction2_sqrt = [(1 - beta2 ** step) ** 0.5 for step, _ in step_lr]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+def _uniform_blocks(age, lr_scale, max_blocks: int) -> list | None:
+    """[(index, age or None, lr scale)] of the boxes that tile the tensor with uniform (age, lr scale), or None if
+    that takes more than ``max_blocks``. Along each dimension, the tensor is cut wherever any element differs from
+    its neighbour along that dimension; within the grid of cuts every box is then uniform (moving along any
+    dimension inside it crosses no change)."""
+    values = [t for t in (age, lr_scale) if t is not None]
+    shape = values[0].shape
+    spans = []
+    for d, n in enumerate(shape):
+        change = torch.zeros(max(n - 1, 0), dtype=torch.bool, device=values[0].device)
+        for t in values:
+            differs = t.narrow(d, 1, n - 1) != t.narrow(d, 0, n - 1)
+            change |= differs.movedim(d, 0).reshape(n - 1, -1).any(dim=1)
+        bounds = [0] + (torch.nonzero(change).view(-1) + 1).tolist() + [n]
+        spans.append(list(zip(bounds[:-1], bounds[1:])))
+    if math.prod(len(s) for s in spans) > max_blocks:
+        return None
+    blocks = []
+    for box in itertools.product(*spans):
+        corner = tuple(lo for lo, _ in box)
+        blocks.append((tuple(slice(lo, hi) for lo, hi in box),
+                       None if age is None else float(age[corner]),
+                       1.0 if lr_scale is None else float(lr_scale[corner])))
+    return blocks
+
+
+def _pairs(age, lr_scale, max_pairs: int) -> tuple | None:
+    """("pairs", (ages [k] fp64 or None, lr scales [k] fp64, pair index per element int32)), or None if there are
+    more than ``max_pairs`` distinct (age, lr scale) pairs."""
+    s = lr_scale.reshape(-1).double() if lr_scale is not None else None
+    if age is None:
+        scale_k, inverse = torch.unique(s, return_inverse=True)
+        age_k = None
+    elif s is None:
+        age_k, inverse = torch.unique(age.reshape(-1).double(), return_inverse=True)
+        scale_k = torch.ones_like(age_k)
+    else:
+        pairs, inverse = torch.unique(torch.stack([age.reshape(-1).double(), s]), dim=1, return_inverse=True)
+        age_k, scale_k = pairs[0].contiguous(), pairs[1].contiguous()
+    return None if scale_k.numel() > max_pairs else ("pairs", (age_k, scale_k, inverse.to(torch.int32)))
 
 
 def _element_update_direct(p, state, uniform_age, uniform_scale, lr, beta1, beta2, eps, wd) -> None:
