@@ -10,7 +10,7 @@ import torch
 from nanogrow.config import ConfigError
 from nanogrow.grow import compose, grow, make_plan, plan_from_dict
 from nanogrow.grow.learned import LearnedPlan, fit, map_flops
-from nanogrow.grow.testing import batch, logits, one_thread, tiny_config, train_steps, trained_model
+from nanogrow.grow.testing import batch, check_plan, logits, one_thread, tiny_config, train_steps, trained_model
 from nanogrow.train import Trainer
 
 from helpers import run_steps, tiny_run_config, with_stages
@@ -73,7 +73,7 @@ def test_initial_maps_reproduce_the_plain_operator_exactly(tied, changes, option
     new = replace(cfg, **changes)
     lp = make_plan("learned", cfg, new, **options)
     ref = make_plan(plain[0], cfg, new, **plain[1])
-    lp.check()
+    check_plan(lp)
     assert isinstance(lp, LearnedPlan) and not lp.fitted and lp.new_cfg == ref.new_cfg
     m1, o1 = grow(model, opt, lp, policy="map+age")
     m2, o2 = grow(model, opt, ref, policy="map+age")
