@@ -46,7 +46,7 @@ class GrowthController:
             return [{k: getattr(st, k)} for st in self.stages for k in ("at_step", "at_tokens", "at_flops")
                     if getattr(st, k) >= 0]
         # Each stage's own tokens per step and FLOPs per token (its micro-batch, sequence length and shape).
-        tps = [lay.tokens_per_step(tr.world, grad_accum(self.t, tr.world, lay.micro_batch))
+        tps = [lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
                for lay in self.layouts]
         fpt = [lay.flops_per_token() for lay in self.layouts]
         starts = stage_start_steps(g.schedule, self.t.max_steps, tps, fpt, g.exp_ratio)
@@ -106,7 +106,7 @@ class GrowthController:
         if fit:
             plan = self.fit_learned(plan)
         # (a new ZeRO engine is built with it)
-        tr.t.grad_accum = grad_accum(self.t, tr.world, st.micro_batch or tr.micro_batch)
+        tr.t.grad_accum = grad_accum(tr.t, tr.world, st.micro_batch or tr.micro_batch)
         tr.model, tr.optimizer = tr.backend.grow(tr.model, tr.optimizer, plan, st.optimizer,
                                                  st.micro_batch or tr.micro_batch)
         tr.model_config = plan.new_cfg.resolved()
@@ -126,7 +126,7 @@ class GrowthController:
         one consumed, whatever the new shape."""
         tr = self.trainer
         lay = self.layouts[tr.stage_index]
-        tr.t.grad_accum = grad_accum(self.t, tr.world, lay.micro_batch)
+        tr.t.grad_accum = grad_accum(tr.t, tr.world, lay.micro_batch)
         if (lay.micro_batch, lay.seq_len) != (tr.micro_batch, tr.seq_len):
             tr.micro_batch, tr.seq_len = lay.micro_batch, lay.seq_len
             tr.loader.set_batch_shape(micro_batch=lay.micro_batch, seq_len=lay.seq_len)
@@ -250,7 +250,7 @@ class GrowthController:
         step, tokens, flops, dropped = tr.step, tr.meter.total_tokens, tr.meter.total_flops, []
         for i in range(tr.stage_index, len(self.stages)):
             st, lay, when = self.stages[i], self.layouts[i], self.starts[i] if i < len(self.starts) else {}
-            tps = lay.tokens_per_step(tr.world, grad_accum(self.t, tr.world, lay.micro_batch))
+            tps = lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
             fps = tps * lay.flops_per_token()
             if st.trigger != "schedule" or not when:
                 break
