@@ -317,8 +317,8 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
     log("stage | shape (L x d, ff) | seq x micro_batch | grown tok/s | static tok/s | ratio | MFU grown | "
         "growth event ms")
     for k, times in per_stage.items():
-        stats = trainer.stage_stats[k]
-        lay = trainer.layouts[k]
+        stats = trainer.stage_stats.rows[k]
+        lay = trainer.growth.layouts[k]
         shape, mb = lay.model, lay.micro_batch
         steady = times[2:] or times
         tokens = stats["tokens"] / max(1, stats["steps"])

@@ -211,7 +211,7 @@ def cmd_lag(args) -> int:
                 st.lag = dict(st.lag, groups=args.groups)
         cfg.validate()
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    if not any(st.lag for st in trainer.stages[trainer.stage_index:]):
+    if not any(st.lag for st in trainer.growth.stages[trainer.stage_index:]):
         raise ValueError(f"{args.config}: no [[stage]] with lag = {{...}} left to run")
     selected = False
 

@@ -737,6 +737,33 @@ def fit_warmup(t: TrainConfig) -> str | None:
             f"{t.warmup_steps} steps (max_steps // 10) instead")
 
 
+def check_global_batch(cfg: RunConfig, world: int) -> None:
+    """train.global_batch must split into world x micro_batch x grad_accum for every stage's micro-batch."""
+    t = cfg.train
+    if not t.global_batch:
+        return
+    for mb in sorted({t.micro_batch} | {st.micro_batch for st in cfg.stage if st.micro_batch}):
+        if t.global_batch % (world * mb):
+            raise ConfigError(f"train.global_batch={t.global_batch} cannot be met with world size "
+                              f"{world} x micro_batch {mb}: it must be a multiple of their product "
+                              f"{world * mb} (sequences per optimizer step = world x micro_batch x "
+                              f"grad_accum)")
+
+
+def grad_accum(t: TrainConfig, world: int, micro_batch: int) -> int:
+    """Micro-steps per optimizer step: derived from train.global_batch (sequences over all ranks) when set."""
+    if not t.global_batch:
+        return t.grad_accum
+    return t.global_batch // (world * micro_batch)
+
+
+def parallel_mode(t: TrainConfig, world: int) -> str:
+    """train.parallel for a run of ``world`` processes ("auto": ddp with more than one)."""
+    if world == 1:
+        return "none"  # one process: nothing to shard or replicate
+    return t.parallel if t.parallel != "auto" else "ddp"
+
+
 def eval_seq_len(cfg: RunConfig, longest: int | None = None) -> int:
     """The validation sequence length of the run: ``data.eval_seq_len``, or (0) the longest training seq_len of
     any stage, so that validation losses of all stages (and of runs with other seq_len schedules reaching the

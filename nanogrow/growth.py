@@ -18,11 +18,12 @@ import time
 
 import torch
 
-from .config import RunConfig, Stage, changes_parameters, resolve_stages
+from .config import RunConfig, Stage, changes_parameters, grad_accum, resolve_stages
 from .grow import make_plan
 from .grow.learned import LearnedPlan, fit
 from .lag_runner import CandidateRunner, lag_select
 from .lag_parallel import select_across_groups
+from .metrics import fmt
 from .model import ModelConfig
 from .parallel import reshard, unwrap
 from .schedule import stage_layouts, stage_start_steps
@@ -45,7 +46,8 @@ class GrowthController:
             return [{k: getattr(st, k)} for st in self.stages for k in ("at_step", "at_tokens", "at_flops")
                     if getattr(st, k) >= 0]
         # Each stage's own tokens per step and FLOPs per token (its micro-batch, sequence length and shape).
-        tps = [lay.tokens_per_step(tr.world, tr.accum(lay.micro_batch)) for lay in self.layouts]
+        tps = [lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
+               for lay in self.layouts]
         fpt = [lay.flops_per_token() for lay in self.layouts]
         starts = stage_start_steps(g.schedule, self.t.max_steps, tps, fpt, g.exp_ratio)
         return [{"at_step": s} for s in starts]
@@ -103,7 +105,8 @@ class GrowthController:
         tr = self.trainer
         if fit:
             plan = self.fit_learned(plan)
-        tr.t.grad_accum = tr.accum(st.micro_batch or tr.micro_batch)  # (a new ZeRO engine is built with it)
+        # (a new ZeRO engine is built with it)
+        tr.t.grad_accum = grad_accum(tr.t, tr.world, st.micro_batch or tr.micro_batch)
         tr.model, tr.optimizer = tr.backend.grow(tr.model, tr.optimizer, plan, st.optimizer,
                                                  st.micro_batch or tr.micro_batch)
         tr.model_config = plan.new_cfg.resolved()
@@ -123,7 +126,7 @@ class GrowthController:
         one consumed, whatever the new shape."""
         tr = self.trainer
         lay = self.layouts[tr.stage_index]
-        tr.t.grad_accum = tr.accum(lay.micro_batch)
+        tr.t.grad_accum = grad_accum(tr.t, tr.world, lay.micro_batch)
         if (lay.micro_batch, lay.seq_len) != (tr.micro_batch, tr.seq_len):
             tr.micro_batch, tr.seq_len = lay.micro_batch, lay.seq_len
             tr.loader.set_batch_shape(micro_batch=lay.micro_batch, seq_len=lay.seq_len)
@@ -136,7 +139,7 @@ class GrowthController:
         tr = self.trainer
         tr.stage_index += 1
         self.set_stage_batch()
-        tr.stage_stats.append(tr.new_stage_stats(tr.stage_index, tr.step))
+        tr.stage_stats.start(tr.stage_index, tr.step, tr.model_config, tr.seq_len, tr.micro_batch)
 
     def fit_learned(self, plan):
         """Fit a learned (LiGO-style) plan's maps on the grown model's LM loss before it is applied. Batches come
@@ -247,7 +250,7 @@ class GrowthController:
         step, tokens, flops, dropped = tr.step, tr.meter.total_tokens, tr.meter.total_flops, []
         for i in range(tr.stage_index, len(self.stages)):
             st, lay, when = self.stages[i], self.layouts[i], self.starts[i] if i < len(self.starts) else {}
-            tps = lay.tokens_per_step(tr.world, tr.accum(lay.micro_batch))
+            tps = lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
             fps = tps * lay.flops_per_token()
             if st.trigger != "schedule" or not when:
                 break
@@ -264,7 +267,3 @@ class GrowthController:
             tr.log(f"warning: train.max_steps={self.t.max_steps} ends before {', '.join(dropped)} would start: "
                    f"{'it' if len(dropped) == 1 else 'they'} will never run (raise train.max_steps or move the "
                    f"stage with --set stage.N.at_step=...)")
-
-
-def fmt(x) -> str:
-    return "-" if x is None else f"{x:.4f}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .config import Stage
 from .grow import make_plan
-from .lag import Candidate, paired_se, select, select_halving, spread
+from .lag import Candidate, paired_se, select, select_halving, spread, standard_error
 from .model import ModelConfig
 from .run_state import RunState
 
@@ -90,7 +90,9 @@ def lag_select(runner: CandidateRunner, st: Stage, old_cfg: ModelConfig, new_cfg
             runner.train(1)
             if (j + 1) % eval_every == 0 or j == n - 1:
                 losses.append(runner.evaluate(n_eval))
-                ses[idx].append(tr.last_eval_se())
+                # The standard error of the evaluation's mean over its batches (this rank's): about how far apart
+                # two candidates' losses must be to be told apart.
+                ses[idx].append(standard_error(tr.last_eval))
                 last_batches[idx] = list(tr.last_eval)
         return losses
 

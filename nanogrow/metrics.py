@@ -1,4 +1,5 @@
-"""Throughput accounting: FLOPs accumulated step by step, tokens/s, and model FLOPs utilisation (MFU).
+"""Throughput accounting: FLOPs accumulated step by step, tokens/s, model FLOPs utilisation (MFU), and the
+per-stage statistics of a run (``StageStats``).
 
 Growth changes FLOPs per token mid-run, so FLOPs are *accumulated* from each step's own shape (OLMo-core's lesson),
 never computed as steps x a constant. MFU divides achieved model FLOPs/s by the device peak: a table for known GPUs,
@@ -94,3 +95,62 @@ class ThroughputMeter:
     def reset_window(self) -> None:
         self._win_tokens, self._win_flops = 0, 0.0
         self._win_start = time.perf_counter()
+
+
+class StageStats:
+    """Per-stage statistics of a run, one row per stage: its shape, batch shape, world size and peak FLOP/s, and
+    the steps, tokens, FLOPs, seconds and last validation loss spent in it. A stage resumed at another world size
+    or peak (or grown offline by `nanogrow grow`) gets a row of its own. ``rows`` is what a checkpoint keeps."""
+
+    def __init__(self, world: int, peak: float):
+        self.world, self.peak = world, peak  # peak: the run's (ThroughputMeter.peak, all ranks)
+        self.rows: list[dict] = []
+
+    def row(self, stage: int, start_step: int, cfg, seq_len: int, micro_batch: int) -> dict:
+        """A row of per-stage statistics for a stage of shape ``cfg`` (a ModelConfig), with the shape, world size
+        and peak FLOP/s it runs at (MFU of a stage is computed with its own peak, whatever the run's world size
+        later)."""
+        return {"stage": stage, "start_step": start_step, "params": cfg.num_params(), "seq_len": seq_len,
+                "micro_batch": micro_batch, "world": self.world, "peak_flops": self.peak,
+                "shape": f"{cfg.n_layer} x {cfg.d_model}, {cfg.d_ff}, {cfg.n_head}/{cfg.n_kv_head}",
+                "steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": None}
+
+    def start(self, stage: int, start_step: int, cfg, seq_len: int, micro_batch: int) -> None:
+        """A fresh row: stage ``stage`` starts at ``start_step``."""
+        self.rows.append(self.row(stage, start_step, cfg, seq_len, micro_batch))
+
+    def add_step(self, tokens: int, flops: float, seconds: float) -> None:
+        """One optimizer step of the current stage."""
+        st = self.rows[-1]
+        st["steps"] += 1
+        st["tokens"] += tokens
+        st["flops"] += flops
+        st["seconds"] += seconds
+
+    def table(self) -> str:
+        """The rows as a table (the end of a run with more than one stage)."""
+        rows = ["stage | from step | shape (L x d, ff, heads) | seq x mb | world | params | steps | tokens | FLOPs | "
+                "tok/s | MFU | val loss"]
+        notes = set()
+        for st in self.rows:
+            peak = st.get("peak_flops") or self.peak  # the stage's own peak (older checkpoints: the run's)
+            tps = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
+            mfu = st["flops"] / st["seconds"] / peak if st["seconds"] and peak else 0.0
+            batch = f"{st.get('seq_len', '?')} x {st.get('micro_batch', '?')}"
+            mark = "g" if st.get("offline") else ("r" if st.get("resumed") else "")
+            notes.add(mark)
+            rows.append(f"{str(st['stage']) + mark:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | "
+                        f"{st.get('world', '?'):>5} | "
+                        f"{st['params']:>10,} | {st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | "
+                        f"{tps:>7,.0f} | "
+                        f"{100 * mfu:4.1f}% | {fmt(st.get('val_loss'))}")
+        if "g" in notes:
+            rows.append("g: the same stage after an offline `nanogrow grow` (new shape)")
+        if "r" in notes:
+            rows.append("r: the same stage resumed at another world size or peak")
+        return "\n".join(rows)
+
+
+def fmt(x) -> str:
+    """A loss for a log line or table: 4 decimals, or "-" when there is none."""
+    return "-" if x is None else f"{x:.4f}"

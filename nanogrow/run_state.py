@@ -40,7 +40,7 @@ class RunState:
         """A copy of what ``trainer``'s run carries besides model and optimizer (``rng``: with torch's RNG)."""
         tr = trainer
         return cls(step=tr.step, loader=tr.loader.state_dict(), meter=tr.meter.state_dict(),
-                   stage_index=tr.stage_index, stage_stats=tr.stage_stats, model_config=tr.model_config,
+                   stage_index=tr.stage_index, stage_stats=tr.stage_stats.rows, model_config=tr.model_config,
                    growth_lr=tr.growth_lr.state_dict(), ramp=tr.ramp.to_dict() if tr.ramp is not None else None,
                    trigger=tr.trigger.state_dict() if tr.trigger is not None else None, history=tr.history,
                    seq_len=tr.seq_len, micro_batch=tr.micro_batch,
@@ -61,11 +61,11 @@ class RunState:
             torch.set_rng_state(s.rng)
         tr.ramp = MaskRamp.from_dict(s.ramp) if s.ramp else None
         if s.stage_stats is not None:
-            tr.stage_stats = s.stage_stats
+            tr.stage_stats.rows = s.stage_stats
         if resumed:  # a stage continued at another world size, shape or peak gets a row of its own from here
-            now = tr.new_stage_stats(tr.stage_index, tr.step)
-            if any(tr.stage_stats[-1].get(k) != now[k] for k in ("world", "peak_flops", "shape")):
-                tr.stage_stats.append(dict(now, resumed=True))
+            now = tr.stage_stats.row(tr.stage_index, tr.step, tr.model_config, tr.seq_len, tr.micro_batch)
+            if any(tr.stage_stats.rows[-1].get(k) != now[k] for k in ("world", "peak_flops", "shape")):
+                tr.stage_stats.rows.append(dict(now, resumed=True))
         tr.trigger = trigger_from_state(s.trigger) if s.trigger else tr.growth.make_trigger()
         tr.growth.set_stage_batch()
 

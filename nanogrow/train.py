@@ -22,15 +22,15 @@ from . import dist_utils
 from .backend import ZeroBackend, make_backend
 from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint, read_meta,
                          remove_checkpoints, remove_stray_tmp)
-from .config import ConfigError, RunConfig, eval_seq_len, fit_warmup, from_accelerate
+from .config import (ConfigError, RunConfig, check_global_batch, eval_seq_len, fit_warmup, from_accelerate, grad_accum,
+                     parallel_mode)
 from .data import PrefetchLoader, TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp
 from .grow import make_optimizer  # noqa: F401  (re-exported: nanogrow.train.make_optimizer)
-from .growth import GrowthController, fmt
-from .lag import standard_error
+from .growth import GrowthController
 from .lag_parallel import check_world
 from .logs import RunLog
-from .metrics import ThroughputMeter, device_peak_flops
+from .metrics import StageStats, ThroughputMeter, device_peak_flops
 from .model import ModelConfig, build_model
 from .offline import grow_checkpoint  # noqa: F401  (re-exported: nanogrow.train.grow_checkpoint)
 from .parallel import grad_sync, reshard
@@ -75,8 +75,8 @@ class Trainer:
         self.out_dir = Path(self.t.out_dir)
         console = None if log is None else (log if self.rank == 0 else (lambda *a, **k: None))
         self.log = RunLog(self.out_dir, console=console, rank=self.rank)
-        _check_global_batch(self.t, cfg, self.world)
-        self.t.grad_accum = self.accum(self.t.micro_batch)
+        check_global_batch(cfg, self.world)
+        self.t.grad_accum = grad_accum(self.t, self.world, self.t.micro_batch)
         warmup_note = fit_warmup(self.t)
 
         # Everything that can be wrong is checked here, before a single FLOP is spent.
@@ -103,19 +103,17 @@ class Trainer:
 
         # Growth: stage i >= 1 starts with the i-th growth event. Boundaries of a budgeted schedule are fixed now.
         self.growth = GrowthController(self, cfg)
-        self.stages, self.stage_starts, self.layouts = self.growth.stages, self.growth.starts, self.growth.layouts
         self.stage_index = 0
         g = cfg.growth
         self.growth_lr = GrowthLR(g.lr_policy, g.rewarm_steps if g.lr_policy != "continue" else 0,
                                   g.rewarm_start, peak_step=self.t.warmup_steps)
         self.ramp: MaskRamp | None = None
         self.meter = ThroughputMeter(device_peak_flops(self.device), self.world)
-        self.stage_stats: list[dict] = [self.new_stage_stats(0, 0)]
+        self.stage_stats = StageStats(self.world, self.meter.peak)
+        self.stage_stats.start(0, 0, self.model_config, self.seq_len, self.micro_batch)
 
         torch.manual_seed(self.t.seed)
-        self.parallel = self.t.parallel if self.t.parallel != "auto" else ("ddp" if self.world > 1 else "none")
-        if self.parallel != "none" and self.world == 1:
-            self.parallel = "none"  # one process: nothing to shard or replicate
+        self.parallel = parallel_mode(self.t, self.world)
         if meta:
             check_resume(meta, ckpt, self.parallel, self.world, self.t.zero_stage)  # before any engine is built
         self.backend = make_backend(self.parallel, self.t, self.device, cfg.growth)
@@ -152,25 +150,6 @@ class Trainer:
         """``train.compile`` (the backend's ``compile``): returns the seconds it took."""
         return self.backend.compile(self.model, self.optimizer, (self.micro_batch, self.seq_len), self.ramp, self.step,
                                     self.log)
-
-    # ---- stages: batch shape, statistics --------------------------------------------------------------------
-    def accum(self, micro_batch: int) -> int:
-        """Micro-steps per optimizer step: derived from train.global_batch (sequences over all ranks) when set."""
-        if not self.t.global_batch:
-            return self.t.grad_accum
-        return self.t.global_batch // (self.world * micro_batch)
-
-    def new_stage_stats(self, stage: int, start_step: int) -> dict:
-        """A row of per-stage statistics, with the shape, world size and peak FLOP/s it runs at (MFU of a stage
-        is computed with its own peak, whatever the run's world size later)."""
-        c = self.model_config
-        return {"stage": stage, "start_step": start_step, "params": c.num_params(), "seq_len": self.seq_len,
-                "micro_batch": self.micro_batch, "world": self.world, "peak_flops": self.meter.peak,
-                "shape": f"{c.n_layer} x {c.d_model}, {c.d_ff}, {c.n_head}/{c.n_kv_head}",
-                "steps": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0, "val_loss": None}
-
-    def stage_table(self) -> str:
-        return stage_table(self.stage_stats, self.meter.peak)
 
     # ---- the step -------------------------------------------------------------------------------------------
     def tokens_per_step(self) -> int:
@@ -225,11 +204,7 @@ class Trainer:
         if probe:
             self.meter.add_flops(tokens * fpt / 3)  # the probe's forward pass (2N of the 6N FLOPs per token)
         self.step += 1
-        st = self.stage_stats[-1]
-        st["steps"] += 1
-        st["tokens"] += tokens
-        st["flops"] += tokens * fpt
-        st["seconds"] += time.perf_counter() - t0
+        self.stage_stats.add_step(tokens, tokens * fpt, time.perf_counter() - t0)
         if self.trigger is not None:
             self.trigger.observe(Observation(
                 self.step, self.meter.total_tokens, self.meter.total_flops, loss_sum, grad_sq_small, grad_sq_big,
@@ -247,19 +222,7 @@ class Trainer:
         actual = dist_utils.all_reduce_mean(loss_before - after, self.device)
         return actual, predicted
 
-    # ---- growth (GrowthController) --------------------------------------------------------------------------
-    def growth_due(self) -> bool:
-        return self.growth.due()
-
-    def grow_next_stage(self) -> dict:
-        return self.growth.grow_next_stage()
-
     # ---- evaluation -----------------------------------------------------------------------------------------
-    def last_eval_se(self) -> float:
-        """Standard error of the last evaluation's mean over its batches (this rank's batches): about how far
-        apart two candidates' losses must be to be told apart."""
-        return standard_error(self.last_eval)
-
     def evaluate(self, n_batches: int | None = None) -> float:
         """Mean loss over the fixed validation batches (the first ``n_batches`` of them, if given)."""
         return dist_utils.all_reduce_mean(self.local_val_loss(self.val[:n_batches] if n_batches else self.val),
@@ -293,6 +256,23 @@ class Trainer:
         reshard(self.model)  # FSDP2 keeps the root unsharded after a no_grad forward; checkpoints need it sharded
         return total / len(batches)
 
+    def evaluate_and_record(self, start: float) -> float:
+        """An evaluation of ``run`` (every train.eval_every steps and at the end), recorded in the history, the
+        stage's statistics, the log and the trackers; a stage shorter than the validation length is scored at its
+        own length as well. ``start``: when ``run`` started. Returns the validation loss."""
+        val_loss, own = self.evaluate(), self.evaluate_at_stage_len()
+        at_len = {"val_loss_stage_len": own} if own is not None else {}
+        self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
+                             "flops": self.meter.total_flops, "val_loss": val_loss,
+                             "seconds": round(time.perf_counter() - start, 3), **at_len})
+        self.stage_stats.rows[-1].update(val_loss=val_loss, **at_len)
+        own_note = f" ({own:.4f} at its own seq_len {self.seq_len})" if own is not None else ""
+        self.log(f"step {self.step:>6} | val loss {val_loss:.4f}{own_note} | {self.meter.total_flops:.3e} FLOPs")
+        self.trackers.log({"kind": "eval", "step": self.step, "tokens": self.meter.total_tokens,
+                           "flops": self.meter.total_flops, "val_loss": val_loss, "stage": self.stage_index, **at_len})
+        self.meter.reset_window()  # evaluation time is not training throughput
+        return val_loss
+
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict:
         return {"run_config": self.cfg.to_dict(), **RunState.of(self, rng=False).to_meta(),
@@ -314,8 +294,8 @@ class Trainer:
         growth event that is due (a LAG event trains its candidates' steps inside it), then one optimizer step.
         Returns the step's loss, or None when no step was taken: growth reached train.max_steps, or ``on_grow``
         (called with each growth event's record) returned True to stop right after that event."""
-        while self.growth_due():
-            event = self.grow_next_stage()
+        while self.growth.due():
+            event = self.growth.grow_next_stage()
             if on_grow is not None and on_grow(event):
                 return None
         if self.step >= self.t.max_steps:
@@ -329,7 +309,7 @@ class Trainer:
                  f"{self.world} process(es) on {self.device}; {self.tokens_per_step():,} tokens/step")
         start, start_step = time.perf_counter(), self.step
         self.meter.reset_window()
-        last_loss, val_loss = float("nan"), None
+        last_loss = float("nan")
         while self.step < t.max_steps:
             loss = self.advance()  # stops (NonFiniteError) on non-finite steps past the allowed skips
             if loss is None:  # LAG's candidate steps count as training steps and may reach the end
@@ -349,36 +329,20 @@ class Trainer:
                                    "lr": self.current_lr(self.step - 1), "grad_norm": self.grad_norm,
                                    "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"], "stage": self.stage_index,
                                    "params": self.model_config.num_params(), "seconds": round(elapsed, 3)})
-            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
-                val_loss, own = self.evaluate(), self.evaluate_at_stage_len()
-                record = {"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
-                          "flops": self.meter.total_flops, "val_loss": val_loss,
-                          "seconds": round(time.perf_counter() - start, 3)}
-                self.stage_stats[-1]["val_loss"] = val_loss
-                if own is not None:  # a stage shorter than the validation length: its own-length loss as well
-                    record["val_loss_stage_len"] = self.stage_stats[-1]["val_loss_stage_len"] = own
-                self.history.append(record)
-                at_len = f" ({own:.4f} at its own seq_len {self.seq_len})" if own is not None else ""
-                self.log(f"step {self.step:>6} | val loss {val_loss:.4f}{at_len} | {self.meter.total_flops:.3e} FLOPs")
-                self.trackers.log({"kind": "eval", "step": self.step, "tokens": self.meter.total_tokens,
-                                   "flops": self.meter.total_flops, "val_loss": val_loss, "stage": self.stage_index,
-                                   **({"val_loss_stage_len": own} if own is not None else {})})
-                self.meter.reset_window()  # evaluation time is not training throughput
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                self.evaluate_and_record(start)
             if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.max_steps:
                 self.save()
-        if val_loss is None or self.history[-1].get("event") != "eval":  # the loop ended inside a growth event
-            val_loss = self.evaluate()
-            self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
-                                 "flops": self.meter.total_flops, "val_loss": val_loss})
-            self.trackers.log({"kind": "eval", "step": self.step, "tokens": self.meter.total_tokens,
-                               "flops": self.meter.total_flops, "val_loss": val_loss, "stage": self.stage_index})
+        # The final evaluation: at train.max_steps, or wherever the loop ended (inside a growth event whose LAG
+        # candidate steps reached the end, or right away on a run resumed at its end).
+        val_loss = self.evaluate_and_record(start)
         self.save()
         summary = {"steps": self.step, "train_loss": last_loss, "val_loss": val_loss,
                    "tokens": self.meter.total_tokens, "flops": self.meter.total_flops,
-                   "seconds": time.perf_counter() - start, "stages": self.stage_stats,
+                   "seconds": time.perf_counter() - start, "stages": self.stage_stats.rows,
                    "growth_events": [h for h in self.history if h["event"] == "grow"]}
-        if len(self.stage_stats) > 1:
-            self.log(self.stage_table())
+        if len(self.stage_stats.rows) > 1:
+            self.log(self.stage_stats.table())
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.trackers.close()
@@ -466,18 +430,6 @@ def _check_compatible(cfg: RunConfig, meta: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} is from another model shape ({pairs})")
 
 
-def _check_global_batch(t, cfg: RunConfig, world: int) -> None:
-    """train.global_batch must split into world x micro_batch x grad_accum for every stage's micro-batch."""
-    if not t.global_batch:
-        return
-    for mb in sorted({t.micro_batch} | {st.micro_batch for st in cfg.stage if st.micro_batch}):
-        if t.global_batch % (world * mb):
-            raise ConfigError(f"train.global_batch={t.global_batch} cannot be met with world size "
-                              f"{world} x micro_batch {mb}: it must be a multiple of their product "
-                              f"{world * mb} (sequences per optimizer step = world x micro_batch x "
-                              f"grad_accum)")
-
-
 def _plot(out_dir: Path, log) -> None:
     """out_dir/loss.png from metrics.jsonl (train.plot)."""
     if not have_matplotlib():
@@ -504,30 +456,6 @@ def _check_device(cfg: RunConfig) -> None:
 
 def _grad_sq(model: torch.nn.Module) -> float:
     return sum(float(p.grad.detach().float().pow(2).sum()) for p in model.parameters() if p.grad is not None)
-
-
-def stage_table(stage_stats: list[dict], run_peak: float) -> str:
-    """The per-stage statistics as a table (``Trainer.stage_table``)."""
-    rows = ["stage | from step | shape (L x d, ff, heads) | seq x mb | world | params | steps | tokens | FLOPs | "
-            "tok/s | MFU | val loss"]
-    notes = set()
-    for st in stage_stats:
-        peak = st.get("peak_flops") or run_peak  # the stage's own peak (older checkpoints: the run's)
-        tps = st["tokens"] / st["seconds"] if st["seconds"] else 0.0
-        mfu = st["flops"] / st["seconds"] / peak if st["seconds"] and peak else 0.0
-        batch = f"{st.get('seq_len', '?')} x {st.get('micro_batch', '?')}"
-        mark = "g" if st.get("offline") else ("r" if st.get("resumed") else "")
-        notes.add(mark)
-        rows.append(f"{str(st['stage']) + mark:>5} | {st['start_step']:>9} | {st['shape']:<24} | {batch:>8} | "
-                    f"{st.get('world', '?'):>5} | "
-                    f"{st['params']:>10,} | {st['steps']:>5} | {st['tokens']:>10,} | {st['flops']:.2e} | "
-                    f"{tps:>7,.0f} | "
-                    f"{100 * mfu:4.1f}% | {fmt(st.get('val_loss'))}")
-    if "g" in notes:
-        rows.append("g: the same stage after an offline `nanogrow grow` (new shape)")
-    if "r" in notes:
-        rows.append("r: the same stage resumed at another world size or peak")
-    return "\n".join(rows)
 
 
 def _hms(seconds: float) -> str:

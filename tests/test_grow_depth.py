@@ -5,7 +5,7 @@ import torch
 
 from nanogrow.grow import grow, make_plan
 from nanogrow.grow.depth import lag_design_space, lag_order
-from nanogrow.grow.testing import logits, one_thread, tiny_config, trained_model
+from nanogrow.grow.testing import check_plan, logits, one_thread, tiny_config, trained_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,7 +36,7 @@ def test_stack_copies_layer_i_mod_L(L2):
     cfg = tiny_config()
     model, opt = trained_model(cfg)
     plan = make_plan("stack", cfg, replace(cfg, n_layer=L2))
-    plan.check()
+    check_plan(plan)
     new, _ = grow(model, opt, plan)
     for i in range(L2):
         assert layer_equal(new, i, model, i % 2)
@@ -49,7 +49,7 @@ def test_stack_honours_an_explicit_order_with_random_layers():
     model, opt = trained_model(cfg)
     order = [2, 0, None, 0, -1]
     plan = make_plan("stack", cfg, replace(cfg, n_layer=5), order=order)
-    plan.check()
+    check_plan(plan)
     new, _ = grow(model, opt, plan)
     assert layer_equal(new, 0, model, 2) and layer_equal(new, 1, model, 0) and layer_equal(new, 3, model, 0)
     for i in (2, 4):  # fresh random layers: equal to no old layer, norm gains 1, init_weights' std
@@ -89,7 +89,7 @@ def test_lag_examples_from_the_paper(opts, text):
     assert lag_order(6, 9, **opts) == _expected(text)
     cfg = tiny_config(n_layer=6, d_model=16, n_head=2, n_kv_head=1, d_ff=32)
     plan = make_plan("lag", cfg, replace(cfg, n_layer=9), **opts)
-    plan.check()
+    check_plan(plan)
     want = ["new" if x is None else x for x in _expected(text)]
     assert layer_sources(plan) == want
     # The primed copies (second occurrences) and random layers are the "new" ones that fade in.
@@ -107,7 +107,7 @@ def test_lag_design_space_size_and_validity():
     cfg = tiny_config(n_layer=6, d_model=16, n_head=2, n_kv_head=1, d_ff=32)
     for cand in space:
         assert len(lag_order(6, 9, **cand)) == 9
-        make_plan("lag", cfg, replace(cfg, n_layer=9), **cand).check()
+        check_plan(make_plan("lag", cfg, replace(cfg, n_layer=9), **cand))
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -129,7 +129,7 @@ def test_identity_blocks_preserve_logits(gqa, tied, where):
     cfg = tiny_config(gqa=gqa, tied=tied)
     model, opt = trained_model(cfg)
     plan = make_plan("identity", cfg, replace(cfg, n_layer=4), **where)
-    plan.check()
+    check_plan(plan)
     new, _ = grow(model, opt, plan)
     torch.testing.assert_close(logits(new), logits(model), atol=1e-5, rtol=0)
     for i in range(4):  # the inserted blocks have zero output projections; the rest copies the old layers
@@ -186,7 +186,7 @@ def test_split_copies_layers_and_splits_output_projections(layout, L2):
     cfg = tiny_config()
     model, opt = trained_model(cfg)
     plan = make_plan("split", cfg, replace(cfg, n_layer=L2), layout=layout)
-    plan.check()
+    check_plan(plan)
     new, new_opt = grow(model, opt, plan)
     src = [i % 2 for i in range(L2)] if layout == "stack" else [i // (L2 // 2) for i in range(L2)]
     assert layer_sources(plan) == src

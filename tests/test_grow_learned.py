@@ -10,7 +10,7 @@ import torch
 from nanogrow.config import ConfigError
 from nanogrow.grow import compose, grow, make_plan, plan_from_dict
 from nanogrow.grow.learned import LearnedPlan, fit, map_flops
-from nanogrow.grow.testing import batch, logits, one_thread, tiny_config, train_steps, trained_model
+from nanogrow.grow.testing import batch, check_plan, logits, one_thread, tiny_config, train_steps, trained_model
 from nanogrow.train import Trainer
 
 from helpers import run_steps, tiny_run_config, with_stages
@@ -73,7 +73,7 @@ def test_initial_maps_reproduce_the_plain_operator_exactly(tied, changes, option
     new = replace(cfg, **changes)
     lp = make_plan("learned", cfg, new, **options)
     ref = make_plan(plain[0], cfg, new, **plain[1])
-    lp.check()
+    check_plan(lp)
     assert isinstance(lp, LearnedPlan) and not lp.fitted and lp.new_cfg == ref.new_cfg
     m1, o1 = grow(model, opt, lp, policy="map+age")
     m2, o2 = grow(model, opt, ref, policy="map+age")
@@ -233,7 +233,7 @@ def test_trainer_runs_a_learned_stage_and_counts_its_tokens_and_flops(demo_data,
     run_steps(tr, 3)
     tokens, flops = tr.meter.total_tokens, tr.meter.total_flops
     pos = tr.loader.state_dict()
-    tr.grow_next_stage()
+    tr.growth.grow_next_stage()
     event = tr.history[-1]
     rec = event["plan"]["fit"]
     assert event["plan"]["op"] == "learned" and rec["steps"] == 3
@@ -252,7 +252,7 @@ def test_lag_can_pick_among_learned_and_plain_candidates(demo_data, tmp_path):
                       [{"shape": {"n_layer": 4}, "lag": lag, "at_step": 2}], eval_at_growth=False)
     tr = Trainer(cfg, log=lambda *a, **k: None)
     run_steps(tr, 2)
-    tr.grow_next_stage()
+    tr.growth.grow_next_stage()
     event = tr.history[-1]
     assert len(event["lag"]["candidates"]) == 2 and tr.model_config.n_layer == 4
     if event["plan"]["op"] == "learned":
@@ -314,7 +314,7 @@ def test_offline_growth_refuses_to_skip_fitting_and_a_learned_run_resumes(demo_d
     path = tr.save()
     with pytest.raises(ValueError, match="offline growth has no data"):
         grow_checkpoint(path, {"n_layer": 3}, "learned", tmp_path / "big", options={"steps": 2})
-    tr.grow_next_stage()  # writes a checkpoint of the grown (fitted) model
+    tr.growth.grow_next_stage()  # writes a checkpoint of the grown (fitted) model
     want = run_steps(tr, 2)
     resumed = Trainer(cfg, resume="auto", log=lambda *a, **k: None)
     assert resumed.model_config.n_layer == 3 and resumed.stage_index == 1

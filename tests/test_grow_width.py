@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanogrow.grow import grow, make_plan
-from nanogrow.grow.testing import logits, one_thread, tiny_config, train_steps, trained_model
+from nanogrow.grow.testing import check_plan, logits, one_thread, tiny_config, train_steps, trained_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,7 +37,7 @@ def test_widen_preserves_logits(op, axis, gqa, tied):
     model, opt = trained_model(cfg)
     new_cfg = replace(cfg, **axis_change(axis, gqa))
     plan = make_plan(op, cfg, new_cfg, seed=1, **OPS[op])
-    plan.check()
+    check_plan(plan)
     new, new_opt = grow(model, opt, plan)
     assert [getattr(new.config, k) for k in ("d_model", "n_head", "n_kv_head", "d_ff")] == \
         [getattr(new_cfg.resolved(), k) for k in ("d_model", "n_head", "n_kv_head", "d_ff")]
@@ -163,7 +163,7 @@ def test_joint_growth_preserves_logits(opts, gqa, tied):
     model, opt = trained_model(cfg)
     new_cfg = replace(cfg, n_layer=4, **axis_change("all", gqa))
     plan = make_plan("joint", cfg, new_cfg, seed=2, **opts)
-    plan.check()
+    check_plan(plan)
     new, new_opt = grow(model, opt, plan)
     torch.testing.assert_close(logits(new), logits(model), atol=1e-5, rtol=0)
     assert new.config.n_layer == 4 and new.config.d_model == 64
@@ -195,7 +195,7 @@ def test_a_width_method_is_one_record():
     custom = width.WidthMethod("zero2x", fan_in=lambda c, std: ("normal", 2 * std, 0.0),
                                fan_out=lambda c, std: ("zeros", 0.0, 0.0), writer=lambda std: ("zeros", 0.0, 0.0))
     plan = width._width(custom, cfg, wide, 0, {})
-    plan.check()
+    check_plan(plan)
     new, _ = grow(model, opt, plan)
     torch.testing.assert_close(logits(new), logits(model), atol=1e-5, rtol=0)
     ref = make_plan("zero", cfg, wide)

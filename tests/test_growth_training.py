@@ -34,8 +34,8 @@ def test_stages_grow_at_their_boundaries_and_log_events(demo_data, tmp_path):
     assert events[1]["val_loss_after"] == pytest.approx(events[1]["val_loss_before"], abs=1e-5)
     assert events[2]["val_loss_after"] == pytest.approx(events[2]["val_loss_before"], abs=1e-5)
     assert trainer.micro_batch == 2
-    assert [s["steps"] for s in trainer.stage_stats] == [3, 3, 3, 3]
-    assert trainer.stage_stats[3]["tokens"] == 3 * 2 * 64
+    assert [s["steps"] for s in trainer.stage_stats.rows] == [3, 3, 3, 3]
+    assert trainer.stage_stats.rows[3]["tokens"] == 3 * 2 * 64
     assert {p.name for p in tmp_path.glob("ckpt_*")} >= {"ckpt_0000009"}  # forced checkpoint at the last event
     assert trainer.ramp is None and trainer.model.layers["0"].mlp.unit_mask is None  # fade-in over after 3 steps
 
@@ -89,7 +89,7 @@ def test_budgeted_schedule_in_trainer(demo_data, tmp_path):
     cfg.validate()
     trainer = Trainer(cfg, log=QUIET)
     # tokens/step: 256, 256, 128 (micro_batch 2), 128 -> weights 1/256, 1/256, 1/128, 1/128 over 12 steps
-    assert trainer.stage_starts == [{"at_step": 2}, {"at_step": 4}, {"at_step": 8}]
+    assert trainer.growth.starts == [{"at_step": 2}, {"at_step": 4}, {"at_step": 8}]
 
 
 @pytest.mark.parametrize("stage,match", [
@@ -146,11 +146,11 @@ def test_grow_checkpoint_offline_then_resume(demo_data, tmp_path, capsys):
     assert torch.equal(st["exp_avg"], trainer.optimizer.state[trainer.model.layers["0"].attn.wq.weight]["exp_avg"])
     assert [resumed.train_step() for _ in range(2)]
     # the stage statistics describe the grown model from the growth on (its own row, marked g in the table)
-    rows = resumed.stage_stats
+    rows = resumed.stage_stats.rows
     assert [(r["stage"], r["steps"], r["shape"][:1], bool(r.get("offline"))) for r in rows] == \
         [(0, 3, "1", False), (0, 2, "2", True)]
     assert rows[1]["params"] == resumed.model_config.num_params() > rows[0]["params"]
-    assert "\n   0g | " in resumed.stage_table()
+    assert "\n   0g | " in resumed.stage_stats.table()
 
 
 def test_grow_cli_rejects_bad_input_before_writing(demo_data, tmp_path, capsys):

@@ -73,7 +73,7 @@ def test_resume_after_seq_len_change_matches_uninterrupted_run_and_stream(demo_d
     full = Trainer(seqlen_config(demo_data, tmp_path / "full"), log=QUIET)
     full_batches = record_batches(full)
     full_losses = run_steps(full, 12)
-    assert [(s["seq_len"], s["micro_batch"], s["steps"]) for s in full.stage_stats] == [(16, 8, 3), (32, 4, 3),
+    assert [(s["seq_len"], s["micro_batch"], s["steps"]) for s in full.stage_stats.rows] == [(16, 8, 3), (32, 4, 3),
                                                                                           (64, 2, 6)]
 
     first = Trainer(seqlen_config(demo_data, tmp_path / "split"), log=QUIET)
@@ -107,8 +107,8 @@ def test_seq_len_only_stage_does_not_touch_the_weights(demo_data, tmp_path):
     model, opt = trainer.model, trainer.optimizer
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     lr_before = trainer.current_lr(3)
-    assert trainer.growth_due()
-    event = trainer.grow_next_stage()
+    assert trainer.growth.due()
+    event = trainer.growth.grow_next_stage()
     assert trainer.model is model and trainer.optimizer is opt  # no copy of the weights, no new optimizer
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert event["plan"] is None and event["stage"] == 1 and event["params_before"] == event["params_after"]
@@ -148,13 +148,13 @@ def test_flops_and_tokens_per_stage_match_hand_computation(demo_data, tmp_path):
         fpt = 6 * n + 12 * layers * d * seq  # attention term at this stage's own sequence length
         tokens = steps * mb * seq
         expected.append((tokens, tokens * fpt))
-    got = [(s["tokens"], s["flops"]) for s in trainer.stage_stats]
+    got = [(s["tokens"], s["flops"]) for s in trainer.stage_stats.rows]
     assert [t for t, _ in got] == [t for t, _ in expected] == [384, 384, 768]
     for (_, f), (_, g) in zip(got, expected):
         assert f == pytest.approx(g, rel=1e-12)
     assert trainer.meter.total_flops == pytest.approx(sum(f for _, f in expected), rel=1e-12)
     assert trainer.meter.total_tokens == sum(t for t, _ in expected)
-    table = trainer.stage_table()
+    table = trainer.stage_stats.table()
     assert "seq x mb" in table and "64 x 2" in table and "16 x 8" in table
 
 
@@ -172,7 +172,7 @@ def test_budgeted_boundaries_use_each_stages_own_batch_and_length(demo_data, tmp
     assert [x.tokens_per_step() for x in lay] == tps and [x.flops_per_token() for x in lay] == fpt
     w = [1 / (a * b) for a, b in zip(tps, fpt)]
     by_hand = [round(120 * sum(w[:k + 1]) / sum(w)) for k in range(2)]
-    assert [s["at_step"] for s in trainer.stage_starts] == by_hand == stage_start_steps("equal-flops", 120, tps, fpt)
+    assert [s["at_step"] for s in trainer.growth.starts] == by_hand == stage_start_steps("equal-flops", 120, tps, fpt)
     assert fpt[1] > fpt[0]  # the attention term: the same shape costs more per token at 32 than at 16
 
 
@@ -236,8 +236,8 @@ def test_a_short_stage_is_also_evaluated_at_its_own_length(demo_data, tmp_path):
     assert [h["step"] for h in evals] == [2, 4, 6]
     assert "val_loss_stage_len" in evals[0] and evals[0]["val_loss_stage_len"] != evals[0]["val_loss"]
     assert all("val_loss_stage_len" not in h for h in evals[1:])  # seq_len 64 from step 3: the validation length
-    assert trainer.stage_stats[0]["val_loss_stage_len"] == evals[0]["val_loss_stage_len"]
-    assert "val_loss_stage_len" not in trainer.stage_stats[1] and trainer.evaluate_at_stage_len() is None
+    assert trainer.stage_stats.rows[0]["val_loss_stage_len"] == evals[0]["val_loss_stage_len"]
+    assert "val_loss_stage_len" not in trainer.stage_stats.rows[1] and trainer.evaluate_at_stage_len() is None
 
 
 # ---- FSDP: the RoPE tables are rebuilt on every rank -----------------------------------------------------------

@@ -178,8 +178,8 @@ def test_curvature_trigger_probes_count_their_flops_and_grow_the_model(demo_data
     fpt = cfg.model.flops_per_token(64)
     assert trainer.trigger.probes == 2 and trainer.trigger.last_kappa is not None
     assert trainer.meter.total_flops == pytest.approx(8 * 256 * fpt + 2 * 256 * fpt / 3)
-    assert trainer.growth_due()  # kappa < 2 always: fires once the window is full
-    trainer.grow_next_stage()
+    assert trainer.growth.due()  # kappa < 2 always: fires once the window is full
+    trainer.growth.grow_next_stage()
     assert trainer.model_config.n_layer == 4
     event = trainer.history[-1]
     assert event["trigger"]["kind"] == "curvature" and event["trigger"]["probes"] == 2

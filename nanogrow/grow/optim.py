@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.optim.adam import adam as torch_adam
 
+from nanogrow.grow.execute import apply_to_model, check_model
 from nanogrow.grow.lr import new_elements, stagewise_lr_scales
 
 if TYPE_CHECKING:
@@ -593,12 +594,12 @@ def grow(model, optimizer, plan: GrowthPlan, policy: str = "map+age", device=Non
     ``optimizer=None`` returns (new_model, None). Keep ``plan.mask_ramp(step)`` to drive fade-in masks."""
     if policy not in POLICIES:
         raise ValueError(f"unknown optimizer transfer policy {policy!r}; known: {', '.join(POLICIES)}")
-    plan.check_model(model)
+    check_model(plan, model)
     if optimizer is not None:
         for g in optimizer.param_groups:
             if g.get("amsgrad") or g.get("maximize"):
                 raise ValueError("grow: amsgrad / maximize param groups are not supported by nanogrow AdamW")
-    new_model = plan.apply_to_model(model, device=device)
+    new_model = apply_to_model(plan, model, device=device)
     if optimizer is None:
         return new_model, None
     new_opt = grown_optimizer(model, optimizer, plan, new_model)

@@ -2,8 +2,8 @@
 
 An operator (``depth.py``, ``width.py``) looks only at the old and new ``ModelConfig`` and returns a plan; no
 tensor is touched. The plan is then applied, ONE PARAMETER AT A TIME, to whatever holds the tensors: full
-tensors on one process (``apply_to_model``, ``optim.transfer_optimizer_state``), or later DTensor / ZeRO
-partitions, which only need ``plan.targets[name].sources`` and ``materialize``.
+tensors on one process (``execute.apply_to_model``, ``optim.transfer_optimizer_state``), or DTensor / ZeRO
+partitions (``nanogrow.parallel``), which only need ``plan.targets[name].sources`` and ``materialize``.
 
 Vocabulary
 ----------
@@ -37,7 +37,8 @@ Vocabulary
   (again a plain copy for a gather-like map; an element no old element contributes to gets age 0, lr_scale 1).
 
 Plans compose (``compose.py``). Around this core: ``schema.py`` (the model's parameter shapes and the shape
-checks), ``fade.py`` (the fade-in ramp at run time).
+checks), ``fade.py`` (the fade-in ramp at run time), ``execute.py`` (applying a plan: the checks and mask values
+every executor shares, the one-process executor), ``testing.py`` (``check_plan``: the full consistency check).
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
-from nanogrow.grow.fade import MaskRamp, index_runs, active_masks, set_buffer
-from nanogrow.grow.schema import FIXED_FIELDS, SHAPE_FIELDS, mask_shapes, param_shapes, shape_dict
-from nanogrow.model import ModelConfig, Transformer
+from nanogrow.grow.fade import MaskRamp, index_runs
+from nanogrow.grow.schema import SHAPE_FIELDS, param_shapes
+from nanogrow.model import ModelConfig
 
 KINDS = ("param", "exp_avg", "exp_avg_sq", "age", "lr_scale", "fresh")
 STATE_POLICIES = ("zero", "mean-of-source")
@@ -398,30 +399,6 @@ class ParamPlan:
         empty = 0.0 if kind == "age" else 1.0
         return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.full_like(num, empty))
 
-    def check(self, source_shapes: dict[str, tuple[int, ...]]) -> None:
-        """Raise if the set-pieces do not cover every element exactly once or index out of range (for tests)."""
-        if any(p.is_linear for p in self.pieces):
-            for p in self.pieces:
-                if not p.is_linear or p.out_shape(source_shapes[p.source]) != tuple(self.shape):
-                    raise AssertionError(f"{self.name}: linear piece from {p.source} does not give shape {self.shape}")
-            return
-        hits = torch.zeros(self.shape, dtype=torch.int32)
-        for p in self.pieces:
-            src_shape = p.source.shape if p.is_fresh else source_shapes[p.source]
-            if len(src_shape) != len(self.shape):
-                raise AssertionError(f"{self.name}: piece from {p.source} has rank {len(src_shape)}")
-            for d in range(len(self.shape)):
-                if p.dst[d] is None:
-                    if src_shape[d] != self.shape[d]:
-                        raise AssertionError(f"{self.name}: whole-dim piece from {p.source} has size mismatch")
-                else:
-                    if len(p.dst[d]) and (p.dst[d].max() >= self.shape[d] or p.src[d].max() >= src_shape[d]):
-                        raise AssertionError(f"{self.name}: index out of range in dim {d}")
-            if not p.add:
-                _write(hits, p.dst, torch.ones(_block_shape(p, self.shape, src_shape), dtype=torch.int32), True)
-        if not bool((hits == 1).all()):
-            raise AssertionError(f"{self.name}: {(hits == 0).sum()} elements uncovered, {(hits > 1).sum()} twice")
-
 
 # ----------------------------------------------------------------------------------------------------------
 # GrowthPlan
@@ -441,24 +418,6 @@ class GrowthPlan:
     notes: list[str] = field(default_factory=list)  # operator remarks for describe()
 
     # --- introspection --------------------------------------------------------------------------------------
-    def check(self) -> None:
-        """Full consistency check (tests): targets match the new model's parameters, every element is covered
-        exactly once, sources exist in the old model, masks have the right shapes."""
-        new_shapes, old_shapes = param_shapes(self.new_cfg), param_shapes(self.old_cfg)
-        if list(self.targets) != list(new_shapes):
-            raise AssertionError(f"plan targets {sorted(set(self.targets) ^ set(new_shapes))} differ from the model")
-        for name, pp in self.targets.items():
-            if tuple(pp.shape) != tuple(new_shapes[name]):
-                raise AssertionError(f"{name}: plan shape {pp.shape} != model {new_shapes[name]}")
-            for s in pp.sources:
-                if s not in old_shapes:
-                    raise AssertionError(f"{name} reads unknown old parameter {s}")
-            pp.check(old_shapes)
-        ms = mask_shapes(self.new_cfg)
-        for name, m in self.masks.items():
-            if name not in ms or tuple(m.shape) != ms[name]:
-                raise AssertionError(f"mask {name} has a wrong name or shape")
-
     def describe(self) -> str:
         o, n = self.old_cfg, self.new_cfg
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "parts")
@@ -515,61 +474,6 @@ class GrowthPlan:
         specs = {name: {"shape": list(m.shape), "fading": index_runs(m.reshape(-1).nonzero().flatten())}
                  for name, m in self.masks.items()}
         return MaskRamp(int(start_step), int(self.fade_steps), specs)
-
-    def initial_mask_values(self, device=None) -> dict[str, torch.Tensor]:
-        return {name: (~m).to(dtype=torch.float32, device=device) for name, m in self.masks.items()}
-
-    # --- one-process application ----------------------------------------------------------------------------
-    def apply(self, source: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor], kind: str = "param",
-              **kw) -> dict[str, torch.Tensor]:
-        """Every target of ``kind`` from old tensors (a state dict, or a ``read(name)`` function)."""
-        read = source.__getitem__ if isinstance(source, Mapping) else source
-        return {name: pp.materialize(read, kind, **kw) for name, pp in self.targets.items()}
-
-    def check_model(self, model: Transformer) -> None:
-        """Raise ValueError (before anything changes) if ``model`` is not what this plan grows."""
-        c = getattr(model, "config", None)
-        if c is None or shape_dict(c) != shape_dict(self.old_cfg):
-            got = shape_dict(c) if c is not None else None
-            raise ValueError(f"the model's shape {got} is not the plan's old shape {shape_dict(self.old_cfg)}")
-        for k in FIXED_FIELDS:
-            if getattr(c, k) != getattr(self.old_cfg, k):
-                raise ValueError(f"the model's {k}={getattr(c, k)!r} differs from the plan's "
-                                 f"{getattr(self.old_cfg, k)!r}")
-        names = [n for n, _ in model.named_parameters()]
-        if names != list(param_shapes(self.old_cfg)):
-            raise ValueError("the model's parameter names are not those of nanogrow.model.Transformer")
-        act = active_masks(model)
-        if act:
-            raise ValueError(f"the model still has active growth masks ({', '.join(act[:3])}...): finish the "
-                             "previous fade-in (MaskRamp.apply until done) before growing again")
-
-    def apply_to_model(self, old_model: Transformer, new_cfg: ModelConfig | None = None,
-                       device: torch.device | str | None = None) -> Transformer:
-        """Build the grown model: on the meta device, ``to_empty``, every parameter filled by its ParamPlan
-        (one at a time), masks set to their growth-step values. ``new_cfg`` is optional and only checked: the
-        plan's ``new_cfg`` is authoritative (a d_model operator may have rescaled ``norm_eps``)."""
-        self.check_model(old_model)
-        if new_cfg is not None and shape_dict(new_cfg) != shape_dict(self.new_cfg):
-            raise ValueError(f"new_cfg shape {shape_dict(new_cfg)} is not the plan's {shape_dict(self.new_cfg)}")
-        old_params = dict(old_model.named_parameters())
-        ref = next(iter(old_params.values()))
-        device = ref.device if device is None else torch.device(device)
-        with torch.device("meta"):
-            new_model = Transformer(replace(self.new_cfg))
-        new_model.to_empty(device=device)
-        with torch.no_grad():
-            for name, p in new_model.named_parameters():
-                t = self.targets[name].materialize(lambda n: old_params[n].detach(), "param",
-                                                   device=device, dtype=p.dtype)
-                p.copy_(t)
-                p.requires_grad_(old_params[self.targets[name].primary_source].requires_grad
-                                 if self.targets[name].primary_source else True)
-        new_model.reset_rope()
-        for name, val in self.initial_mask_values(device).items():
-            set_buffer(new_model, name, val)
-        new_model.train(old_model.training)
-        return new_model
 
 
 def _jsonable(x):

@@ -1,5 +1,6 @@
 """Helpers for growth tests (here and in the trainer's / sharded-growth tests): tiny seeded models trained a few
-steps on random tokens, so weights and Adam moments are non-trivial before a growth."""
+steps on random tokens, so weights and Adam moments are non-trivial before a growth; and ``check_plan``, the full
+consistency check of a GrowthPlan that the operator tests make."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import replace
 import torch
 
 from nanogrow.grow.optim import AdamW
+from nanogrow.grow.plan import GrowthPlan, ParamPlan, _block_shape, _write
+from nanogrow.grow.schema import mask_shapes, param_shapes
 from nanogrow.model import ModelConfig, build_model
 
 
@@ -68,3 +71,47 @@ class one_thread:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.n)
+
+
+def check_plan(plan: GrowthPlan) -> None:
+    """Full consistency check: targets match the new model's parameters, every element is covered exactly once,
+    sources exist in the old model, masks have the right shapes. Raises AssertionError."""
+    new_shapes, old_shapes = param_shapes(plan.new_cfg), param_shapes(plan.old_cfg)
+    if list(plan.targets) != list(new_shapes):
+        raise AssertionError(f"plan targets {sorted(set(plan.targets) ^ set(new_shapes))} differ from the model")
+    for name, pp in plan.targets.items():
+        if tuple(pp.shape) != tuple(new_shapes[name]):
+            raise AssertionError(f"{name}: plan shape {pp.shape} != model {new_shapes[name]}")
+        for s in pp.sources:
+            if s not in old_shapes:
+                raise AssertionError(f"{name} reads unknown old parameter {s}")
+        check_param_plan(pp, old_shapes)
+    ms = mask_shapes(plan.new_cfg)
+    for name, m in plan.masks.items():
+        if name not in ms or tuple(m.shape) != ms[name]:
+            raise AssertionError(f"mask {name} has a wrong name or shape")
+
+
+def check_param_plan(pp: ParamPlan, source_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise if the set-pieces do not cover every element exactly once or index out of range."""
+    if any(p.is_linear for p in pp.pieces):
+        for p in pp.pieces:
+            if not p.is_linear or p.out_shape(source_shapes[p.source]) != tuple(pp.shape):
+                raise AssertionError(f"{pp.name}: linear piece from {p.source} does not give shape {pp.shape}")
+        return
+    hits = torch.zeros(pp.shape, dtype=torch.int32)
+    for p in pp.pieces:
+        src_shape = p.source.shape if p.is_fresh else source_shapes[p.source]
+        if len(src_shape) != len(pp.shape):
+            raise AssertionError(f"{pp.name}: piece from {p.source} has rank {len(src_shape)}")
+        for d in range(len(pp.shape)):
+            if p.dst[d] is None:
+                if src_shape[d] != pp.shape[d]:
+                    raise AssertionError(f"{pp.name}: whole-dim piece from {p.source} has size mismatch")
+            else:
+                if len(p.dst[d]) and (p.dst[d].max() >= pp.shape[d] or p.src[d].max() >= src_shape[d]):
+                    raise AssertionError(f"{pp.name}: index out of range in dim {d}")
+        if not p.add:
+            _write(hits, p.dst, torch.ones(_block_shape(p, pp.shape, src_shape), dtype=torch.int32), True)
+    if not bool((hits == 1).all()):
+        raise AssertionError(f"{pp.name}: {(hits == 0).sum()} elements uncovered, {(hits > 1).sum()} twice")

@@ -156,7 +156,7 @@ def execute(study: Study, run: Run) -> dict:
     events = [growth_event_record(h) for h in trainer.history if h["event"] == "grow"]
     # Each stage's last evaluation, at the validation length and (a shorter stage) at its own sequence length.
     stages = [{k: st.get(k) for k in ("stage", "start_step", "seq_len", "shape", "val_loss", "val_loss_stage_len")}
-              for st in trainer.stage_stats]
+              for st in trainer.stage_stats.rows]
     shutil.rmtree(run.cfg.train.out_dir, ignore_errors=True)  # checkpoints of a finished study run are not kept
     return {
         "study": study.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from nanogrow.grow.execute import check_model, initial_mask_values
 from nanogrow.grow.optim import POLICIES, global_step, grow, grown_optimizer
 from nanogrow.grow.fade import set_buffer
 from nanogrow.model import Transformer
@@ -219,7 +220,7 @@ def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "m
             if g.get("amsgrad") or g.get("maximize"):
                 raise ValueError("grow: amsgrad / maximize param groups are not supported by nanogrow AdamW")
     reshard(model)  # after an eval forward under no_grad the root stays unsharded
-    plan.check_model(model)
+    check_model(plan, model)
     stats = {} if stats is None else stats
     stats.update(shard_copies=0, gathered=0)
     mesh = fsdp_mesh(model) if mesh is None else mesh
@@ -250,7 +251,7 @@ def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "m
                 p.requires_grad_(old_params[src].requires_grad if src else True)
         reader.cache.clear()
     new_model.reset_rope()
-    for name, val in plan.initial_mask_values(device).items():
+    for name, val in initial_mask_values(plan, device).items():
         set_buffer(new_model, name, val)
     new_model.train(model.training)
     if optimizer is None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nanogrow.grow.execute import check_model, initial_mask_values
 from nanogrow.grow.optim import AdamW, group_key
 from nanogrow.grow.fade import set_buffer
 from nanogrow.model import Transformer
@@ -246,7 +247,7 @@ def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict 
     if policy not in ("map", "reset"):
         raise ValueError(f"unknown optimizer transfer policy {policy!r}")
     old = run.module
-    plan.check_model(old)
+    check_model(plan, old)
     _relink(run)
     names, params = zip(*old.named_parameters())
     device = params[0].device
@@ -260,7 +261,7 @@ def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict 
             p.copy_(plan.targets[name].materialize(full.__getitem__, "param", device=device, dtype=p.dtype))
     del full
     new.reset_rope()
-    for name, val in plan.initial_mask_values(device).items():
+    for name, val in initial_mask_values(plan, device).items():
         set_buffer(new, name, val)
     new.train(old.training)
     moments: dict[str, dict[str, torch.Tensor]] = {name: {} for name in plan.targets}
