@@ -216,18 +216,15 @@ class AdamW(torch.optim.Optimizer):
         torch.sqrt(exp_avg_sq, out=d)
         p.addcdiv_(exp_avg, c.addcmul_(d, a), value=-lr)
 
-    def _scratch(self, n: int, dtype: torch.dtype, device, count: int = 3) -> tuple[torch.Tensor, ...]:
-        """``count`` flat work buffers of at least ``n`` elements, kept between steps and shared by all tensors: a
-        fresh temporary per tensor and step costs more (page faults) than the arithmetic on CPU. The scalar route
-        uses the first for all its square roots at once (the memory torch's foreach Adam allocates every step),
-        the element route all three for one tensor at a time."""
-        pool = self.__dict__.setdefault("_scratch_pool", {}).setdefault((dtype, torch.device(device)), [])
-        for i in range(count):
-            if i == len(pool):
-                pool.append(torch.empty(n, dtype=dtype, device=device))
-            elif pool[i].numel() < n:
-                pool[i] = torch.empty(n, dtype=dtype, device=device)
-        return tuple(b[:n] for b in pool[:count])
+    def _scratch(self, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+        """Three flat work buffers of at least ``n`` elements, kept between steps and shared by all tensors: a
+        fresh temporary per tensor and step costs more (page faults) than the arithmetic on CPU."""
+        key = (dtype, torch.device(device))
+        pool = self.__dict__.setdefault("_scratch_pool", {})
+        bufs = pool.get(key)
+        if bufs is None or bufs[0].numel() < n:
+            bufs = pool[key] = tuple(torch.empty(n, dtype=dtype, device=device) for _ in range(3))
+        return tuple(b[:n] for b in bufs)
 
     def _own_step_update(self, params, grads, exp_avgs, exp_avg_sqs, step_lr, beta1, beta2, eps, wd,
                          fold: bool) -> None:
@@ -236,9 +233,8 @@ class AdamW(torch.optim.Optimizer):
         counts as tensors (so a tensor's update is ``torch.optim.AdamW(fused=True)``'s at that step, bit for bit;
         the kernel ignores strides, hence contiguous only). The others take the ops of torch's multi-tensor Adam
         (``torch.optim.adam._multi_tensor_adam``, decoupled weight decay, steps on the host), operation for
-        operation, the square roots written into kept buffers (the same values). ``fold`` (boxes of tensors with
-        mixed ages, which need not match torch's bits) folds the second moment's bias correction into eps and
-        the step size, one pass fewer, the same update to rounding:
+        operation. ``fold`` (boxes of tensors with mixed ages, which need not match torch's bits) folds the
+        second moment's bias correction into eps and the step size, one pass fewer, the same update to rounding:
 
             p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
                = p - (lr sqrt(bc2) / bc1) m / (sqrt(v) + eps sqrt(bc2))
@@ -264,7 +260,7 @@ class AdamW(torch.optim.Optimizer):
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         step_size = [(lr / (1 - beta1 ** step)) * -1 for step, lr in step_lr]
         bias_correction2_sqrt = [(1 - beta2 ** step) ** 0.5 for step, _ in step_lr]
-        denom = self._sqrt(exp_avg_sqs)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
         if fold:
             torch._foreach_add_(denom, [eps * bc2 for bc2 in bias_correction2_sqrt])
             step_size = [size * bc2 for size, bc2 in zip(step_size, bias_correction2_sqrt)]
@@ -272,19 +268,6 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_div_(denom, bias_correction2_sqrt)
             torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
-
-    def _sqrt(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``torch._foreach_sqrt(tensors)``, written into a kept work buffer when the tensors are plain CPU ones
-        (on CPU a fresh temporary costs page faults; CUDA's caching allocator already reuses its memory)."""
-        if (not all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
-                or len({t.dtype for t in tensors}) > 1):
-            return torch._foreach_sqrt(tensors)
-        (flat,) = self._scratch(sum(t.numel() for t in tensors), tensors[0].dtype, tensors[0].device, count=1)
-        out, offset = [], 0
-        for t in tensors:
-            out.append(torch.sqrt(t, out=flat[offset:offset + t.numel()].view(t.shape)))
-            offset += t.numel()
-        return out
 
     _MAX_BLOCKS = 32
     _MAX_CLASSES = 256
