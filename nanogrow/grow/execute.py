@@ -1,9 +1,9 @@
 """Applying a GrowthPlan: what every executor does around ``ParamPlan.materialize``, and the one-process executor.
 
 Every executor (one process: ``apply_to_model`` here, used by ``optim.grow``; FSDP2: ``parallel.sharded``; ZeRO:
-``parallel.zero``) first checks that the model is what the plan grows (``check_model``) and gives the grown model's
-mask buffers their growth-step values (``initial_mask_values``). In between, each builds the new parameters one at a
-time from ``plan.targets[name].materialize``, reading old tensors however it holds them.
+``parallel.zero``) first checks that the model is what the plan grows (``check_model``), then builds the grown model
+with ``build_grown_model`` (meta, ``to_empty``, RoPE, masks at their growth-step values), filling the new parameters
+one at a time from ``plan.targets[name].materialize``, reading old tensors however it holds them.
 """
 
 from __future__ import annotations
@@ -43,6 +43,28 @@ def initial_mask_values(plan: GrowthPlan, device=None) -> dict[str, torch.Tensor
     return {name: (~m).to(dtype=torch.float32, device=device) for name, m in plan.masks.items()}
 
 
+def build_grown_model(plan: GrowthPlan, device, fill: Callable[[Transformer], None] | None = None,
+                      training: bool = True, shard: Callable[[Transformer], None] | None = None) -> Transformer:
+    """The grown model as every executor builds it: on the meta device (``shard`` it there, e.g. FSDP2's
+    wrapping, while it holds no memory), ``to_empty`` on ``device``, its parameters written by ``fill(model)``
+    under no_grad (None: left empty, for callers that supply parameters themselves), RoPE tables recomputed
+    (``to_empty`` leaves buffers uninitialised), mask buffers at their growth-step values, and the old model's
+    train/eval mode."""
+    with torch.device("meta"):
+        new_model = Transformer(replace(plan.new_cfg))
+    if shard is not None:
+        shard(new_model)
+    new_model.to_empty(device=device)
+    if fill is not None:
+        with torch.no_grad():
+            fill(new_model)
+    new_model.reset_rope()
+    for name, val in initial_mask_values(plan, device).items():
+        set_buffer(new_model, name, val)
+    new_model.train(training)
+    return new_model
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One-process application
 # ----------------------------------------------------------------------------------------------------------
@@ -65,18 +87,11 @@ def apply_to_model(plan: GrowthPlan, old_model: Transformer, new_cfg: ModelConfi
     old_params = dict(old_model.named_parameters())
     ref = next(iter(old_params.values()))
     device = ref.device if device is None else torch.device(device)
-    with torch.device("meta"):
-        new_model = Transformer(replace(plan.new_cfg))
-    new_model.to_empty(device=device)
-    with torch.no_grad():
+
+    def fill(new_model: Transformer) -> None:
         for name, p in new_model.named_parameters():
-            t = plan.targets[name].materialize(lambda n: old_params[n].detach(), "param",
-                                               device=device, dtype=p.dtype)
-            p.copy_(t)
-            p.requires_grad_(old_params[plan.targets[name].primary_source].requires_grad
-                             if plan.targets[name].primary_source else True)
-    new_model.reset_rope()
-    for name, val in initial_mask_values(plan, device).items():
-        set_buffer(new_model, name, val)
-    new_model.train(old_model.training)
-    return new_model
+            pp = plan.targets[name]
+            p.copy_(pp.materialize(lambda n: old_params[n].detach(), "param", device=device, dtype=p.dtype))
+            p.requires_grad_(old_params[pp.primary_source].requires_grad if pp.primary_source else True)
+
+    return build_grown_model(plan, device, fill, old_model.training)

@@ -58,10 +58,11 @@ from typing import Callable, Mapping
 import torch
 
 from nanogrow.grow import depth
+from nanogrow.grow.execute import build_grown_model
 from nanogrow.grow.plan import GrowthPlan, LinearPiece, ParamPlan, copy_piece
 from nanogrow.grow.schema import LAYER_PARAMS, check_growth, check_options, param_shapes
 from nanogrow.grow.width import check_tiling_factor, head_maps, plain_map
-from nanogrow.model import ModelConfig, Transformer
+from nanogrow.model import ModelConfig
 
 DEPTH_INITS = ("stack", "interleave", "lag")
 WIDTH_INITS = ("net2net",)
@@ -286,15 +287,6 @@ def map_flops(plan: LearnedPlan) -> float:
     return sum(p.flops(shapes[p.source]) for pp in targets.values() for p in pp.pieces if p.is_linear)
 
 
-def _module_for(cfg: ModelConfig, device) -> Transformer:
-    """A grown-shape module whose parameters are never used (functional_call supplies them): buffers only."""
-    with torch.device("meta"):
-        m = Transformer(replace(cfg))
-    m.to_empty(device=device)
-    m.reset_rope()
-    return m
-
-
 def grown_params(plan: GrowthPlan, old: Mapping[str, torch.Tensor], targets: dict | None = None):
     """name -> grown weight, differentiable w.r.t. any tensor the plan's pieces hold."""
     targets = plan.targets if targets is None else targets
@@ -324,8 +316,7 @@ def fit(plan: LearnedPlan, old: Mapping[str, torch.Tensor], next_batch: Callable
     # for every entry, a 0.01 step on 128 entries turned a d_ff map into noise and the fit diverged).
     opt = torch.optim.Adam([{"params": [t], "lr": lr if k.startswith("depth.") else lr / t.shape[1]}
                             for k, t in maps.items()], lr=lr)
-    module = _module_for(n, device)
-    module.train()
+    module = build_grown_model(plan, device)  # buffers only: functional_call supplies the parameters
     losses, tokens = [], 0
     ctx = autocast or contextlib.nullcontext
     for _ in range(steps):

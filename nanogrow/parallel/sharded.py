@@ -21,15 +21,13 @@ rewrapped.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from nanogrow.grow.execute import check_model, initial_mask_values
+from nanogrow.grow.execute import build_grown_model, check_model
 from nanogrow.grow.optim import POLICIES, global_step, grow, grown_optimizer
-from nanogrow.grow.fade import set_buffer
 from nanogrow.model import Transformer
 
 from .backends import apply_fsdp, backend_of, fsdp_mesh, parallelize, reshard
@@ -228,32 +226,24 @@ def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "m
     device = next(iter(old_params.values())).to_local().device
     mp = _mp_enabled(model) if mixed_precision is None else mixed_precision
 
-    with torch.device("meta"):
-        new_model = Transformer(replace(plan.new_cfg))
-    apply_fsdp(new_model, mesh, mp)
-    new_model.to_empty(device=device)
-    reader = _OldState(old_params, optimizer, "param")
-    new_params = dict(new_model.named_parameters())
-    blocks = _blocks(new_params)
-
-    def prefetch(r: _OldState, names: list[str]) -> None:  # one collective per block and kind
+    def prefetch(r: _OldState, names: list[str], new_params: dict) -> None:  # one collective per block and kind
         r.cache.clear()
         r.prefetch([s for n in names if _needs_gather(plan.targets[n], new_params[n], old_params)
                     for s in plan.targets[n].sources])
 
-    with torch.no_grad():
-        for names in blocks:
-            prefetch(reader, names)
+    def fill(new_model: Transformer) -> None:
+        new_params = dict(new_model.named_parameters())
+        reader = _OldState(old_params, optimizer, "param")
+        for names in _blocks(new_params):
+            prefetch(reader, names, new_params)
             for name in names:
                 p, pp = new_params[name], plan.targets[name]
                 p.to_local().copy_(_local_target(pp, p, reader, "param", p.dtype, stats))
                 src = pp.primary_source
                 p.requires_grad_(old_params[src].requires_grad if src else True)
         reader.cache.clear()
-    new_model.reset_rope()
-    for name, val in initial_mask_values(plan, device).items():
-        set_buffer(new_model, name, val)
-    new_model.train(model.training)
+
+    new_model = build_grown_model(plan, device, fill, model.training, shard=lambda m: apply_fsdp(m, mesh, mp))
     if optimizer is None:
         return new_model, None
 
@@ -261,13 +251,14 @@ def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "m
     if policy == "reset":
         return new_model, new_opt
     step = global_step(optimizer)
+    new_params = dict(new_model.named_parameters())
     readers = {k: _OldState(old_params, optimizer, k) for k in ("exp_avg", "exp_avg_sq", "age", "lr_scale")}
     optional = []  # (param, state, name of the optional state, its DTensor, is it uniform on this rank)
     with torch.no_grad():
-        for names in blocks:
+        for names in _blocks(new_params):
             for k in (("exp_avg", "exp_avg_sq", "age", "lr_scale") if policy == "map+age" else
                       ("exp_avg", "exp_avg_sq", "lr_scale")):
-                prefetch(readers[k], names)
+                prefetch(readers[k], names, new_params)
             for name in names:
                 p, pp = new_params[name], plan.targets[name]
                 st = {"step": torch.tensor(step, dtype=torch.float32)}

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import gc
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from nanogrow.grow.execute import check_model, initial_mask_values
+from nanogrow.grow.execute import build_grown_model, check_model
 from nanogrow.grow.optim import AdamW, group_key
-from nanogrow.grow.fade import set_buffer
 from nanogrow.model import Transformer
 
 if TYPE_CHECKING:
@@ -252,18 +251,14 @@ def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict 
     names, params = zip(*old.named_parameters())
     device = params[0].device
 
-    with torch.device("meta"):
-        new = Transformer(replace(plan.new_cfg))
-    new.to_empty(device=device)
     full = dict(zip(names, gather_full(run.engine, list(params))))
-    with torch.no_grad():
+
+    def fill(new: Transformer) -> None:
         for name, p in new.named_parameters():
             p.copy_(plan.targets[name].materialize(full.__getitem__, "param", device=device, dtype=p.dtype))
+
+    new = build_grown_model(plan, device, fill, old.training)
     del full
-    new.reset_rope()
-    for name, val in initial_mask_values(plan, device).items():
-        set_buffer(new, name, val)
-    new.train(old.training)
     moments: dict[str, dict[str, torch.Tensor]] = {name: {} for name in plan.targets}
     if policy == "map":
         stateful = has_state(run)
