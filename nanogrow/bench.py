@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import resource
 import statistics
 import time
@@ -112,7 +115,6 @@ def scratch_config(cfg: RunConfig) -> RunConfig:
     """The from-scratch reference of a grown schedule: its final shape at its final sequence length from the first
     step, with the tokens per step the schedule starts with (``train.micro_batch * data.seq_len``), validated at
     the schedule's validation length."""
-    import copy
 
 
     final = stage_layouts(cfg.model, cfg.data.seq_len, cfg.train.micro_batch, cfg.stage)[-1]
@@ -149,7 +151,6 @@ def equal_flops_steps(cfg: RunConfig) -> int:
 
 def _speedup_budget(cfg: RunConfig, budget: str):
     """The scratch reference's final shape and the grown run's step count (``'flops'``: the scratch run's FLOPs)."""
-    import dataclasses
 
     if not cfg.stage:
         raise ValueError("bench speedup needs a config with [[stage]] growth stages")
@@ -167,7 +168,6 @@ def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str,
     ``budget='flops'`` the grown run trains until it has spent the scratch run's FLOPs (its last stage is
     longer); with ``'steps'`` both train ``max_steps``. Prints FLOPs and wall time to reach the scratch run's
     final validation loss and the ratio scratch / grown."""
-    import copy
 
     final_shape, grown_steps = _speedup_budget(cfg, budget)
     log(f"budget: {budget}; scratch {cfg.train.max_steps} steps of {final_shape.n_layer} x {final_shape.d_model}; "
@@ -222,7 +222,6 @@ def speedup_ops(cfg: RunConfig, ops: list[str], seeds: list[int], out_dir: str, 
     run spent, including the learned operator's map fitting (the Trainer adds it to its FLOP meter). Prints each
     op's FLOPs-to-target ratio against scratch and against the first op (``--ops stack,learned``: the ratio
     stack / learned > 1 means learned reached the target with fewer FLOPs)."""
-    import copy
 
     final_shape, grown_steps = _speedup_budget(cfg, budget)
     log(f"operators {', '.join(ops)}; budget: {budget}; scratch {cfg.train.max_steps} steps of "
@@ -292,7 +291,6 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
     """Tokens/s and MFU of every stage of the growth schedule in ``cfg`` (median step time within the stage,
     its first two steps excluded), side by side with the same shape trained statically through the same
     ``Trainer.train_step``, plus the wall time of each growth event."""
-    import copy
 
 
     cfg = copy.deepcopy(cfg)
@@ -353,8 +351,6 @@ def lag(cfg: RunConfig, out_json: str, png_prefix: str | None = None, ks: list[i
     """LAG's predictive power at one growth event: every candidate of the (single) LAG stage of ``cfg`` is trained
     to the end of the run, evaluated every ``lag.eval_every`` steps; then the report (correlations, recall,
     regret of LAG@k for several k, the phase transition)."""
-    import copy
-    import json
 
 
     cfg = copy.deepcopy(cfg)
@@ -382,7 +378,6 @@ def speedup_compound(cfg: RunConfig, baseline: RunConfig, seeds: list[int], out_
     it has spent what scratch spends in ``train.max_steps`` (``equal_flops_steps``). Everything is validated at
     one fixed length (``data.eval_seq_len``, by default the final seq_len), so the losses are comparable. Reports
     the FLOPs each run needs to reach scratch's final validation loss and depth-only's, and the ratios."""
-    import copy
 
     ref, ref_base = scratch_config(cfg), scratch_config(baseline)
     same = (ref.model.resolved(), ref.data.seq_len, ref.train.micro_batch, ref.data.eval_seq_len, ref.train.max_steps)
@@ -462,7 +457,7 @@ def _optimizer_setup(mc, mode: str, seed: int = 0):
     opt = AdamW(groups, lr=1e-3, betas=(0.9, 0.95), ages=mode == "ours-ages-uniform", fused="fused" in mode)
     if "mixed" in mode or "scales" in mode:
         for p in params:
-            st = opt.state[p] = opt._fresh_state(p)
+            st = opt.state[p] = opt.fresh_state(p)
             st["step"].fill_(1000.0)
             age = torch.full(p.shape, 1000.0)
             age[-max(1, p.shape[0] // 4):] = 0.0  # the last quarter of the rows is fresh

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
+import os
+import platform
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from .errors import run_reporting_errors
 
@@ -18,7 +24,6 @@ class HELP(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("nanogrow")
@@ -38,7 +43,6 @@ def cmd_config(args) -> int:
     if args.show:
         print(config_reference())
         return 0
-    import json
     print(json.dumps(load_config(args.config, args.overrides).to_dict(), indent=1))
     return 0
 
@@ -56,9 +60,6 @@ def tune_allocator() -> bool:
     with glibc's defaults, every tensor above the (at most 32 MiB) mmap threshold is mapped and page-faulted
     anew each step. Set for the ``train`` and ``bench`` commands only (a library should not change its host's
     allocator); ``NANOGROW_MALLOC=default`` opts out. Returns whether the settings were applied."""
-    import ctypes
-    import os
-    import platform
 
     if os.environ.get("NANOGROW_MALLOC", "") == "default" or platform.libc_ver()[0] != "glibc":
         return False
@@ -85,7 +86,6 @@ def cmd_train(args) -> int:
 
 def parse_shape(text: str) -> dict:
     """``"n_layer=8,d_model=256"`` -> {"n_layer": 8, "d_model": 256}; names must be ModelConfig fields."""
-    import json
 
     from .model import ModelConfig
 
@@ -103,7 +103,6 @@ def parse_shape(text: str) -> dict:
 
 
 def cmd_grow(args) -> int:
-    import json
 
     from .offline import grow_checkpoint
 
@@ -128,7 +127,6 @@ def cmd_bench(args) -> int:
         from .gpu_check import gpu_check
         return gpu_check()
     if args.what == "grow":  # under torchrun: one growth event of a sharded model, time and memory
-        import os
 
         from .parallel import bench_grow
         if args.backend != "none" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -161,7 +159,6 @@ def cmd_bench(args) -> int:
                              f"choose from {', '.join(bench.OPTIMIZER_MODES)}")
         bench.optimizer_step(cfg.model, modes=modes, rounds=args.rounds, steps=args.steps)
     elif args.what == "lag":
-        import os
         out = args.out or cfg.train.out_dir
         os.makedirs(out, exist_ok=True)
         bench.lag(cfg, out_json=f"{out}/lag.json", png_prefix=f"{out}/lag",
@@ -229,8 +226,6 @@ def cmd_lag(args) -> int:
 
 
 def cmd_lag_report(args) -> int:
-    import json
-    from pathlib import Path
 
     from .checkpoint import latest_checkpoint, read_meta
     from .lag import Candidate, report

@@ -7,7 +7,11 @@ import ast
 import copy
 import dataclasses
 import importlib.util
+import inspect
+import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -266,8 +270,6 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
 def config_reference() -> str:
     """Every config key with its default and meaning, read from the dataclasses above (and ModelConfig): the
     comment on a field's line (and its indented continuation lines) is its meaning. ``nanogrow config --show``."""
-    import inspect
-    import re
 
     out = []
     for section, cls in {**SECTIONS, "stage": StageConfig}.items():
@@ -700,8 +702,6 @@ def from_accelerate(t: TrainConfig, env: dict | None = None) -> str | None:
     DeepSpeed forms (``--use_deepspeed --zero_stage N`` or ``--deepspeed_config_file F``) also say which ZeRO
     stage to run: with train.parallel = "auto" the run takes it (zero_optimization.stage of the file), and nanogrow
     builds its own DeepSpeed config from the train.* keys. Returns the note to log, or None."""
-    import json
-    import os
 
     env = os.environ if env is None else env
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":

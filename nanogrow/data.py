@@ -50,6 +50,7 @@ import json
 import os
 import re
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -462,7 +463,6 @@ class PrefetchLoader:
     the loader to it: checkpoints and resume are exactly those of the plain loader."""
 
     def __init__(self, loader: TokenLoader, pin: bool = False):
-        from concurrent.futures import ThreadPoolExecutor
 
         self.loader, self.pin = loader, pin
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanogrow-prefetch")

@@ -4,13 +4,13 @@ and by ``nanogrow plot RUN_DIR [RUN_DIR ...]``."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from .tracking import METRICS_FILE, read_metrics
 
 
 def have_matplotlib() -> bool:
-    import importlib.util
     return importlib.util.find_spec("matplotlib") is not None
 
 

@@ -9,17 +9,17 @@ from dataclasses import replace
 
 import torch
 
-from nanogrow.grow.plan import Fresh, GrowthPlan, Index, ParamPlan, Piece, _arange
+from nanogrow.grow.plan import Fresh, GrowthPlan, Index, ParamPlan, Piece, arange_index
 from nanogrow.grow.schema import mask_shapes, param_shapes, shape_dict
 from nanogrow.model import ModelConfig
 
 def _full(ix: Index | None, n: int) -> Index:
-    return _arange(n) if ix is None else ix
+    return arange_index(n) if ix is None else ix
 
 
 def _simplify(ix_dst: Index, ix_src: Index, n_dst: int, n_src: int):
-    if n_dst == n_src and len(ix_dst) == n_dst and torch.equal(ix_dst, _arange(n_dst)) and \
-            torch.equal(ix_src, _arange(n_src)):
+    if n_dst == n_src and len(ix_dst) == n_dst and torch.equal(ix_dst, arange_index(n_dst)) and \
+            torch.equal(ix_src, arange_index(n_src)):
         return None, None
     return ix_dst, ix_src
 
@@ -41,7 +41,7 @@ def _compose_piece(pb: Piece, a_plan: ParamPlan, b_shape, a_shapes_src) -> list[
             a_dst = _full(pa.dst[d], s_shape[d])
             a_src = _full(pa.src[d], src_shape[d])
             inv = torch.full((s_shape[d],), -1, dtype=torch.long)
-            inv[a_dst] = _arange(len(a_dst))
+            inv[a_dst] = arange_index(len(a_dst))
             j = inv[b_src]
             sel = j >= 0
             if not bool(sel.any()):

@@ -73,7 +73,7 @@ class AdamW(torch.optim.Optimizer):
         self.track_ages, self.fused = ages, fused
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def _fresh_state(self, p: torch.Tensor) -> dict:
+    def fresh_state(self, p: torch.Tensor) -> dict:
         state = {"step": torch.tensor(0.0, dtype=torch.float32),
                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
@@ -88,7 +88,7 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if not self.state[p]:
-                    self.state[p] = self._fresh_state(p)
+                    self.state[p] = self.fresh_state(p)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -126,7 +126,7 @@ class AdamW(torch.optim.Optimizer):
                 raise RuntimeError("AdamW does not support sparse gradients")
             state = self.state[p]
             if len(state) == 0:
-                state.update(self._fresh_state(p))
+                state.update(self.fresh_state(p))
             age, lr_scale = state.get("age"), state.get("lr_scale")
             uniform_age = self._uniform(p, "age", age)
             uniform_scale = self._uniform(p, "lr_scale", lr_scale)

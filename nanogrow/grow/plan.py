@@ -113,7 +113,8 @@ class Fresh:
 Index = torch.Tensor  # 1-D int64 on CPU
 
 
-def _arange(n: int) -> Index:
+def arange_index(n: int) -> Index:
+    """The identity index 0..n-1 (long), as pieces store them."""
     return torch.arange(n, dtype=torch.long)
 
 
@@ -256,7 +257,8 @@ class LinearPiece:
         return total + float(rows * cols)
 
 
-def _block_shape(piece: Piece, target_shape: tuple[int, ...], source_shape: tuple[int, ...]) -> tuple[int, ...]:
+def piece_block_shape(piece: Piece, target_shape: tuple[int, ...], source_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the block a piece reads from its source (and writes into the target)."""
     return tuple(source_shape[d] if piece.src[d] is None else len(piece.src[d]) for d in range(len(target_shape)))
 
 
@@ -267,7 +269,8 @@ def _gather(t: torch.Tensor, src: tuple[Index | None, ...]) -> torch.Tensor:
     return t
 
 
-def _write(out: torch.Tensor, dst: tuple[Index | None, ...], vals: torch.Tensor, add: bool) -> None:
+def write_piece(out: torch.Tensor, dst: tuple[Index | None, ...], vals: torch.Tensor, add: bool) -> None:
+    """Write (or with ``add``, accumulate) a piece's values into ``out`` at its destination indices."""
     adv = [d for d, ix in enumerate(dst) if ix is not None]
     if not adv:
         out.add_(vals) if add else out.copy_(vals)
@@ -279,7 +282,7 @@ def _write(out: torch.Tensor, dst: tuple[Index | None, ...], vals: torch.Tensor,
         n = out.dim()
         idx = []
         for d in range(n):
-            ix = dst[d] if dst[d] is not None else _arange(out.shape[d])
+            ix = dst[d] if dst[d] is not None else arange_index(out.shape[d])
             shape = [1] * n
             shape[d] = -1
             idx.append(ix.to(out.device).view(shape))
@@ -367,8 +370,8 @@ class ParamPlan:
                     cache[key] = p.source.make(kind, rd, device, dtype)
                 src = cache[key]
             elif kind == "fresh":
-                vals = torch.zeros(_block_shape(p, self.shape, self.shape), device=device, dtype=dtype)
-                _write(out, p.dst, vals, p.add)
+                vals = torch.zeros(piece_block_shape(p, self.shape, self.shape), device=device, dtype=dtype)
+                write_piece(out, p.dst, vals, p.add)
                 continue
             else:
                 src = rd(p.source)
@@ -377,7 +380,7 @@ class ParamPlan:
                 s = p.scale_tensor(power, vals)
                 if not (isinstance(s, float) and s == 1.0):
                     vals = vals * s
-            _write(out, p.dst, vals, p.add)
+            write_piece(out, p.dst, vals, p.add)
         return out
 
     def _materialize_linear(self, rd, kind: str, device, dtype) -> torch.Tensor:

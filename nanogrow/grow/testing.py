@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from nanogrow.grow.optim import AdamW
-from nanogrow.grow.plan import GrowthPlan, ParamPlan, _block_shape, _write
+from nanogrow.grow.plan import GrowthPlan, ParamPlan, piece_block_shape, write_piece
 from nanogrow.grow.schema import mask_shapes, param_shapes
 from nanogrow.model import ModelConfig, build_model
 
@@ -112,6 +112,6 @@ def check_param_plan(pp: ParamPlan, source_shapes: dict[str, tuple[int, ...]]) -
                 if len(p.dst[d]) and (p.dst[d].max() >= pp.shape[d] or p.src[d].max() >= src_shape[d]):
                     raise AssertionError(f"{pp.name}: index out of range in dim {d}")
         if not p.add:
-            _write(hits, p.dst, torch.ones(_block_shape(p, pp.shape, src_shape), dtype=torch.int32), True)
+            write_piece(hits, p.dst, torch.ones(piece_block_shape(p, pp.shape, src_shape), dtype=torch.int32), True)
     if not bool((hits == 1).all()):
         raise AssertionError(f"{pp.name}: {(hits == 0).sum()} elements uncovered, {(hits > 1).sum()} twice")

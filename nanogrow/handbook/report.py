@@ -31,6 +31,7 @@ Two more read-outs where a study has them:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from pathlib import Path
@@ -261,7 +262,6 @@ def _plan_fingerprint(op: str, options: dict, old_cfg, new_cfg) -> tuple:
 
 def lag_rows(study: Study, store: Store, lr: float) -> list[dict]:
     """Per LAG arm: picks, relative regret against the study's direct arms, selection overhead, s.e. vs spread."""
-    import dataclasses
 
     direct: dict[tuple, str] = {}
     for name, arm in study.arms.items():
@@ -436,7 +436,6 @@ def ladder_rows(studies: list[Study]) -> list[dict]:
 def fit_trend(rows: list[dict]) -> dict | None:
     """log(effective multiplier) = a + b log10(N), least squares over every seed of every rung, with the slope's
     95% t-interval (n - 2 degrees of freedom)."""
-    import math
 
     from .stats import t975
     xs, ys = [], []

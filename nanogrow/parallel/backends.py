@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 import warnings
 
 import torch
@@ -146,7 +147,6 @@ def compile_blocks(model: nn.Module) -> int:
     share one dynamo cache, with parameters and mask buffers as graph inputs: a fade-in mask changing value each
     step does not recompile, a mask appearing or disappearing (or a new shape after growth) compiles once.
     Blocks already compiled are left alone, so calling it again after a growth compiles only the new blocks."""
-    import types
 
     import torch._dynamo
 

@@ -13,6 +13,7 @@ started from. On CUDA it is torch.cuda.max_memory_allocated.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import time
 from dataclasses import replace
@@ -43,7 +44,6 @@ def _exact_rss() -> None:
     threshold: glibc otherwise raises it after frees and recycles freed heap, so a phase's new tensors would not
     show) and freed memory is returned before each phase (malloc_trim)."""
     try:
-        import ctypes
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
         return libc

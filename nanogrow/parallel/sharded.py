@@ -21,6 +21,7 @@ rewrapped.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -89,7 +90,6 @@ def _gather_many(tensors: list) -> list[torch.Tensor]:
     semantics, as DTensor shards), the pieces are concatenated, gathered, and cut back into full tensors. A
     growth event that reshapes every tensor so makes one collective per block and kind instead of one per
     tensor (~2 ms each on gloo). Other layouts (HSDP's 2-D mesh) fall back to one ``full_tensor`` per tensor."""
-    import math
 
     import torch.distributed as dist
     from torch.distributed.tensor import Shard
