@@ -452,22 +452,28 @@ def _one_minus_pow(beta: float, age: torch.Tensor) -> torch.Tensor:
     return torch.expm1(age * math.log(beta)).neg_()
 
 
+def missing_state(kind: str, p: torch.Tensor, state: dict, shape=None, device=None) -> torch.Tensor:
+    """What an optimizer state of ``kind`` that ``state`` (of parameter ``p``) does not hold means: zero moments,
+    every element aged the step count, lr scale 1. ``shape``/``device``: of the tensor to build (default ``p``'s;
+    a sharded reader builds a full tensor)."""
+    shape = p.shape if shape is None else shape
+    device = p.device if device is None else device
+    if kind in ("exp_avg", "exp_avg_sq"):
+        return torch.zeros(shape, dtype=p.dtype, device=device)
+    if kind == "age":
+        return torch.full(shape, float(state["step"]) if "step" in state else 0.0, dtype=torch.float32, device=device)
+    if kind == "lr_scale":
+        return torch.ones(shape, dtype=torch.float32, device=device)
+    raise ValueError(kind)
+
+
 def _state_reader(old_model, old_opt, kind: str):
     params = dict(old_model.named_parameters())
 
     def read(name: str) -> torch.Tensor:
         p = params[name]
         st = old_opt.state.get(p, {}) if old_opt is not None else {}
-        if kind in ("exp_avg", "exp_avg_sq"):
-            return st[kind] if kind in st else torch.zeros_like(p)
-        if kind == "age":
-            if "age" in st:
-                return st["age"]
-            step = float(st["step"]) if "step" in st else 0.0
-            return torch.full_like(p, step, dtype=torch.float32)
-        if kind == "lr_scale":
-            return st["lr_scale"] if "lr_scale" in st else torch.ones_like(p, dtype=torch.float32)
-        raise ValueError(kind)
+        return st[kind] if kind in st else missing_state(kind, p, st)
     return read
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from nanogrow.grow.execute import build_grown_model, check_model
-from nanogrow.grow.optim import POLICIES, global_step, grow, grown_optimizer
+from nanogrow.grow.optim import POLICIES, global_step, grow, grown_optimizer, missing_state
 from nanogrow.model import Transformer
 
 from .backends import apply_fsdp, backend_of, fsdp_mesh, parallelize, reshard
@@ -136,8 +136,8 @@ def _needs_gather(pp, like, old_params: dict) -> bool:
 
 
 class _OldState:
-    """Reads old tensors of one kind: parameters or optimizer state, as DTensors, with the defaults the
-    one-process reader (``optim._state_reader``) uses when a state is missing."""
+    """Reads old tensors of one kind: parameters or optimizer state, as DTensors; a missing state means what
+    ``optim.missing_state`` says, as for the one-process reader."""
 
     def __init__(self, params: dict, optimizer, kind: str):
         self.params, self.opt, self.kind = params, optimizer, kind
@@ -159,14 +159,7 @@ class _OldState:
 
     def default(self, name: str, shape, device) -> torch.Tensor:
         p = self.params[name]
-        if self.kind in ("exp_avg", "exp_avg_sq"):
-            return torch.zeros(shape, dtype=p.dtype, device=device)
-        if self.kind == "age":
-            st = self.opt.state.get(p, {}) if self.opt is not None else {}
-            return torch.full(shape, float(st["step"]) if "step" in st else 0.0, dtype=torch.float32, device=device)
-        if self.kind == "lr_scale":
-            return torch.ones(shape, dtype=torch.float32, device=device)
-        raise ValueError(self.kind)
+        return missing_state(self.kind, p, self.opt.state.get(p, {}) if self.opt is not None else {}, shape, device)
 
     def full(self, name: str) -> torch.Tensor:
         if name in self.cache:
