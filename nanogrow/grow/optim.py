@@ -545,26 +545,30 @@ def group_key(name: str) -> str:
     return re.sub(r"^layers\.\d+\.", "layers.*.", name)
 
 
-def grown_optimizer(model, optimizer, plan: GrowthPlan, new_model) -> "AdamW":
-    """A nanogrow AdamW over ``new_model``'s parameters with the old param groups' hyper-parameters (no state yet):
-    a target joins its primary source's group, else the group of the same parameter in another layer, else
-    group 0. Shared by one-process and sharded growth."""
-    old_names = {p: n for n, p in model.named_parameters()}
-    name_group: dict[str, int] = {}
+def grown_groups(plan: GrowthPlan, old_groups: dict[str, int]) -> dict[str, int]:
+    """The old param group (index) each target of ``plan`` joins, from the old parameters' ``old_groups``
+    (name -> index): its primary source's, else that of the same parameter in another layer, else group 0.
+    The one rule for every executor (one process, FSDP2, ZeRO)."""
     key_group: dict[str, int] = {}
-    for gi, g in enumerate(optimizer.param_groups):
-        for p in g["params"]:
-            n = old_names.get(p)
-            if n is not None:
-                name_group[n] = gi
-                key_group.setdefault(group_key(n), gi)
+    for n, gi in old_groups.items():
+        key_group.setdefault(group_key(n), gi)
+    out = {}
+    for name, pp in plan.targets.items():
+        gi = old_groups.get(pp.primary_source) if pp.primary_source is not None else None
+        out[name] = key_group.get(group_key(name), 0) if gi is None else gi
+    return out
+
+
+def grown_optimizer(model, optimizer, plan: GrowthPlan, new_model) -> "AdamW":
+    """A nanogrow AdamW over ``new_model``'s parameters with the old param groups' hyper-parameters (no state yet),
+    each target in the group ``grown_groups`` gives. Shared by one-process and sharded growth."""
+    old_names = {p: n for n, p in model.named_parameters()}
+    old_groups = {old_names[p]: gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]
+                  if p in old_names}
+    joins = grown_groups(plan, old_groups)
     groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[]) for g in optimizer.param_groups]
     for name, p in new_model.named_parameters():
-        src = plan.targets[name].primary_source
-        gi = name_group.get(src) if src is not None else None
-        if gi is None:
-            gi = key_group.get(group_key(name), 0)
-        groups[gi]["params"].append(p)
+        groups[joins[name]]["params"].append(p)
     groups = [g for g in groups if g["params"]]
     track = getattr(optimizer, "track_ages", False)
     defaults = optimizer.defaults

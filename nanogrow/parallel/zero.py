@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanogrow.grow.execute import build_grown_model, check_model
-from nanogrow.grow.optim import AdamW, group_key
+from nanogrow.grow.optim import AdamW, grown_groups
 from nanogrow.model import Transformer
 
 if TYPE_CHECKING:
@@ -273,14 +273,10 @@ def grow_zero(run: ZeroRun, plan: GrowthPlan, policy: str = "map", config: dict 
     step = zero_step_count(run)
     # Param groups: a target joins its primary source's group, else the same parameter's group in another layer
     # (nanogrow.grow.optim.grow's rule).
-    key_group: dict[str, int] = {}
-    for n, gi in run.name_group.items():
-        key_group.setdefault(group_key(n), gi)
+    joins = grown_groups(plan, run.name_group)
     groups = [dict(h, params=[]) for h in run.groups]
     for name, p in new.named_parameters():
-        src = plan.targets[name].primary_source
-        gi = run.name_group.get(src) if src is not None else None
-        groups[key_group.get(group_key(name), 0) if gi is None else gi]["params"].append(p)
+        groups[joins[name]]["params"].append(p)
     config, hyper = run.config if config is None else config, run.groups
     # Under bf16, initialize casts the module to bf16 and builds the fp32 masters from it: keep the mapped fp32
     # weights to restore the masters' precision afterwards.
