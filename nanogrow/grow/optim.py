@@ -7,9 +7,8 @@ tensors whose ages or lr scales are uniform but off torch's view take the same f
 their own step and lr; so do the boxes of a tensor with mixed ages or lr scales when a few boxes tile it uniformly
 (a growth adds whole rows and columns), as views. Only other mixed tensors take the per-element path, whose bias
 corrections are computed per distinct (age, lr scale) pair in fp64 and gathered (~1e-7 relative to the fp64
-closed form).
-Whether a tensor is uniform, its boxes and its pairs are found once per state tensor version (one sync), not every
-step.
+closed form). Whether a tensor is uniform, its boxes and its pairs are found once per state tensor version (one
+sync), not every step.
 Per-parameter state:
 
     step        0-d float32 tensor on CPU, as torch (steps this optimizer took for the tensor)
