@@ -152,7 +152,7 @@ def cmd_bench(args) -> int:
     elif args.what == "stages":
         bench.stages(cfg, static_steps=args.steps)
     elif args.what == "optimizer":
-        modes = args.modes.split(",")
+        modes = args.modes.split(",") if args.modes else bench.OPTIMIZER_MODES
         bad = [m for m in modes if m not in bench.OPTIMIZER_MODES]
         if bad:
             raise ValueError(f"nanogrow bench optimizer --modes: unknown mode(s) {', '.join(bad)}; "
@@ -395,10 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--steps", type=int, default=10, help="timed steps per stage")
     b = bench("optimizer", "time of one AdamW step at the config's model shape: ours (with and without ages, mixed "
                            "ages, lr scales) against torch's foreach and fused AdamW, alternated")
-    b.add_argument("--modes", default=",".join(("torch-foreach", "ours", "ours-ages-uniform", "ours-ages-mixed",
-                                                 "ours-ages+lr-scales", "torch-fused", "ours-fused",
-                                                 "ours-fused-ages-mixed")),
-                   help="modes to time; ratios are to the first")
+    b.add_argument("--modes", help="comma-separated modes to time, ratios to the first (default: all, "
+                                    "torch-foreach first; nanogrow.bench.OPTIMIZER_MODES)")
     b.add_argument("--rounds", type=int, default=5, help="alternated rounds (the median per-round ratio is reported)")
     b.add_argument("--steps", type=int, default=5, help="timed steps per mode per round (median)")
     b = bench("lag", "LAG@k regret and the correlation phase transition (every candidate trained to the end)")
