@@ -1,29 +1,6 @@
-"""nanogrow.kernels: fused Triton kernels for the (grown) blocks, each with a plain torch reference, and the
-dispatcher that picks one or the other.
-
-    from nanogrow import kernels as K
-    backend = K.resolve("auto")              # "torch" if Triton cannot run here; "triton" raises instead
-    y = K.rms_norm(x, w, eps, backend)
-    h, y = K.add_rms_norm(h, branch, scale, w, eps, backend)   # h + scale * branch, then RMSNorm
-    h = K.residual_add(h, branch, scale, backend)              # h + scale * branch (block output)
-    a = K.swiglu(gate, up, unit_mask, backend)                 # silu(gate) * up * unit_mask
-    q, k = K.rope(q, k, cos, sin, backend)
-    loss = K.cross_entropy(logits, targets, backend=backend)   # chunked over the vocabulary
-    loss = K.linear_cross_entropy(h, w_head, targets, backend=backend)  # never materialises all logits
-
-Backends: ``"torch"`` runs ``reference.py`` (plain torch, autograd; the fp32 LM-head loss runs ``chunked.py``,
-the same maths a chunk of rows at a time); ``"triton"`` runs the custom operators of
-``ops.py`` (``torch.ops.nanogrow.*``: fake implementations and autograd registered, so they compose with
-torch.compile and FSDP2) and raises if the tensors are on a device Triton cannot serve; ``"auto"`` runs Triton
-where it can (CUDA tensors; CPU tensors when the kernels were defined under ``TRITON_INTERPRET=1``) and torch
-elsewhere. The growth masks (``scale``, ``unit_mask``) are fused into the kernels: a fade-in costs no extra pass.
-
-Triton is optional: it is imported only when asked for (``load_triton``), or at import if ``TRITON_INTERPRET=1``
-is set then — that variable must be set before the ``@triton.jit`` functions are defined.
-
-The files live in the repository's top-level ``kernels/`` folder and are installed as ``nanogrow.kernels``
-(pyproject ``package-dir``); in a source checkout ``nanogrow/kernels/__init__.py`` stands in for that mapping.
-"""
+"""The dispatcher behind ``nanogrow.kernels``: which backend runs (``resolve``), each kernel's entry point choosing
+the Triton kernel or its torch reference, and the lazy Triton import. ``nanogrow/kernels.py`` re-exports it; see
+that module's docstring for the API."""
 
 import importlib.util
 import os
