@@ -9,10 +9,12 @@ submission order, so the output does not depend on the number of workers (tested
 between val and train and writes shards with ``nanogrow.data.write_shard`` (the one shard format).
 
 Validation split: documents 0, k, 2k, ... (k = ``--val-every``) go to val until it holds exactly ``--val-tokens``
-tokens (the tail of the last val document is dropped, never put into train); every other document goes to
-train. Taking every k-th document spreads val over the source instead of one region of it (the demo corpus is
-the Bible in book order), and it is deterministic. ``--max-tokens`` cuts train at exactly that many tokens and
-stops reading the source, which is what makes a FineWeb sample of a given size possible.
+tokens (the tail of the last val document is dropped, never put into train); with ``--test-tokens``, documents
+k//2, k//2 + k, ... fill a test split the same way (``test_*.bin``: held out from tuning and selection, which use
+val); every other document goes to train. Taking every k-th document spreads val over the source instead of one
+region of it (the demo corpus is the Bible in book order), and it is deterministic. ``--max-tokens`` cuts train at
+exactly that many tokens and stops reading the source, which is what makes a FineWeb sample of a given size
+possible.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from nanogrow.data_prep.sources import FINEWEB_CONFIG, TXT_SPLITS, check_hub, iter_documents
+from nanogrow.data_prep.sources import FINEWEB_CONFIG, NAMED_SOURCES, TXT_SPLITS, check_hub, iter_documents
 from nanogrow.data_prep.tokenizer import load_tokenizer
 from nanogrow.data import DataError, token_bytes_for, write_shard
 
@@ -48,7 +50,8 @@ VAL_TOKENS = {"demo": 2**16, "default": 2**22}
 VAL_EVERY = {"demo": 15, "default": 10}
 BPE_TRAIN_CHARS = 50_000_000
 CHUNK_CHARS = 1_000_000
-OWN_FILE = re.compile(r"^(train|val)_\d+\.bin$|^meta\.json$|^tokenizer\.json$|^\.(train|val)_\d+\.bin\.tmp\d+$")
+OWN_FILE = re.compile(r"^(train|val|test)_\d+\.bin$|^meta\.json$|^tokenizer\.json$"
+                      r"|^\.(train|val|test)_\d+\.bin\.tmp\d+$")
 
 
 # ---- tokenization in worker processes ------------------------------------------------------------------------
@@ -171,24 +174,28 @@ def _describe(spec: str, tok: Tokenizer, bpe_chars: int) -> str:
     return f"tokenizer.json from {spec}"
 
 
-def _distribute(results: Iterable[tuple[np.ndarray, np.ndarray]], val: SplitWriter, train: SplitWriter,
-                val_tokens: int, val_every: int, max_tokens: int | None) -> tuple[int, int]:
-    """Route tokenized documents: every ``val_every``-th to val until it holds ``val_tokens``, the rest to train
-    until it holds ``max_tokens``. Returns (documents read, documents in val)."""
-    val_left = val_tokens
+def _distribute(results: Iterable[tuple[np.ndarray, np.ndarray]], held_out: list[tuple[SplitWriter, int, int]],
+                train: SplitWriter, every: int, max_tokens: int | None) -> tuple[int, list[int]]:
+    """Route tokenized documents: ``held_out`` is (writer, tokens, offset) per held-out split (val, test); document
+    ``i`` with ``i % every == offset`` goes to that split until it holds its tokens, every other document to train
+    until it holds ``max_tokens``. Returns (documents read, documents per held-out split)."""
+    left = [tokens for _, tokens, _ in held_out]
+    taken = [0] * len(held_out)
+    by_offset = {offset: j for j, (_, _, offset) in enumerate(held_out)}
     train_left = max_tokens if max_tokens is not None else float("inf")
-    n_docs = n_val_docs = 0
+    n_docs = 0
     for tokens, lengths in results:
-        if val_left == 0 and tokens.size <= train_left:  # the common case: the whole chunk is train
+        if not any(left) and tokens.size <= train_left:  # the common case: the whole chunk is train
             train.add(tokens)
             train_left -= tokens.size
             n_docs += lengths.size
         else:
             for doc in np.split(tokens, np.cumsum(lengths)[:-1]):
-                if val_left and n_docs % val_every == 0:
-                    val.add(doc[:val_left])
-                    val_left -= min(val_left, doc.size)
-                    n_val_docs += 1
+                j = by_offset.get(n_docs % every)
+                if j is not None and left[j]:
+                    held_out[j][0].add(doc[:left[j]])
+                    left[j] -= min(left[j], doc.size)
+                    taken[j] += 1
                 else:
                     take = int(min(doc.size, train_left))
                     train.add(doc[:take])
@@ -198,14 +205,14 @@ def _distribute(results: Iterable[tuple[np.ndarray, np.ndarray]], val: SplitWrit
                     break
         if train_left == 0:
             break
-    return n_docs, n_val_docs
+    return n_docs, taken
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
 
 def prepare(source: str | Sequence[str], out: str | os.PathLike, tokenizer: str = "gpt2", *,
             text_column: str = "text", fineweb_config: str = FINEWEB_CONFIG, val_tokens: int | None = None,
-            val_every: int | None = None, shard_tokens: int | None = None, workers: int = 1,
+            val_every: int | None = None, test_tokens: int = 0, shard_tokens: int | None = None, workers: int = 1,
             max_tokens: int | None = None, bpe_train_chars: int = BPE_TRAIN_CHARS, overwrite: bool = False,
             txt_split: str = "document", log: Callable[[str], None] = print) -> dict:
     """Tokenize ``source`` into ``out``; returns the contents of the ``meta.json`` it writes.
@@ -220,14 +227,21 @@ def prepare(source: str | Sequence[str], out: str | os.PathLike, tokenizer: str 
     if shard_tokens < 1 or val_tokens < 0 or val_every < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError(f"need shard_tokens >= 1, val_tokens >= 0, val_every >= 1, max_tokens >= 1; got "
                          f"{shard_tokens}, {val_tokens}, {val_every}, {max_tokens}")
+    if test_tokens < 0 or (test_tokens and val_every < 2):
+        raise ValueError(f"--test-tokens {test_tokens} needs to be >= 0, and a test split needs --val-every >= 2 "
+                         f"(val and test take different documents of every {val_every})")
     if txt_split not in TXT_SPLITS:
         raise ValueError(f"--txt-split {txt_split!r} is not one of {', '.join(TXT_SPLITS)}")
     check_hub(source)  # before anything is written or deleted
     out = Path(out)
     _prepare_out(out, overwrite)
 
+    source_stats: dict = {}  # per-package counts of a named corpus, from the full pass (the last one)
+
     def docs() -> Iterator[str]:
-        return iter_documents(source, text_column=text_column, fineweb_config=fineweb_config, txt_split=txt_split)
+        source_stats.clear()
+        return iter_documents(source, text_column=text_column, fineweb_config=fineweb_config, txt_split=txt_split,
+                              stats=source_stats)
 
     t0 = time.perf_counter()
     bpe_chars = 0
@@ -246,12 +260,21 @@ def prepare(source: str | Sequence[str], out: str | os.PathLike, tokenizer: str 
     t_tok = time.perf_counter() - t0
 
     val = SplitWriter(out, "val", min(shard_tokens, max(val_tokens, 1)), vocab_size, eot)
+    held_out = [(val, val_tokens, 0)]
+    if test_tokens:
+        test = SplitWriter(out, "test", min(shard_tokens, test_tokens), vocab_size, eot)
+        held_out.append((test, test_tokens, val_every // 2))
     train = SplitWriter(out, "train", shard_tokens, vocab_size, eot)
     results = ordered_map(_encode_chunk, _chunks(docs(), CHUNK_CHARS), workers, _init_worker,
                           (tok.to_str(), eot, workers <= 1))
     with closing(results):  # stopping early (max_tokens) must shut the worker pool down
-        n_docs, n_val_docs = _distribute(results, val, train, val_tokens, val_every, max_tokens)
+        n_docs, held_docs = _distribute(results, held_out, train, val_every, max_tokens)
+    n_val_docs = held_docs[0]
     val_info, train_info = val.close(), train.close()
+    test_info = {**test.close(), "documents": held_docs[1], "every": val_every,
+                 "offset": val_every // 2} if test_tokens else None
+    if test_info is not None and test_info["tokens"] < test_tokens:
+        log(f"warning: test split has only {test_info['tokens']} of the requested {test_tokens} tokens")
     seconds = time.perf_counter() - t0
     if train_info["tokens"] == 0:
         raise DataError(f"{out}: no train tokens: the source ran out after {n_docs} documents "
@@ -267,19 +290,29 @@ def prepare(source: str | Sequence[str], out: str | os.PathLike, tokenizer: str 
         "tokenizer": {"spec": tokenizer, "description": _describe(tokenizer, tok, bpe_chars)},
         "source": {"source": source if isinstance(source, str) else [str(s) for s in source],
                    "text_column": text_column,
-                   **({"fineweb_config": fineweb_config} if source in ("fineweb", ["fineweb"]) else {})},
-        "train": {**train_info, "documents": n_docs - n_val_docs},
+                   **({"fineweb_config": fineweb_config} if source in ("fineweb", ["fineweb"]) else {}),
+                   **({"packages": source_stats} if source_stats else {}),
+                   **(debian_manifest_info() if source in ("debian-docs", ["debian-docs"]) else {})},
+        "train": {**train_info, "documents": n_docs - sum(held_docs)},
         "val": {**val_info, "documents": n_val_docs, "every": val_every},
+        **({"test": test_info} if test_info is not None else {}),
         "shard_tokens": shard_tokens, "max_tokens": max_tokens,
         "seconds": round(seconds, 2), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: its presence means complete
     total = train_info["tokens"] + val_info["tokens"]
+    test_part = f" + {test_info['tokens']:,} test tokens" if test_info else ""
     log(f"prepared {out}: {n_docs:,} documents -> {train_info['tokens']:,} train tokens in "
-        f"{train_info['shards']} shards + {val_info['tokens']:,} val tokens in {val_info['shards']} shards; "
+        f"{train_info['shards']} shards + {val_info['tokens']:,} val tokens in {val_info['shards']} shards{test_part}; "
         f"tokenizer {tokenizer} (vocab {vocab_size}, eot {eot}, {t_tok:.1f} s); {seconds:.1f} s total, "
         f"{total / seconds:,.0f} tokens/s")
     return meta
+
+
+def debian_manifest_info() -> dict:
+    """What pins the debian-docs corpus: its manifest's sha256 (versions, .deb checksums, file rules)."""
+    from nanogrow.data_prep import debian
+    return {"manifest": debian.MANIFEST.name, "manifest_sha256": debian.sha256_of(debian.MANIFEST)}
 
 
 def default_workers() -> int:
@@ -292,7 +325,8 @@ def default_workers() -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nanogrow prep", description="Tokenize documents into nanogrow shards.")
     ap.add_argument("--source", nargs="+", default=["demo"],
-                    help="demo (bundled King James Bible), fineweb (FineWeb-Edu, needs network), or files / "
+                    help="demo (bundled King James Bible), fineweb (FineWeb-Edu, needs network), debian-docs (offline "
+                         "prose from pinned Debian documentation packages, ~40M tokens), or files / "
                          "directories of .parquet, .jsonl, .json, .txt (optionally .gz); a .txt file is ONE document "
                          "(see --txt-split); default demo")
     ap.add_argument("--txt-split", default="document", choices=TXT_SPLITS,
@@ -308,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-every", type=int, default=None,
                     help=f"every k-th document goes to val until it is full (default {VAL_EVERY['default']}; demo "
                          f"{VAL_EVERY['demo']})")
+    ap.add_argument("--test-tokens", type=int, default=0,
+                    help="tokens in a test split (default 0: none), taken from documents halfway between val's, "
+                         "never used for tuning or selection")
     ap.add_argument("--shard-tokens", type=int, default=None,
                     help=f"tokens per shard (default {SHARD_TOKENS['default']:,}; demo {SHARD_TOKENS['demo']:,})")
     ap.add_argument("--workers", type=int, default=default_workers(),
@@ -322,10 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    source = args.source[0] if args.source in (["demo"], ["fineweb"]) else args.source
+    source = args.source[0] if len(args.source) == 1 and args.source[0] in NAMED_SOURCES else args.source
     try:
         prepare(source, args.out, args.tokenizer, text_column=args.text_column, fineweb_config=args.fineweb_config,
-                val_tokens=args.val_tokens, val_every=args.val_every, shard_tokens=args.shard_tokens,
+                val_tokens=args.val_tokens, val_every=args.val_every, test_tokens=args.test_tokens,
+                shard_tokens=args.shard_tokens,
                 workers=args.workers, max_tokens=args.max_tokens, bpe_train_chars=args.bpe_train_chars,
                 overwrite=args.overwrite, txt_split=args.txt_split)
     except (ValueError, FileExistsError, OSError) as e:

@@ -3,6 +3,8 @@
 - ``"demo"``: the bundled King James Bible, one document per chapter (``corpus/kjv.jsonl.gz``). Read with the
   standard library only, so the demo needs nothing beyond the base install and starts instantly.
 - ``"fineweb"``: FineWeb-Edu streamed from the Hugging Face hub (needs network), column ``text``.
+- ``"debian-docs"``: an offline prose corpus from pinned Debian documentation packages (``debian.py``; the
+  Handbook's part 3 corpus).
 - file or directory paths: ``.parquet``, ``.jsonl`` / ``.json`` (a text column, default ``text``) and ``.txt``,
   each also ``.gz``; directories are searched recursively, files taken in sorted order. A ``.txt`` file is ONE
   document (a book, a web page): splitting on blank lines would cut prose into paragraph-sized documents and put
@@ -135,8 +137,12 @@ def iter_fineweb(config: str = FINEWEB_CONFIG, text_column: str = "text") -> Ite
     yield from _texts(_hf_stream(FINEWEB, name=config), text_column, f"{FINEWEB} ({config})")
 
 
+NAMED_SOURCES = ("demo", "fineweb", "debian-docs")
+
+
 def iter_documents(source: str | Sequence[str], text_column: str = "text",
-                   fineweb_config: str = FINEWEB_CONFIG, txt_split: str = "document") -> Iterator[str]:
+                   fineweb_config: str = FINEWEB_CONFIG, txt_split: str = "document",
+                   stats: dict | None = None) -> Iterator[str]:
     """Documents of ``source``: ``"demo"``, ``"fineweb"``, or one or more file / directory paths (a ``.txt``
     file is one document, or one per paragraph / line with ``txt_split``)."""
     if isinstance(source, (str, os.PathLike)):
@@ -146,4 +152,7 @@ def iter_documents(source: str | Sequence[str], text_column: str = "text",
         return iter_demo()
     if source == ["fineweb"]:
         return iter_fineweb(fineweb_config, text_column)
+    if source == ["debian-docs"]:
+        from .debian import iter_debian_docs
+        return iter_debian_docs(stats=stats)
     return iter_files(source, text_column, txt_split)

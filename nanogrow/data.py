@@ -521,8 +521,8 @@ class PrefetchLoader:
 
 
 def val_batches(data_dir, seq_len: int, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1,
-                vocab_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed validation batches from the ``val`` split: the same set for every run on the same data.
+                vocab_size: int | None = None, split: str = "val") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed evaluation batches from the ``val`` split (or ``test``): the same set for every run on the same data.
 
     ``batch_size`` is the *global* number of sequences per batch; rank ``r`` gets its ``batch_size // world_size``
     of them, sliced like ``TokenLoader`` slices. So the evaluated set does not depend on the seed nor on the
@@ -534,10 +534,10 @@ def val_batches(data_dir, seq_len: int, batch_size: int, n_batches: int, rank: i
         raise ValueError(f"val_batches needs positive sizes and batch_size divisible by world_size; got "
                          f"batch_size {batch_size}, n_batches {n_batches}, seq_len {seq_len}, "
                          f"world_size {world_size}")
-    shards = ShardSet(data_dir, "val", vocab_size)
+    shards = ShardSet(data_dir, split, vocab_size)
     need = n_batches * batch_size * seq_len + 1
     if need > shards.total:
-        raise DataError(f"data directory {data_dir}: the val split has {shards.total} tokens, fewer than "
+        raise DataError(f"data directory {data_dir}: the {split} split has {shards.total} tokens, fewer than "
                         f"{n_batches} batches x {batch_size} sequences x {seq_len} tokens + 1 = {need}")
     per_rank = batch_size // world_size
     order = list(range(len(shards.paths)))
