@@ -168,18 +168,30 @@ def cmd_bench(args) -> int:
 
 def cmd_handbook(args) -> int:
     """Studies that answer the Handbook's questions: run what is missing, report, list."""
-    from .handbook import report, runner
+    from .handbook import frontier, report, runner
     from .handbook.study import budget_check, load_study, studies_in
 
+    if args.action in ("run", "report") and args.study and frontier.is_frontier_file(args.study):
+        fr = frontier.load_frontier(args.study)
+        if args.action == "run":
+            if args.retime or args.arms or args.seeds:
+                raise ValueError(f"{args.study} is a frontier file: --retime, --arms and --seeds do not apply "
+                                 f"(its sizes, budgets and seeds are in the file)")
+            frontier.run_frontier(fr, dry_run=args.dry_run, jobs=args.jobs)
+        if args.action == "report" or not args.dry_run:
+            report.write_handbook(log=print)
+        return 0
     if args.action == "run":
         study = load_study(args.study)
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        if args.retime and args.jobs != 1:
+            raise ValueError("--retime trains one run at a time (it is for clean wall-clock seconds): drop --jobs")
         if args.retime:
             for arm in args.retime.split(","):
                 runner.retime(study, arm, seeds=seeds)
         else:
             runner.run_study(study, seeds=seeds, arms=args.arms.split(",") if args.arms else None,
-                             dry_run=args.dry_run)
+                             dry_run=args.dry_run, jobs=args.jobs)
         if not args.dry_run:
             report.write_handbook(log=print)
     elif args.action == "report":
@@ -188,6 +200,8 @@ def cmd_handbook(args) -> int:
             print(report.study_markdown(study))
         report.write_handbook(log=print)
     elif args.action == "list":
+        for fr in frontier.frontiers_in():
+            print(frontier.completeness(fr))
         for study in studies_in():
             print(report.completeness(study))
             if args.verbose:
@@ -351,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", help="run: these seeds instead of the study's, e.g. 0,1,2")
     p.add_argument("--arms", help="run: only these arms (comma-separated; the reference's lr grid always runs)")
     p.add_argument("--dry-run", action="store_true", help="run: list the runs that are missing, run nothing")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run: train a phase's runs (the lr grid, then the rest) in N worker processes, each pinned "
+                        "to a core of its own, 1 torch thread each; at most the cores this process may use")
     p.add_argument("--retime", metavar="ARMS", help="run: train these arms (tuned lr, budget x1) again and replace "
                                                      "their records everywhere: for runs timed on a loaded machine")
     p.add_argument("--verbose", "-v", action="store_true", help="list: each arm's steps, growth step and budget")

@@ -367,3 +367,113 @@ def test_arms_are_paired_with_their_baseline_by_seed(tmp_path, demo_data):
     assert "| stack, reset | stack | 3 | 0.011 [" in report.baseline_table(list(got.values()))
     with pytest.raises(ConfigError, match=r"study.baseline '' = 'nope' is not an arm"):
         _baselines(tmp_path, "nope", arms)
+
+
+# ---- parallel jobs -------------------------------------------------------------------------------------------
+
+def small_study(tmp_path, data, extra="", name="s"):
+    """Two seeds, one lr, no larger budgets: two phases (the lr grid, then the grown arm) of two runs each."""
+    p = write_study(tmp_path, data, extra)
+    p = p.rename(tmp_path / f"{name}.toml")
+    (tmp_path / "base.toml").write_text((tmp_path / "base.toml").read_text().replace("max_steps = 24",
+                                                                                     "max_steps = 12"))
+    p.write_text(p.read_text().replace("lr_grid = [3e-3, 1e-2]", "lr_grid = [1e-2]")
+                 .replace("scratch_scales = [2]", "scratch_scales = []"))
+    return load_study(p)
+
+
+WALL_CLOCK = {"wall_seconds", "finished", "machine", "jobs", "threads", "cpu"}
+
+
+def without_wall_clock(record):
+    """A record less what depends on when and how it ran (seconds, date, machine, jobs)."""
+    out = {k: v for k, v in record.items() if k not in WALL_CLOCK}
+    out["curve"] = [[f, t, v] for f, t, _, v in record["curve"]]
+    out["growth_events"] = [{k: v for k, v in e.items() if k != "seconds"} for e in record["growth_events"]]
+    return out
+
+
+@pytest.mark.skipif(len(runner.usable_cores()) < 2, reason="needs 2 cores")
+def test_two_jobs_store_what_one_job_stores(tmp_path, demo_data):
+    """--jobs 2 (two pinned single-thread workers) trains the same runs to the same losses as --jobs 1, and each
+    record says how it ran. (The sequential side runs on 1 thread too: 2 threads are slow on a loaded 2-core
+    machine, and results across thread counts are not the point here.)"""
+    import torch
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, two = small_study(tmp_path / "one", demo_data), small_study(tmp_path / "two", demo_data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert runner.run_study(one, log=lambda *a: None, jobs=1) == 4
+    finally:
+        torch.set_num_threads(threads)
+    lines = []
+    assert runner.run_study(two, log=lines.append, jobs=2) == 4
+    assert sum("runs on 2 jobs" in line for line in lines) == 2  # the lr grid, then the grown arm: two batches
+    seq = {r["config_hash"]: r for r in Store(one.store_path).records}
+    par = {r["config_hash"]: r for r in Store(two.store_path).records}
+    assert seq.keys() == par.keys() and len(par) == 4
+    for key, r in seq.items():
+        assert abs(r["final_loss"] - par[key]["final_loss"]) <= 1e-6, (r["arm"], r["seed"])
+        assert without_wall_clock(r) == without_wall_clock(par[key])  # same up to wall-clock fields
+        assert config_hash(r["config"]) == key  # the new keys do not enter the run's key
+        assert (r["jobs"], r["threads"], r["cpu"]) == (1, 1, None)
+        assert (par[key]["jobs"], par[key]["threads"]) == (2, 1) and par[key]["machine"]["threads"] == 1
+    assert {r["cpu"] for r in par.values()} == set(runner.usable_cores()[:2])  # each worker on its own core
+    assert "| half at 50% | 2 |" in report.study_markdown(two, plots=False)  # the report ignores the new keys
+
+
+@pytest.mark.skipif(len(runner.usable_cores()) < 2, reason="needs 2 cores")
+def test_a_run_failing_in_a_worker_is_named_and_the_others_are_stored(tmp_path, demo_data):
+    study = small_study(tmp_path, demo_data, extra='[arms.bad]\nset = { "data.dir" = "/nonexistent" }\n')
+    study.seeds = [0]
+    lines = []
+    with pytest.raises(runner.RunFailed, match=r"s: bad \| seed 0 \| lr 0.01 \| budget x1 failed in a worker "
+                                               r"process: DataError: data directory /nonexistent"):
+        runner.run_study(study, log=lines.append, jobs=2)
+    assert sorted(r["arm"] for r in Store(study.store_path).records) == ["half at 50%", "scratch"]
+    assert any("bad | seed 0" in line and "then stopping" in line for line in lines)
+
+
+def test_more_jobs_than_cores_is_refused(tmp_path, demo_data, capsys):
+    from nanogrow.cli import main
+
+    study = small_study(tmp_path, demo_data)
+    n = len(runner.usable_cores())
+    with pytest.raises(ValueError, match=rf"--jobs {n + 1}: this process may use {n} core\(s\).*use --jobs {n} or "
+                                         r"fewer"):
+        runner.run_study(study, log=lambda *a: None, jobs=n + 1)
+    with pytest.raises(ValueError, match="positive integer"):
+        runner.run_study(study, log=lambda *a: None, jobs=0)
+    assert main(["handbook", "run", str(study.path), "--jobs", str(n + 1)]) == 2
+    assert f"nanogrow: error: --jobs {n + 1}: this process may use {n} core(s)" in capsys.readouterr().err
+    assert not study.store_path.exists()  # refused before anything ran
+
+
+def test_store_appends_from_two_processes_are_whole_lines(tmp_path):
+    """Store.append is one os.write on an O_APPEND descriptor: two processes appending 64 kB records to one store
+    at once interleave whole lines."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork")
+    path = tmp_path / "s.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(path, w)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    store = Store(path)
+    assert store.torn == [] and len(store.records) == 60
+    assert sorted((r["w"], r["i"]) for r in store.records) == [(w, i) for w in range(2) for i in range(30)]
+    assert all(r["pad"] == str(r["w"]) * 65536 for r in store.records)
+
+
+def _append_many(path, w):
+    store = Store(path)
+    for i in range(30):
+        store.append({"w": w, "i": i, "pad": str(w) * 65536})

@@ -37,6 +37,8 @@ import statistics
 from pathlib import Path
 
 from ..lag import pearson, spearman
+from .frontier import frontiers_in
+from .frontier_report import frontier_markdown
 from .runner import plan_runs, tuned_lr
 from .stats import effective_flops, first_crossing, fmt_ci, mean_ci, ratio_ci, t975
 from .store import Store
@@ -542,6 +544,8 @@ def write_handbook(path: str | Path = ROOT / "HANDBOOK.md", log=print) -> Path:
     summary = STUDY_DIR / "summary.md"  # hand-written: the answers so far, each citing its table below
     if summary.exists():
         parts.append(summary.read_text().strip())
+    for fr in frontiers_in():  # part 3's yardstick first: the growth studies are read against it
+        parts.append(frontier_markdown(fr))
     studies = studies_in()
     for study in studies:
         if not study.ladder_arm:

@@ -2,7 +2,13 @@
 
 Order: the reference over its learning-rate grid first (its best lr, the "tuned" one, is what every grown arm
 trains at), then the grown arms, then the reference at the larger budgets. Each finished run is appended to the
-store at once, so a study stopped at any point loses at most the run in progress.
+store at once, so a study stopped at any point loses at most the run(s) in progress.
+
+With ``jobs`` > 1 the runs of each phase (the lr grid; then the grown arms and the larger budgets) train in parallel
+in ``jobs`` worker processes (``RunPool``), each pinned to one core and running torch on one thread; the parent
+process plans, copies records stored for other studies, and is the store's only writer (records appended in
+completion order). Every record says how it ran: ``jobs``, ``threads`` (torch threads of that run) and ``cpu`` (the
+core its worker was pinned to; null when not pinned), so its wall-clock seconds can be read.
 """
 
 from __future__ import annotations
@@ -10,12 +16,17 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -53,40 +64,242 @@ def plan_runs(study: Study, store: Store, seeds: list[int], arms: list[str] | No
 
 
 def run_study(study: Study, seeds: list[int] | None = None, arms: list[str] | None = None, log=print,
-              dry_run: bool = False) -> int:
-    """Run what is missing; returns the number of runs made. The tuned lr is decided once the grid is done."""
+              dry_run: bool = False, jobs: int = 1) -> int:
+    """Run what is missing; returns the number of runs made. The tuned lr is decided once the grid is done.
+
+    ``jobs`` = 1 trains one run at a time in this process. ``jobs`` > 1 trains each phase's runs (the lr grid, then
+    the grown arms and larger budgets) in ``jobs`` pinned single-thread worker processes (see ``RunPool``)."""
     seeds = seeds or study.seeds
     unknown = [a for a in arms or [] if a not in study.arms]
     if unknown:
         raise ValueError(f"{study.path}: no arm(s) {unknown}; the study has {', '.join(study.arms)}")
+    check_jobs(jobs)
     store = Store(study.store_path)
     ensure_data(study, log)
     made = 0
-    while True:
-        todo = plan_runs(study, store, seeds, arms)
-        if not todo:
-            break
-        if dry_run:
-            for r in todo:
-                log(f"would run {r.arm} seed {r.seed} lr {r.lr:g} x{r.scale:g} ({r.cfg.train.max_steps} steps)")
-            return 0
-        run = todo[0]
-        log(f"[{study.name}] {run.arm} | seed {run.seed} | lr {run.lr:g} | budget x{run.scale:g} | "
-            f"{run.cfg.train.max_steps} steps | {len(todo) - 1} more queued")
-        record = stored_elsewhere(study, run.key)
-        if record is not None:  # the same config was run for another study (e.g. the shared reference)
-            record = {**record, "study": study.name, "arm": run.arm, "copied_from": record["study"]}
-            log(f"    the same config is in {record['copied_from']}'s store: copied, not rerun")
-        else:
-            record = execute(study, run)
-        store.append(record)
-        made += 1
-        log(f"    final loss {record['final_loss']:.4f} (+- {record['final_loss_se']:.4f}), "
-            f"{record['flops']:.3e} FLOPs, {record['wall_seconds']:.0f} s")
+    with RunPool(jobs, log) as pool:
+        while True:
+            todo = plan_runs(study, store, seeds, arms)
+            if not todo:
+                break
+            if dry_run:
+                for r in todo:
+                    log(f"would run {r.arm} seed {r.seed} lr {r.lr:g} x{r.scale:g} ({r.cfg.train.max_steps} steps)")
+                return 0
+            # A whole phase: the lr grid, or (the tuned lr known) the rest; plan_runs lists no later phase's runs.
+            made += run_batch(study, todo, store, jobs, log, pool)
     lr, means = tuned_lr(study, store, seeds)
     log(f"[{study.name}] complete for seeds {seeds}: tuned lr {lr:g} "
         f"({', '.join(f'{k:g}: {v:.4f}' for k, v in means.items())})")
     return made
+
+
+def run_batch(study, runs: list[Run], store: Store, jobs: int = 1, log=print, pool: "RunPool | None" = None) -> int:
+    """Make ``runs`` of ``study`` (a Study, or any planner with ``name``, ``path`` and ``store_path``) and append each
+    record to ``store`` as it finishes; returns the number made. A run whose key ``store`` already has is skipped,
+    one stored in another store next to it is copied (in this process), the rest are trained by ``pool`` (or a
+    ``RunPool(jobs)`` for this batch alone): with ``jobs`` = 1 one after the other in the order given, the log
+    saying each run before it starts; with ``jobs`` > 1 in parallel, logged as each finishes."""
+    if pool is None:
+        with RunPool(jobs, log) as own:
+            return run_batch(study, runs, store, jobs, log, own)
+    jobs = pool.jobs
+    made, to_train, keys = 0, [], set()
+    for i, run in enumerate(runs):
+        if store.has(run.key) or run.key in keys:  # (two arms that resolve to one config: trained once)
+            continue
+        if jobs == 1:
+            log(f"[{study.name}] {run_label(run)} | {run.cfg.train.max_steps} steps | {len(runs) - i - 1} more queued")
+        record = stored_elsewhere(study, run.key)
+        if record is None:
+            if jobs == 1:
+                _, _, record = next(pool.run([(study, run)]))
+            else:
+                to_train.append((study, run))
+                keys.add(run.key)
+                continue
+        else:  # the same config was run for another study (e.g. the shared reference)
+            record = {**record, "study": study.name, "arm": run.arm, "copied_from": record["study"]}
+            log(f"    {'' if jobs == 1 else run_label(run) + ': '}the same config is in {record['copied_from']}'s "
+                f"store: copied, not rerun")
+        store.append(record)
+        made += 1
+        if jobs == 1:
+            log(f"    {result_line(record)}")
+    if to_train:
+        log(f"[{study.name}] {len(to_train)} runs on {min(jobs, len(to_train))} jobs (1 thread each): "
+            + ", ".join(f"{r.arm} s{r.seed} lr {r.lr:g} x{r.scale:g}" for _, r in to_train))
+    for done, (_, run, record) in enumerate(pool.run(to_train), start=1):
+        store.append(record)  # as soon as it finishes: a stopped study loses only the runs in progress
+        made += 1
+        log(f"[{study.name}] {run_label(run)} | {run.cfg.train.max_steps} steps | cpu {record['cpu']}: "
+            f"{result_line(record)} | {len(to_train) - done} to go")
+    return made
+
+
+def run_label(run: Run) -> str:
+    return f"{run.arm} | seed {run.seed} | lr {run.lr:g} | budget x{run.scale:g}"
+
+
+def result_line(record: dict) -> str:
+    return (f"final loss {record['final_loss']:.4f} (+- {record['final_loss_se']:.4f}), "
+            f"{record['flops']:.3e} FLOPs, {record['wall_seconds']:.0f} s")
+
+
+# ---- parallel runs -------------------------------------------------------------------------------------------
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read when a worker imports torch: set before it starts
+
+
+class RunFailed(RuntimeError):
+    """A run that raised in a worker process; ``__cause__`` is its exception (with the worker's traceback)."""
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on (its CPU affinity), or 0..cpu_count-1 where that cannot be read."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def check_jobs(jobs: int) -> list[int]:
+    """Refuse a job count this process cannot give a core each; returns the usable cores."""
+    cores = usable_cores()
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"--jobs must be a positive integer, got {jobs!r}")
+    if jobs > len(cores):
+        raise ValueError(f"--jobs {jobs}: this process may use {len(cores)} core(s) ({', '.join(map(str, cores))}) "
+                         f"and each job needs one of its own (one torch thread, pinned); use --jobs {len(cores)} "
+                         f"or fewer")
+    return cores
+
+
+class RunPool:
+    """Trains (study, run) pairs with ``execute`` and yields ``(study, run, record)`` as each finishes, the record
+    carrying ``jobs``, ``threads`` and ``cpu``. For any planner of ``Run`` objects (``run_study``, and others); the
+    caller stores the records (one writer) and decides what to do next between calls of ``run``.
+
+    ``jobs`` = 1: in this process, one run after the other, in the order given, unpinned (``cpu`` null, ``threads``
+    this process's torch threads); an exception propagates as it is. ``jobs`` > 1: ``jobs`` spawned worker
+    processes (started as needed, kept across calls of ``run`` until the pool closes), each pinned to its own core
+    of this process's affinity and running torch on 1 thread (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = 1 in its
+    environment before it imports torch). Records come back in completion order. A run that raises stops the
+    pool's queue (runs not started are dropped, runs in progress finish and are yielded) and then surfaces as
+    ``RunFailed`` naming its study, arm, seed, lr and budget. Leaving the ``with`` block on an exception (Ctrl-C
+    included: the workers ignore SIGINT, the parent ends them) terminates the workers and their runs in progress.
+    """
+
+    def __init__(self, jobs: int = 1, log=print):
+        self.cores = check_jobs(jobs)[:jobs]
+        self.jobs, self.log = jobs, log
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "RunPool":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(abort=exc_type is not None)
+
+    def _start(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: torch imported after the env is set
+            cores = ctx.SimpleQueue()
+            pin = hasattr(os, "sched_setaffinity")
+            for cpu in self.cores:
+                cores.put(cpu if pin else None)  # each worker takes one core as it starts
+            self._executor = ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_init_worker,
+                                                 initargs=(cores,))
+        return self._executor
+
+    def run(self, items: Iterable[tuple[Study, Run]]) -> Iterator[tuple[Study, Run, dict]]:
+        items = list(items)
+        if self.jobs == 1:
+            for study, run in items:
+                record = execute(study, run)
+                yield study, run, {**record, "jobs": 1, "threads": torch.get_num_threads(), "cpu": None}
+            return
+        if not items:
+            return
+        executor = self._start()
+        saved = {k: os.environ.get(k) for k in THREAD_ENV}
+        os.environ.update({k: "1" for k in THREAD_ENV})  # spawn starts a worker inside submit, with this env
+        try:
+            futures = {executor.submit(_train_in_worker, study, run): i for i, (study, run) in enumerate(items)}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        failed, pending = None, set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=futures.get):
+                    if fut.cancelled():
+                        continue
+                    study, run = items[futures[fut]]
+                    if fut.exception() is not None:
+                        if failed is None:
+                            failed = (study, run, fut.exception())
+                            for f in pending:
+                                f.cancel()  # not started: not run
+                            running = sum(1 for f in pending if not f.cancelled())
+                            self.log(f"[{study.name}] {run_label(run)} {failure(failed[2])}; waiting for the "
+                                     f"{running} run(s) in progress, then stopping")
+                        continue
+                    yield study, run, {**fut.result(), "jobs": self.jobs}
+        finally:
+            for f in pending:
+                f.cancel()
+        if failed is not None:
+            study, run, exc = failed
+            raise RunFailed(f"{study.name}: {run_label(run)} {failure(exc)}") from exc
+
+    def close(self, abort: bool = False) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        if abort:
+            # Python < 3.14 has no public way to stop a task in progress: end the workers themselves (their runs
+            # are lost, as a stopped study's run in progress always was; the next attempt overwrites its out_dir).
+            processes = list((getattr(executor, "_processes", None) or {}).values())
+            for p in processes:
+                p.terminate()
+            executor.shutdown(wait=False, cancel_futures=True)
+            for p in processes:
+                p.join(10)
+        else:
+            executor.shutdown(wait=True)
+
+
+def failure(exc: BaseException) -> str:
+    if isinstance(exc, BrokenProcessPool):  # not this run's doing, necessarily: every run in the pool gets it
+        return f"was lost: the worker pool broke (a worker was killed, ran out of memory or could not start): {exc}"
+    return f"failed in a worker process: {type(exc).__name__}: {exc}"
+
+
+def run_pool(items: Iterable[tuple[Study, Run]], jobs: int = 1, log=print) -> Iterator[tuple[Study, Run, dict]]:
+    """``RunPool(jobs, log).run(items)`` for one batch: the pool's workers end with it."""
+    with RunPool(jobs, log) as pool:
+        yield from pool.run(items)
+
+
+_WORKER_CPU: int | None = None  # in a worker process: the core it is pinned to
+
+
+def _init_worker(cores) -> None:
+    global _WORKER_CPU
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
+    _WORKER_CPU = cores.get()
+    if _WORKER_CPU is not None:
+        os.sched_setaffinity(0, {_WORKER_CPU})
+    torch.set_num_threads(1)
+
+
+def _train_in_worker(study: Study, run: Run) -> dict:
+    record = execute(study, run)
+    return {**record, "threads": torch.get_num_threads(), "cpu": _WORKER_CPU}
 
 
 def retime(study: Study, arm: str, seeds: list[int] | None = None, log=print) -> int:
@@ -151,6 +364,8 @@ def execute(study: Study, run: Run) -> dict:
     summary = trainer.run()
     wall = time.perf_counter() - t0
     final, se = full_validation(trainer)
+    # The test split, where the data has one (part 3's corpus): what the Handbook reports; val is for choices.
+    test = full_validation(trainer, "test") if has_split(run.cfg.data.dir, "test") else (None, None)
     curve = [[h["flops"], h["tokens"], h.get("seconds"), h["val_loss"]] for h in trainer.history
              if h["event"] == "eval"]
     events = [growth_event_record(h) for h in trainer.history if h["event"] == "grow"]
@@ -162,6 +377,7 @@ def execute(study: Study, run: Run) -> dict:
         "study": study.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
         "config_hash": key, "config": config, "commit": git_commit(),
         "curve": curve, "growth_events": events, "stages": stages, "final_loss": final, "final_loss_se": se,
+        "final_test_loss": test[0], "final_test_loss_se": test[1],
         "final_curve_loss": summary["val_loss"], "flops": summary["flops"], "tokens": summary["tokens"],
         "steps": summary["steps"], "wall_seconds": wall, "machine": machine(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -187,20 +403,25 @@ def growth_event_record(h: dict) -> dict:
     return out
 
 
+def has_split(data_dir: str, split: str) -> bool:
+    return (Path(data_dir) / f"{split}_000000.bin").exists()
+
+
 @torch.no_grad()
-def full_validation(trainer) -> tuple[float, float]:
-    """Final loss on up to 480 validation sequences (15 batches of 32; fewer where the split is smaller) and its
+def full_validation(trainer, split: str = "val") -> tuple[float, float]:
+    """Final loss on up to 480 sequences of ``split`` (15 batches of 32; fewer where the split is smaller) and its
     standard error over the batches."""
     from ..config import eval_seq_len
     from ..data import ShardSet, val_batches
     from ..parallel import unwrap
 
     seq = eval_seq_len(trainer.cfg)
-    n = min(FULL_VAL_BATCHES, (ShardSet(trainer.cfg.data.dir, "val").total - 1) // (FULL_VAL_BATCH * seq))
+    n = min(FULL_VAL_BATCHES, (ShardSet(trainer.cfg.data.dir, split).total - 1) // (FULL_VAL_BATCH * seq))
     model = unwrap(trainer.model)
     model.eval()
     losses = []
-    for x, y in val_batches(trainer.cfg.data.dir, seq, FULL_VAL_BATCH, n, vocab_size=trainer.model_config.vocab_size):
+    for x, y in val_batches(trainer.cfg.data.dir, seq, FULL_VAL_BATCH, n, vocab_size=trainer.model_config.vocab_size,
+                            split=split):
         losses.append(float(model(x.to(trainer.device), y.to(trainer.device))))
     model.train()
     return statistics.fmean(losses), statistics.stdev(losses) / len(losses) ** 0.5

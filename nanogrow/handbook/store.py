@@ -1,6 +1,9 @@
 """A study's result store: one JSON line per finished run, committed next to the study file.
 
-A record is appended only once its run has finished, in one ``write`` of one line followed by ``fsync``, so an
+A record is appended only once its run has finished, in one ``os.write`` of the whole line on a file descriptor
+opened with ``O_APPEND``, followed by ``fsync``: the kernel moves to the end of the file and writes in one step, so
+two processes appending to the same store at once (the study runner's parallel jobs hand their records to one writer,
+the parent, but two ``handbook run`` commands may share a store) interleave whole lines, never parts of lines, and an
 interrupted study leaves whole records only (a torn last line, from a machine that died mid-write, is reported and
 skipped, never silently read). Runs are keyed by the hash of their resolved config: a run whose key is stored is
 not run again, and a changed arm has a new key (a new run), never mixed with the old results.
@@ -34,12 +37,16 @@ class Store:
         return key in self.keys()
 
     def append(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n"
+        data = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)  # one write: never a line assembled from several writes
+            if written != len(data):  # (a full disk): the torn line is reported when the store is read
+                raise OSError(f"{self.path}: wrote {written} of {len(data)} bytes of a record")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self.records.append(record)
 
     def select(self, arm: str | None = None, scale: float | None = None, lr: float | None = None) -> list[dict]:
