@@ -477,3 +477,48 @@ def _append_many(path, w):
     store = Store(path)
     for i in range(30):
         store.append({"w": w, "i": i, "pad": str(w) * 65536})
+
+
+def test_shipped_recipe_config_is_the_run_the_handbook_measured():
+    """configs/recipe-8x96.toml resolves to the stored config of the recipe arm ("L/4 at 75%" of
+    configs/handbook/recipe.toml) at the tuned lr, seed 0: the same step counts, growth step, lr and schedule, model
+    and growth settings, so `nanogrow train` on it trains what the Handbook reports (issue #26). Only where the run
+    writes to (out_dir, log lines, checkpoints kept) and the seeds may differ; keys the stored record predates must
+    be at their defaults."""
+    import dataclasses
+    from pathlib import Path
+
+    from nanogrow.config import RunConfig, StageConfig, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    study = load_study(root / "configs/handbook/recipe.toml")
+    store = Store(study.store_path)
+    lr, _ = runner.tuned_lr(study, store, study.seeds)
+    assert lr is not None
+    arm = "L/4 at 75%"
+    key = config_hash(study.arm_config(arm, 0, lr))
+    [record] = [r for r in store.records if r["arm"] == arm and r["seed"] == 0 and r["config_hash"] == key]
+    stored = record["config"]
+    shipped = load_config(root / "configs/recipe-8x96.toml").to_dict()
+    defaults = RunConfig().to_dict()
+    stage_defaults = {f.name: f.default for f in dataclasses.fields(StageConfig)
+                      if f.default is not dataclasses.MISSING}
+    output_only = {"out_dir", "seed", "log_every", "keep_last"}
+    for section in ("model", "data", "train", "growth"):
+        for name, value in shipped[section].items():
+            if name in output_only or (section == "data" and name == "dir"):
+                continue
+            want = stored[section].get(name, defaults[section][name])
+            assert value == want, f"{section}.{name}: shipped {value!r}, measured {want!r}"
+    assert len(shipped["stage"]) == len(stored["stage"])
+    for got, want in zip(shipped["stage"], stored["stage"]):
+        for name, value in got.items():
+            measured = want[name] if name in want else stage_defaults[name]
+            assert value == measured, f"stage.{name}: shipped {value!r}, measured {measured!r}"
+    # the essentials spelled out, so a failure reads as the schedule it breaks
+    t = shipped["train"]
+    assert (t["max_steps"], t["max_flops"], shipped["stage"][0]["at_step"], shipped["stage"][0]["at_flops"]) == \
+        (record["steps"], 0.0, record["growth_events"][0]["step"], -1.0)
+    assert (t["lr"], t["schedule"], t["warmup_steps"], t["min_lr_ratio"]) == (lr, "cosine", 30, 0.1)
+    assert (t["micro_batch"], t["grad_accum"], shipped["model"]["n_layer"], shipped["stage"][0]["shape"]) == \
+        (8, 1, 2, {"n_layer": 8})
