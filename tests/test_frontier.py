@@ -185,3 +185,65 @@ def test_a_frontier_run_spends_its_budget_and_is_scored_on_val_and_test(tmp_path
     assert record["final_test_loss"] != record["final_loss"]  # two different splits
     assert abs(record["flops"] - budget) <= fr.flops_per_step("b") / 2 + 1
     assert record["config_hash"] == run.key and record["arm"] == "b"
+
+
+def test_frontier_compute_for_loss_inverts_the_frontier():
+    for c in (1e11, 1e13, 1e15):
+        assert LAW.compute_for_loss(LAW.frontier(c)[2]) == pytest.approx(c, rel=1e-6)
+    assert LAW.compute_for_loss(LAW.E) == math.inf
+
+
+STUDY = """
+[study]
+title = "against the frontier"
+base = "base-study.toml"
+seeds = [0, 1]
+reference = "scratch"
+lr_grid = [2e-3, 4e-3]
+frontier = "fr.toml"
+other_shapes = ["start alone"]
+
+[arms.scratch]
+
+[arms."start alone"]
+model = { n_layer = 1, d_model = 16, n_head = 1 }
+
+[arms."grown"]
+model = { n_layer = 1 }
+stage = [{ at_frac = 0.5, shape = { n_layer = 2 } }]
+"""
+
+
+def test_a_study_is_read_against_the_frontier_and_its_start_model_alone(tmp_path, data_with_test, monkeypatch):
+    from nanogrow.handbook import report, runner
+    from nanogrow.handbook.study import load_study
+
+    fr = F.load_frontier(write_frontier(tmp_path, data_with_test))
+    monkeypatch.setattr(runner, "execute", fake_execute(fr))
+    F.run_frontier(fr, log=lambda *_: None)
+    base = BASE.format(data=data_with_test).replace("n_layer = 1\nd_model = 16", "n_layer = 2\nd_model = 32")
+    (tmp_path / "base-study.toml").write_text(base.replace("n_head = 1", "n_head = 2")
+                                              .replace("max_steps = 10", "max_steps = 25"))
+    (tmp_path / "study.toml").write_text(STUDY)
+    study = load_study(tmp_path / "study.toml")
+    assert study.frontier == (tmp_path / "fr.toml").resolve()
+
+    fit = F.frontier_summary(fr, reps=20)["fit"]
+
+    def execute(study_, run):  # the fitted frontier at the run's FLOPs, the grown arm well below it
+        flops = study.budget_flops * run.scale
+        offset = {"scratch": 0.05, "start alone": 0.02, "grown": -0.3}[run.arm]
+        loss = fit.frontier(flops)[2] + offset + 0.001 * run.seed
+        loss += 0.01 * (run.lr != 4e-3)
+        return {"study": study_.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
+                "config_hash": run.key, "curve": [[flops, 0, 1.0, loss]], "growth_events": [], "final_loss": loss,
+                "final_loss_se": 0.01, "final_test_loss": loss, "flops": flops, "wall_seconds": 1.0,
+                "commit": "abc", "machine": {"cpu": "test", "cores": 2, "torch": "x"}}
+
+    monkeypatch.setattr(runner, "execute", execute)
+    runner.run_study(study, log=lambda *_: None)
+    md = report.study_markdown(study, plots=False)
+    table = md[md.index("Against the scratch frontier"):]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "beats the frontier" in rows["grown"] and "loses to the frontier" in rows["scratch"]
+    assert "loses to the frontier" in rows["start alone"] and "extrapolated" not in table

@@ -282,6 +282,19 @@ class Fit:
         d = flops / (self.k * n)
         return n, d, self.loss(n, d)
 
+    def compute_for_loss(self, loss: float) -> float:
+        """The FLOPs at which the frontier reaches ``loss`` (inf at or below E): bisection in log-FLOPs, the frontier
+        loss falling monotonically with compute."""
+        if loss <= self.E:
+            return math.inf
+        lo, hi = math.log(1e3), math.log(1e40)
+        if self.frontier(math.exp(lo))[2] <= loss:
+            return math.exp(lo)
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.frontier(math.exp(mid))[2] > loss else (lo, mid)
+        return math.exp(hi)
+
 
 def fit_chinchilla(n: list[float], d: list[float], loss: list[float], k: float, starts: list | None = None) -> Fit:
     """Hoffmann et al.'s approach 3: minimise the Huber loss (delta 1e-3) of log L - LSE(a - alpha log N,

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..lag import pearson, spearman
 from .frontier import frontiers_in
-from .frontier_report import frontier_markdown
+from .frontier_report import frontier_markdown, yardstick_rows, yardstick_table
 from .runner import plan_runs, tuned_lr
 from .stats import effective_flops, first_crossing, fmt_ci, mean_ci, ratio_ci, t975
 from .store import Store
@@ -395,6 +395,14 @@ def study_markdown(study: Study, plots: bool = True) -> str:
             f"(what the new shape, the carried optimizer state and the lr do in the first steps). "
             f"Effective compute: from the reference at "
             f"{', '.join(['1'] + [f'{k:g}' for k in study.scratch_scales])}x the budget."]
+    if study.frontier is not None:
+        current = {name: [r for r in store.select(name, scale=1.0, lr=lr if name == study.reference else None)
+                          if r["config_hash"] in _current_keys(study, name, r["seed"], lr)] for name in study.arms}
+        why, yard = yardstick_rows(study, current)
+        out += ["", f"Against the scratch frontier (`{study.frontier.name}`: the best from-scratch model of any size "
+                    f"at the same FLOPs, from its L(N, D) fit; test split): " + (why or ""), ""]
+        if yard:
+            out += [yardstick_table(yard)]
     paired = baseline_rows(study, rows)
     if paired:
         out += ["", "Arms against each other (paired by seed; \"lower\" / \"higher\": the 95% interval excludes zero):",

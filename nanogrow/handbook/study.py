@@ -8,6 +8,8 @@ A study file (``configs/handbook/*.toml``)::
                                            # from-scratch budget (train.max_steps at the final shape)
     seeds = [0, 1, 2]
     reference = "scratch"                  # the from-scratch arm every grown arm is compared with
+    frontier = "frontier.toml"             # optional: each arm against the scratch frontier's fit at its FLOPs
+    other_shapes = ["start alone"]         # optional: arms that may end in another shape (yardsticks)
     lr_grid = [1e-3, 3e-3, 1e-2]           # the reference is trained at each; the best mean final loss is "tuned"
     scratch_scales = [2, 4]                # extra reference runs at k x the budget (effective compute multiplier)
     prep = ["--source", "demo", ...]       # `nanogrow prep` arguments that make the base's data.dir if missing
@@ -38,7 +40,7 @@ from ..config import SECTIONS, ConfigError, RunConfig, load_config, read_toml, v
 from ..schedule import stage_layouts, stage_start_steps
 
 STUDY_KEYS = {"title", "question", "base", "seeds", "reference", "lr_grid", "scratch_scales", "prep", "notes",
-              "ladder_arm", "baseline"}
+              "ladder_arm", "baseline", "frontier", "other_shapes"}
 ARM_KEYS = {"model", "stage", "set", "about"}
 
 
@@ -84,6 +86,10 @@ class Study:
     # Grown arms compared with each other, paired by seed: {name prefix: baseline arm}; an arm is paired with the
     # baseline of the longest prefix its name starts with ("" matches every arm). A string means {"": it}.
     baseline: dict[str, str] = field(default_factory=dict)
+    # Part 3: the frontier file (its fit is the second yardstick: the best from-scratch model of any size at the same
+    # FLOPs), and arms that may end in another shape than the reference (the start model trained alone, yardsticks).
+    frontier: Path | None = None
+    other_shapes: list[str] = field(default_factory=list)
 
     def baseline_of(self, arm: str) -> str | None:
         """The arm this one is paired with in the study's comparison table, or None (the reference, an arm no
@@ -154,6 +160,8 @@ class Study:
             raise ConfigError(f"{self.path}: study.reference {self.reference!r} is not an arm ({', '.join(self.arms)})")
         want = final_shape(self.arm_config(self.reference, self.seeds[0], self.lr_grid[0]))
         for name in self.arms:
+            if name in self.other_shapes:
+                continue
             got = final_shape(self.arm_config(name, self.seeds[0], self.lr_grid[0]))
             if got != want:
                 diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
@@ -271,7 +279,15 @@ def load_study(path: str | Path) -> Study:
                   reference=s["reference"], lr_grid=[float(x) for x in s["lr_grid"]],
                   scratch_scales=[float(x) for x in scales], arms=arms, prep=list(s.get("prep", [])),
                   question=s.get("question", ""), notes=s.get("notes", ""), ladder_arm=s.get("ladder_arm", ""),
-                  baseline=_baselines(p, s.get("baseline", {}), arms))
+                  baseline=_baselines(p, s.get("baseline", {}), arms),
+                  frontier=(p.parent / s["frontier"]).resolve() if s.get("frontier") else None,
+                  other_shapes=list(s.get("other_shapes", [])))
+    for name in study.other_shapes:
+        if name not in arms or name == study.reference:
+            raise ConfigError(f"{p}: study.other_shapes {name!r} must be an arm other than the reference "
+                              f"({', '.join(arms)})")
+    if study.frontier is not None and not study.frontier.is_file():
+        raise ConfigError(f"{p}: study.frontier {s['frontier']!r}: no such file ({study.frontier})")
     if study.ladder_arm and study.ladder_arm not in arms:
         raise ConfigError(f"{p}: study.ladder_arm {study.ladder_arm!r} is not an arm ({', '.join(arms)})")
     study.check()
