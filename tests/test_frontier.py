@@ -104,11 +104,15 @@ def test_chinchilla_fit_recovers_a_known_law():
 
 
 def test_isoflop_parabola_finds_an_interior_minimum_only():
-    pts = [F.Point("x", 1.0, 1e-3, n, 0, 0, [2.0 + (math.log(n) - math.log(1e5)) ** 2], 0) for n in (3e4, 1e5, 3e5)]
+    def point(n, loss):
+        return F.Point("x", 1.0, 1e-3, n, 0, 0, [loss], 0)
+
+    pts = [point(n, 2.0 + (math.log(n) - math.log(1e5)) ** 2) for n in (3e4, 1e5, 3e5)]
+    pts.append(point(3e6, 9.0))  # far off on one side: the local parabola (best and neighbours) ignores it
     n, loss = F.isoflop_minimum(pts)
     assert n == pytest.approx(1e5, rel=1e-6) and loss == pytest.approx(2.0)
-    rising = [F.Point("x", 1.0, 1e-3, n, 0, 0, [math.log(n)], 0) for n in (3e4, 1e5, 3e5)]
-    assert F.isoflop_minimum(rising) is None
+    rising = [point(n, math.log(n)) for n in (3e4, 1e5, 3e5)]
+    assert F.isoflop_minimum(rising) is None  # the best is the smallest size: not bracketed
 
 
 def test_lr_grid_extends_past_a_best_edge_then_settles(tmp_path, data_with_test):

@@ -228,6 +228,7 @@ class Point:
     flops: float
     test: list[float]  # one per seed
     val: float  # the tuning seed's validation loss (what selected the lr)
+    edge: bool = False  # the tuned lr is at an edge of the grid after every extension: the optimum may lie beyond
 
     @property
     def loss(self) -> float:
@@ -238,7 +239,7 @@ def points(fr: Frontier, store: Store) -> list[Point]:
     out = []
     for budget, names in fr.budgets:
         for size in names:
-            _, lr = lr_grid_for(fr, store, size, budget)
+            grid, lr = lr_grid_for(fr, store, size, budget)
             if lr is None:
                 continue
             key_of = {seed: config_hash(fr.config(size, budget, seed, lr)) for seed in fr.seeds + fr.extra_seeds}
@@ -249,7 +250,7 @@ def points(fr: Frontier, store: Store) -> list[Point]:
             tuning = next((r for r in runs if r["seed"] == fr.seeds[0]), runs[0])
             out.append(Point(size, budget, lr, fr.params(size), tuning["tokens"], tuning["flops"],
                              [r["final_test_loss"] for r in sorted(runs, key=lambda r: r["seed"])],
-                             tuning["final_loss"]))
+                             tuning["final_loss"], edge=lr in (grid[0], grid[-1])))
     return out
 
 
@@ -373,19 +374,24 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def isoflop_minimum(pts: list[Point]) -> tuple[float, float] | None:
-    """Approach 2: the minimum of a parabola in log N through one profile's points: (N, loss), or None when the
-    parabola opens downwards or its minimum lies outside the sizes measured."""
-    if len(pts) < 3:
-        return None
+    """Approach 2, locally: the minimum of the parabola in log N through a profile's best point and its two
+    neighbours in size: (N, loss), or None when the best is the smallest or largest size measured (the profile does
+    not bracket its optimum) or the parabola opens downwards. Local, because a profile's two sides are far from
+    symmetric here (undertrained large models lose by much more than small ones)."""
     import numpy as np
 
-    x = np.log([p.params for p in pts])
-    c2, c1, c0 = np.polyfit(x, [p.loss for p in pts], 2)
+    pts = sorted(pts, key=lambda p: p.params)
+    if len(pts) < 3:
+        return None
+    i = min(range(len(pts)), key=lambda j: pts[j].loss)
+    if i in (0, len(pts) - 1):
+        return None
+    near = pts[i - 1:i + 2]
+    x = np.log([p.params for p in near])
+    c2, c1, c0 = np.polyfit(x, [p.loss for p in near], 2)
     if c2 <= 0:
         return None
     xm = -c1 / (2 * c2)
-    if not x.min() <= xm <= x.max():
-        return None
     return float(math.exp(xm)), float(c0 + c1 * xm + c2 * xm * xm)
 
 

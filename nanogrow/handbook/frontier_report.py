@@ -60,7 +60,7 @@ def frontier_markdown(fr: Frontier, plots: bool = True, reps: int = 200) -> str:
         for p in prof["points"]:
             mark = " (best)" if p is prof["best"] else ""
             rows.append(f"| {budget:.3g} | {p.size}{mark} | {p.params:,} | {p.tokens:.3g} | {p.tokens / p.params:.1f} "
-                        f"| {p.lr:g} | {p.val:.4f} | {_seeds(p.test)} |")
+                        f"| {p.lr:g}{' (grid edge)' if p.edge else ''} | {p.val:.4f} | {_seeds(p.test)} |")
         missing = [n for n in names if n not in {p.size for p in prof["points"]}]
         if missing:
             rows.append(f"| {budget:.3g} | (not tuned yet: {', '.join(missing)}) | | | | | | |")
@@ -77,9 +77,13 @@ def frontier_markdown(fr: Frontier, plots: bool = True, reps: int = 200) -> str:
                     f"{len(s['points'])} points, {len(boots)} resamples). Compute-optimal size N* ~ C^a with "
                     f"a = {fit.exponent:.3f} {_ci([b.exponent for b in boots])}; FLOPs per token = "
                     f"{fit.k:.2f} N.",
+                *([""] + [f"**The fit is not identified here**: an exponent above 1 (alpha {fit.alpha:.2f}, beta "
+                          f"{fit.beta:.2f}) means its term is flat across the sizes measured, and its N*(C) lies outside "
+                          f"every measured size; read the compute-optimal sizes off the profiles (last column), not the "
+                          f"fit."] if max(fit.alpha, fit.beta) > 1 else []),
                 "",
                 "| budget (FLOPs) | N* (fit) | D* / N* (fit) | frontier loss (fit) | best run | its test loss | "
-                "parabola minimum (approach 2) |",
+                "parabola through the best size and its neighbours: N*, loss, D* / N* |",
                 "|---|---|---|---|---|---|---|"]
         for budget, _ in fr.budgets:
             n, d, loss = fit.frontier(budget)
@@ -87,10 +91,11 @@ def frontier_markdown(fr: Frontier, plots: bool = True, reps: int = 200) -> str:
             prof = s["profiles"].get(budget)
             best = prof["best"] if prof else None
             par = prof["parabola"] if prof else None
-            out.append(f"| {budget:.3g} | {n:,.0f} {_ci([x[0] for x in ns], 0)} | {d / n:.1f} "
-                       f"{_ci([x[1] / x[0] for x in ns], 1)} | {loss:.4f} {_ci([x[2] for x in ns], 4)} | "
-                       f"{best.size if best else '-'} | {f'{best.loss:.4f}' if best else '-'} | "
-                       f"{f'N {par[0]:,.0f}, loss {par[1]:.4f}' if par else 'outside the sizes / none'} |")
+            local = (f"{par[0]:,.0f}, {par[1]:.4f}, {budget / (fit.k * par[0]) / par[0]:.0f}" if par
+                     else "not bracketed (the best size is an end of the profile)")
+            out.append(f"| {budget:.3g} | {n:,.0f} {_ci([x[0] for x in ns], 3, fmt='g')} | {d / n:.3g} "
+                       f"{_ci([x[1] / x[0] for x in ns], 3, fmt='g')} | {loss:.4f} {_ci([x[2] for x in ns], 4)} | "
+                       f"{best.size if best else '-'} | {f'{best.loss:.4f}' if best else '-'} | {local} |")
     if plots and s["points"]:
         png = plot_frontier(fr, s, fr.path.parent / "plots" / f"{fr.name}.png")
         if png:
@@ -125,11 +130,15 @@ def plot_frontier(fr: Frontier, s: dict, path: Path) -> Path | None:
             ns = [lo * (hi / lo) ** (j / 60) for j in range(61)]
             ax.plot(ns, [fit.loss(n, budget / (fit.k * n)) for n in ns], color=c, lw=1, alpha=0.8)
             n, _, loss = fit.frontier(budget)
-            ax.plot([n], [loss], marker="*", color=c, ms=14, mec="black")
+            if lo <= n <= hi:  # an N* far outside the sizes measured (an unidentified fit) is not drawn
+                ax.plot([n], [loss], marker="*", color=c, ms=14, mec="black")
+        if prof["parabola"] is not None:
+            ax.plot([prof["parabola"][0]], [prof["parabola"][1]], marker="x", color=c, ms=10, mew=2)
     ax.set_xscale("log")
     ax.set_xlabel("N: parameters in matmuls (log)")
     ax.set_ylabel("test loss (nats / token)")
-    ax.set_title("Scratch frontier: IsoFLOP profiles (lines: L(N, D) fit; stars: its compute-optimal N*)", fontsize=9)
+    ax.set_title("Scratch frontier: IsoFLOP profiles (lines: L(N, D) fit; stars: its N* where within range; "
+                 "x: local parabola minimum)", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

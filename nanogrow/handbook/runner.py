@@ -295,6 +295,7 @@ def _init_worker(cores) -> None:
     if _WORKER_CPU is not None:
         os.sched_setaffinity(0, {_WORKER_CPU})
     torch.set_num_threads(1)
+    code_commit()  # the code this worker imported at its start
 
 
 def _train_in_worker(study: Study, run: Run) -> dict:
@@ -375,7 +376,7 @@ def execute(study: Study, run: Run) -> dict:
     shutil.rmtree(run.cfg.train.out_dir, ignore_errors=True)  # checkpoints of a finished study run are not kept
     return {
         "study": study.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
-        "config_hash": key, "config": config, "commit": git_commit(),
+        "config_hash": key, "config": config, "commit": code_commit(),
         "curve": curve, "growth_events": events, "stages": stages, "final_loss": final, "final_loss_se": se,
         "final_test_loss": test[0], "final_test_loss_se": test[1],
         "final_curve_loss": summary["val_loss"], "flops": summary["flops"], "tokens": summary["tokens"],
@@ -425,6 +426,19 @@ def full_validation(trainer, split: str = "val") -> tuple[float, float]:
         losses.append(float(model(x.to(trainer.device), y.to(trainer.device))))
     model.train()
     return statistics.fmean(losses), statistics.stdev(losses) / len(losses) ** 0.5
+
+
+_CODE_COMMIT: str | None = None
+
+
+def code_commit() -> str:
+    """The commit of the code this process runs: read once, at the first run, not at every record (a study runs for
+    hours while commits land; the records of one process ran one version of the code). A worker of ``RunPool``
+    reads it when it starts, which is when it imports the code."""
+    global _CODE_COMMIT
+    if _CODE_COMMIT is None:
+        _CODE_COMMIT = git_commit()
+    return _CODE_COMMIT
 
 
 def git_commit() -> str:
