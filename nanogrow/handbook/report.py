@@ -542,8 +542,9 @@ config and its hash, commit, machine, full validation curve, growth events). Eac
 reproduces it. Hand-written recommendations (from `configs/handbook/<study>.md`) follow each table and cite it; a
 recommendation is written only where the interval excludes "no difference".
 
-How to read the tables: see the docstring of `nanogrow/handbook/report.py`. Every arm spends the same FLOPs as the
-reference (to within one step); grown arms train at the reference's tuned learning rate.
+How to read the tables: see the docstring of `nanogrow/handbook/report.py`. Every arm spends the same training FLOPs as
+the reference (to within one step), except the learned-operator arms, whose fitting steps come on top (8-11% more,
+see depth-ops and width-ops); grown arms train at the reference's tuned learning rate.
 """
 
 
