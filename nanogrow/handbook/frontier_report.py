@@ -57,8 +57,9 @@ def frontier_markdown(fr: Frontier, plots: bool = True, reps: int = 200) -> str:
         if not prof:
             rows.append(f"| {budget:.3g} | (not run yet: {', '.join(names)}) | | | | | | |")
             continue
+        complete = {p.size for p in prof["points"]} == set(names)
         for p in prof["points"]:
-            mark = " (best)" if p is prof["best"] else ""
+            mark = (" (best)" if complete else " (best of those tuned so far)") if p is prof["best"] else ""
             rows.append(f"| {budget:.3g} | {p.size}{mark} | {p.params:,} | {p.tokens:.3g} | {p.tokens / p.params:.1f} "
                         f"| {p.lr:g}{' (grid edge)' if p.edge else ''} | {p.val:.4f} | {_seeds(p.test)} |")
         missing = [n for n in names if n not in {p.size for p in prof["points"]}]
@@ -90,12 +91,14 @@ def frontier_markdown(fr: Frontier, plots: bool = True, reps: int = 200) -> str:
             ns = [b.frontier(budget) for b in boots]
             prof = s["profiles"].get(budget)
             best = prof["best"] if prof else None
+            complete = prof is not None and {p.size for p in prof["points"]} == set(dict(fr.budgets)[budget])
             par = prof["parabola"] if prof else None
             local = (f"{par[0]:,.0f}, {par[1]:.4f}, {budget / (fit.k * par[0]) / par[0]:.0f}" if par
                      else "not bracketed (the best size is an end of the profile)")
             out.append(f"| {budget:.3g} | {n:,.0f} {_ci([x[0] for x in ns], 3, fmt='g')} | {d / n:.3g} "
                        f"{_ci([x[1] / x[0] for x in ns], 3, fmt='g')} | {loss:.4f} {_ci([x[2] for x in ns], 4)} | "
-                       f"{best.size if best else '-'} | {f'{best.loss:.4f}' if best else '-'} | {local} |")
+                       f"{best.size + ('' if complete else ' (profile not complete)') if best else '-'} | "
+                       f"{f'{best.loss:.4f}' if best else '-'} | {local} |")
     if plots and s["points"]:
         png = plot_frontier(fr, s, fr.path.parent / "plots" / f"{fr.name}.png")
         if png:
