@@ -9,14 +9,8 @@ from pathlib import Path
 
 from .frontier import Fit, Frontier, frontier_summary, interval, load_frontier
 from .stats import fmt_ci, mean_ci, ratio_ci
+from .markdown import figure_and_notes, rel
 from .store import Store
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _rel(p: Path) -> Path:
-    return p.resolve().relative_to(ROOT) if p.resolve().is_relative_to(ROOT) else p
-
 
 def _ci(values: list[float], digits: int = 3, scale: float = 1.0, fmt: str = "f") -> str:
     lo, hi = interval(values)
@@ -34,17 +28,15 @@ def _seeds(test: list[float]) -> str:
 
 def frontier_markdown(fr: Frontier, plots: bool = True, reps: int = 200) -> str:
     store = Store(fr.store_path)
-    rel = _rel(fr.path)
+    where = rel(fr.path)
     out = [f"## {fr.title}", ""]
     if fr.question:
         out += [f"*{fr.question}*", ""]
-    out += [f"Reproduce: `nanogrow handbook run {rel}` (then `nanogrow handbook report`). Result store: "
-            f"`{rel.with_suffix('.jsonl')}`, {len(store.records)} runs."]
+    out += [f"Reproduce: `nanogrow handbook run {where}` (then `nanogrow handbook report`). Result store: "
+            f"`{where.with_suffix('.jsonl')}`, {len(store.records)} runs."]
     s = frontier_summary(fr, store, reps)
     if store.records:
-        commits = sorted({r["commit"][:10] for r in store.records})
-        machines = sorted({f"{r['machine']['cpu']} ({r['machine']['cores']} cores, torch {r['machine']['torch']})"
-                           for r in store.records})
+        commits, machines = store.provenance()
         out += ["", f"Commit(s) {', '.join(commits)}; machine(s) {'; '.join(machines)}. Every size is tuned over the lr "
                     f"grid {', '.join(f'{x:g}' for x in fr.lr_grid)} (extended by x{fr.lr_factor:g} while the best is "
                     f"at an edge) at seed {fr.seeds[0]} on the validation split; the losses below are on the test "
@@ -99,14 +91,8 @@ def frontier_markdown(fr: Frontier, plots: bool = True, reps: int = 200) -> str:
                        f"{_ci([x[1] / x[0] for x in ns], 3, fmt='g')} | {loss:.4f} {_ci([x[2] for x in ns], 4)} | "
                        f"{best.size + ('' if complete else ' (profile not complete)') if best else '-'} | "
                        f"{f'{best.loss:.4f}' if best else '-'} | {local} |")
-    if plots and s["points"]:
-        png = plot_frontier(fr, s, fr.path.parent / "plots" / f"{fr.name}.png")
-        if png:
-            out += ["", f"![{fr.title}]({_rel(png)})"]
-    notes = fr.path.with_suffix(".md")
-    if notes.exists():
-        out += ["", notes.read_text().strip()]
-    return "\n".join(out)
+    png = plot_frontier(fr, s, fr.path.parent / "plots" / f"{fr.name}.png") if plots and s["points"] else None
+    return "\n".join(out + figure_and_notes(fr.title, png, fr.path))
 
 
 def plot_frontier(fr: Frontier, s: dict, path: Path) -> Path | None:

@@ -39,6 +39,8 @@ from pathlib import Path
 from ..lag import pearson, spearman
 from .frontier import frontiers_in
 from .frontier_report import frontier_markdown, yardstick_rows, yardstick_table
+from .markdown import figure_and_notes
+from .markdown import rel as markdown_rel
 from .runner import plan_runs, tuned_lr
 from .stats import effective_flops, first_crossing, fmt_ci, mean_ci, ratio_ci, t975
 from .store import Store
@@ -365,7 +367,7 @@ def lag_table(rows: list[dict]) -> str:
 def study_markdown(study: Study, plots: bool = True) -> str:
     store = Store(study.store_path)
     lr, grid, rows = arm_rows(study, store)
-    rel = study.path.resolve().relative_to(ROOT) if study.path.resolve().is_relative_to(ROOT) else study.path
+    rel = markdown_rel(study.path)
     out = [f"## {study.title}", ""]
     if study.question:
         out += [f"*{study.question}*", ""]
@@ -377,9 +379,7 @@ def study_markdown(study: Study, plots: bool = True) -> str:
         done = {k: f"{v:.4f}" for k, v in grid.items()}
         return "\n".join(out + ["", f"Incomplete: the reference's lr grid is not done for seeds {study.seeds} "
                                     f"(done: {done or 'none'})."])
-    commits = sorted({r["commit"][:10] for r in store.records})
-    machines = sorted({f"{r['machine']['cpu']} ({r['machine']['cores']} cores, torch {r['machine']['torch']})"
-                       for r in store.records})
+    commits, machines = store.provenance()
     ref = store.select(study.reference, scale=1.0, lr=lr)
     se = statistics.fmean(r["final_loss_se"] for r in ref)
     out += ["", f"Budget: {study.budget_flops:.3e} FLOPs (the reference, {study.base.train.max_steps} steps). "
@@ -417,14 +417,8 @@ def study_markdown(study: Study, plots: bool = True) -> str:
     lag = lag_rows(study, store, lr)
     if lag:
         out += ["", lag_table(lag)]
-    if plots:
-        png = plot(study, lr, study.path.parent / "plots" / f"{study.name}.png")
-        if png:
-            out += ["", f"![{study.title}]({png.resolve().relative_to(ROOT) if png.resolve().is_relative_to(ROOT) else png})"]
-    notes = study.path.with_suffix(".md")
-    if notes.exists():
-        out += ["", notes.read_text().strip()]
-    return "\n".join(out)
+    png = plot(study, lr, study.path.parent / "plots" / f"{study.name}.png") if plots else None
+    return "\n".join(out + figure_and_notes(study.title, png, study.path))
 
 
 def ladder_rows(studies: list[Study]) -> list[dict]:

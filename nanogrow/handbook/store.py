@@ -52,3 +52,10 @@ class Store:
     def select(self, arm: str | None = None, scale: float | None = None, lr: float | None = None) -> list[dict]:
         return [r for r in self.records if (arm is None or r["arm"] == arm)
                 and (scale is None or r["scale"] == scale) and (lr is None or r["lr"] == lr)]
+
+    def provenance(self) -> tuple[list[str], list[str]]:
+        """(short commits, machines) the records ran on, sorted: what a report cites for reproduction."""
+        commits = sorted({r["commit"][:10] for r in self.records})
+        machines = sorted({f"{r['machine']['cpu']} ({r['machine']['cores']} cores, torch {r['machine']['torch']})"
+                           for r in self.records})
+        return commits, machines
