@@ -171,6 +171,24 @@ def cmd_handbook(args) -> int:
     from .handbook import frontier, report, runner
     from .handbook.study import budget_check, load_study, studies_in
 
+    paths = args.study or []
+    if len(paths) > 1 and args.action != "run":
+        raise ValueError(f"handbook {args.action} takes one study file; several are for `run`")
+    if args.action == "run" and len(paths) > 1:
+        if args.retime or args.arms or args.seeds:
+            raise ValueError("with several study files, --retime, --arms and --seeds do not apply (run one study)")
+        runner.run_studies([load_study(p) for p in paths], jobs=args.jobs, dry_run=args.dry_run)
+        if not args.dry_run:
+            report.write_handbook(log=print)
+        return 0
+    args.study = paths[0] if paths else None
+    if args.action == "predict":
+        from .handbook import regime
+        if not args.study:
+            raise ValueError("handbook predict needs the study file to predict, e.g. "
+                             "configs/handbook/regime-4x64-t32.toml")
+        regime.predict(load_study(args.study), studies_in())
+        return 0
     if args.action in ("run", "report") and args.study and frontier.is_frontier_file(args.study):
         fr = frontier.load_frontier(args.study)
         if args.action == "run":
@@ -359,9 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", help="a run directory (train.out_dir) or a bench lag output directory")
     p.set_defaults(func=cmd_lag_report)
 
-    p = verb("handbook", "run, report or list the studies behind HANDBOOK.md")
-    p.add_argument("action", choices=["run", "report", "list"], help="run STUDY | report [STUDY] | list")
-    p.add_argument("study", nargs="?", help="a study file, e.g. configs/handbook/growth-time.toml")
+    p = verb("handbook", "run, report, list or predict the studies behind HANDBOOK.md")
+    p.add_argument("action", choices=["run", "report", "list", "predict"],
+                   help="run STUDY [STUDY ...] | report [STUDY] | list | predict STUDY (part 3's growth law, "
+                        "written before the study runs)")
+    p.add_argument("study", nargs="*", help="a study file, e.g. configs/handbook/growth-time.toml (run: several "
+                                            "share one pool of --jobs workers)")
     p.add_argument("--seeds", help="run: these seeds instead of the study's, e.g. 0,1,2")
     p.add_argument("--arms", help="run: only these arms (comma-separated; the reference's lr grid always runs)")
     p.add_argument("--dry-run", action="store_true", help="run: list the runs that are missing, run nothing")

@@ -40,8 +40,9 @@ from ..lag import pearson, spearman
 from .frontier import frontiers_in
 from .frontier_report import frontier_markdown, yardstick_rows, yardstick_table
 from .markdown import figure_and_notes
+from .regime import regime_markdown
 from .markdown import rel as markdown_rel
-from .runner import plan_runs, tuned_lr
+from .runner import lr_grid, plan_runs, tuned_lr
 from .stats import effective_flops, first_crossing, fmt_ci, mean_ci, ratio_ci, t975
 from .store import Store
 from .study import STUDY_DIR, Study, config_hash, studies_in
@@ -49,9 +50,17 @@ from .study import STUDY_DIR, Study, config_hash, studies_in
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def score_key(study: Study) -> str:
+    """The record field a study's final losses are read from: part 3's studies (those held against a frontier) are
+    scored on the test split, which no tuning or selection saw; the earlier studies on validation."""
+    return "final_test_loss" if study.frontier is not None else "final_loss"
+
+
 def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, dict, list[dict]]:
-    """(tuned lr, {lr: mean final loss of the reference}, one row of statistics per arm)."""
+    """(tuned lr, {lr: mean final validation loss of the reference}, one row of statistics per arm: final losses
+    read from ``score_key``)."""
     store = store or Store(study.store_path)
+    key = score_key(study)
     lr, grid = tuned_lr(study, store, study.seeds)
     if lr is None:
         return None, grid, []
@@ -69,9 +78,9 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
                      "grown_at": []}
         for seed, r in sorted(runs.items()):
             base = ref[seed]
-            row["finals"].append(r["final_loss"])
-            row["by_seed"][seed] = r["final_loss"]
-            row["diffs"].append(r["final_loss"] - base["final_loss"])
+            row["finals"].append(r[key])
+            row["by_seed"][seed] = r[key]
+            row["diffs"].append(r[key] - base[key])
             target = base["curve"][-1][3]
             ref_cost, cost = first_crossing(base["curve"], target), first_crossing(r["curve"], target)
             if cost:
@@ -81,9 +90,9 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
                     row["wall_ratio"].append(ref_s / s)
             else:
                 row["never"] += 1
-            points = [(x["flops"], x["final_loss"]) for x in scales[seed]]
+            points = [(x["flops"], x[key]) for x in scales[seed]]
             if len(points) >= 2:
-                eff, extrapolated = effective_flops(points, r["final_loss"])
+                eff, extrapolated = effective_flops(points, r[key])
                 row["effective"].append(eff / r["flops"])
                 row["extrapolated"] += extrapolated
             losses = [p[3] for p in r["curve"]]
@@ -116,7 +125,7 @@ def loss_after_growth(record: dict) -> float | None:
 def _current_keys(study: Study, arm: str, seed: int, lr: float) -> set[str]:
     """Config hashes the study's current definition gives this arm (stale records of an edited arm are left out)."""
     scales = [1.0] + (study.scratch_scales if arm == study.reference else [])
-    lrs = study.lr_grid if arm == study.reference else [lr]
+    lrs = [*study.lr_grid, lr] if arm == study.reference else [lr]  # (the tuned lr may extend the grid)
     return {config_hash(study.arm_config(arm, seed, x, k)) for x in lrs for k in scales}
 
 
@@ -381,13 +390,14 @@ def study_markdown(study: Study, plots: bool = True) -> str:
                                     f"(done: {done or 'none'})."])
     commits, machines = store.provenance()
     ref = store.select(study.reference, scale=1.0, lr=lr)
-    se = statistics.fmean(r["final_loss_se"] for r in ref)
+    split = "test" if score_key(study) == "final_test_loss" else "validation"
+    se = statistics.fmean(r[f"{score_key(study)}_se"] for r in ref)
     out += ["", f"Budget: {study.budget_flops:.3e} FLOPs (the reference, {study.base.train.max_steps} steps). "
                 f"Reference tuned over lr {', '.join(f'{k:g} ({v:.4f})' for k, v in grid.items())}: best **{lr:g}**; "
                 f"grown arms train at it. Seeds {study.seeds} (paired: same data order and initial weights per "
                 f"seed). Commit(s) {', '.join(commits)}; machine(s) {'; '.join(machines)}.",
             "", table(study, rows), "",
-            f"Final losses are on 480 validation sequences; their standard error over the 15 batches is {se:.3f}, "
+            f"Final losses are on 480 {split} sequences; their standard error over the 15 batches is {se:.3f}, "
             f"but every run is scored on the same sequences, so the paired differences in the table are far more "
             f"precise than that (their interval is over seeds). Intervals: 95% t over seeds; ratios: geometric "
             f"mean. Loss jump at growth: validation loss just after the growth step minus just before (the "
@@ -521,11 +531,13 @@ def ladder_plot(rows: list[dict], trend: dict, path: Path) -> Path | None:
 
 def completeness(study: Study) -> str:
     store = Store(study.store_path)
-    lr, _ = tuned_lr(study, store, study.seeds)
-    total = len(study.lr_grid) * len(study.seeds) + (len(study.arms) - 1 + len(study.scratch_scales)) * len(study.seeds)
+    grid, lr, _ = lr_grid(study, store, study.seeds)
+    tune = study.tune_seeds or study.seeds
+    later = (len(study.arms) - 1 + len(study.scratch_scales)) * len(study.seeds) + len(study.seeds) - len(tune)
+    total = len(grid) * len(tune) + later
     missing = len(plan_runs(study, store, study.seeds))
     if lr is None:  # grown arms wait for the tuned lr: count them as missing too
-        missing += (len(study.arms) - 1 + len(study.scratch_scales)) * len(study.seeds)
+        missing += later
     return f"{study.name}: {total - missing}/{total} runs ({study.path})"
 
 
@@ -550,8 +562,12 @@ def write_handbook(path: str | Path = ROOT / "HANDBOOK.md", log=print) -> Path:
     for fr in frontiers_in():  # part 3's yardstick first: the growth studies are read against it
         parts.append(frontier_markdown(fr))
     studies = studies_in()
+    regime = regime_markdown(studies)  # then part 3's sweep, then parts 1 and 2
+    if regime:
+        parts.append(regime)
+        parts += [study_markdown(s) for s in studies if s.regime_arm]
     for study in studies:
-        if not study.ladder_arm:
+        if not study.ladder_arm and not study.regime_arm:
             parts.append(study_markdown(study))
     ladder = ladder_markdown(studies)
     if ladder:

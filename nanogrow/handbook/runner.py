@@ -32,33 +32,50 @@ from pathlib import Path
 import torch
 
 from .store import Store
-from .study import Run, Study, config_hash
+from .study import LR_FACTOR, Run, Study, config_hash
 
 FULL_VAL_BATCHES, FULL_VAL_BATCH = 15, 32  # 480 sequences: 94% of a 65,536-token val split at seq 128
 
 
 def tuned_lr(study: Study, store: Store, seeds: list[int]) -> tuple[float | None, dict]:
-    """The reference's best lr: lowest mean final loss (full validation set) over ``seeds``, among the lrs of the
-    grid that have all of them. Returns (lr or None, {lr: mean final loss})."""
-    means = {}
-    for lr in study.lr_grid:
-        finals = {r["seed"]: r["final_loss"] for r in store.select(study.reference, scale=1.0, lr=lr)
-                  if r["seed"] in seeds}
-        if len(finals) == len(seeds):
-            means[lr] = statistics.fmean(finals.values())
-    if len(means) < len(study.lr_grid):
-        return None, means
-    return min(means, key=means.get), means
+    """The reference's best lr: lowest mean final loss (full validation set) over the tuning seeds
+    (``study.tune_seeds``, or ``seeds``), among the lrs of the grid that have all of them. Returns (lr or None,
+    {lr: mean final loss}). None while the grid is not done, or while its best lr sits at an edge that
+    ``study.lr_extensions`` still allows to extend."""
+    grid, lr, means = lr_grid(study, store, seeds)
+    return lr, means
+
+
+def lr_grid(study: Study, store: Store, seeds: list[int]) -> tuple[list[float], float | None, dict]:
+    """(the lrs to train the reference at, the tuned lr or None, {lr: mean final loss over the tuning seeds}): the
+    study's grid, extended by ``LR_FACTOR`` past an edge that is the best so far, at most ``lr_extensions`` times."""
+    tune = study.tune_seeds or seeds
+    grid, means = list(study.lr_grid), {}
+    while True:
+        for lr in grid:
+            finals = {r["seed"]: r["final_loss"] for r in store.select(study.reference, scale=1.0, lr=lr)
+                      if r["seed"] in tune}
+            if len(finals) == len(tune):
+                means[lr] = statistics.fmean(finals.values())
+        if len(means) < len(grid):
+            return grid, None, means
+        best = min(grid, key=means.get)
+        if best not in (grid[0], grid[-1]) or len(grid) >= len(study.lr_grid) + study.lr_extensions:
+            return grid, best, means
+        grid = [best / LR_FACTOR] + grid if best == grid[0] else grid + [best * LR_FACTOR]
 
 
 def plan_runs(study: Study, store: Store, seeds: list[int], arms: list[str] | None = None) -> list[Run]:
-    """The runs still to do, in order, with the tuned lr resolved where the store already allows it."""
-    todo = [r for lr in study.lr_grid for r in study.runs(study.reference, seeds, lr)]
-    lr, _ = tuned_lr(study, store, seeds)
+    """The runs still to do, in order, with the tuned lr resolved where the store already allows it: the lr grid at
+    the tuning seeds, then the other arms, the reference's other seeds and its other budgets at the tuned lr."""
+    grid, lr, _ = lr_grid(study, store, seeds)
+    tune = study.tune_seeds or seeds
+    todo = [r for x in grid for r in study.runs(study.reference, tune, x)]
     if lr is not None:
         for name in study.arms:
             if name != study.reference and (arms is None or name in arms):
                 todo += study.runs(name, seeds, lr)
+        todo += study.runs(study.reference, [s for s in seeds if s not in tune], lr)
         todo += study.runs(study.reference, seeds, lr, study.scratch_scales)
     return [r for r in todo if not store.has(r.key)]
 
@@ -92,6 +109,43 @@ def run_study(study: Study, seeds: list[int] | None = None, arms: list[str] | No
     log(f"[{study.name}] complete for seeds {seeds}: tuned lr {lr:g} "
         f"({', '.join(f'{k:g}: {v:.4f}' for k, v in means.items())})")
     return made
+
+
+def run_studies(studies: list[Study], jobs: int = 1, log=print, dry_run: bool = False) -> int:
+    """Run what is missing of several studies in one pool of ``jobs`` workers: each round trains every study's
+    current phase together (longest runs first, so the cores stay busy), then plans again (a study whose lr grid
+    is done moves on to its arms). Returns the number of runs made."""
+    if len(studies) == 1 or dry_run:
+        return sum(run_study(s, log=log, dry_run=dry_run, jobs=jobs) for s in studies)
+    check_jobs(jobs)
+    stores = {s.name: Store(s.store_path) for s in studies}
+    if len(stores) < len(studies):
+        raise ValueError("two of the studies have the same name: " + ", ".join(str(s.path) for s in studies))
+    for s in studies:
+        ensure_data(s, log)
+    made = 0
+    with RunPool(jobs, log) as pool:
+        while True:
+            items = []
+            for s in studies:
+                todo = plan_runs(s, stores[s.name], s.seeds)
+                made += run_batch(s, [r for r in todo if stored_elsewhere(s, r.key)], stores[s.name], jobs, log, pool)
+                items += [(s, r) for r in todo if not stores[s.name].has(r.key)]
+            if not items:
+                break
+            items.sort(key=lambda item: -run_flops_of(item[1]))
+            log(f"[{len(studies)} studies] {len(items)} runs on {min(jobs, len(items))} jobs")
+            for done, (study, run, record) in enumerate(pool.run(items), start=1):
+                stores[study.name].append(record)
+                made += 1
+                log(f"[{study.name}] {run_label(run)} | {run.cfg.train.max_steps} steps | cpu {record['cpu']}: "
+                    f"{result_line(record)} | {len(items) - done} to go")
+    return made
+
+
+def run_flops_of(run: Run) -> float:
+    from .study import run_flops
+    return run_flops(run.cfg)
 
 
 def run_batch(study, runs: list[Run], store: Store, jobs: int = 1, log=print, pool: "RunPool | None" = None) -> int:

@@ -9,9 +9,17 @@ A study file (``configs/handbook/*.toml``)::
     seeds = [0, 1, 2]
     reference = "scratch"                  # the from-scratch arm every grown arm is compared with
     frontier = "frontier.toml"             # optional: each arm against the scratch frontier's fit at its FLOPs
-    other_shapes = ["start alone"]         # optional: arms that may end in another shape (yardsticks)
+    other_shapes = ["start alone"]         # optional: arms that may end in another shape (yardsticks); one without
+                                           # stages trains as many steps as spend the budget in its own shape
     lr_grid = [1e-3, 3e-3, 1e-2]           # the reference is trained at each; the best mean final loss is "tuned"
-    scratch_scales = [2, 4]                # extra reference runs at k x the budget (effective compute multiplier)
+    scratch_scales = [2, 4]                # extra reference runs at k x the budget (effective compute multiplier;
+                                           # a scale below 1, e.g. 0.5, brackets an arm that loses to the reference)
+    tune_seeds = [0]                       # optional: tune the lr on these seeds only (default: every seed)
+    lr_extensions = 2                      # optional: extend the grid by x2 past an edge that is best, this often
+    model = { d_model = 32 }               # optional: the target shape, fields of the base's [model] that differ
+    tokens_per_param = 32                  # optional: the budget as tokens per parameter of the reference (N counts
+                                           # every matmul parameter, the frontier's N); replaces train.max_steps
+    regime_arm = "L/4 at 75%"              # optional: the arm that enters the part-3 growth law (handbook/regime.py)
     prep = ["--source", "demo", ...]       # `nanogrow prep` arguments that make the base's data.dir if missing
 
     [arms.scratch]                         # an arm with no stages trains the final shape from step 0
@@ -40,7 +48,9 @@ from ..config import SECTIONS, ConfigError, RunConfig, load_config, read_toml, v
 from ..schedule import stage_layouts, stage_start_steps
 
 STUDY_KEYS = {"title", "question", "base", "seeds", "reference", "lr_grid", "scratch_scales", "prep", "notes",
-              "ladder_arm", "baseline", "frontier", "other_shapes"}
+              "ladder_arm", "baseline", "frontier", "other_shapes", "tune_seeds", "lr_extensions", "tokens_per_param",
+              "regime_arm", "model"}
+LR_FACTOR = 2.0  # an lr grid extended past its edge steps by this factor (the frontier's default too)
 ARM_KEYS = {"model", "stage", "set", "about"}
 
 
@@ -90,6 +100,10 @@ class Study:
     # FLOPs), and arms that may end in another shape than the reference (the start model trained alone, yardsticks).
     frontier: Path | None = None
     other_shapes: list[str] = field(default_factory=list)
+    tune_seeds: list[int] = field(default_factory=list)  # empty: every seed tunes
+    lr_extensions: int = 0
+    tokens_per_param: float | None = None
+    regime_arm: str = ""
 
     def baseline_of(self, arm: str) -> str | None:
         """The arm this one is paired with in the study's comparison table, or None (the reference, an arm no
@@ -148,6 +162,10 @@ class Study:
             _resolve_fractions(cfg, fracs, self.budget_flops * scale, source)
         elif cfg.stage and cfg.growth.schedule != "manual":
             _resolve_budgeted_schedule(cfg, self.budget_flops * scale, source)
+        elif not cfg.stage and arm in self.other_shapes:  # another shape from scratch: the same FLOPs, other steps
+            lay = stage_layouts(cfg.model, cfg.data.seq_len, cfg.train.micro_batch, [])[0]
+            per_step = lay.tokens_per_step(1, cfg.train.grad_accum) * lay.flops_per_token()
+            cfg.train.max_steps = max(1, round(self.budget_flops * scale / per_step))
         validate(cfg, source)
         return cfg
 
@@ -265,10 +283,24 @@ def load_study(path: str | Path) -> Study:
     if not s["lr_grid"] or not all(isinstance(x, (int, float)) and x > 0 for x in s["lr_grid"]):
         raise ConfigError(f"{p}: study.lr_grid must be a non-empty list of positive numbers, got {s['lr_grid']!r}")
     scales = s.get("scratch_scales", [])
-    if not all(isinstance(x, (int, float)) and x > 1 for x in scales):
-        raise ConfigError(f"{p}: study.scratch_scales must be numbers > 1 (multiples of the budget), got {scales!r}")
+    if not all(isinstance(x, (int, float)) and x > 0 and x != 1 for x in scales):
+        raise ConfigError(f"{p}: study.scratch_scales must be positive numbers other than 1 (multiples of the "
+                          f"budget), got {scales!r}")
+    tune = s.get("tune_seeds", [])
+    if not isinstance(tune, list) or not set(tune) <= set(s["seeds"]):
+        raise ConfigError(f"{p}: study.tune_seeds must be a list of some of study.seeds {s['seeds']}, got {tune!r}")
+    ext = s.get("lr_extensions", 0)
+    if not isinstance(ext, int) or isinstance(ext, bool) or ext < 0:
+        raise ConfigError(f"{p}: study.lr_extensions must be an integer >= 0, got {ext!r}")
     base_path = (p.parent / s["base"]).resolve()
     base = load_config(base_path)
+    tpp = s.get("tokens_per_param")
+    if tpp is not None and (not isinstance(tpp, (int, float)) or isinstance(tpp, bool) or tpp <= 0):
+        raise ConfigError(f"{p}: study.tokens_per_param must be a positive number, got {tpp!r}")
+    if not isinstance(s.get("model", {}), dict):
+        raise ConfigError(f"{p}: study.model must be a table of [model] fields, got {s['model']!r}")
+    if s.get("model") or tpp is not None:
+        base = _with_model_and_length(base, s.get("model", {}), None if tpp is None else float(tpp), p)
     arms = {}
     for name, a in raw["arms"].items():
         if not isinstance(a, dict) or set(a) - ARM_KEYS:
@@ -281,17 +313,40 @@ def load_study(path: str | Path) -> Study:
                   question=s.get("question", ""), notes=s.get("notes", ""), ladder_arm=s.get("ladder_arm", ""),
                   baseline=_baselines(p, s.get("baseline", {}), arms),
                   frontier=(p.parent / s["frontier"]).resolve() if s.get("frontier") else None,
-                  other_shapes=list(s.get("other_shapes", [])))
+                  other_shapes=list(s.get("other_shapes", [])), tune_seeds=list(tune), lr_extensions=ext,
+                  tokens_per_param=None if tpp is None else float(tpp), regime_arm=s.get("regime_arm", ""))
     for name in study.other_shapes:
         if name not in arms or name == study.reference:
             raise ConfigError(f"{p}: study.other_shapes {name!r} must be an arm other than the reference "
                               f"({', '.join(arms)})")
     if study.frontier is not None and not study.frontier.is_file():
         raise ConfigError(f"{p}: study.frontier {s['frontier']!r}: no such file ({study.frontier})")
-    if study.ladder_arm and study.ladder_arm not in arms:
-        raise ConfigError(f"{p}: study.ladder_arm {study.ladder_arm!r} is not an arm ({', '.join(arms)})")
+    for key in ("ladder_arm", "regime_arm"):
+        if getattr(study, key) and getattr(study, key) not in arms:
+            raise ConfigError(f"{p}: study.{key} {getattr(study, key)!r} is not an arm ({', '.join(arms)})")
     study.check()
     return study
+
+
+def _with_model_and_length(base: RunConfig, model: dict, tpp: float | None, p: Path) -> RunConfig:
+    """The base with the study's target shape (``model``) and, given ``tpp``, ``train.max_steps`` set so that the
+    reference trains for ``tpp`` tokens per parameter (N: the matmul parameters of the target)."""
+    raw = copy.deepcopy(base.to_dict())
+    raw["model"].update(model)
+    cfg = RunConfig.from_dict(raw, source=f"{p} study.model")
+    if tpp is not None:
+        lay = stage_layouts(cfg.model, cfg.data.seq_len, cfg.train.micro_batch, [])[0]
+        n = lay.model.num_params(include_embedding=False)
+        raw["train"]["max_steps"] = max(1, round(tpp * n / lay.tokens_per_step(1, cfg.train.grad_accum)))
+        cfg = RunConfig.from_dict(raw, source=f"{p} study.tokens_per_param")
+    validate(cfg, str(p))
+    return cfg
+
+
+def regime_params(study: Study) -> int:
+    """N of the growth law and of the frontier: every matmul parameter of the reference's final shape."""
+    cfg = study.arm_config(study.reference, study.seeds[0], study.lr_grid[0])
+    return stage_layouts(cfg.model, cfg.data.seq_len, cfg.train.micro_batch, [])[0].model.num_params(False)
 
 
 def _baselines(p: Path, value, arms: dict) -> dict[str, str]:
