@@ -8,7 +8,8 @@ import pytest
 
 from nanogrow.config import ConfigError
 from nanogrow.handbook import report, runner
-from nanogrow.handbook.stats import effective_flops, first_crossing, mean_ci, ratio_ci, t975
+from nanogrow.handbook.stats import (effective_flops, first_crossing, holm, mean_ci, paired_pvalue, ratio_ci,
+                                     t975, t_pvalue)
 from nanogrow.handbook.store import Store
 from nanogrow.handbook.study import budget_check, config_hash, load_study
 
@@ -342,6 +343,34 @@ def test_preservation_line_needs_arms_grown_at_the_same_point():
     assert "rho = +1.00" in line and "significant at 95%" in line and "not significant" not in line
     rows[0]["grown_at"] = [0.25] * 3
     assert report.preservation_line(study, rows) is None
+
+
+def test_t_pvalues_and_holm_match_textbook_values():
+    # Two-sided p of Student's t at the 97.5% quantiles the intervals use is 0.05; t = 2, 5 df: 0.1019 (tables).
+    for df in (1, 2, 3, 4, 10, 30):
+        assert t_pvalue(t975(df), df) == pytest.approx(0.05, abs=2e-4)
+    assert t_pvalue(2.0, 5) == pytest.approx(0.10194, abs=1e-5) and t_pvalue(0.0, 7) == pytest.approx(1.0)
+    assert paired_pvalue([0.1, 0.1, 0.1]) == 0.0 and paired_pvalue([0.0, 0.0]) == 1.0
+    assert math.isnan(paired_pvalue([0.3]))
+    # Holm: sorted 0.01, 0.03, 0.04, 0.5 of four -> 0.04, 0.09, max(0.08, 0.09), 0.5; nan is not counted.
+    got = holm([0.01, 0.04, 0.03, math.nan, 0.5])
+    assert got[:3] == pytest.approx([0.04, 0.09, 0.09]) and math.isnan(got[3]) and got[4] == pytest.approx(0.5)
+
+
+def test_holm_can_take_back_an_uncorrected_difference(tmp_path, demo_data):
+    """Among many comparisons, one whose interval barely excludes zero is reported "before Holm" only."""
+    study = load_study(write_study(tmp_path, demo_data))
+    from nanogrow.handbook.study import _baselines
+
+    names = ["scratch", "stack", *[f"x{i}" for i in range(6)]]
+    study.baseline = _baselines(tmp_path, {"x": "stack"}, dict.fromkeys(names))
+    rows = [{"arm": "stack", "seeds": 3, "by_seed": {0: 4.0, 1: 4.5, 2: 5.0}}]
+    rows += [{"arm": f"x{i}", "seeds": 3, "by_seed": {0: 4.0 + d, 1: 4.5 + d + 0.002, 2: 5.0 + d - 0.002}}
+             for i, d in enumerate([0.5, 0.008, 0.0, 0.001, -0.002, 0.003])]
+    got = {r["arm"]: r for r in report.baseline_rows(study, rows)}
+    assert got["x0"]["verdict"] == "higher"  # far from zero: survives the correction
+    assert got["x1"]["lo"] > 0 and got["x1"]["p"] < 0.05 and got["x1"]["verdict"] == "higher before Holm"
+    assert got["x2"]["verdict"] == "no difference shown"
 
 
 def test_arms_are_paired_with_their_baseline_by_seed(tmp_path, demo_data):

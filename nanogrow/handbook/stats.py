@@ -76,3 +76,66 @@ def fmt_ci(m: float, lo: float, hi: float, digits: int = 2, suffix: str = "") ->
     if math.isinf(hi) or math.isinf(lo):
         return f"{m:.{digits}f}{suffix} (1 seed)"
     return f"{m:.{digits}f}{suffix} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz), using the
+    symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-14:
+            break
+    return front * (f - 1.0)
+
+
+def t_pvalue(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t statistic ``t`` with ``df`` degrees of freedom."""
+    if df < 1 or math.isnan(t):
+        return math.nan
+    if math.isinf(t):
+        return 0.0
+    return _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def paired_pvalue(diffs: list[float]) -> float:
+    """Two-sided p-value of the one-sample t-test of paired differences against zero (nan below two values; 0 when
+    the differences are equal and non-zero)."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    m, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    if sd == 0:
+        return 1.0 if m == 0 else 0.0
+    return t_pvalue(m / (sd / math.sqrt(n)), n - 1)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order as given; nan stays nan and is not counted):
+    the k-th smallest of m is multiplied by m - k + 1, then made monotone. Rejecting where the adjusted p < alpha
+    keeps the family-wise error rate at alpha."""
+    ranked = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    out, running, m = [math.nan] * len(pvalues), 0.0, len(ranked)
+    for k, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (m - k) * p))
+        out[i] = running
+    return out
