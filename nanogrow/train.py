@@ -260,11 +260,13 @@ class Trainer:
         """An evaluation of ``run`` (every train.eval_every steps and at the end), recorded in the history, the
         stage's statistics, the log and the trackers; a stage shorter than the validation length is scored at its
         own length as well. ``start``: when ``run`` started. Returns the validation loss."""
+        t0 = time.perf_counter()
         val_loss, own = self.evaluate(), self.evaluate_at_stage_len()
         at_len = {"val_loss_stage_len": own} if own is not None else {}
+        now = time.perf_counter()
         self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
                              "flops": self.meter.total_flops, "val_loss": val_loss,
-                             "seconds": round(time.perf_counter() - start, 3), **at_len})
+                             "seconds": round(now - start, 3), "eval_seconds": round(now - t0, 4), **at_len})
         self.stage_stats.rows[-1].update(val_loss=val_loss, **at_len)
         own_note = f" ({own:.4f} at its own seq_len {self.seq_len})" if own is not None else ""
         self.log(f"step {self.step:>6} | val loss {val_loss:.4f}{own_note} | {self.meter.total_flops:.3e} FLOPs")

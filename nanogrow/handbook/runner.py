@@ -414,6 +414,7 @@ def execute(study: Study, run: Run) -> dict:
     # The record is keyed by the config as planned: the Trainer may rewrite fields of the config it is given (with
     # train.max_flops it re-derives max_steps), so it trains on a copy.
     key, config = config_hash(run.cfg), run.cfg.to_dict()
+    t_setup = time.perf_counter()
     trainer = Trainer(copy.deepcopy(run.cfg), log=lambda *a, **k: None, overwrite=True)  # replaces a crashed attempt
     t0 = time.perf_counter()
     summary = trainer.run()
@@ -421,6 +422,12 @@ def execute(study: Study, run: Run) -> dict:
     final, se = full_validation(trainer)
     # The test split, where the data has one (part 3's corpus): what the Handbook reports; val is for choices.
     test = full_validation(trainer, "test") if has_split(run.cfg.data.dir, "test") else (None, None)
+    t_end = time.perf_counter()
+    # Where a study run's time goes besides training (issue #29): building the Trainer, the evaluations inside the
+    # run (its eval entries' own seconds), and the final full validation and test passes.
+    overhead = {"setup_seconds": round(t0 - t_setup, 3), "final_eval_seconds": round(t_end - t0 - wall, 3),
+                "eval_seconds": round(sum(h.get("eval_seconds", 0.0) for h in trainer.history
+                                          if h["event"] == "eval"), 3)}
     curve = [[h["flops"], h["tokens"], h.get("seconds"), h["val_loss"]] for h in trainer.history
              if h["event"] == "eval"]
     events = [growth_event_record(h) for h in trainer.history if h["event"] == "grow"]
@@ -434,7 +441,7 @@ def execute(study: Study, run: Run) -> dict:
         "curve": curve, "growth_events": events, "stages": stages, "final_loss": final, "final_loss_se": se,
         "final_test_loss": test[0], "final_test_loss_se": test[1],
         "final_curve_loss": summary["val_loss"], "flops": summary["flops"], "tokens": summary["tokens"],
-        "steps": summary["steps"], "wall_seconds": wall, "machine": machine(),
+        "steps": summary["steps"], "wall_seconds": wall, **overhead, "machine": machine(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
