@@ -411,7 +411,8 @@ def small_study(tmp_path, data, extra="", name="s"):
     return load_study(p)
 
 
-WALL_CLOCK = {"wall_seconds", "finished", "machine", "jobs", "threads", "cpu"}
+WALL_CLOCK = {"wall_seconds", "setup_seconds", "eval_seconds", "final_eval_seconds", "finished", "machine", "jobs",
+              "threads", "cpu"}
 
 
 def without_wall_clock(record):
