@@ -197,6 +197,34 @@ def test_frontier_compute_for_loss_inverts_the_frontier():
     assert LAW.compute_for_loss(LAW.E) == math.inf
 
 
+def envelope_of(budgets_losses: list[tuple[float, float]], seeds=(0.0, 0.01, -0.01)) -> F.Envelope:
+    profiles = {c: {"best": F.Point("s", c, 1e-3, 1000, 1.0, c, [loss + d for d in seeds], loss),
+                    "points": [], "parabola": None, "complete": True} for c, loss in budgets_losses}
+    return F.envelope(profiles)
+
+
+def test_the_measured_frontier_interpolates_in_log_flops_never_rises_and_flags_extrapolation():
+    env = envelope_of([(1e12, 5.0), (1e11, 6.0), (1e13, 5.1), (1e14, 4.0)])  # 1e13 measured worse than 1e12
+    assert env.budgets == [1e11, 1e12, 1e13, 1e14]
+    assert env.losses == [6.0, 5.0, 5.0, 4.0]  # lowered: more compute can always buy the smaller budget's model
+    assert env.loss_at(10 ** 11.5) == pytest.approx(5.5)
+    assert env.loss_at(10 ** 13.5) == pytest.approx(4.5)
+    assert env.loss_at(1e10) == pytest.approx(7.0) and env.outside(1e10)  # the end segment's slope, flagged
+    assert not env.outside(5e12)
+    c, out = env.compute_for_loss(5.5)
+    assert c == pytest.approx(10 ** 11.5) and not out
+    assert env.compute_for_loss(5.0) == (1e12, False)  # a flat stretch answers its cheapest end
+    c, out = env.compute_for_loss(3.5)
+    assert c == pytest.approx(10 ** 14.5) and out
+    c, out = env.compute_for_loss(6.5)
+    assert c == pytest.approx(10 ** 10.5) and out
+    for flops in (2e11, 3e12, 7e13):
+        assert env.compute_for_loss(env.loss_at(flops))[0] == pytest.approx(flops) or env.loss_at(flops) == 5.0
+    lo, hi = env.band_at(1e12)
+    assert lo < 5.0 < hi and math.isnan(env.band_at(1e15)[0])  # no interval outside the budgets measured
+    assert envelope_of([(1e12, 5.0)]) is None  # one budget is no frontier
+
+
 STUDY = """
 [study]
 title = "against the frontier"
@@ -232,12 +260,12 @@ def test_a_study_is_read_against_the_frontier_and_its_start_model_alone(tmp_path
     study = load_study(tmp_path / "study.toml")
     assert study.frontier == (tmp_path / "fr.toml").resolve()
 
-    fit = F.frontier_summary(fr, reps=20)["fit"]
+    env = F.frontier_summary(fr, reps=20)["envelope"]
 
-    def execute(study_, run):  # the fitted frontier at the run's FLOPs, the grown arm well below it
+    def execute(study_, run):  # the measured frontier at the run's FLOPs, the grown arm well below it
         flops = study.budget_flops * run.scale
         offset = {"scratch": 0.05, "start alone": 0.02, "grown": -0.3}[run.arm]
-        loss = fit.frontier(flops)[2] + offset + 0.001 * run.seed
+        loss = env.loss_at(flops) + offset + 0.001 * run.seed
         loss += 0.01 * (run.lr != 4e-3)
         return {"study": study_.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
                 "config_hash": run.key, "curve": [[flops, 0, 1.0, loss]], "growth_events": [], "final_loss": loss,
@@ -250,4 +278,4 @@ def test_a_study_is_read_against_the_frontier_and_its_start_model_alone(tmp_path
     table = md[md.index("Against the scratch frontier"):]
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert "beats the frontier" in rows["grown"] and "loses to the frontier" in rows["scratch"]
-    assert "loses to the frontier" in rows["start alone"] and "extrapolated" not in table
+    assert "loses to the frontier" in rows["start alone"] and "extrapolated" not in rows["scratch"]

@@ -172,3 +172,20 @@ def test_the_law_recovers_a_known_multiplier_surface_and_predicts_before_the_run
     assert "**Prediction for p32-32**" in md and "(inside the predicted interval)" in md
     rows = [line for line in md.splitlines() if line.startswith("| p")]
     assert len(rows) == 4
+
+
+def test_other_grown_arms_are_reported_beside_the_recipe_but_stay_out_of_the_law(tmp_path, monkeypatch):
+    fresh = '\n[arms.fresh]\nmodel = { n_layer = 2 }\nstage = [{ at_frac = 0.75, shape = { n_layer = 4 } }]\n'
+    study = load_study(write_study(tmp_path, **{'[arms."start alone"]': fresh + '\n[arms."start alone"]'}))
+    assert "fresh" in study.arms
+    base = surface(-0.1, 0.0, 0.0)
+    monkeypatch.setattr(runner, "execute", fake(lambda s, run, flops: base(s, run, flops)
+                                                - (0.05 if run.arm == "fresh" else 0.0)))
+    monkeypatch.setattr(runner, "ensure_data", lambda *_: None)
+    runner.run_study(study, log=lambda *_: None)
+    point = R.regime_point(study)
+    diffs, _ = point.variants["fresh"]
+    assert sorted(diffs) == [0, 1, 2] and all(d == pytest.approx(-0.05, abs=1e-4) for d in diffs.values())
+    assert list(point.variants) == ["fresh"]  # the recipe, the reference and the start shape are not variants
+    md = R.regime_markdown([study], plots=False)
+    assert "| point | fresh | 3 | -0.050 [-0.050, -0.050] |" in md

@@ -395,6 +395,79 @@ def isoflop_minimum(pts: list[Point]) -> tuple[float, float] | None:
     return float(math.exp(xm)), float(c0 + c1 * xm + c2 * xm * xm)
 
 
+@dataclass
+class Envelope:
+    """The measured frontier, the yardstick growth is held against: at each budget, the test loss of the size its
+    profile selected (lowest validation loss at the tuning seed; mean over that size's seeds), joined by straight
+    lines in log10 FLOPs. It is an upper bound on the true frontier (sizes between the grid's could do better), so a
+    multiplier against it flatters growth, never the reverse. A budget whose best loss is not below every smaller
+    budget's is lowered to it (more compute can always buy the smaller budget's model: the frontier cannot rise).
+    Outside the budgets measured the end segment's slope is extended, and every answer says whether it was."""
+    budgets: list[float]  # ascending
+    losses: list[float]  # the lowered best loss at each budget
+    bands: list[tuple[float, float]]  # 95% t-interval of each best size's mean over seeds
+    sizes: list[str]
+    complete: list[bool]  # the budget's profile has every size tuned
+
+    def _segment(self, x: float) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of the segment, in (log10 FLOPs, loss), that covers or extends to x."""
+        xs = [math.log10(b) for b in self.budgets]
+        i = max(0, min(len(xs) - 2, next((j for j in range(len(xs) - 1) if x <= xs[j + 1]), len(xs) - 2)))
+        return xs[i], self.losses[i], xs[i + 1], self.losses[i + 1]
+
+    def outside(self, flops: float) -> bool:
+        return not self.budgets[0] / 1.01 <= flops <= self.budgets[-1] * 1.01
+
+    def loss_at(self, flops: float) -> float:
+        x0, y0, x1, y1 = self._segment(math.log10(flops))
+        return y0 + (y1 - y0) * (math.log10(flops) - x0) / (x1 - x0)
+
+    def band_at(self, flops: float) -> tuple[float, float]:
+        """The seed interval of the frontier loss at ``flops``, interpolated like the loss (NaN outside)."""
+        if self.outside(flops) or any(not math.isfinite(v) for b in self.bands for v in b):
+            return math.nan, math.nan
+        x = math.log10(flops)
+        xs = [math.log10(b) for b in self.budgets]
+        i = max(0, min(len(xs) - 2, next((j for j in range(len(xs) - 1) if x <= xs[j + 1]), len(xs) - 2)))
+        w = (x - xs[i]) / (xs[i + 1] - xs[i])
+        return tuple((1 - w) * self.bands[i][k] + w * self.bands[i + 1][k] for k in (0, 1))
+
+    def compute_for_loss(self, loss: float) -> tuple[float, bool]:
+        """(the FLOPs at which the frontier reaches ``loss``, whether that lies outside the budgets measured). The
+        lowered losses never rise, so the segment is the first whose end is at or below ``loss``; a flat segment
+        that ends exactly at it answers its start."""
+        xs = [math.log10(b) for b in self.budgets]
+        i = next((j for j in range(len(xs) - 1) if self.losses[j + 1] <= loss), len(xs) - 2)
+        x0, y0, x1, y1 = xs[i], self.losses[i], xs[i + 1], self.losses[i + 1]
+        if y1 == y0:
+            return 10 ** x0, False
+        c = 10 ** (x0 + (loss - y0) * (x1 - x0) / (y1 - y0))
+        return c, self.outside(c)
+
+
+def envelope(profiles: dict) -> Envelope | None:
+    """The measured frontier of ``frontier_summary``'s profiles, or None with fewer than two budgets."""
+    from .stats import mean_ci
+
+    if len(profiles) < 2:
+        return None
+    budgets, losses, bands, sizes, complete = [], [], [], [], []
+    for budget in sorted(profiles):
+        best = profiles[budget]["best"]
+        _, lo, hi = mean_ci(best.test)
+        budgets.append(budget)
+        complete.append(profiles[budget]["complete"])
+        if losses and losses[-1] < best.loss:  # lowered to the smaller budget's: its size and band carry over
+            losses.append(losses[-1])
+            bands.append(bands[-1])
+            sizes.append(sizes[-1])
+            continue
+        losses.append(best.loss)
+        bands.append((lo, hi))
+        sizes.append(best.size)
+    return Envelope(budgets, losses, bands, sizes, complete)
+
+
 def frontier_summary(fr: Frontier, store: Store | None = None, reps: int = 200) -> dict | None:
     """Everything the Handbook shows of the frontier: the tuned points, each profile's best run and parabola
     minimum, the fit with bootstrap intervals, N*(C) and tokens per parameter at each budget."""
@@ -405,7 +478,9 @@ def frontier_summary(fr: Frontier, store: Store | None = None, reps: int = 200) 
         prof = sorted((p for p in pts if p.budget == budget), key=lambda p: p.params)
         if prof:
             out["profiles"][budget] = {"points": prof, "best": min(prof, key=lambda p: p.val),
-                                       "parabola": isoflop_minimum(prof)}
+                                       "parabola": isoflop_minimum(prof),
+                                       "complete": {p.size for p in prof} == set(dict(fr.budgets)[budget])}
+    out["envelope"] = envelope(out["profiles"])
     budgets_done = [b for b, v in out["profiles"].items() if len(v["points"]) >= 3]
     if len(budgets_done) < 2:
         return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .frontier import Fit, Frontier, frontier_summary, interval, load_frontier
+from .frontier import Envelope, Fit, Frontier, frontier_summary, interval, load_frontier
 from .stats import fmt_ci, mean_ci, ratio_ci
 from .markdown import figure_and_notes, rel
 from .store import Store
@@ -149,43 +149,44 @@ def summary_of(path: Path, reps: int = 200) -> tuple[Frontier, dict]:
 
 
 def yardstick_rows(study, runs_by_arm: dict[str, list[dict]], reps: int = 200) -> tuple[str, list[dict]]:
-    """Each arm's runs (the study's current configs at the tuned lr, budget x1) against the frontier at their own
-    FLOPs, on the test split: the arm's loss minus the frontier's (over seeds: the same fitted frontier), and the
-    frontier's compute to reach the arm's loss over the arm's FLOPs (> 1: the arm beats the best from-scratch model
-    of any size). Returns (why not, []) when the frontier has no fit yet."""
+    """Each arm's runs (the study's current configs at the tuned lr, budget x1) against the measured frontier (its
+    envelope: the best size per budget, joined in log-FLOPs) at their own FLOPs, on the test split: the arm's loss
+    minus the frontier's, and the frontier's compute to reach the arm's loss over the arm's FLOPs (> 1: the arm
+    beats the best from-scratch model of any size measured). Returns (why not, []) with fewer than two budgets."""
     fr, s = summary_of(study.frontier, reps)
-    fit: Fit | None = s["fit"]
-    if fit is None:
-        return f"the frontier ({fr.path.name}) has no fit yet.", []
-    lo_c, hi_c = fr.budgets[0][0], fr.budgets[-1][0]
+    env: Envelope | None = s.get("envelope")
+    if env is None:
+        return f"the frontier ({fr.path.name}) has fewer than two budgets measured.", []
     rows = []
     for name, runs in runs_by_arm.items():
         runs = [r for r in runs if r.get("final_test_loss") is not None]
         if not runs:
             continue
-        frontier_loss = [fit.frontier(r["flops"])[2] for r in runs]
+        frontier_loss = [env.loss_at(r["flops"]) for r in runs]
         gaps = [r["final_test_loss"] - f for r, f in zip(runs, frontier_loss)]
-        mult = [fit.compute_for_loss(r["final_test_loss"]) / r["flops"] for r in runs]
-        band = [b.frontier(runs[0]["flops"])[2] for b in s.get("boots", [])]
+        reach = [env.compute_for_loss(r["final_test_loss"]) for r in runs]
+        mult = [c / r["flops"] for (c, _), r in zip(reach, runs)]
         mean, lo, hi = mean_ci(gaps)
-        outside = not lo_c / 1.01 <= runs[0]["flops"] <= hi_c * 1.01
         rows.append({"arm": name, "seeds": len(runs), "flops": runs[0]["flops"],
                      "test": mean_ci([r["final_test_loss"] for r in runs]), "frontier": frontier_loss[0],
-                     "band": interval(band), "gap": (mean, lo, hi), "mult": ratio_ci(mult) if len(mult) > 1 else
-                     (mult[0], mult[0], mult[0]), "outside": outside,
+                     "band": env.band_at(runs[0]["flops"]), "gap": (mean, lo, hi),
+                     "mult": ratio_ci(mult) if len(mult) > 1 else (mult[0], mult[0], mult[0]),
+                     "outside": env.outside(runs[0]["flops"]), "reach_outside": any(o for _, o in reach),
                      "verdict": ("beats the frontier" if hi < 0 else "loses to the frontier" if lo > 0
                                  else "no difference shown") if len(gaps) > 1 else "1 seed"})
     return "", rows
 
 
 def yardstick_table(rows: list[dict]) -> str:
-    lines = ["| arm | seeds | FLOPs | test loss | frontier at these FLOPs (fit, 95% bootstrap) | minus the frontier | "
+    lines = ["| arm | seeds | FLOPs | test loss | frontier at these FLOPs (measured, seed interval) | minus the frontier | "
              "frontier's FLOPs to reach it / the arm's | verdict |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         band = "" if math.isnan(r["band"][0]) else f" [{r['band'][0]:.3f}, {r['band'][1]:.3f}]"
         note = " (outside the frontier's budgets: extrapolated)" if r["outside"] else ""
         m = r["mult"]
         mult = f"{m[0]:.2f}x" if m[1] == m[2] else fmt_ci(*m, suffix="x")
+        if r["reach_outside"]:
+            mult += " (extrapolated past the budgets measured)"
         lines.append(f"| {r['arm']} | {r['seeds']} | {r['flops']:.3g} | {fmt_ci(*r['test'], digits=3)} | "
                      f"{r['frontier']:.3f}{band}{note} | {fmt_ci(*r['gap'], digits=3)} | {mult} | {r['verdict']} |")
     return "\n".join(lines)

@@ -5,8 +5,10 @@
                 scratch runs of the same seed (at 0.5x, 1x, 2x ... the budget, each fully decayed) need to end at the
                 arm's test loss, interpolated in log-FLOPs, over the arm's FLOPs. A seed whose loss falls outside the
                 scratch runs' range is extrapolated: it is flagged and left out of the law.
-  vs frontier   the same against the scratch frontier (the best from-scratch model of any size, from the frontier
-                file's L(N, D) fit): > 1 means the grown model beats every from-scratch model at its FLOPs.
+  vs frontier   the same against the scratch frontier (the best from-scratch model of any size measured: the
+                frontier file's envelope, each budget's best size joined in log-FLOPs, extended past its ends by
+                the end segments' slopes): > 1 means the grown model beats every from-scratch model measured at
+                its FLOPs. The envelope bounds the true frontier from above, so this multiplier flatters growth.
 
 The growth law fitted over the sweep's seed-level points (least squares, t-intervals on each parameter):
 
@@ -53,13 +55,19 @@ class Point:
     frontier: dict  # seed -> multiplier vs the frontier
     diffs: dict  # seed -> recipe test loss minus target scratch test loss
     start_alone: dict  # seed -> the start shape alone for the whole budget: multiplier vs the frontier
-    outside_frontier: bool  # the arm's FLOPs lie outside the frontier's budgets (its fit is extrapolated there)
+    outside_frontier: bool  # the arm's FLOPs lie outside the frontier's budgets (its envelope is extended there)
+    frontier_extrapolated: set = None  # seeds whose loss the frontier reaches only outside its budgets
+    variants: dict = None  # other grown arm -> ({seed: test loss minus target scratch}, {seed: multiplier vs frontier})
+
+    def __post_init__(self):
+        self.frontier_extrapolated = set() if self.frontier_extrapolated is None else self.frontier_extrapolated
+        self.variants = {} if self.variants is None else self.variants
 
     def values(self, yardstick: str) -> list[float]:
         """Seed-level multipliers that enter the law (extrapolated ones left out)."""
         got = getattr(self, yardstick)
-        return [v for s, v in sorted(got.items()) if not (yardstick == "target" and s in self.extrapolated)
-                and v is not None and math.isfinite(v) and v > 0]
+        skip = self.extrapolated if yardstick == "target" else self.frontier_extrapolated
+        return [v for s, v in sorted(got.items()) if s not in skip and v is not None and math.isfinite(v) and v > 0]
 
 
 def regime_studies(studies: list[Study]) -> list[Study]:
@@ -84,12 +92,11 @@ def regime_point(study: Study, store: Store | None = None) -> Point | None:
         return next((r for r in store.records if r["config_hash"] == key
                      and r.get("final_test_loss") is not None), None)
 
-    fit = None
+    env = None
     if study.frontier is not None:
-        fr, s = summary_of(study.frontier)
-        fit = s["fit"]
-        lo_c, hi_c = fr.budgets[0][0], fr.budgets[-1][0]
-        point.outside_frontier = not lo_c / 1.01 <= study.budget_flops <= hi_c * 1.01
+        _, s = summary_of(study.frontier)
+        env = s.get("envelope")
+        point.outside_frontier = env is not None and env.outside(study.budget_flops)
     start = next((a for a in study.other_shapes), None)
     for seed in study.seeds:
         grown, ref = current(study.regime_arm, seed), current(study.reference, seed)
@@ -103,11 +110,22 @@ def regime_point(study: Study, store: Store | None = None) -> Point | None:
             if extrapolated:
                 point.extrapolated.add(seed)
         point.diffs[seed] = grown["final_test_loss"] - ref["final_test_loss"]
-        if fit is not None:
-            point.frontier[seed] = fit.compute_for_loss(grown["final_test_loss"]) / grown["flops"]
+        if env is not None:
+            reach, outside = env.compute_for_loss(grown["final_test_loss"])
+            point.frontier[seed] = reach / grown["flops"]
+            if outside or point.outside_frontier:
+                point.frontier_extrapolated.add(seed)
             alone = current(start, seed) if start else None
             if alone is not None:
-                point.start_alone[seed] = fit.compute_for_loss(alone["final_test_loss"]) / alone["flops"]
+                point.start_alone[seed] = env.compute_for_loss(alone["final_test_loss"])[0] / alone["flops"]
+        for arm in (a for a, spec in study.arms.items() if spec.stage and a != study.regime_arm):
+            other = current(arm, seed)
+            if other is None:
+                continue
+            diffs, mults = point.variants.setdefault(arm, ({}, {}))
+            diffs[seed] = other["final_test_loss"] - ref["final_test_loss"]
+            if env is not None:
+                mults[seed] = env.compute_for_loss(other["final_test_loss"])[0] / other["flops"]
     return point
 
 
@@ -255,11 +273,20 @@ def regime_markdown(studies: list[Study], plots: bool = True) -> str:
         out.append(f"| {p.study} | {p.shape} | {p.params:,} | {p.non_embedding:,} | {p.tpp:g} | {p.budget:.2e} | "
                    f"{lr} | {len(p.diffs)} | {_mult(p.target, p.extrapolated)} | "
                    f"{fmt_ci(*mean_ci(diffs), digits=3) if diffs else 'n/a'} | "
-                   f"{_mult(p.frontier)}{' (frontier extrapolated)' if p.outside_frontier and p.frontier else ''} | "
+                   f"{_mult(p.frontier, p.frontier_extrapolated)} | "
                    f"{_mult(p.start_alone)} |")
     out += ["", "Multipliers: geometric mean over seeds with a 95% t-interval on the logarithms; > 1 means the recipe "
                 "reaches its test loss with less compute than the yardstick needs. Extrapolated seeds (the recipe's "
-                "loss outside the scratch runs' range) are counted in the table and left out of the law."]
+                "loss outside the scratch runs' range, or reached by the frontier only outside its budgets) are "
+                "counted in the table and left out of the law. The frontier here is the measured envelope (each "
+                "budget's best size, joined in log-FLOPs), an upper bound on the true frontier: multipliers against "
+                "it flatter growth."]
+    variants = [(p, arm, d, m) for p in points for arm, (d, m) in p.variants.items()]
+    if variants:
+        out += ["", "Other grown arms of the same studies (not in the law):", "",
+                "| study | arm | seeds | test loss minus target scratch | vs frontier |", "|---|---|---|---|---|"]
+        out += [f"| {p.study} | {arm} | {len(d)} | {fmt_ci(*mean_ci(list(d.values())), digits=3)} | {_mult(m)} |"
+                for p, arm, d, m in variants]
     for yard in YARDSTICKS:
         law = fit_law(points, yard)
         label = "the target-size scratch run" if yard == "target" else "the frontier"

@@ -427,7 +427,8 @@ def study_markdown(study: Study, plots: bool = True) -> str:
                           if r["config_hash"] in _current_keys(study, name, r["seed"], lr)] for name in study.arms}
         why, yard = yardstick_rows(study, current)
         out += ["", f"Against the scratch frontier (`{study.frontier.name}`: the best from-scratch model of any size "
-                    f"at the same FLOPs, from its L(N, D) fit; test split): " + (why or ""), ""]
+                    f"measured, at the same FLOPs: each budget's best size joined in log-FLOPs, an upper bound on the "
+                    f"true frontier; test split): " + (why or ""), ""]
         if yard:
             out += [yardstick_table(yard)]
     paired = baseline_rows(study, rows)
