@@ -259,6 +259,26 @@ def test_a_run_stored_for_another_study_is_copied_not_rerun(tmp_path, demo_data,
     assert len(copied) == 6 and all(r["study"] == "t" for r in copied)
 
 
+def test_a_copied_run_takes_this_studys_names_for_it(tmp_path, demo_data, monkeypatch):
+    """The same config can be another study's 2x-budget run and this one's 1x (regime-4x16-t128's 2x scratch is
+    regime-4x16-t256's 1x): the copy is filed under this study's arm, seed, lr and budget scale, so its lr grid and
+    tables find it."""
+    first = load_study(write_study(tmp_path, demo_data))
+    monkeypatch.setattr(runner, "execute", fake_record)
+    monkeypatch.setattr(runner, "ensure_data", lambda *a: None)
+    runner.run_study(first, arms=["scratch"], log=lambda *a: None)
+    store = Store(first.store_path)
+    renamed = [{**r, "arm": "other", "scale": r["scale"] * 2, "lr": r["lr"] * 3} for r in store.records]
+    first.store_path.write_text("".join(json.dumps(r) + "\n" for r in renamed))
+    (tmp_path / "t.toml").write_text((tmp_path / "s.toml").read_text())
+    second = load_study(tmp_path / "t.toml")
+    runner.run_study(second, log=lambda *a: None)
+    copied = [r for r in Store(second.store_path).records if r.get("copied_from") == "s"]
+    assert len(copied) == 6 and {r["arm"] for r in copied} == {"scratch"}
+    assert {(r["lr"], r["scale"]) for r in copied} == {(r["lr"], r["scale"]) for r in store.records}
+    assert runner.plan_runs(second, Store(second.store_path), second.seeds) == []
+
+
 def test_ladder_trend_recovers_a_known_power_law():
     """Effective multipliers growing as N^0.3 (x2 per 10x params), with noise that cancels per rung: the fitted
     slope is 0.3 ln 10 per log10(N) and its interval is tight; a flat ladder gives a slope interval around 0."""

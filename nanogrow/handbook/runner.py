@@ -172,8 +172,10 @@ def run_batch(study, runs: list[Run], store: Store, jobs: int = 1, log=print, po
                 to_train.append((study, run))
                 keys.add(run.key)
                 continue
-        else:  # the same config was run for another study (e.g. the shared reference)
-            record = {**record, "study": study.name, "arm": run.arm, "copied_from": record["study"]}
+        else:  # the same config was run for another study (e.g. the shared reference); it is this run here, so it
+            # takes this run's names (another study's 2x-budget scratch run can be this one's 1x: same config)
+            record = {**record, "study": study.name, "arm": run.arm, "seed": run.seed, "lr": run.lr,
+                      "scale": run.scale, "copied_from": record["study"]}
             log(f"    {'' if jobs == 1 else run_label(run) + ': '}the same config is in {record['copied_from']}'s "
                 f"store: copied, not rerun")
         store.append(record)
