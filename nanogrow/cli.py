@@ -122,15 +122,16 @@ def cmd_consolidate(args) -> int:
 def cmd_sample(args) -> int:
     from .sample import sample
 
-    out = sample(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    out = sample(args.checkpoint, args.prompt or "", max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k or None, seed=args.seed, num_samples=args.num_samples, device=args.device,
                  tokenizer=args.tokenizer)
     for i, text in enumerate(out.texts):
         if i:
             print("-" * 40)
         print(text)
+    rate = out.new_tokens / out.seconds
     print(f"{out.checkpoint}: {out.new_tokens} new tokens ({len(out.texts)} x up to {args.max_new_tokens}) in "
-          f"{out.seconds:.2f} s, {out.new_tokens / out.seconds:,.0f} tokens/s on {out.device}", file=sys.stderr)
+          f"{out.seconds:.2f} s, {rate:,.{0 if rate >= 10 else 1}f} tokens/s on {out.device}", file=sys.stderr)
     return 0
 
 
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
              epilog="The prompt is preceded by the token that opens every training document (eot); a sample ends "
                     "at the next one or after --max-new-tokens. Text goes to stdout, the timing to stderr.")
     model_args(p)
-    p.add_argument("--prompt", default="", help="text to continue (empty: a fresh document)")
+    p.add_argument("--prompt", help="text to continue (default: none, a fresh document)")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="softmax temperature; 0: greedy")
     p.add_argument("--top-k", type=int, default=200, metavar="K", help="draw among the K likeliest tokens (0: all)")

@@ -99,10 +99,11 @@ def sample(checkpoint: str | Path, prompt: str, max_new_tokens: int = 100, tempe
     tok = RunTokenizer.of_run(meta, tokenizer)
     c = model.config
     ids = encode_prompt(tok, prompt, c.vocab_size)
-    if len(ids) + max_new_tokens > c.max_seq_len:
-        raise ValueError(f"--prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} = "
-                         f"{len(ids) + max_new_tokens} exceeds the context of {ckpt} (model.max_seq_len="
-                         f"{c.max_seq_len}); use --max-new-tokens {max(c.max_seq_len - len(ids), 1)} or less")
+    room = c.max_seq_len - len(ids)  # RoPE has no angle past the context the model was trained to
+    if max_new_tokens > room:
+        fix = f"use --max-new-tokens {room} or less" if room > 0 else "shorten the prompt"
+        raise ValueError(f"--prompt ({len(ids)} tokens with the document-opening one) + --max-new-tokens "
+                         f"{max_new_tokens} exceeds the context of {ckpt} (model.max_seq_len={c.max_seq_len}); {fix}")
     generator = torch.Generator(device=dev).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, device=dev)
     if dev.type == "cuda":

@@ -105,14 +105,20 @@ def one_line_error(capsys, argv, *needles):
         assert n in err, err
 
 
-def test_cli_sample_bad_inputs_are_one_line_errors(grown_run, tmp_path, capsys):
+def test_cli_sample_bad_inputs_are_one_line_errors(grown_run, demo_data, tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    from nanogrow.inference import RunTokenizer
+    from nanogrow.sample import encode_prompt
+
     run = str(grown_run)
+    room = 64 - len(encode_prompt(RunTokenizer(demo_data / "tokenizer.json"), "In the beginning", 512))
     one_line_error(capsys, ["sample", str(tmp_path / "nope")], "nope", "does not exist")
     one_line_error(capsys, ["sample", str(tmp_path)], str(tmp_path), "neither a checkpoint")
     one_line_error(capsys, ["sample", run, "--max-new-tokens", "100", "--prompt", "In the beginning"],
-                   "--max-new-tokens 100", "model.max_seq_len=64")
+                   "--max-new-tokens 100", "model.max_seq_len=64", f"use --max-new-tokens {room} or less")
+    one_line_error(capsys, ["sample", run, "--prompt", "In the beginning " * 40], "model.max_seq_len=64",
+                   "shorten the prompt")
     one_line_error(capsys, ["sample", run, "--temperature", "-1"], "--temperature", "-1")
     one_line_error(capsys, ["sample", run, "--num-samples", "0"], "--num-samples")
     one_line_error(capsys, ["sample", run, "--device", "tpu"], "--device 'tpu'")
