@@ -1,4 +1,4 @@
-"""``nanogrow`` command line: prep, train, bench."""
+"""``nanogrow`` command line: prep, train, sample, eval, bench, ..."""
 
 from __future__ import annotations
 
@@ -116,6 +116,30 @@ def cmd_consolidate(args) -> int:
     from .offline import consolidate
 
     consolidate(args.checkpoint, args.out)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .sample import sample
+
+    out = sample(args.checkpoint, args.prompt or "", max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k or None, seed=args.seed, num_samples=args.num_samples, device=args.device,
+                 tokenizer=args.tokenizer)
+    for i, text in enumerate(out.texts):
+        if i:
+            print("-" * 40)
+        print(text)
+    rate = out.new_tokens / out.seconds
+    print(f"{out.checkpoint}: {out.new_tokens} new tokens ({len(out.texts)} x up to {args.max_new_tokens}) in "
+          f"{out.seconds:.2f} s, {rate:,.{0 if rate >= 10 else 1}f} tokens/s on {out.device}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, report
+
+    print(report(evaluate(args.checkpoint, args.data, split=args.split, batches=args.batches,
+                          batch_size=args.batch_size, device=args.device, tokenizer=args.tokenizer), args.json))
     return 0
 
 
@@ -364,6 +388,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a checkpoint directory (ckpt_XXXXXXX)")
     p.add_argument("--out", required=True, help="directory to write the consolidated checkpoint into")
     p.set_defaults(func=cmd_consolidate)
+
+    def model_args(p: argparse.ArgumentParser) -> None:  # sample and eval: which model, on what, which tokenizer
+        p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR",
+                       help="a checkpoint directory (ckpt_XXXXXXX), or a run directory (its newest checkpoint)")
+        p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if this torch has a GPU, else cpu)")
+        p.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one); default: the run's "
+                                           "data.dir/tokenizer.json")
+
+    p = verb("sample", "generate text from a trained (grown) model with its run's tokenizer",
+             epilog="The prompt is preceded by the token that opens every training document (eot); a sample ends "
+                    "at the next one or after --max-new-tokens. Text goes to stdout, the timing to stderr.")
+    model_args(p)
+    p.add_argument("--prompt", help="text to continue (default: none, a fresh document)")
+    p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="softmax temperature; 0: greedy")
+    p.add_argument("--top-k", type=int, default=200, metavar="K", help="draw among the K likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="the same seed gives the same samples")
+    p.add_argument("--num-samples", type=int, default=1, metavar="M", help="samples, drawn together in one batch")
+    p.set_defaults(func=cmd_sample)
+
+    p = verb("eval", "loss, perplexity and bits per byte of a trained (grown) model on a data directory's split",
+             epilog="Windows are the trainer's validation windows at the run's validation length and batch size; "
+                    "the data must be tokenized by the run's tokenizer.")
+    model_args(p)
+    p.add_argument("--data", required=True, metavar="DIR", help="a prepared data directory (nanogrow prep)")
+    p.add_argument("--split", default="val", help="val or test")
+    p.add_argument("--batches", type=int, metavar="N", help="evaluate the first N batches (default: every whole "
+                                                             "batch of the split)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="sequences per batch (default: the run's "
+                                                                "train.eval_batch_size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=cmd_eval)
 
     p = verb("lag", "train up to the next LAG stage, select its operator, save and stop")
     _config_args(p)

@@ -256,9 +256,9 @@ def to_hf_state_dict(model: Transformer, dtype: torch.dtype = torch.float32) -> 
     return {hf_name(n): p.detach().to(dtype).contiguous().clone() for n, p in model.named_parameters()}
 
 
-def _tokenizer_source(meta: dict, tokenizer: str | Path | None) -> tuple[Path | None, str]:
-    """The tokenizer.json to export, and why (for the log). ``tokenizer``: a file or directory, None for the
-    run's own (``run_config.data.dir/tokenizer.json``)."""
+def tokenizer_source(meta: dict, tokenizer: str | Path | None) -> tuple[Path | None, str]:
+    """The tokenizer.json of a checkpoint's run (to export, sample or evaluate with), and why (for the log).
+    ``tokenizer``: a file or directory, None for the run's own (``run_config.data.dir/tokenizer.json``)."""
     if tokenizer is not None:
         p = Path(tokenizer)
         p = p / "tokenizer.json" if p.is_dir() else p
@@ -271,7 +271,7 @@ def _tokenizer_source(meta: dict, tokenizer: str | Path | None) -> tuple[Path | 
     return None, f"run's data.dir {data_dir!r} has no tokenizer.json (from another working directory? use --tokenizer)"
 
 
-def _special_tokens(tok_path: Path) -> tuple[str, str]:
+def special_tokens(tok_path: Path) -> tuple[str, str]:
     """(bos, eos) token strings: the prepared data's eot (meta.json eot_id; nanogrow precedes every document with
     it, so it is both), else the tokenizer_config.json's own (an imported HF tokenizer), else a known eot name."""
     from tokenizers import Tokenizer
@@ -305,7 +305,7 @@ def _write_tokenizer(tok_path: Path, out: Path, vocab_size: int, max_seq_len: in
     except ImportError:
         raise HFError("writing the tokenizer needs transformers (pip install 'nanogrow[hf]'); or export without "
                       "it with --no-tokenizer") from None
-    bos, eos = _special_tokens(tok_path)
+    bos, eos = special_tokens(tok_path)
     extra = {"model_max_length": max_seq_len} if max_seq_len else {}
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_path), bos_token=bos, eos_token=eos, **extra)
     n = len(tok)
@@ -351,7 +351,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", 
         raise HFError(f"output {str(out)!r} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise HFError(f"output directory {str(out)!r} exists and is not empty; pass --overwrite to replace it")
-    tok_path, why = _tokenizer_source(meta, tokenizer) if with_tokenizer else (None, "--no-tokenizer")
+    tok_path, why = tokenizer_source(meta, tokenizer) if with_tokenizer else (None, "--no-tokenizer")
 
     model, meta = load_model(path)
     _check_no_fade_in(path, meta, model)

@@ -9,6 +9,10 @@ optimizer state.
 Growth masks (MSG-style fade-in of new units or blocks) are optional buffers that are ``None`` until a growth
 operator sets them; when set they are part of ``state_dict`` and so are checkpointed with the weights.
 
+Generation passes a ``KVCache``: each attention layer appends its new keys and values to it and attends over all
+of them, and RoPE positions start at the number of tokens already cached. Without one (training, evaluation) the
+forward is the plain causal one.
+
 The elementwise and normalisation steps (RMSNorm, the residual add with its fade-in scale, SwiGLU, RoPE, the
 loss) go through ``nanogrow.kernels``: fused Triton kernels when ``ModelConfig.kernels`` allows and the device
 can run them, their plain torch references otherwise (``kernels/reference.py`` holds the maths).
@@ -141,6 +145,28 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple
     return freqs.cos(), freqs.sin()
 
 
+class KVCache:
+    """The keys and values of every position a model has read so far, for generating one token at a time without
+    recomputing the prefix: ``model(idx, cache=cache)`` appends the keys and values of ``idx`` to each layer's
+    buffers and advances ``length``, which is also where the RoPE positions of the next tokens start. Buffers are
+    allocated on first use, ``max_len`` positions long (the model's max_seq_len: RoPE has no angle past it)."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # per attention layer: [B, max_len, H, D]
+
+    def append(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` [B, T, H, D] at positions length..length+T of ``layer``; all keys and values so far."""
+        start, end = self.length, self.length + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {start} + {k.shape[1]} do not fit")
+        if layer not in self.kv:
+            self.kv[layer] = tuple(t.new_zeros(t.shape[0], self.max_len, *t.shape[2:]) for t in (k, v))
+        keys, values = self.kv[layer]
+        keys[:, start:end], values[:, start:end] = k, v
+        return keys[:, :end], values[:, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, kernels: str = "torch"):
         super().__init__()
@@ -152,19 +178,27 @@ class Attention(nn.Module):
         # [n_head] fade-in mask on query heads (MSG-style width growth); None when not growing.
         self.register_buffer("head_mask", None)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
         # Rotate pairs (x[..., :d/2], x[..., d/2:]) — the Llama/HF "rotate_half" layout — in fp32.
         q, k = K.rope(q, k, cos, sin, self.kernels)
+        mask = None
+        if cache is not None:  # attend over the cached positions too: S keys for the T queries
+            k, v = cache.append(self, k, v)
+            S = k.shape[1]
+            if 1 < T < S:  # query t sits at position S - T + t and sees the keys up to it
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         if flash_attn_func is not None and x.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attn_func(q, k, v, causal=True)  # [B, T, H, D]; handles GQA natively
+            # [B, T, H, D]; handles GQA natively; with S > T keys its causal mask is aligned to the last query
+            y = flash_attn_func(q, k, v, causal=True)
         else:
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=self.n_kv_head != self.n_head,
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                is_causal=k.shape[1] == T, enable_gqa=self.n_kv_head != self.n_head,
             ).transpose(1, 2)
         if self.head_mask is not None:
             y = y * self.head_mask.to(y.dtype)[None, None, :, None]
@@ -198,12 +232,12 @@ class Block(nn.Module):
         self.register_buffer("block_mask", None)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                resid_mask: torch.Tensor | None = None) -> torch.Tensor:
+                resid_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         # Both branches are scaled by the fade-in masks (None when not growing): h + scale * branch(h).
         scale = resid_mask
         if self.block_mask is not None:
             scale = self.block_mask if scale is None else scale * self.block_mask
-        a = self.attn(self.attn_norm(h), cos, sin)
+        a = self.attn(self.attn_norm(h), cos, sin, cache)
         # The residual add and the MLP's norm in one pass: h = h + scale * a, x = mlp_norm(h).
         h, x = K.add_rms_norm(h, a, scale, self.mlp_norm.weight, self.mlp_norm.eps, self.kernels)
         return K.residual_add(h, self.mlp(x), scale, self.kernels)
@@ -264,19 +298,24 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx: [B, T] token ids. Returns logits [B, T, V], or the mean cross-entropy when targets are given."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx: [B, T] token ids. Returns logits [B, T, V], or the mean cross-entropy when targets are given.
+        With a ``cache``, ``idx`` continues the tokens cached so far (at positions cache.length onwards), and the
+        cache then holds them too."""
         B, T = idx.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         resid_mask = None if self.resid_mask is None else self.resid_mask
         h = self.tok_emb(idx)
         if resid_mask is not None:
             resid_mask = resid_mask.to(h.dtype)
             h = h * resid_mask
         for block in self.layers.values():
-            h = block(h, cos, sin, resid_mask)
+            h = block(h, cos, sin, resid_mask, cache)
+        if cache is not None:
+            cache.length += T
         h = self.norm(h)
         if targets is None:
             return F.linear(h, self.output_weight())

@@ -24,3 +24,17 @@ def demo_data(tmp_path_factory):
     prepare("demo", out, tokenizer="bpe:512", max_tokens=120_000, val_tokens=8_192, shard_tokens=40_000,
             workers=1, bpe_train_chars=300_000, overwrite=True, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def grown_run(demo_data, tmp_path_factory):
+    """A tiny run on ``demo_data`` grown 2 -> 4 layers (G_stack) at step 4 of 8: its run directory, whose newest
+    checkpoint (step 8) is the grown model, and whose summary.json holds the final validation loss."""
+    from helpers import tiny_run_config, with_stages
+
+    from nanogrow.train import Trainer
+
+    out = tmp_path_factory.mktemp("grown_run")
+    cfg = with_stages(tiny_run_config(demo_data, out, max_steps=8), [{"at_step": 4, "shape": {"n_layer": 4}}])
+    Trainer(cfg, log=lambda *_: None).run()
+    return out

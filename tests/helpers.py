@@ -100,3 +100,24 @@ seq_len = 64
 def tiny_model_toml(n_layer: int) -> str:
     """TINY_MODEL_TOML for ``n_layer`` layers, still a ``str.format`` template in ``{data}``."""
     return TINY_MODEL_TOML.format(n_layer=n_layer)
+
+
+# A tiny model shape for forward tests (test_model.py, test_sample.py).
+TINY_CACHE_MODEL = dict(n_layer=2, d_model=32, n_head=4, n_kv_head=2, vocab_size=97, max_seq_len=24, init_std=0.1)
+
+
+def masked_model(**kw):
+    """A seeded tiny model (TINY_CACHE_MODEL, ``kw`` changing it) with every kind of growth mask set to values
+    strictly between 0 and 1, as in the middle of a fade-in: whatever runs the model must carry them."""
+    import torch
+
+    from nanogrow.grow.fade import set_buffer
+    from nanogrow.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(**{**TINY_CACHE_MODEL, **kw}), seed=0)
+    c, g = model.config, torch.Generator().manual_seed(1)
+    set_buffer(model, "resid_mask", torch.rand(c.d_model, generator=g))
+    set_buffer(model, "layers.0.attn.head_mask", torch.rand(c.n_head, generator=g))
+    set_buffer(model, "layers.1.mlp.unit_mask", torch.rand(c.d_ff, generator=g))
+    set_buffer(model, "layers.1.block_mask", torch.tensor(0.3))
+    return model

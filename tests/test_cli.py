@@ -58,8 +58,8 @@ def test_version_and_help_for_every_verb(capsys):
     assert capsys.readouterr().out.startswith("nanogrow ")
     from nanogrow import cli
 
-    parser_verbs = ["train", "config", "grow", "consolidate", "lag", "lag-report", "handbook", "plot", "configs",
-                    "bench"]
+    parser_verbs = ["train", "config", "grow", "consolidate", "sample", "eval", "lag", "lag-report", "handbook",
+                    "plot", "configs", "bench"]
     for verb in parser_verbs:
         with pytest.raises(SystemExit):
             main([verb, "--help"])

@@ -28,6 +28,7 @@ LAYERS = [
     ("train", ["nanogrow.run_state", "nanogrow.backend", "nanogrow.growth", "nanogrow.lag_runner",
                "nanogrow.lag_parallel", "nanogrow.train"]),
     ("apps", ["nanogrow.bench", "nanogrow.cli", "nanogrow.gpu_check", "nanogrow.hf", "nanogrow.handbook",
+              "nanogrow.inference", "nanogrow.sample", "nanogrow.evaluate",
               "nanogrow.data_prep"]),
 ]
 

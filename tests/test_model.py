@@ -2,8 +2,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nanogrow.model import ModelConfig, Transformer, build_model
+from nanogrow import kernels as K
+from nanogrow.model import KVCache, ModelConfig, Transformer, build_model
+
+from helpers import TINY_CACHE_MODEL, masked_model
 
 TINY = dict(n_layer=2, d_model=32, n_head=4, n_kv_head=2, vocab_size=97, max_seq_len=16)
 
@@ -80,3 +84,91 @@ def test_masks_are_state_once_set():
     assert "layers.0.mlp.unit_mask" not in model.state_dict()
     model.layers["0"].mlp.unit_mask = torch.ones(model.config.d_ff)
     assert "layers.0.mlp.unit_mask" in model.state_dict()
+
+
+def rand_ids(n, seed=0, batch=2, vocab=97):
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the KV cache: the training forward is the cache-free code, bit for bit -------------------------------------
+
+def legacy_attention(attn, x, cos, sin):
+    """Attention.forward as it was before the KV cache (the SDPA path), verbatim."""
+    B, T, _ = x.shape
+    q = attn.wq(x).view(B, T, attn.n_head, attn.head_dim)
+    k = attn.wk(x).view(B, T, attn.n_kv_head, attn.head_dim)
+    v = attn.wv(x).view(B, T, attn.n_kv_head, attn.head_dim)
+    q, k = K.rope(q, k, cos, sin, attn.kernels)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=attn.n_kv_head != attn.n_head).transpose(1, 2)
+    if attn.head_mask is not None:
+        y = y * attn.head_mask.to(y.dtype)[None, None, :, None]
+    return attn.wo(y.reshape(B, T, attn.n_head * attn.head_dim))
+
+
+def legacy_forward(model, idx, targets=None):
+    """Transformer.forward and Block.forward as they were before the KV cache, verbatim."""
+    T = idx.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    resid_mask = model.resid_mask
+    h = model.tok_emb(idx)
+    if resid_mask is not None:
+        resid_mask = resid_mask.to(h.dtype)
+        h = h * resid_mask
+    for block in model.layers.values():
+        scale = resid_mask
+        if block.block_mask is not None:
+            scale = block.block_mask if scale is None else scale * block.block_mask
+        a = legacy_attention(block.attn, block.attn_norm(h), cos, sin)
+        h, x = K.add_rms_norm(h, a, scale, block.mlp_norm.weight, block.mlp_norm.eps, block.kernels)
+        h = K.residual_add(h, block.mlp(x), scale, block.kernels)
+    h = model.norm(h)
+    if targets is None:
+        return F.linear(h, model.output_weight())
+    return K.linear_cross_entropy(h, model.output_weight(), targets, backend=model.kernels)
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["plain", "masked"])
+def test_training_forward_and_backward_are_bit_identical_to_the_cache_free_code(masks):
+    model = masked_model() if masks else build_model(ModelConfig(**TINY_CACHE_MODEL), seed=0)
+    x, y = rand_ids(20, seed=2), rand_ids(20, seed=3)
+    grads = []
+    for forward in (lambda: model(x, y), lambda: legacy_forward(model, x, y)):
+        model.zero_grad(set_to_none=True)
+        loss = forward()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_new, g_new), (loss_old, g_old) = grads
+    assert torch.equal(loss_new, loss_old)
+    assert all(torch.equal(g_new[n], g_old[n]) for n in g_old)
+    with torch.no_grad():
+        assert torch.equal(model(x), legacy_forward(model, x))
+
+
+# ---- the cache computes the full forward ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 4, "tie_embeddings": True}, {"n_kv_head": 1}],
+                         ids=["gqa", "mha-tied", "mqa"])
+@torch.no_grad()
+def test_cached_forward_equals_the_full_forward(kw):
+    """A prompt, then one token at a time, then a chunk of several (a causal mask offset by the cache): the logits
+    of every position are the full forward's."""
+    model = masked_model(**kw)
+    seq = rand_ids(16, seed=4)
+    want = model(seq)
+    cache = KVCache(model.config.max_seq_len)
+    got = [model(seq[:, :6], cache=cache)]
+    for t in range(6, 10):
+        got.append(model(seq[:, t:t + 1], cache=cache))
+    got.append(model(seq[:, 10:16], cache=cache))
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_cache_refuses_what_the_context_cannot_hold():
+    model = build_model(ModelConfig(**TINY_CACHE_MODEL), seed=0)
+    cache = KVCache(model.config.max_seq_len)
+    model(rand_ids(20), cache=cache)
+    with pytest.raises(ValueError, match="sequence length 25 exceeds model.max_seq_len=24"):
+        model(rand_ids(5), cache=cache)
