@@ -164,6 +164,10 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
         what = "truncated shard" if size < expected else "shard longer than its header says"
         raise DataError(f"{path}: {what}: header promises {n} tokens x {tb} bytes = {expected} bytes "
                         f"with the header, file has {size}")
+    reserved = np.flatnonzero(h[16:])
+    if reserved.size:  # written as zeros: a non-zero word is a flipped byte the checksum (body only) cannot see
+        raise DataError(f"{path}: corrupt header: reserved word {16 + int(reserved[0])} (byte "
+                        f"{4 * (16 + int(reserved[0]))}) is {int(h[16 + reserved[0]])}, not 0")
     digest = h[8:16].tobytes().hex() if int(h[1]) >= 2 else None
     return ShardHeader(str(path), int(h[1]), tb, n, vocab_size, eot_id, max_id, digest)
 
@@ -241,6 +245,23 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
         raise DataError(f"{path}: invalid JSON ({e})") from None
 
 
+def check_meta_agrees(data_dir: str | os.PathLike, header: ShardHeader) -> None:
+    """A data directory's ``meta.json`` is optional for training (shards carry their own vocab_size and eot_id, and
+    tools other than ``nanogrow prep`` write shards without one), but one that is there must be readable and agree
+    with the shards: it is what ``sample`` and ``eval`` trust for the tokenizer, so a truncated or stale one is an
+    error here, not a silent surprise later."""
+    if not (Path(data_dir) / "meta.json").exists():
+        return
+    meta = read_meta(data_dir)
+    path = Path(data_dir) / "meta.json"
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, value in (("vocab_size", header.vocab_size), ("eot_id", header.eot_id)):
+        if key in meta and meta[key] != value:
+            raise DataError(f"{path}: {key} {meta[key]!r} but the shards (e.g. {header.path}) say {value}: "
+                            f"meta.json is stale or from another preparation")
+
+
 class ShardSet:
     """The validated shards of one split, read as one stream in a given shard order.
 
@@ -262,6 +283,7 @@ class ShardSet:
                                 f"tokenizers in one split")
             check_vocab(h, vocab_size, verify)
         self.vocab_size, self.eot_id = first.vocab_size, first.eot_id
+        check_meta_agrees(data_dir, first)
         self.model_vocab = vocab_size
         self.sizes = np.array([h.n_tokens for h in self.headers], dtype=np.int64)
         self.total = int(self.sizes.sum())

@@ -119,6 +119,31 @@ def test_verify_scan_catches_a_lying_header(tmp_path):
         open_shard(path, verify=True)
 
 
+def test_a_flipped_byte_in_the_reserved_header_area_is_an_error(tmp_path):
+    path = tmp_path / "train_000000.bin"
+    write_shard(path, np.arange(100), 1000, 0)
+    raw = bytearray(path.read_bytes())
+    raw[200] ^= 0x10  # byte 200: reserved word 50
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"train_000000\.bin: corrupt header: reserved word 50 \(byte 200\) is "):
+        read_header(path)
+
+
+def test_a_data_dir_meta_json_must_be_readable_and_agree_with_its_shards(tmp_path):
+    make_dir(tmp_path, sizes=[100])
+    TokenLoader(tmp_path, "train", 8, 2)  # no meta.json: fine (shards carry vocab and eot)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"vocab_size": VOCAB, "eot_id": 0, "tokenizer": {"spec": "x"}}))
+    TokenLoader(tmp_path, "train", 8, 2)
+    meta.write_text(meta.read_text()[:20])  # truncated
+    with pytest.raises(DataError, match=rf"{re.escape(str(meta))}: invalid JSON"):
+        TokenLoader(tmp_path, "train", 8, 2)
+    meta.write_text(json.dumps({"vocab_size": 50257, "eot_id": 0}))
+    with pytest.raises(DataError, match=r"meta\.json: vocab_size 50257 but the shards .* say 70000: meta\.json is "
+                                        r"stale"):
+        TokenLoader(tmp_path, "train", 8, 2)
+
+
 def test_missing_or_empty_data_dir_names_it(tmp_path):
     with pytest.raises(DataError, match=rf"data directory {re.escape(str(tmp_path / 'nope'))} does not exist"):
         TokenLoader(tmp_path / "nope", "train", 8, 2)
