@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from . import dist_utils
+from . import dist_utils, run_lock
 from .backend import ZeroBackend, make_backend
 from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint, read_meta,
                          remove_checkpoints, remove_stray_tmp)
@@ -79,7 +79,10 @@ class Trainer:
         self.t.grad_accum = grad_accum(self.t, self.world, self.t.micro_batch)
         warmup_note = fit_warmup(self.t)
 
-        # Everything that can be wrong is checked here, before a single FLOP is spent.
+        # Everything that can be wrong is checked here, before a single FLOP is spent. First: no other job is
+        # writing this directory (before anything here deletes or rewrites a file in it; a directory that does not
+        # exist yet is locked once the checks below pass, so a refused run leaves nothing behind).
+        self._lock_out_dir(create=False)
         _claim_out_dir(self.out_dir, resume, overwrite, self.log, self.rank)
         ckpt = None if resume is None else (latest_checkpoint(self.out_dir) if resume == "auto" else Path(resume))
         meta = read_meta(ckpt) if ckpt else None  # (auto with nothing to resume: start fresh)
@@ -140,6 +143,13 @@ class Trainer:
         self.compile_seconds = self.compile() if self.t.compile else 0.0
         self.growth.fit_steps_to_flops()
         self.growth.warn_dropped_stages()
+        self._lock_out_dir(create=True)
+
+    def _lock_out_dir(self, create: bool) -> None:
+        """Rank 0 holds ``out_dir``'s lock (run_lock) for the run; a stale one taken over is said."""
+        note = run_lock.acquire(self.out_dir, create=create) if self.rank == 0 else None
+        if note:
+            self.log(f"note: {note}")
 
     @property
     def zero(self) -> ZeroBackend | None:
@@ -352,6 +362,8 @@ class Trainer:
             _plot(self.out_dir, self.log)
         self.log(f"done: {summary['steps']} steps, val loss {val_loss:.4f}, {summary['tokens']:,} tokens, "
                  f"{summary['flops']:.3e} FLOPs, {summary['seconds']:.1f} s")
+        if self.rank == 0:
+            run_lock.release(self.out_dir)
         return summary
 
 

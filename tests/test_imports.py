@@ -24,7 +24,7 @@ LAYERS = [
     ("grow", ["nanogrow.grow"]),
     ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),
     ("parallel", ["nanogrow.parallel"]),
-    ("checkpoint", ["nanogrow.checkpoint", "nanogrow.offline"]),
+    ("checkpoint", ["nanogrow.checkpoint", "nanogrow.offline", "nanogrow.run_lock"]),
     ("train", ["nanogrow.run_state", "nanogrow.backend", "nanogrow.growth", "nanogrow.lag_runner",
                "nanogrow.lag_parallel", "nanogrow.train"]),
     ("apps", ["nanogrow.bench", "nanogrow.cli", "nanogrow.gpu_check", "nanogrow.hf", "nanogrow.handbook",
