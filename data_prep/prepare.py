@@ -39,6 +39,7 @@ from tokenizers import Tokenizer
 from nanogrow.data_prep.sources import FINEWEB_CONFIG, NAMED_SOURCES, TXT_SPLITS, check_hub, iter_documents
 from nanogrow.data_prep.tokenizer import load_tokenizer
 from nanogrow.data import DataError, token_bytes_for, write_shard
+from nanogrow.progress import Progress
 
 # Defaults. The demo corpus is ~1M tokens: small shards give the loader's per-epoch shard permutation something
 # to shuffle; FineWeb-sized runs use modded-nanogpt's 100M-token shards.
@@ -175,10 +176,12 @@ def _describe(spec: str, tok: Tokenizer, bpe_chars: int) -> str:
 
 
 def _distribute(results: Iterable[tuple[np.ndarray, np.ndarray]], held_out: list[tuple[SplitWriter, int, int]],
-                train: SplitWriter, every: int, max_tokens: int | None) -> tuple[int, list[int]]:
+                train: SplitWriter, every: int, max_tokens: int | None,
+                progress: Callable[[int], None] = lambda n_docs: None) -> tuple[int, list[int]]:
     """Route tokenized documents: ``held_out`` is (writer, tokens, offset) per held-out split (val, test); document
     ``i`` with ``i % every == offset`` goes to that split until it holds its tokens, every other document to train
-    until it holds ``max_tokens``. Returns (documents read, documents per held-out split)."""
+    until it holds ``max_tokens``. Returns (documents read, documents per held-out split). ``progress`` gets the
+    documents read so far after each chunk (the writers hold the tokens)."""
     left = [tokens for _, tokens, _ in held_out]
     taken = [0] * len(held_out)
     by_offset = {offset: j for j, (_, _, offset) in enumerate(held_out)}
@@ -203,6 +206,7 @@ def _distribute(results: Iterable[tuple[np.ndarray, np.ndarray]], held_out: list
                 n_docs += 1
                 if train_left == 0:
                     break
+        progress(n_docs)
         if train_left == 0:
             break
     return n_docs, taken
@@ -267,8 +271,14 @@ def prepare(source: str | Sequence[str], out: str | os.PathLike, tokenizer: str 
     train = SplitWriter(out, "train", shard_tokens, vocab_size, eot)
     results = ordered_map(_encode_chunk, _chunks(docs(), CHUNK_CHARS), workers, _init_worker,
                           (tok.to_str(), eot, workers <= 1))
-    with closing(results):  # stopping early (max_tokens) must shut the worker pool down
-        n_docs, held_docs = _distribute(results, held_out, train, val_every, max_tokens)
+    writers = [w for w, _, _ in held_out] + [train]
+    # The total is known only when --max-tokens cuts train (the held-out splits fill first): then the ETA; else the
+    # rate alone. A bar on a terminal, a line every progress.LOG_EVERY seconds in a log.
+    total = max_tokens + sum(n for _, n, _ in held_out) if max_tokens is not None else None
+    # closing(): stopping early (max_tokens) must shut the worker pool down.
+    with closing(results), Progress("prep", "tokens", total, log=log) as bar:
+        n_docs, held_docs = _distribute(results, held_out, train, val_every, max_tokens,
+                                        lambda docs: bar.update(sum(w.tokens for w in writers), documents=docs))
     n_val_docs = held_docs[0]
     val_info, train_info = val.close(), train.close()
     test_info = {**test.close(), "documents": held_docs[1], "every": val_every,

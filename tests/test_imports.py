@@ -19,7 +19,7 @@ PACKAGE = ROOT / "nanogrow"
 LAYERS = [
     ("base", ["nanogrow", "nanogrow.dist_utils", "nanogrow.errors", "nanogrow.integrity", "nanogrow.kernels",
               "nanogrow.metrics", "nanogrow.safe_dcp", "nanogrow.data", "nanogrow.logs", "nanogrow.tracking",
-              "nanogrow.plot"]),
+              "nanogrow.plot", "nanogrow.progress"]),
     ("model", ["nanogrow.model"]),
     ("grow", ["nanogrow.grow"]),
     ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),
