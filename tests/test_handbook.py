@@ -187,6 +187,53 @@ def test_store_skips_what_is_done_and_resumes_after_an_interruption(tmp_path, de
     assert "| half at 50% | 2 |" in md and "best **0.01**" in md and "torn" in md
 
 
+def test_handbook_run_lines_carry_done_queued_and_eta(tmp_path, demo_data, monkeypatch):
+    study = load_study(write_study(tmp_path, demo_data))
+    monkeypatch.setattr(runner, "execute", fake_record)  # 1.0 wall-clock second per run
+    monkeypatch.setattr(runner, "ensure_data", lambda *a: None)
+    lines = []
+    runner.run_study(study, log=lines.append)
+    queued = [line.split(" steps | ")[1] for line in lines if "more queued" in line]
+    # The lr grid (4 runs), then the grown arm and the 2x reference (4 runs): each batch's ETA from its own runs.
+    assert queued == ["0 done, 3 more queued", "1 done, 2 more queued, ETA 3s", "2 done, 1 more queued, ETA 2s",
+                      "3 done, 0 more queued, ETA 1s"] * 2
+
+
+def test_handbook_run_of_several_studies_lines_carry_done_to_go_and_eta(tmp_path, demo_data, monkeypatch):
+    write_study(tmp_path, demo_data)
+    (tmp_path / "t.toml").write_text((tmp_path / "s.toml").read_text())
+    studies = [load_study(tmp_path / f"{name}.toml") for name in "st"]
+    monkeypatch.setattr(runner, "execute", lambda s, r: {**fake_record(s, r), "wall_seconds": 60.0})
+    monkeypatch.setattr(runner, "ensure_data", lambda *a: None)
+    lines = []
+    assert runner.run_studies(studies, jobs=1, log=lines.append) == 16
+    first_round = [line.rsplit(" | ", 1)[1] for line in lines if " to go" in line][:8]
+    assert first_round[0] == "1 done, 7 to go, ETA 7m00s"
+    assert first_round[-1] == "8 done, 0 to go"
+    assert "[2 studies] 8 runs on 1 jobs" in lines
+
+
+def test_parallel_run_lines_spread_the_eta_over_the_jobs(tmp_path, demo_data):
+    """jobs > 1: each finished run's line says the runs done and to go, and an ETA of the mean run over 2 jobs (a
+    stand-in pool: the real one trains in spawned processes, which a monkeypatched execute does not reach)."""
+    study = load_study(write_study(tmp_path, demo_data))
+
+    class TwoJobs:
+        jobs = 2
+
+        def run(self, items):
+            for s, r in items:
+                yield s, r, {**fake_record(s, r), "wall_seconds": 30.0, "jobs": 2, "threads": 1, "cpu": 0}
+
+    lines = []
+    store = Store(study.store_path)
+    assert runner.run_batch(study, runner.plan_runs(study, store, study.seeds), store, log=lines.append,
+                            pool=TwoJobs()) == 4
+    notes = [line.rsplit(" | ", 1)[1] for line in lines if " to go" in line]
+    assert notes == ["1 done, 3 to go, ETA 45s", "2 done, 2 to go, ETA 30s", "3 done, 1 to go, ETA 30s",
+                     "4 done, 0 to go"]
+
+
 def test_report_shows_an_arm_not_run_yet(tmp_path, demo_data, monkeypatch):
     study = load_study(write_study(tmp_path, demo_data))
     monkeypatch.setattr(runner, "execute", fake_record)

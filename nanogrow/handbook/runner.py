@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..progress import RunEta
 from .store import Store
 from .study import LR_FACTOR, Run, Study, config_hash
 
@@ -135,11 +136,13 @@ def run_studies(studies: list[Study], jobs: int = 1, log=print, dry_run: bool = 
                 break
             items.sort(key=lambda item: -run_flops_of(item[1]))
             log(f"[{len(studies)} studies] {len(items)} runs on {min(jobs, len(items))} jobs")
+            eta = RunEta(jobs)  # per round: the next round's runs (other phases) may be longer or shorter
             for done, (study, run, record) in enumerate(pool.run(items), start=1):
                 stores[study.name].append(record)
                 made += 1
+                eta.add(record)
                 log(f"[{study.name}] {run_label(run)} | {run.cfg.train.max_steps} steps | cpu {record['cpu']}: "
-                    f"{result_line(record)} | {len(items) - done} to go")
+                    f"{result_line(record)} | {eta.note(done, len(items) - done)}")
     return made
 
 
@@ -159,11 +162,13 @@ def run_batch(study, runs: list[Run], store: Store, jobs: int = 1, log=print, po
             return run_batch(study, runs, store, jobs, log, own)
     jobs = pool.jobs
     made, to_train, keys = 0, [], set()
+    eta = RunEta(jobs)  # from this batch's finished runs: a phase's runs are alike (same budget, mostly)
     for i, run in enumerate(runs):
         if store.has(run.key) or run.key in keys:  # (two arms that resolve to one config: trained once)
             continue
         if jobs == 1:
-            log(f"[{study.name}] {run_label(run)} | {run.cfg.train.max_steps} steps | {len(runs) - i - 1} more queued")
+            log(f"[{study.name}] {run_label(run)} | {run.cfg.train.max_steps} steps | "
+                f"{eta.note(made, len(runs) - i - 1, 'more queued', starting=1)}")
         record = stored_elsewhere(study, run.key)
         if record is None:
             if jobs == 1:
@@ -180,6 +185,7 @@ def run_batch(study, runs: list[Run], store: Store, jobs: int = 1, log=print, po
                 f"store: copied, not rerun")
         store.append(record)
         made += 1
+        eta.add(record)
         if jobs == 1:
             log(f"    {result_line(record)}")
     if to_train:
@@ -188,8 +194,9 @@ def run_batch(study, runs: list[Run], store: Store, jobs: int = 1, log=print, po
     for done, (_, run, record) in enumerate(pool.run(to_train), start=1):
         store.append(record)  # as soon as it finishes: a stopped study loses only the runs in progress
         made += 1
+        eta.add(record)
         log(f"[{study.name}] {run_label(run)} | {run.cfg.train.max_steps} steps | cpu {record['cpu']}: "
-            f"{result_line(record)} | {len(to_train) - done} to go")
+            f"{result_line(record)} | {eta.note(done, len(to_train) - done)}")
     return made
 
 
