@@ -113,7 +113,7 @@ def regime_point(study: Study, store: Store | None = None) -> Point | None:
         if env is not None:
             reach, outside = env.compute_for_loss(grown["final_test_loss"])
             point.frontier[seed] = reach / grown["flops"]
-            if outside or point.outside_frontier:
+            if outside:  # (the arm's own FLOPs may lie past the budgets: only where the frontier reaches its loss counts)
                 point.frontier_extrapolated.add(seed)
             alone = current(start, seed) if start else None
             if alone is not None:
@@ -312,8 +312,11 @@ def prediction_line(study: Study, pred: dict, point: Point) -> str:
         if not law:
             continue
         vals = point.values(yard)
+        left_out = len(getattr(point, yard)) - len(vals)
         measured = (fmt_ci(*ratio_ci(vals), suffix="x") if len(vals) >= 3 else
-                    ", ".join(f"{v:.2f}x" for v in vals) or "not run yet")
+                    ", ".join(f"{v:.2f}x" for v in vals) or ("only extrapolated seeds" if left_out else "not run yet"))
+        if vals and left_out:
+            measured += f" ({left_out} extrapolated seed{'s' if left_out > 1 else ''} left out)"
         inside = ""
         if len(vals) >= 1:
             g = math.exp(statistics.fmean(math.log(v) for v in vals))
