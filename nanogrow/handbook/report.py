@@ -38,8 +38,9 @@ from pathlib import Path
 
 from ..lag import pearson, spearman
 from .frontier import frontiers_in
-from .frontier_report import frontier_markdown, yardstick_rows, yardstick_table
+from .frontier_report import frontier_markdown, summary_of, yardstick_rows, yardstick_table
 from .markdown import figure_and_notes
+from .plots import study_figure
 from .regime import regime_markdown
 from .markdown import rel as markdown_rel
 from .runner import lr_grid, plan_runs, tuned_lr
@@ -222,43 +223,15 @@ def _p(p: float) -> str:
     return "n/a" if math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def plot(study: Study, lr: float, path: Path) -> Path | None:
-    """Validation loss against FLOPs: each arm's mean curve over its seeds (same schedule, so the evaluations line
-    up), the reference in black; growth events marked with a dot."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    store = Store(study.store_path)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, name in enumerate(study.arms):
-        runs = [r for r in store.select(name, scale=1.0, lr=lr) if r["config_hash"] in _current_keys(study, name, r["seed"], lr)]
-        n = min((len(r["curve"]) for r in runs), default=0)
-        if not n:
-            continue
-        xs = [statistics.fmean(r["curve"][k][0] for r in runs) for k in range(n)]
-        ys = [statistics.fmean(r["curve"][k][3] for r in runs) for k in range(n)]
-        ref = name == study.reference
-        color = "black" if ref else f"C{i % 10}"
-        ax.plot(xs, ys, color=color, lw=2.0 if ref else 1.2, label=f"{name} ({len(runs)} seeds)")
-        grows = [ev["flops"] for r in runs[:1] for ev in r.get("growth_events", []) if ev.get("flops")]
-        for f in grows:
-            k = min(range(n), key=lambda j: abs(xs[j] - f))
-            ax.plot([xs[k]], [ys[k]], "o", color=color, ms=4)
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation loss")
-    ax.set_title(study.title, fontsize=10)
-    lows = [p[3] for r in store.select(lr=lr, scale=1.0) for p in r["curve"]]
-    if lows:
-        ax.set_ylim(min(lows) - 0.05, min(lows) + 1.5)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def plot(study: Study, lr: float, path: Path, rows: list[dict], paired: list[dict],
+         current: dict[str, list[dict]]) -> Path | None:
+    """The study's figure (``plots.study_figure``): loss against FLOPs beside the forest plot of ``rows``' paired
+    differences from the reference and ``paired``'s from each baseline; the frontier's envelope where the study has
+    one."""
+    envelope = summary_of(study.frontier)[1].get("envelope") if study.frontier is not None else None
+    drawn = study_figure(study.title, study.reference, current, rows, paired, path, score_key(study), envelope,
+                         study.budget_flops)
+    return drawn["path"] if drawn else None
 
 
 def preservation_line(study: Study, rows: list[dict]) -> str | None:
@@ -422,9 +395,9 @@ def study_markdown(study: Study, plots: bool = True) -> str:
             f"(what the new shape, the carried optimizer state and the lr do in the first steps). "
             f"Effective compute: from the reference at "
             f"{', '.join(['1'] + [f'{k:g}' for k in study.scratch_scales])}x the budget."]
+    current = {name: [r for r in store.select(name, scale=1.0, lr=lr if name == study.reference else None)
+                      if r["config_hash"] in _current_keys(study, name, r["seed"], lr)] for name in study.arms}
     if study.frontier is not None:
-        current = {name: [r for r in store.select(name, scale=1.0, lr=lr if name == study.reference else None)
-                          if r["config_hash"] in _current_keys(study, name, r["seed"], lr)] for name in study.arms}
         why, yard = yardstick_rows(study, current)
         out += ["", f"Against the scratch frontier (`{study.frontier.name}`: the best from-scratch model of any size "
                     f"measured, at the same FLOPs: each budget's best size joined in log-FLOPs, an upper bound on the "
@@ -447,7 +420,7 @@ def study_markdown(study: Study, plots: bool = True) -> str:
     lag = lag_rows(study, store, lr)
     if lag:
         out += ["", lag_table(lag)]
-    png = plot(study, lr, study.path.parent / "plots" / f"{study.name}.png") if plots else None
+    png = plot(study, lr, study.path.parent / "plots" / f"{study.name}.png", rows, paired, current) if plots else None
     return "\n".join(out + figure_and_notes(study.title, png, study.path))
 
 
