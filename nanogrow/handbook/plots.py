@@ -6,7 +6,7 @@ its own marker and (past ten arms) line style, so no two arms look alike. The y-
 at 20% of the budget, so the end of training fills the panel. Studies scored on the test split add each arm's final
 test loss (open marker, bar from the lowest to the highest seed) and the scratch frontier's measured envelope (dashed
 black, test loss; dotted where its end segments are extended past the budgets measured). Left, bottom: the whole run,
-same curves, with the legend.
+same curves, with the legend (past 16 arms the forest's labels are the legend).
 
 Right: the numbers the report's tables print, drawn: each arm's final loss minus the reference's, paired by seed,
 mean and 95% t-interval (the mean and interval of ``report.arm_rows``' ``diffs``, as in the table's "vs scratch"
@@ -127,7 +127,9 @@ def study_figure(title: str, reference: str, runs_by_arm: dict[str, list[dict]],
     test = score == "final_test_loss"
     split = "test" if test else "validation"
     fig = plt.figure(figsize=(15, max(8.0, 0.22 * len(forest) + 2.5)))
-    outer = fig.add_gridspec(1, 2, width_ratios=[1.25, 1], wspace=0.45)
+    longest = max((len(r["arm"]) + len(r["against"]) for r in vs_base), default=0)  # the forest's tick labels
+    longest = max([longest] + [len(r["arm"]) for r in vs_ref])
+    outer = fig.add_gridspec(1, 2, width_ratios=[1.25, 1], wspace=max(0.45, 0.013 * longest))
     left = outer[0].subgridspec(2, 1, height_ratios=[2.1, 1], hspace=0.3)
     ax, whole = fig.add_subplot(left[0]), fig.add_subplot(left[1])
     groups = [g for g in (vs_ref, vs_base) if g]
@@ -192,7 +194,11 @@ def study_figure(title: str, reference: str, runs_by_arm: dict[str, list[dict]],
                     if test else ""), fontsize=8)
     whole.set_xlabel("training FLOPs (log), the whole run", fontsize=8)
     whole.set_ylabel("validation loss", fontsize=8)
-    whole.legend(fontsize=6.5, ncol=2 if len(drawn) > 6 else 1, loc="upper right", framealpha=0.9)
+    if len(drawn) <= 16:
+        whole.legend(fontsize=6.5, ncol=2 if len(drawn) > 6 else 1, loc="upper right", framealpha=0.9)
+    else:  # a legend of this many arms would cover the panel: the forest's labels name each colour and marker
+        whole.set_title(f"{len(drawn)} arms: each arm's colour and marker as in the forest (right); {reference} "
+                        f"black", fontsize=8)
 
     # ---- right: the forest, each group on its own x-scale --------------------------------------------------------
     if vs_ref:
