@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 WORKER = ROOT / "tests" / "dist" / "worker.py"
@@ -121,3 +123,14 @@ def masked_model(**kw):
     set_buffer(model, "layers.1.mlp.unit_mask", torch.rand(c.d_ff, generator=g))
     set_buffer(model, "layers.1.block_mask", torch.tensor(0.3))
     return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Imported by a test module, runs its tests on one torch thread (the machine is shared)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,13 +18,7 @@ from nanogrow.evaluate import bits_per_byte, evaluate
 from nanogrow.grow import make_optimizer
 from nanogrow.model import ModelConfig, build_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread  # noqa: F401 (autouse fixture: one torch thread per module)
 
 
 def word_tokenizer(path, words: int):

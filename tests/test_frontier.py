@@ -269,8 +269,8 @@ def test_a_study_is_read_against_the_frontier_and_its_start_model_alone(tmp_path
         loss += 0.01 * (run.lr != 4e-3)
         return {"study": study_.name, "arm": run.arm, "seed": run.seed, "lr": run.lr, "scale": run.scale,
                 "config_hash": run.key, "curve": [[flops, 0, 1.0, loss]], "growth_events": [], "final_loss": loss,
-                "final_loss_se": 0.01, "final_test_loss": loss, "final_test_loss_se": 0.01, "flops": flops, "wall_seconds": 1.0,
-                "commit": "abc", "machine": {"cpu": "test", "cores": 2, "torch": "x"}}
+                "final_loss_se": 0.01, "final_test_loss": loss, "final_test_loss_se": 0.01, "flops": flops,
+                "wall_seconds": 1.0, "commit": "abc", "machine": {"cpu": "test", "cores": 2, "torch": "x"}}
 
     monkeypatch.setattr(runner, "execute", execute)
     runner.run_study(study, log=lambda *_: None)

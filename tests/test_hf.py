@@ -21,15 +21,9 @@ from nanogrow.hf import HFError, export_hf, export_main, import_hf, import_main,
 from nanogrow.model import ModelConfig, build_model, rope_tables  # noqa: E402
 from nanogrow.train import grow_checkpoint, make_optimizer  # noqa: E402
 
+from helpers import one_thread  # noqa: E402, F401 (autouse fixture: one torch thread per module)
+
 quiet = dict(log=lambda *_: None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_cfg(tied: bool = False, **kw) -> ModelConfig:

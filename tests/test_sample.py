@@ -10,15 +10,7 @@ import torch
 from nanogrow.cli import main
 from nanogrow.sample import generate, sample
 
-from helpers import masked_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared
-    yield
-    torch.set_num_threads(n)
+from helpers import masked_model, one_thread  # noqa: F401 (autouse fixture)
 
 
 def ids(n, seed=0, batch=2, vocab=97):
