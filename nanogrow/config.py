@@ -118,7 +118,8 @@ class StageConfig:
     trigger_options: dict = field(default_factory=dict)  # e.g. { window = 50, threshold = 0.05, min_steps = 100 }
     lag: dict = field(default_factory=dict)  # LAG: { candidates = "design-space" | [{op, options}], steps = k,
     #                                            strategy = "all" | "halving" (successive halving, same budget),
-    #                                            eval_every = 1, eval_batches = 0 (all), groups = 1 (process
+    #                                            eval_every = 1, score_batches = 4 (held-out training
+    #                                            micro-batches the candidates are scored on), groups = 1 (process
     #                                            groups training candidates at once; must divide the world) }
 
 
@@ -455,7 +456,7 @@ def validate_deepspeed(cfg: RunConfig, source: str) -> None:
                               f"or scaling-law")
 
 
-LAG_KEYS = ("candidates", "steps", "eval_every", "eval_batches", "groups", "strategy")
+LAG_KEYS = ("candidates", "steps", "eval_every", "score_batches", "groups", "strategy")
 
 
 @dataclass(frozen=True)
@@ -465,14 +466,21 @@ class LagConfig:
 
     candidates: Any = "design-space"  # "design-space" (the depth design space) | [{op, options}, ...]
     steps: int = 0  # k: steps each candidate trains before the decision
-    eval_every: int = 1
-    eval_batches: int = 0  # 0: all validation batches
+    eval_every: int = 1  # score every candidate every this many of its steps (and after its last)
+    # Candidates are scored on this many micro-batches (micro_batch sequences of the stage's seq_len, per rank) taken
+    # from the training stream when the selection starts: held out (the run never trains on them), the same for every
+    # candidate, and never validation data. Their forward passes are charged as the selection's FLOPs.
+    score_batches: int = 4
     groups: int = 1  # process groups training candidates at the same time (must divide the world)
     strategy: str = "all"  # all | halving
 
     @classmethod
     def from_dict(cls, lag: dict, key: str = "lag") -> LagConfig:
         for k in lag:
+            if k == "eval_batches":
+                raise ValueError(f"{key}.eval_batches was replaced by {key}.score_batches: candidates are scored "
+                                 f"on held-out training micro-batches, never on the validation data that scores "
+                                 f"the result (default {cls.score_batches} micro-batches)")
             if k not in LAG_KEYS:
                 raise ValueError(f"{key} has unknown key {k!r}; allowed: {', '.join(sorted(LAG_KEYS))}")
         return cls(**lag)
@@ -481,6 +489,9 @@ class LagConfig:
         steps, every, groups = self.steps, self.eval_every, self.groups
         if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
             raise ValueError(f"{key}.steps and {key}.eval_every must be positive integers, got {steps!r}, {every!r}")
+        if not isinstance(self.score_batches, int) or isinstance(self.score_batches, bool) or self.score_batches < 1:
+            raise ValueError(f"{key}.score_batches must be a positive integer (training micro-batches held out to "
+                             f"score the candidates on), got {self.score_batches!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"{key}.strategy must be one of {', '.join(STRATEGIES)} (all: every candidate k steps; "
                              f"halving: successive halving with the same budget), got {self.strategy!r}")

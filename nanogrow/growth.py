@@ -146,7 +146,8 @@ class GrowthController:
         from the training loader (this rank's share, one micro-batch per map step): they count as tokens seen
         and are not trained on again. The old weights are gathered in full on every rank (the maps are fitted
         identically everywhere, their gradients averaged over ranks); the FLOPs spent, on every rank, count in
-        the run's total. Other plans pass through."""
+        the run's total (category "fit"; a losing LAG candidate's fit is charged to its selection). Other plans
+        pass through."""
         if not isinstance(plan, LearnedPlan) or plan.fitted:
             return plan
         tr = self.trainer
@@ -165,7 +166,7 @@ class GrowthController:
         plan = fit(plan, old, next_batch, reduce_grads=average if tr.world > 1 else None, autocast=tr.autocast,
                    log=tr.log)
         tr.meter.add(plan.fit_record["tokens"] * tr.world, 0.0)
-        tr.meter.add_flops(plan.fit_record["flops"] * tr.world)
+        tr.meter.add_flops(plan.fit_record["flops"] * tr.world, "fit")
         return plan
 
     def grow_next_stage(self) -> dict:

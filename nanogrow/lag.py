@@ -1,5 +1,6 @@
 """LAG, Landscape-Aware Growing (Karp et al., seed 004): fork candidate growth operators from the same small model,
-train each for k steps on identical batches, keep the one with the lowest validation loss at step k.
+train each for k steps on identical batches, keep the one with the lowest loss at step k on held-out batches (a
+slice of the training stream the run never trains on; never the validation data that scores the result).
 
 ``strategy = "halving"`` spends the same selection budget (n candidates x k steps) as successive halving, a bandit
 over the candidates (Karnin et al. 2013; Jamieson & Talwalkar 2016): every candidate trains a few steps, the
@@ -7,7 +8,7 @@ better half goes on training from where it stopped, and so on until one is left,
 to the contenders and the winner has trained longer than k steps when the run continues from it.
 
 This module knows nothing of the trainer. ``select`` receives a function that trains one candidate k steps and
-returns its validation losses (one per evaluation); it decides, and hands back what the trainer needs to continue
+returns its held-out losses (one per scoring); it decides, and hands back what the trainer needs to continue
 from the winner. The analysis functions (correlations, recall@k, regret) implement section 3.3 and eq. 1-2 of the
 paper on the recorded curves of all candidates.
 """
@@ -37,7 +38,7 @@ class Candidate:
 @dataclass
 class LagResult:
     winner: int  # index into the candidates
-    curves: list[list[float]]  # validation losses of every candidate at every evaluation after growing
+    curves: list[list[float]]  # held-out losses of every candidate at every scoring after growing
     states: Any = None  # the winner's state, as returned by the train function (to continue from it)
 
     def to_dict(self, candidates: list[Candidate]) -> dict:
@@ -59,7 +60,7 @@ def select(candidates: list[Candidate], train: Callable[[int, Candidate], tuple[
     for i, cand in enumerate(candidates):
         losses, state = train(i, cand)
         if not losses:
-            raise ValueError(f"LAG: candidate {cand.name()} returned no validation losses")
+            raise ValueError(f"LAG: candidate {cand.name()} returned no losses")
         curves.append(list(losses))
         if best is None or losses[-1] < curves[best][-1]:
             best, best_state = i, state
@@ -89,7 +90,7 @@ def halving_rounds(n: int, k: int) -> list[tuple[int, int]]:
 def select_halving(candidates: list[Candidate], k: int,
                    train: Callable[[int, Candidate, int, Any], tuple[float, Any]]) -> tuple[LagResult, list[dict]]:
     """Successive halving. ``train(i, candidate, steps, state)`` trains candidate i ``steps`` more steps from
-    ``state`` (None: grow it first) and returns (validation loss, state). Survivors are the lower half by their
+    ``state`` (None: grow it first) and returns (held-out loss, state). Survivors are the lower half by their
     latest loss (ties to the earlier candidate); losers' states are dropped once a round is ranked (memory: up to
     n candidate models in the first round, where LAG@k keeps two). Returns the result (curves: every candidate's
     losses at the end of each round it trained) and the rounds as records."""
@@ -136,7 +137,7 @@ def standard_error(xs: list[float]) -> float:
 
 
 def paired_se(result: LagResult, steps: list[int], last_batches: dict[int, list[float]]) -> float:
-    """Standard error of the winner's loss minus the runner-up's, over the validation batches both were scored on
+    """Standard error of the winner's loss minus the runner-up's, over the held-out batches both were scored on
     (this rank's): every candidate sees the same batches, so their difference is far less noisy than either
     loss. The runner-up: the lowest last loss among the candidates trained as long as the winner (under
     successive halving, the last round's other finalists). NaN if there is none."""
@@ -240,7 +241,7 @@ def report(record: dict, ks: list[int] | None = None, png_prefix: str | None = N
     transition = first_step_above(sp, 0.8)
     best = min(range(len(finals)), key=lambda i: finals[i])
     log(f"{len(curves)} candidates, {steps[-1]} steps after growth; best in hindsight: {names[best]} "
-        f"(final val loss {finals[best]:.4f}, worst {max(finals):.4f})")
+        f"(final held-out loss {finals[best]:.4f}, worst {max(finals):.4f})")
     log("step | spearman | pearson | recall@1 | recall@3 | LAG@step pick | regret | relative regret")
     shown = sorted(set(ks or []) | {steps[0], steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]})
     for s in shown:
@@ -270,7 +271,7 @@ def _plot_report(out: dict, curves: list[list[float]], prefix: str, log) -> None
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for c, name in zip(curves, out["names"]):
         axes[0, 0].plot(steps, c, lw=0.8, label=name)
-    axes[0, 0].set(xlabel="steps after growth", ylabel="validation loss", title="candidates")
+    axes[0, 0].set(xlabel="steps after growth", ylabel="held-out loss", title="candidates")
     axes[0, 0].legend(fontsize=5)
     im = axes[0, 1].imshow(correlation_heatmap(curves), origin="lower", cmap="viridis", vmin=-1, vmax=1,
                            extent=[steps[0], steps[-1], steps[0], steps[-1]])

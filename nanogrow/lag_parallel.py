@@ -8,7 +8,9 @@ What stays equal to the one-process LAG (tests/test_lag_groups.py checks it):
   the gradient accumulation and its rank d reads, at the g-th of every G micro-steps, the slice world rank
   ``g * W/G + d`` would read (``GroupLoader``). Same tokens per optimizer step, same per-rank memory, same loss
   (a mean over the same rows), the same epoch wrap-around;
-* the validation loss: the same fixed batches, each group's mean all-gathered (``group_values``);
+* the score: the same held-out batches, the run's next ``lag.score_batches`` world micro-steps, read through the
+  group's loader (G reads per world micro-step) before the fork, so that no candidate trains on them; each group's
+  mean all-gathered (``group_values``);
 * the decision: lowest loss at step k, ties to the earlier candidate, candidates numbered as in the config.
   With more candidates than groups, round r trains candidates r*G .. r*G+G-1; groups left without one in the
   last round idle (their losses are +inf);
@@ -16,8 +18,8 @@ What stays equal to the one-process LAG (tests/test_lag_groups.py checks it):
   its plan (cheap, no training), takes the winner's counters (step, data position, meter, lr policy, RNG, fade-in)
   and receives its weights, optimizer moments and ages by ``broadcast_group_state``. Then the world-wide wrapping
   is rebuilt and all ranks continue as one job;
-* the cost: FLOPs spent on losing candidates are added to the run's total, as on one process. The wall time
-  of a round is that of one candidate; the FLOPs are still spent.
+* the cost: FLOPs spent on losing candidates and on every scoring pass are charged to the run's selection, as on
+  one process. The wall time of a round is that of one candidate; the FLOPs are still spent.
 
 Within a group the candidate is replicated (DDP over the group's ranks) or, when the run uses FSDP, sharded over
 the group's ranks: the pre-growth state is re-sharded once from the world mesh onto each group's mesh
@@ -30,14 +32,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 
 import torch.distributed as dist
 
 from .config import ConfigError, LagConfig, Stage, StageConfig
-from .data import TokenLoader, val_batches
+from .data import TokenLoader
 from .grow import GrowthPlan, make_plan
 from .lag import LagResult
-from .lag_runner import CandidateRunner
+from .lag_runner import CandidateRunner, charge_selection, held_out_tokens
 from .model import ModelConfig
 from .parallel import (broadcast_group_state, candidate_index, candidate_mesh, group_values,
                        model_and_optimizer_tensors, unwrap)
@@ -89,23 +92,21 @@ class GroupLoader:
 
 @contextlib.contextmanager
 def group_view(trainer, mesh):
-    """The trainer as one group sees it: its loader, validation slices, world size and gradient accumulation."""
+    """The trainer as one group sees it: its loader, world size and gradient accumulation."""
     n_groups, dp_size, dp_rank = mesh.size(0), mesh.size(1), mesh.get_local_rank("dp")
     cfg, t = trainer.cfg, trainer.t
-    saved = trainer.loader, trainer.val, trainer.t, trainer.world, trainer.dp_group
+    saved = trainer.loader, trainer.t, trainer.world, trainer.dp_group
     loader = GroupLoader(cfg.data.dir, trainer.seq_len, trainer.micro_batch, dp_rank, dp_size, n_groups,
                          cfg.data.seed, trainer.model_config.vocab_size, cfg.data.shuffle_block)
     loader.load_state_dict(trainer.loader.state_dict())
     trainer.loader = loader
-    trainer.val = val_batches(cfg.data.dir, trainer.seq_len, t.eval_batch_size, t.eval_batches, rank=dp_rank,
-                              world_size=dp_size, vocab_size=trainer.model_config.vocab_size)
     trainer.t = dataclasses.replace(t, grad_accum=t.grad_accum * n_groups)
     trainer.world = dp_size
     trainer.dp_group = mesh.get_group("dp")  # collectives inside a candidate's training stay within its group
     try:
         yield
     finally:
-        trainer.loader, trainer.val, trainer.t, trainer.world, trainer.dp_group = saved
+        trainer.loader, trainer.t, trainer.world, trainer.dp_group = saved
         # The world loader takes the batch shape the trainer now has (a candidate's stage may change both).
         trainer.loader.set_batch_shape(micro_batch=trainer.micro_batch, seq_len=trainer.seq_len)
 
@@ -122,11 +123,11 @@ def select_across_groups(runner: CandidateRunner, st: Stage, old_cfg: ModelConfi
     """LAG with the candidates spread over ``st.lag.groups`` process groups; returns (winner's plan, record) like
     ``lag_runner.lag_select`` and leaves the trainer in the winner's state on every rank. A collective."""
     trainer = runner.trainer
+    start = time.perf_counter()
     n_groups = st.lag.groups
     mesh = _mesh(trainer, n_groups)
     group = candidate_index(mesh)
     k, every = st.lag.steps, st.lag.eval_every
-    n_eval = st.lag.eval_batches or len(trainer.val)
     candidates = st.lag.candidate_list(old_cfg, new_cfg)
     n = len(candidates)
     fsdp = backend_of(trainer.model) == "fsdp"
@@ -139,33 +140,45 @@ def select_across_groups(runner: CandidateRunner, st: Stage, old_cfg: ModelConfi
     else:
         base["model"] = unwrap(trainer.model)
     curves: list[list[float]] = [[] for _ in range(n)]
-    spent = [0.0] * n
+    spent, scored = [0.0] * n, [0.0] * n
+    own_seconds = [0.0] * n  # each candidate's growth and steps (scoring excluded), as its group timed them
     winner, kept = None, None  # kept: the winner's state, on the ranks of the group that trained it
     applied = {}  # candidate -> the plan this group applied (a learned plan: fitted)
 
     with group_view(trainer, mesh):
+        held_out = runner.selection_batches(st.lag.score_batches * n_groups)  # score_batches world micro-steps
+        score_tokens = held_out_tokens(trainer, held_out)
+        base["state"].loader = trainer.loader.state_dict()  # candidates start after the held-out batches
         for first in range(0, n, n_groups):
             mine = first + group
+            t0, own = time.perf_counter(), 0.0
             if mine < n:
                 runner.restore(base)
                 applied[mine] = runner.apply(candidates[mine], old_cfg, new_cfg, seed)
                 if not fsdp:
                     trainer.model = replicate_in_group(trainer.model, mesh)
+            own += time.perf_counter() - t0
+            score_flops = 0.0
             for j in range(k):
                 if mine < n:
+                    t0 = time.perf_counter()
                     runner.train(1)
+                    own += time.perf_counter() - t0
                 if (j + 1) % every == 0 or j == k - 1:
-                    local = runner.local_val_loss(runner.val_batches(n_eval)) if mine < n else math.inf
+                    local, flops = runner.local_score(held_out) if mine < n else (math.inf, 0.0)
+                    score_flops += flops
                     for h, loss in enumerate(group_values(local, mesh)):
                         if first + h < n:
                             curves[first + h].append(loss)
             flops = trainer.meter.total_flops - base["state"].meter["total_flops"] if mine < n else 0.0
-            for h, f in enumerate(group_values(flops, mesh, reduce="max")):
+            for h, (f, sf, sec) in enumerate(zip(group_values(flops, mesh, reduce="max"),
+                                                 group_values(score_flops, mesh, reduce="max"),
+                                                 group_values(own, mesh, reduce="max"))):
                 if first + h < n:
-                    spent[first + h] = f
+                    spent[first + h], scored[first + h], own_seconds[first + h] = f, sf, sec
             for idx in range(first, min(first + n_groups, n)):
-                trainer.log(f"  LAG candidate {idx + 1}/{n} {candidates[idx].name()} (group {idx - first}): val "
-                            f"loss after {k} steps {curves[idx][-1]:.4f}")
+                trainer.log(f"  LAG candidate {idx + 1}/{n} {candidates[idx].name()} (group {idx - first}): "
+                            f"held-out loss after {k} steps {curves[idx][-1]:.4f}")
                 if winner is None or curves[idx][-1] < curves[winner][-1]:
                     winner, kept = idx, (runner.fork() if idx == mine else None)
 
@@ -173,12 +186,16 @@ def select_across_groups(runner: CandidateRunner, st: Stage, old_cfg: ModelConfi
     if plan is None:
         plan = make_plan(candidates[winner].op, old_cfg, new_cfg, seed=seed, **candidates[winner].options)
     plan = _continue_from_winner(runner, mesh, winner % n_groups, kept, base, plan, world_mesh)
-    # The losers' training is compute the run spent: count it, so compute-normalized comparisons stay honest.
-    trainer.meter.add_flops(sum(f for j, f in enumerate(spent) if j != winner))
     record = LagResult(winner, curves).to_dict(candidates)
-    record.update(steps=k, eval_every=every, flops_per_candidate=spent, groups=n_groups)
-    trainer.log(f"  LAG picked {candidates[winner].name()} (val loss {curves[winner][-1]:.4f} after {k} steps, "
-                f"{n} candidates on {n_groups} groups of {mesh.size(1)} process(es))")
+    record.update(steps=k, eval_every=every, flops_per_candidate=spent, groups=n_groups,
+                  score_batches=st.lag.score_batches, score_tokens=score_tokens,
+                  **charge_selection(trainer, spent, scored, winner))
+    # The wall-clock the selection added: all of it but the winner's own growth and steps (rank 0's clock; the
+    # rounds end together at their collectives, so every rank's is about the same).
+    record["selection_seconds"] = time.perf_counter() - start - own_seconds[winner]
+    trainer.log(f"  LAG picked {candidates[winner].name()} (held-out loss {curves[winner][-1]:.4f} after {k} steps, "
+                f"{n} candidates on {n_groups} groups of {mesh.size(1)} process(es)); selection charged "
+                f"{record['selection_flops']:.3e} FLOPs, {record['selection_seconds']:.1f} s")
     return plan, record
 
 

@@ -2,8 +2,10 @@
 per-stage statistics of a run (``StageStats``).
 
 Growth changes FLOPs per token mid-run, so FLOPs are *accumulated* from each step's own shape (OLMo-core's lesson),
-never computed as steps x a constant. MFU divides achieved model FLOPs/s by the device peak: a table for known GPUs,
-and on CPU a peak measured once by a large matmul probe (what this machine can actually do in fp32).
+never computed as steps x a constant. Every forward or backward pass a run computes is counted, by what it was for
+(``CATEGORIES``): a forward pass costs a third of the training FLOPs per token (``forward_flops``). MFU divides
+achieved model FLOPs/s by the device peak: a table for known GPUs, and on CPU a peak measured once by a large matmul
+probe (what this machine can actually do in fp32).
 """
 
 from __future__ import annotations
@@ -54,33 +56,74 @@ def device_peak_flops(device: torch.device) -> float:
     return cpu_matmul_peak_flops()
 
 
+# What a run computes, by purpose. The FLOPs a comparison charges a run (``ThroughputMeter.total_flops``, what
+# train.max_flops and at_flops marks count) are every category but "eval": evaluation done only for reporting (the
+# curve's validation losses, the loss before and after a growth event, a study's final scoring) decides nothing.
+#   train      optimizer steps the run keeps (a LAG winner's candidate steps included)
+#   selection  LAG: every candidate's scoring passes, and all a losing candidate spent (its steps, its fit)
+#   probe      trigger probes (the curvature trigger's extra forward pass)
+#   fit        fitting a learned (LiGO) operator's maps before it is applied
+#   eval       evaluation for reporting only: counted, never charged
+CATEGORIES = ("train", "selection", "probe", "fit", "eval")
+CHARGED = ("train", "selection", "probe", "fit")
+
+
+def forward_flops(tokens: int, flops_per_token: float) -> float:
+    """FLOPs of a forward pass alone over ``tokens``: a third of the training FLOPs per token (2N of 6N; the
+    attention term alike). ``flops_per_token``: ``ModelConfig.flops_per_token`` at the sequence length used."""
+    return tokens * flops_per_token / 3.0
+
+
 class ThroughputMeter:
-    """Accumulates tokens and model FLOPs per step and reports rates over the last logging window."""
+    """Accumulates tokens and FLOPs per category (``CATEGORIES``) and reports rates over the last logging window.
+    ``total_flops`` is the charged total (every category but "eval"); ``flops_by`` the breakdown."""
 
     def __init__(self, peak_flops: float, world_size: int = 1):
         self.peak = peak_flops * world_size
         self.total_tokens = 0
         self.total_flops = 0.0
+        self.flops_by = dict.fromkeys(CATEGORIES, 0.0)
         self._win_tokens = 0
         self._win_flops = 0.0
         self._win_start = time.perf_counter()
 
     def state_dict(self) -> dict:
-        return {"total_tokens": self.total_tokens, "total_flops": self.total_flops}
+        return {"total_tokens": self.total_tokens, "total_flops": self.total_flops, "flops_by": dict(self.flops_by)}
 
     def load_state_dict(self, sd: dict) -> None:
+        """A checkpoint's meter; one written before the breakdown existed counts all its FLOPs as training."""
         self.total_tokens = int(sd["total_tokens"])
         self.total_flops = float(sd["total_flops"])
+        by = sd.get("flops_by") or {"train": self.total_flops}
+        self.flops_by = {c: float(by.get(c, 0.0)) for c in CATEGORIES}
 
     def add(self, tokens: int, flops_per_token: float) -> None:
+        """One training step (or tokens consumed with ``flops_per_token`` 0)."""
         self.total_tokens += tokens
         self.total_flops += tokens * flops_per_token
+        self.flops_by["train"] += tokens * flops_per_token
         self._win_tokens += tokens
         self._win_flops += tokens * flops_per_token
 
-    def add_flops(self, flops: float) -> None:
-        """FLOPs spent outside training steps that still count toward the run's budget (e.g. LAG candidates)."""
-        self.total_flops += flops
+    def add_flops(self, flops: float, category: str) -> None:
+        """FLOPs computed outside the training steps, in ``category``; charged unless it is "eval"."""
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown FLOPs category {category!r}; known: {', '.join(CATEGORIES)}")
+        self.flops_by[category] += flops
+        if category in CHARGED:
+            self.total_flops += flops
+
+    def shares(self) -> dict:
+        """Each category's FLOPs as a fraction of the charged total (eval's too, though it is not part of it)."""
+        total = self.total_flops
+        return {c: (f / total if total else 0.0) for c, f in self.flops_by.items()}
+
+    def breakdown(self) -> str:
+        """One line: the charged total, the share of each charged category that spent any, and evaluation's."""
+        share = self.shares()
+        parts = [f"{c} {100 * share[c]:.1f}%" for c in CHARGED if self.flops_by[c] or c == "train"]
+        return (f"{self.total_flops:.3e} FLOPs charged ({', '.join(parts)}); evaluation for reporting "
+                f"{self.flops_by['eval']:.3e} more ({100 * share['eval']:.1f}%, not charged)")
 
     def window(self) -> dict:
         """Rates since the previous call; resets the window."""

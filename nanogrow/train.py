@@ -30,7 +30,7 @@ from .grow import make_optimizer  # noqa: F401  (re-exported: nanogrow.train.mak
 from .growth import GrowthController
 from .lag_parallel import check_world
 from .logs import RunLog
-from .metrics import StageStats, ThroughputMeter, device_peak_flops
+from .metrics import StageStats, ThroughputMeter, device_peak_flops, forward_flops
 from .model import ModelConfig, build_model
 from .offline import grow_checkpoint  # noqa: F401  (re-exported: nanogrow.train.grow_checkpoint)
 from .parallel import grad_sync, reshard
@@ -212,7 +212,7 @@ class Trainer:
         tokens, fpt = self.tokens_per_step(), self.model_config.flops_per_token(self.seq_len)
         self.meter.add(tokens, fpt)
         if probe:
-            self.meter.add_flops(tokens * fpt / 3)  # the probe's forward pass (2N of the 6N FLOPs per token)
+            self.meter.add_flops(forward_flops(tokens, fpt), "probe")  # the step's batches, forward again
         self.step += 1
         self.stage_stats.add_step(tokens, tokens * fpt, time.perf_counter() - t0)
         if self.trigger is not None:
@@ -234,9 +234,17 @@ class Trainer:
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, n_batches: int | None = None) -> float:
-        """Mean loss over the fixed validation batches (the first ``n_batches`` of them, if given)."""
-        return dist_utils.all_reduce_mean(self.local_val_loss(self.val[:n_batches] if n_batches else self.val),
-                                          self.device)
+        """Mean loss over the fixed validation batches (the first ``n_batches`` of them, if given). For reporting
+        only: its FLOPs are counted as "eval", outside the charged total (nothing is decided on validation data)."""
+        batches = self.val[:n_batches] if n_batches else self.val
+        self.meter.add_flops(self.forward_cost(batches), "eval")
+        return dist_utils.all_reduce_mean(self.local_val_loss(batches), self.device)
+
+    def forward_cost(self, batches: list) -> float:
+        """FLOPs of one forward pass of the current model over ``batches`` (this rank's share) on every rank of
+        the data-parallel group (``self.world``: a LAG group's size inside one)."""
+        return sum(forward_flops(x.numel() * self.world, self.model_config.flops_per_token(x.shape[1]))
+                   for x, _ in batches)
 
     def evaluate_at_stage_len(self) -> float | None:
         """Mean validation loss at the current stage's own sequence length, or None when that is the run's
@@ -249,12 +257,14 @@ class Trainer:
             self.val_at_len[self.seq_len] = val_batches(
                 self.cfg.data.dir, self.seq_len, self.t.eval_batch_size, self.t.eval_batches, rank=self.rank,
                 world_size=self.world, vocab_size=self.model_config.vocab_size)
+        self.meter.add_flops(self.forward_cost(self.val_at_len[self.seq_len]), "eval")
         return dist_utils.all_reduce_mean(self.local_val_loss(self.val_at_len[self.seq_len]), self.device)
 
     @torch.no_grad()
     def local_val_loss(self, batches: list) -> float:
         """This rank's mean loss over ``batches`` (``evaluate`` averages it over ranks; LAG across groups over
-        one group only). Keeps the per-batch losses in ``last_eval``."""
+        one group only). Keeps the per-batch losses in ``last_eval``. Counts no FLOPs: the caller charges them
+        (``forward_cost``) to what the pass is for."""
         self.model.eval()
         total, self.last_eval = 0.0, []
         for x, y in batches:
@@ -275,13 +285,15 @@ class Trainer:
         at_len = {"val_loss_stage_len": own} if own is not None else {}
         now = time.perf_counter()
         self.history.append({"event": "eval", "step": self.step, "tokens": self.meter.total_tokens,
-                             "flops": self.meter.total_flops, "val_loss": val_loss,
-                             "seconds": round(now - start, 3), "eval_seconds": round(now - t0, 4), **at_len})
+                             "flops": self.meter.total_flops, "flops_by": dict(self.meter.flops_by),
+                             "val_loss": val_loss, "seconds": round(now - start, 3), "eval_seconds": round(now - t0, 4),
+                             **at_len})
         self.stage_stats.rows[-1].update(val_loss=val_loss, **at_len)
         own_note = f" ({own:.4f} at its own seq_len {self.seq_len})" if own is not None else ""
         self.log(f"step {self.step:>6} | val loss {val_loss:.4f}{own_note} | {self.meter.total_flops:.3e} FLOPs")
         self.trackers.log({"kind": "eval", "step": self.step, "tokens": self.meter.total_tokens,
-                           "flops": self.meter.total_flops, "val_loss": val_loss, "stage": self.stage_index, **at_len})
+                           "flops": self.meter.total_flops, "flops_by": dict(self.meter.flops_by),
+                           "val_loss": val_loss, "stage": self.stage_index, **at_len})
         self.meter.reset_window()  # evaluation time is not training throughput
         return val_loss
 
@@ -337,7 +349,8 @@ class Trainer:
                          f"lr {self.current_lr(self.step - 1):.2e} | {w['tokens_per_s']:,.0f} tok/s | "
                          f"mfu {100 * w['mfu']:.2f}% | eta {_hms(eta)}")
                 self.trackers.log({"kind": "train", "step": self.step, "tokens": self.meter.total_tokens,
-                                   "flops": self.meter.total_flops, "loss": last_loss,
+                                   "flops": self.meter.total_flops, "flops_by": dict(self.meter.flops_by),
+                                   "loss": last_loss,
                                    "lr": self.current_lr(self.step - 1), "grad_norm": self.grad_norm,
                                    "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"], "stage": self.stage_index,
                                    "params": self.model_config.num_params(), "seconds": round(elapsed, 3)})
@@ -349,8 +362,11 @@ class Trainer:
         # candidate steps reached the end, or right away on a run resumed at its end).
         val_loss = self.evaluate_and_record(start)
         self.save()
+        # flops: the charged total (train + selection + probe + fit; evaluation for reporting is outside it, in
+        # flops_by["eval"]); flops_by: every category; flops_share: each as a fraction of the charged total.
         summary = {"steps": self.step, "train_loss": last_loss, "val_loss": val_loss,
                    "tokens": self.meter.total_tokens, "flops": self.meter.total_flops,
+                   "flops_by": dict(self.meter.flops_by), "flops_share": self.meter.shares(),
                    "seconds": time.perf_counter() - start, "stages": self.stage_stats.rows,
                    "growth_events": [h for h in self.history if h["event"] == "grow"]}
         if len(self.stage_stats.rows) > 1:
@@ -361,7 +377,7 @@ class Trainer:
         if self.rank == 0 and self.t.plot:
             _plot(self.out_dir, self.log)
         self.log(f"done: {summary['steps']} steps, val loss {val_loss:.4f}, {summary['tokens']:,} tokens, "
-                 f"{summary['flops']:.3e} FLOPs, {summary['seconds']:.1f} s")
+                 f"{self.meter.breakdown()}, {summary['seconds']:.1f} s")
         if self.rank == 0:
             run_lock.release(self.out_dir)
         return summary

@@ -241,6 +241,7 @@ def test_trainer_runs_a_learned_stage_and_counts_its_tokens_and_flops(demo_data,
     # The fitting batches came from the training stream: counted as seen, and their FLOPs spent.
     assert tr.meter.total_tokens == tokens + rec["tokens"] == tokens + 3 * 4 * 64
     assert tr.meter.total_flops == pytest.approx(flops + rec["flops"])
+    assert tr.meter.flops_by["fit"] == pytest.approx(rec["flops"])  # charged, in its own category
     assert tr.loader.state_dict() != pos
     losses = run_steps(tr, 3)
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -255,8 +256,15 @@ def test_lag_can_pick_among_learned_and_plain_candidates(demo_data, tmp_path):
     tr.growth.grow_next_stage()
     event = tr.history[-1]
     assert len(event["lag"]["candidates"]) == 2 and tr.model_config.n_layer == 4
+    # A winning learned candidate's fit is the run's "fit"; a losing one's is part of what the selection charged.
+    spent, scored = event["lag"]["flops_per_candidate"], event["lag"]["score_flops_per_candidate"]
+    loser = 1 - event["lag"]["winner"]
+    assert tr.meter.flops_by["selection"] == pytest.approx(spent[loser] + sum(scored))
     if event["plan"]["op"] == "learned":
         assert event["plan"]["fit"]["steps"] == 2
+        assert tr.meter.flops_by["fit"] == pytest.approx(event["plan"]["fit"]["flops"]) > 0
+    else:
+        assert tr.meter.flops_by["fit"] == 0.0 and spent[1] > spent[0]  # the learned candidate's fit: in spent
     run_steps(tr, 2)
 
 

@@ -1,6 +1,9 @@
-"""LAG: selection on one process equals applying the winner directly; analysis functions against hand values."""
+"""LAG: selection on one process equals applying the winner directly (after the held-out batches it scores on);
+every FLOP of the selection is charged; analysis functions against hand values."""
 
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -25,6 +28,23 @@ def lag_config(data_dir, out_dir, stage):
     return with_stages(cfg, [dict({"shape": {"n_layer": 4}, "at_step": 3}, **stage)], lr_policy="continue")
 
 
+def skip_held_out(trainer, n=4):
+    """An ``on_grow`` for a run that applies a LAG winner directly: it skips the ``n`` micro-batches a LAG run holds
+    out of its training stream at that growth, so both train on the same batches after it."""
+    def on_grow(event):
+        for _ in range(n):
+            trainer.loader.next_batch()
+    return on_grow
+
+
+def run_skipping(trainer, n_turns, n_held_out=4):
+    return [trainer.advance(on_grow=skip_held_out(trainer, n_held_out)) for _ in range(n_turns)]
+
+
+def scoring_flops(record):
+    return sum(record["score_flops_per_candidate"])
+
+
 def test_lag_picks_lowest_loss_and_continues_like_the_direct_operator(demo_data, tmp_path):
     lag = Trainer(lag_config(demo_data, tmp_path / "lag", {"lag": {"candidates": CANDIDATES, "steps": 3}}), log=QUIET)
     lag_losses = run(lag, 8)  # 3 before, growth + 3 LAG steps (inside the event), then 5 more
@@ -38,15 +58,18 @@ def test_lag_picks_lowest_loss_and_continues_like_the_direct_operator(demo_data,
     chosen = CANDIDATES[winner]
     direct = Trainer(lag_config(demo_data, tmp_path / "direct",
                                 {"op": chosen["op"], "options": chosen.get("options", {})}), log=QUIET)
-    direct_losses = run(direct, 11)
+    direct_losses = run_skipping(direct, 11)  # the LAG run never trains on the 4 batches it scored on
     assert lag_losses[:3] == direct_losses[:3]
     assert lag_losses[3:] == direct_losses[6:]  # LAG's k steps of the winner are kept, not thrown away
     a, b = lag.model.state_dict(), direct.model.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # the losers' FLOPs are counted in the run's total
+    # the losers' FLOPs and every scoring pass are charged to the run's total, as its selection
     per_cand = event["lag"]["flops_per_candidate"]
-    assert lag.meter.total_flops == pytest.approx(direct.meter.total_flops + sum(per_cand) - per_cand[winner])
+    selection = sum(per_cand) - per_cand[winner] + scoring_flops(event["lag"])
+    assert lag.meter.total_flops == pytest.approx(direct.meter.total_flops + selection)
+    assert lag.meter.flops_by["selection"] == pytest.approx(selection) == event["lag"]["selection_flops"]
+    assert lag.meter.flops_by["train"] == pytest.approx(direct.meter.flops_by["train"])
 
 
 def test_adaptive_stacking_lag_at_every_stage_equals_its_winners_applied_directly(demo_data, tmp_path):
@@ -69,7 +92,7 @@ def test_adaptive_stacking_lag_at_every_stage_equals_its_winners_applied_directl
     winners = [e["lag"]["candidates"][e["lag"]["winner"]] for e in events]
 
     direct = Trainer(config("direct", [{"op": w["op"], "options": w["options"]} for w in winners]), log=QUIET)
-    direct_losses = run(direct, 11)
+    direct_losses = run_skipping(direct, 11)
     assert lag_losses[:3] == direct_losses[:3]
     assert lag_losses[3:6] == direct_losses[5:8]  # each winner's 2 LAG steps are kept: direct steps 4-5 and 9-10
     assert lag_losses[6] == direct_losses[10]
@@ -77,7 +100,8 @@ def test_adaptive_stacking_lag_at_every_stage_equals_its_winners_applied_directl
     for k in a:
         assert torch.equal(a[k], b[k]), k
     losers = sum(sum(f) - f[e["lag"]["winner"]] for e in events for f in [e["lag"]["flops_per_candidate"]])
-    assert lag.meter.total_flops == pytest.approx(direct.meter.total_flops + losers)
+    scoring = sum(scoring_flops(e["lag"]) for e in events)
+    assert lag.meter.total_flops == pytest.approx(direct.meter.total_flops + losers + scoring)
 
 
 def test_lag_design_space_candidates(demo_data, tmp_path):
@@ -211,9 +235,10 @@ def test_halving_in_training_accounts_steps_and_flops(demo_data, tmp_path):
     assert all(f == pytest.approx(per_step * n) for f, n in zip(spent, steps))
     small = Trainer(halving_config(demo_data, tmp_path / "small", "all"), log=QUIET)
     run(small, 3)  # the three steps before the growth event
-    assert half_t.meter.total_flops == pytest.approx(small.meter.total_flops + sum(spent) + 3 * per_step)
+    assert half_t.meter.total_flops == pytest.approx(small.meter.total_flops + sum(spent) + 3 * per_step
+                                                     + scoring_flops(half_rec))
     assert half_t.step == 3 + 5 + 3  # the winner's 5 steps are kept, then three ordinary steps
-    # every evaluation has its standard error over the validation batches
+    # every score has its standard error over the held-out batches
     assert all(len(se) == len(c) and all(s > 0 for s in se) for se, c in zip(half_rec["eval_se"], half_rec["curves"]))
     # ... and the winner's difference from the runner-up (the other finalist) its own
     assert 0 < half_rec["paired_se"] < math.inf
@@ -272,3 +297,128 @@ def test_paired_standard_error_of_the_winner_against_the_runner_up():
     spread = statistics.stdev([3.0, 5.0, 4.0, 6.0]) / 2
     assert spread > 0.6  # (the unpaired s.e. of the winner's loss)
     assert math.isnan(_paired_se(result, [5, 2, 2], batches))  # nobody trained as long as the winner
+
+
+# ---- what a selection costs, and what it is scored on ---------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["all", "halving"])
+def test_lag_charged_flops_are_its_steps_and_scoring_passes_counted_from_the_config(demo_data, tmp_path, strategy):
+    """A LAG run's charged FLOPs, counted here from the config alone: every step the run keeps (3 at 2 layers, then
+    max_steps - 3 at 4 layers, the winner's candidate steps among them), every step of the losers, and a forward
+    pass (a third of 6N + attention per token) over score_batches x micro_batch x seq_len tokens per scoring.
+    Evaluation for reporting (before / after the growth, the final one) is counted apart and not charged."""
+    from nanogrow.lag import halving_rounds
+    from nanogrow.metrics import CHARGED
+
+    n, k, score_batches, every = len(CANDIDATES), 4, 2, 2
+    lag = {"candidates": CANDIDATES, "steps": k, "strategy": strategy, "score_batches": score_batches,
+           "eval_every": every}
+    cfg = lag_config(demo_data, tmp_path / "run", {"lag": lag})
+    summary = Trainer(cfg, log=QUIET).run()
+
+    small, big = cfg.model, dataclasses.replace(cfg.model, n_layer=4)
+    fpt_small, fpt_big = small.flops_per_token(64), big.flops_per_token(64)
+    step_tokens = 4 * 64  # micro_batch x seq_len, one process, no accumulation
+    score_tokens = score_batches * 4 * 64
+    if strategy == "all":
+        candidate_steps, winner_steps, scorings = n * k, k, n * (k // every)
+    else:
+        rounds = halving_rounds(n, k)
+        candidate_steps, winner_steps = sum(a * s for a, s in rounds), sum(s for _, s in rounds)
+        scorings = sum(a for a, _ in rounds)  # once per candidate per round
+    train = 3 * step_tokens * fpt_small + (cfg.train.max_steps - 3) * step_tokens * fpt_big
+    losers = (candidate_steps - winner_steps) * step_tokens * fpt_big
+    scoring = scorings * score_tokens * fpt_big / 3
+    evals = 2 * 4 * 64 * (fpt_small + 2 * fpt_big) / 3  # eval_batches x eval_batch_size x seq: before, after, end
+
+    assert summary["steps"] == cfg.train.max_steps
+    assert summary["flops_by"]["train"] == pytest.approx(train)
+    assert summary["flops_by"]["selection"] == pytest.approx(losers + scoring)
+    assert summary["flops"] == pytest.approx(train + losers + scoring)
+    assert summary["flops"] == pytest.approx(sum(summary["flops_by"][c] for c in CHARGED))
+    assert summary["flops_by"]["eval"] == pytest.approx(evals)
+    assert summary["flops_by"]["probe"] == summary["flops_by"]["fit"] == 0.0
+    assert summary["flops_share"]["selection"] == pytest.approx((losers + scoring) / summary["flops"])
+    # the same breakdown in summary.json, metrics.jsonl's evaluations and the growth event's record
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["flops_by"] == summary["flops_by"]
+    last_eval = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                 if '"eval"' in line][-1]
+    assert last_eval["flops_by"] == summary["flops_by"] and last_eval["flops"] == summary["flops"]
+    record = [h for h in json.loads((tmp_path / "run" / "summary.json").read_text())["growth_events"]][0]["lag"]
+    assert record["selection_flops"] == pytest.approx(losers + scoring)
+    assert sum(record["score_flops_per_candidate"]) == pytest.approx(scoring)
+    assert record["score_tokens"] == score_tokens and record["score_batches"] == score_batches
+    assert 0 <= record["selection_seconds"]
+
+
+def test_lag_scores_on_held_out_training_batches_never_on_validation(demo_data, tmp_path, monkeypatch):
+    """The selection's batches are the training stream's next micro-batches at the growth (the train split, not
+    val), disjoint from every validation sequence, the same for every candidate, and the run never trains on them:
+    the candidates and the run after the selection continue from the stream right after them."""
+    from nanogrow.data import TokenLoader
+    from nanogrow.growth import GrowthController
+    from nanogrow.lag_runner import CandidateRunner
+
+    held, scored_on, passes = [], [], []  # passes: (inside the selection?, the batches) of every forward pass
+    real_draw, real_score = CandidateRunner.selection_batches, CandidateRunner.score
+    real_select, real_loss = GrowthController.lag_select, Trainer.local_val_loss
+
+    def draw(self, n):
+        batches = real_draw(self, n)
+        held.append(batches)
+        return batches
+
+    def score(self, batches):
+        scored_on.append(batches)
+        return real_score(self, batches)
+
+    def select(self, *args):
+        passes.append(("start", None))
+        try:
+            return real_select(self, *args)
+        finally:
+            passes.append(("end", None))
+
+    def loss(self, batches):
+        passes.append(("pass", batches))
+        return real_loss(self, batches)
+
+    monkeypatch.setattr(CandidateRunner, "selection_batches", draw)
+    monkeypatch.setattr(CandidateRunner, "score", score)
+    monkeypatch.setattr(GrowthController, "lag_select", select)
+    monkeypatch.setattr(Trainer, "local_val_loss", loss)
+    cfg = lag_config(demo_data, tmp_path / "run", {"lag": {"candidates": CANDIDATES, "steps": 2,
+                                                           "score_batches": 3}})
+    trainer = Trainer(cfg, log=QUIET)
+    run(trainer, 4)  # 3 steps, then the growth event with its selection (2 steps per candidate), then a step
+
+    assert len(held) == 1 and len(held[0]) == 3
+    assert all(b is held[0] for b in scored_on) and len(scored_on) == 3 * 2  # every candidate, every step
+    # Every forward pass inside the selection is on the held-out batches; validation is read only outside it, for
+    # reporting (the losses just before and after the growth event)
+    kinds = [k for k, _ in passes]
+    inside = passes[kinds.index("start") + 1:kinds.index("end")]
+    assert len(inside) == 6 and all(b is held[0] for _, b in inside)
+    outside = [b for k, b in passes[:kinds.index("start")] + passes[kinds.index("end") + 1:] if k == "pass"]
+    assert len(outside) == 2 and all(b is trainer.val for b in outside)
+    rows = lambda batches: {tuple(r.tolist()) for x, _ in batches for r in x}  # noqa: E731
+    assert not rows(held[0]) & rows(trainer.val)
+    # the same rows as a fresh reader of the train split yields after the 3 steps before the growth
+    stream = TokenLoader(demo_data, "train", 64, 4, seed=cfg.data.seed, vocab_size=512)
+    trained = [stream.next_batch() for _ in range(3)]
+    assert [torch.equal(x, h[0].cpu()) for x, h in zip([stream.next_batch()[0] for _ in range(3)], held[0])] == \
+        [True] * 3
+    assert not rows(held[0]) & rows(trained)
+    # ... and after them come the winner's 2 steps and the step after the selection: nothing is read twice
+    assert trainer.loader.tokens_consumed == (3 + 3 + 2 + 1) * 4 * 64
+    assert trainer.step == 3 + 2 + 1
+
+
+def test_lag_scoring_config_errors_name_the_key(demo_data, tmp_path):
+    from nanogrow.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage\[1\]\.lag\.eval_batches was replaced by stage\[1\]\.lag\.score"):
+        lag_config(demo_data, tmp_path, {"lag": {"candidates": CANDIDATES, "steps": 2, "eval_batches": 4}})
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match=r"stage\[1\]\.lag\.score_batches must be a positive integer"):
+            lag_config(demo_data, tmp_path, {"lag": {"candidates": CANDIDATES, "steps": 2, "score_batches": bad}})

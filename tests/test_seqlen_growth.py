@@ -317,12 +317,13 @@ def test_lag_candidates_train_at_the_new_stages_seq_len(demo_data, tmp_path):
     fpt = trainer.model_config.flops_per_token(64)
     assert event["lag"]["flops_per_candidate"] == [pytest.approx(2 * 128 * fpt, rel=1e-12)] * 2
     assert trainer.seq_len == 64 and trainer.model.rope_cos.shape[0] == 64
-    # both candidates read the same two batches (LAG forks the loader); the winner's state continues the stream
-    assert [tuple(x.shape) for x, _ in batches] == [(8, 16)] * 3 + [(2, 64)] * 2 * 2 + [(2, 64)] * 3
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[3:5], batches[5:7]))
-    run = batches[:5] + batches[7:]
+    # the 4 held-out batches the candidates are scored on come first, at the new stage's shape; then both
+    # candidates read the same two batches (LAG forks the loader); the winner's state continues the stream
+    assert [tuple(x.shape) for x, _ in batches] == [(8, 16)] * 3 + [(2, 64)] * 4 + [(2, 64)] * 2 * 2 + [(2, 64)] * 3
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[7:9], batches[9:11]))
+    run = batches[:9] + batches[11:]
     xs = torch.cat([x.reshape(-1) for x, _ in run])
-    assert trainer.step == 8 and trainer.loader.tokens_consumed == xs.numel() == 8 * 128
+    assert trainer.step == 8 and trainer.loader.tokens_consumed == xs.numel() == 12 * 128
     assert torch.equal(xs, global_stream(demo_data, xs.numel())[:-1])
 
 

@@ -178,6 +178,8 @@ def test_curvature_trigger_probes_count_their_flops_and_grow_the_model(demo_data
     fpt = cfg.model.flops_per_token(64)
     assert trainer.trigger.probes == 2 and trainer.trigger.last_kappa is not None
     assert trainer.meter.total_flops == pytest.approx(8 * 256 * fpt + 2 * 256 * fpt / 3)
+    assert trainer.meter.flops_by["probe"] == pytest.approx(2 * 256 * fpt / 3)  # charged, in its own category
+    assert trainer.meter.flops_by["train"] == pytest.approx(8 * 256 * fpt)
     assert trainer.growth.due()  # kappa < 2 always: fires once the window is full
     trainer.growth.grow_next_stage()
     assert trainer.model_config.n_layer == 4

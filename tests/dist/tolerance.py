@@ -37,6 +37,25 @@ def state_tol(lr: float, steps: int) -> float:
     return KAPPA * lr * max(steps, 1)
 
 
+# How many elements a comparison lets past ``state_tol``: those whose gradient is a near-cancellation. Measured: after
+# LAG across 2 process groups (tests/test_lag_groups.py, whose candidates train on the stream after the selection's
+# held-out batches), one element of the token embedding (a row whose gradient nearly cancels: Adam's exp_avg -4.5e-5,
+# exp_avg_sq 1.0e-8) moved 2.6e-4 (DDP, 2 x 1 process) and 2.4e-4 (FSDP, 2 x 2) after 8 steps at lr 1e-2, every
+# other element under 1e-5. Such an element still moves by at most about its own updates, lr per step.
+NEAR_CANCELLING = 1e-5     # fraction of a state's elements (at least one) allowed between state_tol and lr * steps
+
+
+def state_outliers(got: dict, want: dict, lr: float, steps: int) -> tuple[int, int, float]:
+    """(elements of ``got`` farther than ``state_tol`` from ``want``'s, how many may be: NEAR_CANCELLING of all, at
+    least one, largest difference); ``got`` and ``want``: name -> tensor, the same names. A candidate trained on
+    the wrong rows or an unreduced gradient moves most elements by O(lr), far past both counts."""
+    import torch
+
+    diffs = torch.cat([(got[k].double() - want[k].double()).abs().reshape(-1) for k in want])
+    beyond = int((diffs > state_tol(lr, steps)).sum())
+    return beyond, max(1, int(NEAR_CANCELLING * diffs.numel())), float(diffs.max())
+
+
 def loss_tol(steps: int) -> float:
     """Largest allowed |difference| of a training loss after ``steps`` optimizer steps (losses of order 4)."""
     return LOSS_ULPS_PER_STEP * LOSS_ULP * max(steps, 1)
