@@ -50,9 +50,11 @@ class TrainConfig:
     #                        micro_batch), re-derived at every start, resume and stage, so the batch survives a change
     #                        of world size (0: world x micro_batch x grad_accum, whatever the world)
     max_steps: int = 200  # optimizer steps of the whole run (stages starting at or after it never run: a warning)
-    max_flops: float = 0.0  # > 0: a FLOPs budget. The run stops once it is spent; max_steps is re-derived from the
-    #                         FLOPs left at the current stage's cost per step at the start and after every growth
-    #                         (so the lr schedule ends with the budget wherever a trigger puts the growth)
+    max_flops: float = 0.0  # > 0: a budget of charged FLOPs (metrics.CHARGED: training, LAG selection, trigger
+    #                         probes, learned fitting; not evaluation). The run stops once it is spent; max_steps is
+    #                         re-derived from the FLOPs left at the start and after every growth, each stage whose
+    #                         start step is known at its own cost per step (so the lr schedule ends with the budget
+    #                         wherever a trigger puts the growth, and before a growth it is the step-planned one)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 20  # linear lr warm-up; >= max_steps: max_steps // 10 instead, with a note

@@ -231,40 +231,62 @@ class GrowthController:
             return select_across_groups(runner, st, old_cfg, new_cfg, st.seed)
         return lag_select(runner, st, old_cfg, new_cfg, st.seed)
 
+    def step_cost(self, stage: int) -> tuple[int, float]:
+        """Tokens and FLOPs of one optimizer step of stage ``stage`` (its shape, micro-batch and sequence length)."""
+        tr, lay = self.trainer, self.layouts[stage]
+        tps = lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
+        return tps, tps * lay.flops_per_token()
+
+    def planned_starts(self) -> list[tuple[int, int]]:
+        """The growth events ahead whose step is known now, as (index into ``stages``, step it fires at): schedule
+        triggers at_step, or at_tokens / at_flops reached at each stage's own cost per step from the run's tokens
+        and charged FLOPs so far; up to the first stage a trigger decides (it cannot be foreseen)."""
+        tr = self.trainer
+        if self.cfg.growth.schedule != "manual" and not self.starts:
+            return []
+        step, tokens, flops, out = tr.step, tr.meter.total_tokens, tr.meter.total_flops, []
+        for i in range(tr.stage_index, len(self.stages)):
+            when = self.starts[i] if i < len(self.starts) else {}
+            if self.stages[i].trigger != "schedule" or not when:
+                break
+            tps, fps = self.step_cost(i)
+            (kind, mark), = when.items()
+            at = {"at_step": lambda: mark, "at_tokens": lambda: step + math.ceil((mark - tokens) / tps),
+                  "at_flops": lambda: step + math.ceil((mark - flops) / fps)}[kind]()
+            at = max(at, step)
+            out.append((i, at))
+            tokens, flops, step = tokens + (at - step) * tps, flops + (at - step) * fps, at
+        return out
+
     def fit_steps_to_flops(self) -> None:
-        """With train.max_flops: the step count that spends what is left of the budget at the current stage's cost
-        per step (called at the start, on resume, and after every growth event, so it is exact and resumable)."""
+        """With train.max_flops: the step at which the run has spent its budget (charged FLOPs), each stage ahead
+        whose start is known (``planned_starts``) at its own cost per step and the rest at the last one's. Called
+        at the start, on resume and after every growth event, so it is exact and resumable: the lr schedule a run
+        starts with is that of the same run planned in steps (a study's at_frac arms), and what a growth event
+        charges beyond its steps (LAG's selection, a learned fit) shortens the schedule from there on."""
         tr = self.trainer
         if not self.t.max_flops:
             return
-        per_step = tr.tokens_per_step() * tr.model_config.flops_per_token(tr.seq_len)
-        left = max(0.0, self.t.max_flops - tr.meter.total_flops)
-        self.t.max_steps = tr.step + max(1, round(left / per_step))
+        left, step = max(0.0, self.t.max_flops - tr.meter.total_flops), tr.step
+        cost = tr.tokens_per_step() * tr.model_config.flops_per_token(tr.seq_len)  # the stage as it runs now
+        for i, at in self.planned_starts():
+            if (at - step) * cost >= left:
+                break
+            left -= (at - step) * cost
+            step, cost = at, self.step_cost(i + 1)[1]
+        self.t.max_steps = step + max(1, round(left / cost))
 
     def warn_dropped_stages(self) -> None:
         """Stages that start at or after train.max_steps never run (say, after --set train.max_steps=40 on the
         demo): name them. at_tokens / at_flops marks are placed with each stage's own tokens per step and FLOPs
         per token; triggered stages cannot be foreseen."""
-        if self.cfg.growth.schedule != "manual" and not self.starts:
-            return
-        tr = self.trainer
-        step, tokens, flops, dropped = tr.step, tr.meter.total_tokens, tr.meter.total_flops, []
-        for i in range(tr.stage_index, len(self.stages)):
-            st, lay, when = self.stages[i], self.layouts[i], self.starts[i] if i < len(self.starts) else {}
-            tps = lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
-            fps = tps * lay.flops_per_token()
-            if st.trigger != "schedule" or not when:
-                break
-            (kind, mark), = when.items()
-            at = {"at_step": lambda: mark, "at_tokens": lambda: step + math.ceil((mark - tokens) / tps),
-                  "at_flops": lambda: step + math.ceil((mark - flops) / fps)}[kind]()
-            at = max(at, step)
+        dropped = []
+        for i, at in self.planned_starts():
+            (kind, mark), = self.starts[i].items()
             if at >= self.t.max_steps:
-                dropped.append(f"stage {i + 1} ({kind} {mark:g})" if kind != "at_step" else f"stage {i + 1} "
-                               f"(at_step {mark})")
-                continue
-            tokens, flops, step = tokens + (at - step) * tps, flops + (at - step) * fps, at
+                dropped.append(f"stage {i + 1} ({kind} {mark:g})" if kind != "at_step" else
+                               f"stage {i + 1} (at_step {mark})")
         if dropped:
-            tr.log(f"warning: train.max_steps={self.t.max_steps} ends before {', '.join(dropped)} would start: "
-                   f"{'it' if len(dropped) == 1 else 'they'} will never run (raise train.max_steps or move the "
-                   f"stage with --set stage.N.at_step=...)")
+            self.trainer.log(f"warning: train.max_steps={self.t.max_steps} ends before {', '.join(dropped)} would "
+                             f"start: {'it' if len(dropped) == 1 else 'they'} will never run (raise train.max_steps "
+                             f"or move the stage with --set stage.N.at_step=...)")

@@ -619,3 +619,36 @@ def test_shipped_recipe_config_is_the_run_the_handbook_measured():
     assert (t["lr"], t["schedule"], t["warmup_steps"], t["min_lr_ratio"]) == (lr, "cosine", 30, 0.1)
     assert (t["micro_batch"], t["grad_accum"], shipped["model"]["n_layer"], shipped["stage"][0]["shape"]) == \
         (8, 1, 2, {"n_layer": 8})
+
+
+def test_lag_select_arms_follow_one_lr_schedule_up_to_the_growth(tmp_path, demo_data):
+    """Every grown arm of configs/handbook/lag-select.toml, resolved by Study.arm_config and started by the Trainer
+    (the LAG arms with their train.max_flops budget, which the trainer turns into a step count), has the same lr at
+    every step before its growth: a FLOPs budget is planned through the known growth step, not as if all of it were
+    spent at the start shape (which gave the LAG arms a longer cosine than the arms they are compared with). The
+    reference trains the final shape from step 0 and has its own, shorter schedule by design."""
+    from nanogrow.handbook.study import STUDY_DIR
+    from nanogrow.train import Trainer
+
+    study = load_study(STUDY_DIR / "lag-select.toml")
+    lr, seed = study.lr_grid[0], study.seeds[0]
+    schedules, budgeted = {}, []
+    for i, name in enumerate(study.arms):
+        cfg = study.arm_config(name, seed, lr)
+        if not cfg.stage:
+            continue
+        planned = cfg.train.max_steps
+        if cfg.train.max_flops:
+            budgeted.append(name)
+        # the study's data is not here: the demo corpus, one validation batch (neither touches the schedule)
+        cfg.data.dir, cfg.train.eval_batches, cfg.train.out_dir = str(demo_data), 1, str(tmp_path / f"arm{i}")
+        trainer = Trainer(cfg, log=lambda *_: None)
+        growth = cfg.stage[0].at_step
+        schedules[name] = (growth, trainer.t.max_steps, [trainer.current_lr(s) for s in range(growth)])
+        assert trainer.t.max_steps == planned, name  # the budget buys the steps the study planned
+        trainer.loader.close()
+    assert len(budgeted) == 6 and len(schedules) == len(study.arms) - 1
+    stack = schedules["L/2 at 75%"]
+    assert stack[0] > 0 and len(set(stack[2])) > 1
+    for name, schedule in schedules.items():
+        assert schedule == stack, f"{name}: growth step, max_steps or lr before the growth differ from plain stacking's"
