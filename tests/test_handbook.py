@@ -399,7 +399,19 @@ stage = [{ at_frac = 0.5, shape = { n_layer = 4 }, lag = { candidates = CANDIDAT
     spread = abs(finals["half at 50%"] - finals["lag b1 random"])
     assert row["regret"] == [pytest.approx((finals[row["picks"][0]] - best) / spread)]
     assert 0 < row["overhead"][0] < 0.2 and row["se"][0] > 0
-    assert "| LAG@2 |" in report.study_markdown(study, plots=False)
+    # The overhead is what the selection charged (its scoring passes and the losers' steps) over the run's charged
+    # FLOPs, which the store keeps by category; its wall-clock share comes from the same record.
+    lag_run = next(r for r in store.records if r["arm"] == "LAG@2")
+    event = lag_run["growth_events"][0]["lag"]
+    charged = sum(lag_run["flops_by"][c] for c in ("train", "selection", "probe", "fit"))
+    assert lag_run["flops"] == pytest.approx(charged) and lag_run["flops_by"]["eval"] > 0
+    assert event["selection_flops"] == pytest.approx(lag_run["flops_by"]["selection"])
+    assert sum(event["score_flops_per_candidate"]) > 0
+    assert row["overhead"][0] == pytest.approx(event["selection_flops"] / lag_run["flops"])
+    assert row["wall_overhead"] == [pytest.approx(event["selection_seconds"] / lag_run["wall_seconds"])]
+    md = report.study_markdown(study, plots=False)
+    assert "| LAG@2 |" in md
+    assert "FLOPs are charged FLOPs" in md and "LAG@2 selection " in md  # the decision share, said per arm
 
 
 def test_preservation_line_needs_arms_grown_at_the_same_point():

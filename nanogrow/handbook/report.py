@@ -25,8 +25,14 @@ Two more read-outs where a study has them:
   LAG selection     for arms that grow by LAG: each seed's pick, its relative regret (LAG paper eq. 2: the pick's
                     final loss minus the best candidate's, over the candidates' range, where each candidate's
                     final loss is that of the study's arm that applies it directly, same seed), the selection
-                    overhead (the losers' FLOPs over the run's) and the evaluation's standard error against the
-                    candidates' spread
+                    overhead (the FLOPs the selection charged, every scoring pass and the losers' steps, over the
+                    run's charged FLOPs; records older than the charged scoring have the losers' steps only), its
+                    wall-clock (everything but the winner's own steps, over the run's seconds) and the score's
+                    standard error against the candidates' spread
+
+FLOPs are the charged FLOPs of ``metrics.CHARGED``: training, LAG selection, trigger probes and learned fitting.
+Evaluation done only for reporting (the curves, the final scoring) is counted in a record's ``flops_by`` but not
+charged.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import statistics
 from pathlib import Path
 
 from ..lag import pearson, spearman
+from ..metrics import CHARGED
 from .frontier import frontiers_in
 from .frontier_report import frontier_markdown, summary_of, yardstick_rows, yardstick_table
 from .markdown import figure_and_notes
@@ -285,7 +292,8 @@ def lag_rows(study: Study, store: Store, lr: float) -> list[dict]:
             continue
         old = cfg.model
         new = dataclasses.replace(old, **cfg.stage[0].shape)
-        row = {"arm": name, "picks": [], "regret": [], "overhead": [], "se": [], "paired_se": [], "spread": []}
+        row = {"arm": name, "picks": [], "regret": [], "overhead": [], "wall_overhead": [], "se": [],
+               "paired_se": [], "spread": []}
         keys = {k for seed in study.seeds for k in _current_keys(study, name, seed, lr)}
         for r in sorted((r for r in store.records if r["arm"] == name and r["config_hash"] in keys),
                         key=lambda r: r["seed"]):
@@ -301,7 +309,10 @@ def lag_rows(study: Study, store: Store, lr: float) -> list[dict]:
             if all(h is not None for h in hind) and max(hind) > min(hind):
                 row["regret"].append((hind[lag["winner"]] - min(hind)) / (max(hind) - min(hind)))
             f = lag["flops_per_candidate"]
-            row["overhead"].append((sum(f) - f[lag["winner"]]) / r["flops"])
+            charged = lag.get("selection_flops", sum(f) - f[lag["winner"]])  # older records: the losers' steps
+            row["overhead"].append(charged / r["flops"])
+            if lag.get("selection_seconds") is not None and r.get("wall_seconds"):
+                row["wall_overhead"].append(lag["selection_seconds"] / r["wall_seconds"])
             se = [x for x in lag.get("last_se") or [] if x is not None and x == x]
             if se:
                 row["se"].append(statistics.fmean(se))
@@ -347,19 +358,39 @@ def stage_len_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def charged_decisions(study: Study, store: Store, lr: float) -> dict[str, str]:
+    """arm -> the mean share of its current runs' charged FLOPs that each decision category (``metrics.CHARGED``
+    but training) took, for the arms that spent any; records older than the breakdown have no ``flops_by``."""
+    out = {}
+    for arm in study.arms:
+        keys = {k for seed in study.seeds for k in _current_keys(study, arm, seed, lr)}
+        runs = [r for r in store.records if r["arm"] == arm and r["config_hash"] in keys and r.get("flops_by")]
+        shares = {c: statistics.fmean(r["flops_by"].get(c, 0.0) / r["flops"] for r in runs)
+                  for c in CHARGED if c != "train"} if runs else {}
+        if any(shares.values()):
+            out[arm] = ", ".join(f"{c} {100 * v:.1f}%" for c, v in shares.items() if v)
+    return out
+
+
 def lag_table(rows: list[dict]) -> str:
-    lines = ["| LAG arm | picks (per seed) | relative regret | selection overhead (losers' FLOPs / run) | "
-             "evaluation s.e. | s.e. of winner - runner-up | candidates' spread |", "|---|---|---|---|---|---|---|"]
+    lines = ["| LAG arm | picks (per seed) | relative regret | selection overhead (charged FLOPs / run's) | "
+             "selection wall-clock / run's | score s.e. | s.e. of winner - runner-up | candidates' spread |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         reg = fmt_ci(*mean_ci(row["regret"]), digits=2) if len(row["regret"]) > 1 else (
             f"{row['regret'][0]:.2f}" if row["regret"] else "n/a (candidates' direct arms missing)")
         head = f"| {row['arm']} | {', '.join(row['picks']) or '-'} | {reg} | "
         if not (row["overhead"] and row["se"] and row["spread"]):
-            lines.append(head + "- | - | - | - |")
+            lines.append(head + "- | - | - | - | - |")
             continue
         paired = f"{statistics.fmean(row['paired_se']):.1e}" if row["paired_se"] else "not recorded"
-        lines.append(head + f"{100 * statistics.fmean(row['overhead']):.1f}% | {statistics.fmean(row['se']):.4f} | "
-                            f"{paired} | {statistics.fmean(row['spread']):.4f} |")
+        wall = f"{100 * statistics.fmean(row['wall_overhead']):.1f}%" if row["wall_overhead"] else "not recorded"
+        lines.append(head + f"{100 * statistics.fmean(row['overhead']):.1f}% | {wall} | "
+                            f"{statistics.fmean(row['se']):.4f} | {paired} | {statistics.fmean(row['spread']):.4f} |")
+    lines += ["", "Selection overhead: every candidate's scoring passes (on held-out training batches; records from "
+                  "before that, scored on validation data, charged only the losers' steps) and the losing candidates' "
+                  "steps, over the run's charged FLOPs (training, selection, trigger probes, learned fitting; "
+                  "evaluation for reporting is not charged)."]
     return "\n".join(lines)
 
 
@@ -397,6 +428,11 @@ def study_markdown(study: Study, plots: bool = True) -> str:
             f"{', '.join(['1'] + [f'{k:g}' for k in study.scratch_scales])}x the budget."]
     current = {name: [r for r in store.select(name, scale=1.0, lr=lr if name == study.reference else None)
                       if r["config_hash"] in _current_keys(study, name, r["seed"], lr)] for name in study.arms}
+    decided = charged_decisions(study, store, lr)
+    if decided:
+        out += ["", "FLOPs are charged FLOPs: training and everything computed to decide (mean share of the run: "
+                    + "; ".join(f"{arm} {parts}" for arm, parts in decided.items())
+                    + "). Evaluation for reporting (the curves, the final scoring) is counted apart and not charged."]
     if study.frontier is not None:
         why, yard = yardstick_rows(study, current)
         out += ["", f"Against the scratch frontier (`{study.frontier.name}`: the best from-scratch model of any size "

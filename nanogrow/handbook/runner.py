@@ -449,7 +449,10 @@ def execute(study: Study, run: Run) -> dict:
         "config_hash": key, "config": config, "commit": code_commit(),
         "curve": curve, "growth_events": events, "stages": stages, "final_loss": final, "final_loss_se": se,
         "final_test_loss": test[0], "final_test_loss_se": test[1],
+        # flops: charged (train + selection + probe + fit); flops_by: every category, the final scoring above in
+        # "eval" (records written before the breakdown have no flops_by: all their flops were charged)
         "final_curve_loss": summary["val_loss"], "flops": summary["flops"], "tokens": summary["tokens"],
+        "flops_by": dict(trainer.meter.flops_by),
         "steps": summary["steps"], "wall_seconds": wall, **overhead, "machine": machine(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -457,8 +460,9 @@ def execute(study: Study, run: Run) -> dict:
 
 def growth_event_record(h: dict) -> dict:
     """What a store keeps of a growth event: when, the operator, the loss before and after, and a LAG
-    selection's outcome (candidates, winner, each candidate's steps, FLOPs, last loss and its standard error, and that of the winner's difference
-    from the runner-up)."""
+    selection's outcome (candidates, winner, each candidate's steps, training and scoring FLOPs, last held-out loss
+    and its standard error, that of the winner's difference from the runner-up, and what the selection charged in
+    FLOPs and wall-clock beyond the winner's own steps; older records lack the last ones)."""
     plan = h.get("plan") or {}
     out = {k: h.get(k) for k in ("step", "tokens", "flops", "val_loss_before", "val_loss_after", "seconds",
                                   "params_before", "params_after")}
@@ -470,7 +474,9 @@ def growth_event_record(h: dict) -> dict:
                       "flops_per_candidate": lag["flops_per_candidate"],
                       "last_losses": [c[-1] if c else None for c in lag["curves"]],
                       "last_se": [s[-1] if s else None for s in lag.get("eval_se", [])],
-                      "paired_se": lag.get("paired_se")}
+                      "paired_se": lag.get("paired_se"),
+                      **{k: lag.get(k) for k in ("score_flops_per_candidate", "selection_flops", "selection_seconds",
+                                                 "score_batches", "score_tokens") if k in lag}}
     return out
 
 
@@ -481,7 +487,7 @@ def has_split(data_dir: str, split: str) -> bool:
 @torch.no_grad()
 def full_validation(trainer, split: str = "val") -> tuple[float, float]:
     """Final loss on up to 480 sequences of ``split`` (15 batches of 32; fewer where the split is smaller) and its
-    standard error over the batches."""
+    standard error over the batches. Its FLOPs are counted as the trainer's "eval" (reporting, not charged)."""
     from ..config import eval_seq_len
     from ..data import ShardSet, val_batches
     from ..parallel import unwrap
@@ -491,8 +497,10 @@ def full_validation(trainer, split: str = "val") -> tuple[float, float]:
     model = unwrap(trainer.model)
     model.eval()
     losses = []
-    for x, y in val_batches(trainer.cfg.data.dir, seq, FULL_VAL_BATCH, n, vocab_size=trainer.model_config.vocab_size,
-                            split=split):
+    batches = val_batches(trainer.cfg.data.dir, seq, FULL_VAL_BATCH, n, vocab_size=trainer.model_config.vocab_size,
+                          split=split)
+    trainer.meter.add_flops(trainer.forward_cost(batches), "eval")
+    for x, y in batches:
         losses.append(float(model(x.to(trainer.device), y.to(trainer.device))))
     model.train()
     return statistics.fmean(losses), statistics.stdev(losses) / len(losses) ** 0.5
