@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (DEEPSPEED_TAG, CheckpointError, atomic_save, check_finite, is_deepspeed, load_checkpoint,
-                         restore_rng, save_checkpoint, verify_tree)
+from .checkpoint import (DEEPSPEED_TAG, CheckpointError, atomic_save, check_deepspeed_trusted, check_finite,
+                         is_deepspeed, load_checkpoint, restore_rng, save_checkpoint)
 from .grow.fade import MaskRamp
 from .grow.optim import AdamW, drop_wd_scales, make_optimizer, param_groups
 from .grow.plan import GrowthPlan
@@ -201,7 +201,7 @@ class ZeroBackend:
         if meta.get("ramp"):  # masks exist in the saved module exactly while a ramp is on: create the buffers
             ramp = MaskRamp.from_dict(meta["ramp"])
             ramp.apply(model, ramp.start_step)
-        verify_tree(path, meta, DEEPSPEED_TAG)  # DeepSpeed unpickles these files: check them before it opens any
+        check_deepspeed_trusted(path, meta)  # DeepSpeed unpickles these files: check them before it opens any
         self.run = zero_initialize(model, groups, self.config(micro_batch))
         loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
         if loaded is None:

@@ -12,8 +12,14 @@ meta.json at save and checked before the file is used; meta.json itself is check
 Nothing non-finite is ever written (``check_finite``), so rotation only ever deletes finite checkpoints older than
 a finite one. The exception is a DeepSpeed ZeRO checkpoint (``meta["format"] == "deepspeed"``, written by
 ``nanogrow.backend.ZeroBackend``): its tensors are DeepSpeed's own files (``torch.save``, unpickled by
-DeepSpeed on load), inside the same atomic directory, next to the same meta.json and rng files; their checksums
-are verified before DeepSpeed opens them, which guards against corruption, not against a crafted checkpoint.
+DeepSpeed on load), inside the same atomic directory, next to the same meta.json and rng files. Checksums guard
+against corruption, not against a crafted checkpoint (anyone can recompute them), so every checkpoint's checksums
+are also signed with a key kept outside it (``integrity.sign``, HMAC-SHA256 under ``~/.config/nanogrow/
+checkpoint.key`` or NANOGROW_CHECKPOINT_KEY), and a DeepSpeed checkpoint is opened only when its files match and
+its signature verifies here, or the user passes ``--trust-checkpoint`` (``check_deepspeed_trusted``).
+
+Disk full or an I/O error during a save: every rank learns of it, the partial ``.tmp`` directory is removed,
+nothing is rotated away, and the run stops with ``SaveError`` naming the directory and its free space.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from . import dist_utils, safe_dcp
 from .grow.fade import set_buffer
-from .integrity import digest_tree, mismatch
+from .integrity import TRUST_ENV, digest_tree, key_path, mismatch, sign, signed_here
 from .model import ModelConfig
 from .parallel.state import placeholder
 
@@ -102,6 +108,7 @@ META_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "format_version": ((int,), True), "step": ((int,), True), "world_size": ((int,), True),
     "model_config": ((dict,), True), "run_config": ((dict,), True),
     "checksums": ((dict,), False),  # required from format 2 on (checked below)
+    "signature": ((str,), False),  # HMAC of the checksums under the writing host's key (integrity.sign)
     "optim_param_groups": ((list,), False), "format": ((str,), False), "zero_stage": ((int,), False),
     "loader": ((dict, _NONE), False), "meter": ((dict,), False), "history": ((list,), False),
     "stage_index": ((int,), False), "stage_stats": ((list,), False), "growth_lr": ((dict,), False),
@@ -280,9 +287,18 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     return atomic_save(out_dir, step, write, meta, keep_last)
 
 
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, I/O error); the message names the directory and its free
+    space. Nothing of the failed write is kept; the checkpoints before it are untouched."""
+
+
 def atomic_save(out_dir: str | Path, step: int, write, meta: dict, keep_last: int = 2) -> Path:
     """The checkpoint protocol shared by every format: ``write(tmp)`` (a collective) puts the tensors into
-    ``ckpt_{step}.tmp``; then each rank's RNG state, then meta.json (rank 0, last), then the rename."""
+    ``ckpt_{step}.tmp``; then each rank's RNG state, then meta.json (rank 0, last), then the rename.
+
+    An I/O error on any rank (a full disk, a failing device) is agreed on by every rank before anyone goes on, so
+    no rank waits at a barrier for one that has given up: the ``.tmp`` directory is removed (which also gives its
+    space back), nothing older is rotated away, and every rank raises ``SaveError``."""
     out = Path(out_dir)
     final = out / f"ckpt_{step:07d}"
     tmp = out / f"ckpt_{step:07d}.tmp"
@@ -293,24 +309,81 @@ def atomic_save(out_dir: str | Path, step: int, write, meta: dict, keep_last: in
             shutil.rmtree(tmp)  # left by a crashed save of this same step
         tmp.mkdir()
     dist_utils.barrier()
-    write(tmp)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    (tmp / "rng").mkdir(exist_ok=True)
-    save_file(rng, str(tmp / "rng" / f"rank_{rank:05d}.safetensors"))
-    dist_utils.barrier()
-    if rank == 0:
-        meta = dict(meta, format_version=FORMAT_VERSION, step=step, world_size=dist_utils.world_size(),
-                    checksums=digest_tree(tmp, skip=(META,)))  # every rank's files, written by now (barrier)
-        (tmp / META).write_text(json.dumps(meta, indent=1))
+
+    def tensors_and_rng() -> None:
+        write(tmp)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        (tmp / "rng").mkdir(exist_ok=True)
+        save_file(rng, str(tmp / "rng" / f"rank_{rank:05d}.safetensors"))
+
+    def meta_and_rename() -> None:  # rank 0, once every rank's files are written
+        checksums = digest_tree(tmp, skip=(META,))
+        full = dict(meta, format_version=FORMAT_VERSION, step=step, world_size=dist_utils.world_size(),
+                    checksums=checksums, signature=sign(checksums))
+        (tmp / META).write_text(json.dumps(full, indent=1))
         if final.exists():  # re-saving the same step (e.g. a growth event at a checkpoint step)
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+    _agree_or_raise(_io_failure(tensors_and_rng), out, final, tmp)
+    _agree_or_raise(_io_failure(meta_and_rename) if rank == 0 else None, out, final, tmp)
+    if rank == 0:
         for old in checkpoint_dirs(out)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist_utils.barrier()
     return final
+
+
+def _io_failure(fn) -> str | None:
+    """Run ``fn``; None when it succeeds, a few words on the I/O error that stopped it otherwise. Anything that is
+    not an I/O error is a bug and propagates."""
+    try:
+        fn()
+    except BaseException as e:
+        why = _io_error_text(e)
+        if why is None:
+            raise
+        return why
+    return None
+
+
+def _io_error_text(e: BaseException) -> str | None:
+    """What an I/O error says, whichever writer raised it; None for anything else. A full disk reaches us as
+    ``OSError`` (json, shutil), as ``SafetensorError`` ("I/O error: No space left on device", the RNG files), as
+    torch.save's ``RuntimeError`` from its zip writer ("[enforce fail at inline_container.cc] unexpected pos", DCP's
+    tensor files and DeepSpeed's), or wrapped by DCP in a ``CheckpointException`` (a BaseException) holding each
+    failed rank's (exception, traceback)."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or e} ({e.filename})" if e.filename else str(e.strerror or e)
+    if isinstance(e, SafetensorError) and "I/O error" in str(e):
+        return str(e)
+    if isinstance(e, RuntimeError) and "inline_container" in str(e):
+        return f"torch.save's writer failed ({' '.join(str(e).split())}), as it does on a full disk"
+    if isinstance(e, CheckpointException):
+        failures = getattr(e, "failures", {}).values()  # rank -> (exception, traceback)
+        texts = [_io_error_text(f[0] if isinstance(f, tuple) else f) for f in failures]
+        return texts[0] if texts and all(texts) else None
+    return None
+
+
+def _agree_or_raise(failure: str | None, out: Path, final: Path, tmp: Path) -> None:
+    """Every rank learns whether any rank failed (an all-reduce instead of a barrier); on a failure rank 0 removes
+    the partial directory and every rank raises ``SaveError`` naming the directory and its free space."""
+    if not dist_utils.any_rank(failure is not None):
+        return
+    if dist_utils.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        free = f"{shutil.disk_usage(out).free / 2**20:,.1f} MiB free on it after the partial write was removed"
+    except OSError:
+        free = "its free space unknown"
+    newest = latest_checkpoint(out)
+    raise SaveError(f"could not write checkpoint {str(final)!r}: {failure or 'another rank failed to write'}; "
+                    f"{str(out)!r} has {free}. Nothing of this checkpoint was kept; the newest complete one, "
+                    f"{str(newest) if newest else 'none'}, is untouched (resume from it with --resume auto once "
+                    f"there is room)")
 
 
 def _materialise_missing(state: dict, model: torch.nn.Module, metadata) -> None:
@@ -353,7 +426,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             raise CheckpointError(f"checkpoint {str(p)!r} is a DeepSpeed ZeRO checkpoint: its optimizer state loads "
                                   f"only with train.parallel='deepspeed' at world size {meta.get('world_size')}; "
                                   f"restart from its weights with `nanogrow consolidate {p} --out DIR`")
-        verify_tree(p, meta, DEEPSPEED_TAG)  # DeepSpeed unpickles these files: check them before it opens any
+        check_deepspeed_trusted(p, meta)
         load_consolidated_weights(p, model)
     else:
         _load_dcp(p, meta, model, optimizer)
@@ -442,6 +515,23 @@ def check_resume(meta: dict, path: Path, parallel: str, world: int, stage: int) 
         f"run is {here} at world size {world}. DeepSpeed cannot repartition its optimizer state for another world "
         f"size or backend. Restart from its weights (fresh optimizer state; data position, lr schedule and growth "
         f"history kept): `nanogrow consolidate {path} --out DIR`, then `--resume DIR/{Path(path).name}`")
+
+
+def check_deepspeed_trusted(path: Path, meta: dict) -> None:
+    """Before DeepSpeed opens a ZeRO checkpoint's files (``torch.load(weights_only=False)``: unpickling runs any code
+    a crafted file holds): every file must match its recorded checksum, and the checksums must be signed by this
+    host's key (``integrity.sign``: the checkpoint was written here, or on a host sharing the key file), unless the
+    user trusts it (``--trust-checkpoint``, or NANOGROW_TRUST_CHECKPOINT=1)."""
+    verify_tree(path, meta, DEEPSPEED_TAG)
+    if os.environ.get(TRUST_ENV, "") in ("", "0") and not signed_here(meta.get("checksums") or {},
+                                                                     meta.get("signature")):
+        why = "it carries no signature" if not meta.get("signature") else "its signature does not verify"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a DeepSpeed ZeRO checkpoint and {why} under this host's key "
+            f"({key_path()}): it was not written here (or was altered), and DeepSpeed loads its files with "
+            f"torch.load(weights_only=False), which runs any code a crafted file contains. If you know where it "
+            f"came from, pass --trust-checkpoint (or set {TRUST_ENV}=1); hosts of one cluster can share the key "
+            f"file through NANOGROW_CHECKPOINT_KEY")
 
 
 def load_consolidated_weights(path: Path, model: torch.nn.Module) -> None:

@@ -503,7 +503,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--zero-stages", default="1,2,3", help="with --backend deepspeed: ZeRO stages to measure")
     bench("gpu", "the one-GPU check: kernels, bf16 training, growth under FSDP2 (launch/gpu_check.sh)", config=False)
 
+    for name in ("train", "lag", "grow", "consolidate", "sample", "eval"):  # the commands that open checkpoints
+        sub.choices[name].add_argument(
+            "--trust-checkpoint", action="store_true",
+            help="open a DeepSpeed checkpoint whose signature does not verify under this host's key (one written "
+                 "elsewhere): DeepSpeed unpickles its files, which runs any code they hold")
     args = parser.parse_args(argv)
+    if getattr(args, "trust_checkpoint", False):  # read where the checkpoint is opened, on every rank
+        from .integrity import TRUST_ENV
+        os.environ[TRUST_ENV] = "1"
     return run_reporting_errors("nanogrow", args.func, args)
 
 

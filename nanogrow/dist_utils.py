@@ -61,6 +61,16 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return t.item() / world_size()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (a collective; a barrier that also carries one bit)."""
+    if not is_distributed():
+        return flag
+    on_gpu = dist.get_backend() == "nccl"
+    t = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def shutdown() -> None:
     if is_distributed():
         dist.barrier()

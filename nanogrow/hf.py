@@ -545,7 +545,13 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--allow-indivisible-heads", action="store_true",
                    help="write a model whose d_model is not divisible by n_head (transformers 5 refuses to load it)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="open a DeepSpeed checkpoint whose signature does not verify under this host's key (one "
+                        "written elsewhere): DeepSpeed unpickles its files, which runs any code they hold")
     args = p.parse_args(argv)
+    if args.trust_checkpoint:  # read where the checkpoint is opened (checkpoint.check_deepspeed_trusted)
+        from .integrity import TRUST_ENV
+        os.environ[TRUST_ENV] = "1"
     return _run(p.prog, lambda a: export_hf(a.checkpoint, a.out, dtype=a.dtype, tokenizer=a.tokenizer,
                                             with_tokenizer=not a.no_tokenizer, overwrite=a.overwrite,
                                             allow_indivisible_heads=a.allow_indivisible_heads), args)

@@ -1,10 +1,15 @@
 """Shared fixtures: a small tokenized slice of the bundled demo corpus, prepared once per test session."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on hub retries in tests
+# Checkpoints are signed with a host key (nanogrow.integrity): the tests' own, not the user's ~/.config one; set
+# here so every torchrun and subprocess the tests start inherits it.
+os.environ["NANOGROW_CHECKPOINT_KEY"] = os.path.join(tempfile.mkdtemp(prefix="nanogrow-key-"), "checkpoint.key")
+os.environ.pop("NANOGROW_TRUST_CHECKPOINT", None)
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -419,3 +419,82 @@ def test_cli_grow_learned_refuses_non_integer_d_model_factor(run, tmp_path, caps
                  "--options", '{"steps": 0}', "--out", str(tmp_path / "grown")]) == 2
     assert "integer factor" in _one_line_error(capsys)
     assert not (tmp_path / "grown").exists()
+
+
+# ---- 7. DeepSpeed checkpoints: unpickled by DeepSpeed, so opened only when signed here or trusted ---------------
+def _as_deepspeed(ckpt: Path, marker: Path, sign_with: bytes | None) -> None:
+    """Turn ``ckpt`` into what a ZeRO checkpoint looks like to the loader: meta says deepspeed, and its DeepSpeed
+    directory holds a torch.save'd payload that writes ``marker`` when unpickled. Checksums recomputed (anyone can);
+    signed with ``sign_with`` (None: no signature)."""
+    from nanogrow.checkpoint import DEEPSPEED_TAG
+    from nanogrow.integrity import sign
+
+    (ckpt / DEEPSPEED_TAG).mkdir()
+    torch.save(_Payload(marker), ckpt / DEEPSPEED_TAG / "mp_rank_00_model_states.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta.update(format="deepspeed", zero_stage=2)
+    meta["checksums"] = {p.relative_to(ckpt).as_posix(): sha256_file(p) for p in sorted(ckpt.rglob("*"))
+                         if p.is_file() and p.name != "meta.json"}
+    meta.pop("signature", None)
+    if sign_with is not None:
+        meta["signature"] = sign(meta["checksums"], sign_with)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_every_checkpoint_is_signed_by_its_writer(pristine):
+    from nanogrow.integrity import signed_here
+
+    for ckpt in (pristine / "ckpt_0000002", pristine / "consolidated" / "ckpt_0000002"):
+        meta = read_meta(ckpt)
+        assert signed_here(meta["checksums"], meta["signature"])
+        assert not signed_here(dict(meta["checksums"], extra="0" * 64), meta["signature"])
+
+
+@pytest.mark.parametrize("signer", ["none", "another host"])
+@pytest.mark.parametrize("path", ["consolidate", "export-hf", "eval"])
+def test_deepspeed_checkpoint_not_signed_here_is_refused_before_deepspeed_opens_it(signer, path, run, demo_data,
+                                                                                   tmp_path, capsys):
+    ckpt, marker = run / "ckpt_0000002", tmp_path / "ran"
+    _as_deepspeed(ckpt, marker, None if signer == "none" else bytes(32))  # not this host's key
+    if path == "eval":
+        code = main(["eval", str(ckpt), "--data", str(demo_data), "--batches", "1"])
+    else:
+        code = _load_via(path, run, demo_data, tmp_path)
+    assert code == 2 and not marker.exists()
+    err = _one_line_error(capsys)
+    assert str(ckpt) in err and "--trust-checkpoint" in err and "weights_only=False" in err
+    assert ("carries no signature" if signer == "none" else "does not verify") in err
+
+
+@pytest.mark.parametrize("how", ["signed here", "--trust-checkpoint"])
+def test_deepspeed_checkpoint_signed_here_or_trusted_reaches_deepspeed(how, run, demo_data, tmp_path, monkeypatch):
+    from nanogrow import checkpoint
+    from nanogrow.integrity import host_key
+
+    opened = []
+
+    def deepspeed_stands_in(path, model):  # DeepSpeed's loader, reached: record it and stop there
+        opened.append(path)
+        raise checkpoint.CheckpointError("reached DeepSpeed")
+
+    monkeypatch.setattr(checkpoint, "load_consolidated_weights", deepspeed_stands_in)
+    monkeypatch.delenv("NANOGROW_TRUST_CHECKPOINT", raising=False)  # the flag sets it: removed after the test
+    ckpt = run / "ckpt_0000002"
+    _as_deepspeed(ckpt, tmp_path / "ran", host_key() if how == "signed here" else bytes(32))
+    args = ["export-hf", str(ckpt), str(tmp_path / "hf"), "--no-tokenizer"]
+    assert main(args + (["--trust-checkpoint"] if how == "--trust-checkpoint" else [])) == 2
+    assert opened == [ckpt]
+
+
+def test_deepspeed_files_must_still_match_their_checksums_when_trusted(run, demo_data, tmp_path, monkeypatch,
+                                                                         capsys):
+    from nanogrow.checkpoint import DEEPSPEED_TAG
+    from nanogrow.integrity import host_key
+
+    monkeypatch.delenv("NANOGROW_TRUST_CHECKPOINT", raising=False)  # the flag sets it: removed after the test
+    ckpt, marker = run / "ckpt_0000002", tmp_path / "ran"
+    _as_deepspeed(ckpt, marker, host_key())
+    with open(ckpt / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", "ab") as f:
+        f.write(b"\0")
+    assert main(["consolidate", str(ckpt), "--out", str(tmp_path / "cons"), "--trust-checkpoint"]) == 2
+    assert "is corrupt" in _one_line_error(capsys) and not marker.exists()
