@@ -7,6 +7,10 @@ fi
 # torchrun is torch.distributed.run of that Python (no reliance on PATH); nanogrow is its CLI module.
 TORCHRUN=("$PYTHON" -m torch.distributed.run)
 NANOGROW_MODULE=(-m nanogrow.cli)
+# With the rendezvous store shared with the workers (torch's default), a worker group restarted by --max-restarts
+# can read the dead group's addresses and fail to connect (pytorch/pytorch#135712; measured here with gloo:
+# tests/dist/chaos.py). A store of the workers' own costs nothing.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 gpus_here() {  # GPUs on this node (0 on a CPU machine)
   "$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0

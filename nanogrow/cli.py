@@ -78,10 +78,28 @@ def cmd_train(args) -> int:
 
     tune_allocator()
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    resume, overwrite = restart_resume(cfg.train.out_dir, args.resume, args.overwrite)
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
     trainer.run()
     dist_utils.shutdown_and_exit()
     return 0
+
+
+def restart_resume(out_dir: str, resume: str | None, overwrite: bool) -> tuple[str | None, bool]:
+    """What a worker group that torchrun restarted (``--max-restarts``; TORCHELASTIC_RESTART_COUNT > 0) does: it
+    continues from the newest complete checkpoint of its own ``out_dir``, whatever the command line said
+    (``--overwrite`` would delete the run so far, ``--resume PATH`` would go back to where the job began). With no
+    checkpoint written yet it starts as the first attempt did."""
+    from .checkpoint import latest_checkpoint
+
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    newest = latest_checkpoint(out_dir) if restart > 0 else None
+    if newest is None:
+        return resume, overwrite
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"nanogrow: torchrun restart {restart}: continuing from the newest complete checkpoint, {newest}",
+              file=sys.stderr)
+    return "auto", False
 
 
 def parse_shape(text: str) -> dict:

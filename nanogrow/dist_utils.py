@@ -22,6 +22,11 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def rank_from_env() -> int:
+    """This process's rank as torchrun gives it, before any process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
@@ -48,6 +53,11 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> None:
     A short timeout on CPU turns a dead peer into a clear error instead of a long hang."""
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
+    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and rank_from_env() == 0
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"):
+        print("nanogrow: warning: torchrun --max-restarts with the rendezvous store shared with the workers: a "
+              "restarted group may read the dead group's addresses and fail to connect (pytorch/pytorch#135712); "
+              "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (launch/*.sh do)", file=sys.stderr)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
