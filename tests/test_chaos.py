@@ -57,3 +57,17 @@ def test_the_comparison_catches_one_changed_element():
     assert chaos.differences(state, state) == []
     assert chaos.differences(state, nudged) == ["optim/w/exp_avg differs (max |diff| 9.54e-07)"]
     assert chaos.differences(state, dict(state, loader={"position_in_epoch": 3008}))
+
+
+def test_a_restarted_worker_group_continues_from_its_newest_checkpoint(grown_run, tmp_path, monkeypatch, capsys):
+    """What ``nanogrow train`` does in a group torchrun restarted: resume from the out_dir's newest complete
+    checkpoint, dropping --overwrite and an explicit --resume; with no checkpoint yet, what the command line said."""
+    from nanogrow.checkpoint import latest_checkpoint
+    from nanogrow.cli import restart_resume
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert restart_resume(str(grown_run), None, True) == (None, True)  # the first attempt: as asked
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert restart_resume(str(grown_run), "elsewhere/ckpt_0000001", True) == ("auto", False)
+    assert str(latest_checkpoint(grown_run)) in capsys.readouterr().err
+    assert restart_resume(str(tmp_path / "nothing yet"), None, True) == (None, True)
