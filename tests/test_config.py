@@ -62,11 +62,11 @@ def test_bad_override_is_named():
 
 
 def test_set_reaches_stage_keys():
-    cfg = load_config("configs/demo.toml", ["stage.1.at_step=50", "stage.2.shape.n_layer=6", "stage.2.op='identity'"])
+    two_stages = "configs/adaptive-stacking.toml"  # 2 -> 4 at step 100, 4 -> 8 at 200
+    cfg = load_config(two_stages, ["stage.1.at_step=50", "stage.2.shape.n_layer=6", "stage.2.op='identity'"])
     assert cfg.stage[0].at_step == 50 and cfg.stage[1].shape == {"n_layer": 6} and cfg.stage[1].op == "identity"
     # one past the last adds a stage; setting at_tokens replaces the stage's at_step
-    cfg = load_config("configs/demo.toml", ["stage.3.at_step=250", "stage.3.shape.n_layer=10",
-                                            "stage.2.at_tokens=400000"])
+    cfg = load_config(two_stages, ["stage.3.at_step=250", "stage.3.shape.n_layer=10", "stage.2.at_tokens=400000"])
     assert len(cfg.stage) == 3 and cfg.stage[2].shape == {"n_layer": 10}
     assert cfg.stage[1].at_tokens == 400000 and cfg.stage[1].at_step == -1
 
@@ -80,7 +80,7 @@ def test_set_reaches_stage_keys():
 ])
 def test_bad_stage_override_is_named(item, match):
     with pytest.raises(ConfigError, match=match):
-        load_config("configs/demo.toml", [item])
+        load_config("configs/adaptive-stacking.toml", [item])  # two [[stage]] tables
 
 
 def test_bundled_configs_resolve_by_name(tmp_path, monkeypatch):
