@@ -171,6 +171,7 @@ def test_a_real_full_tmpfs(demo_data, tmp_path):
     disk = tmp_path / "small"
     if not _mount_tmpfs(disk, "3m"):
         pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
+    trainer = None
     try:
         from nanogrow.train import Trainer
 
@@ -187,5 +188,11 @@ def test_a_real_full_tmpfs(demo_data, tmp_path):
         assert not any(p.name.endswith(".tmp") for p in (disk / "run").iterdir())
         _weights(first)
         assert load_file(str(first / "rng" / "rank_00000.safetensors"))["cpu"].numel() > 0
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+    finally:  # a run stopped by an error keeps its out_dir lock and metrics file open until its process ends
+        if trainer is not None:
+            from nanogrow import run_lock
+
+            trainer.trackers.close()
+            run_lock.release(disk / "run")
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # detached now, freed when unused

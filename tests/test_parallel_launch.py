@@ -63,7 +63,8 @@ def test_slurm_script_command():
 def test_torchrun_launcher_trains(tmp_path, demo_data):
     """Two gloo processes, two steps of the demo config at a tiny shape, through the launcher."""
     data = demo_data
-    sets = {"train.max_steps": 2, "train.warmup_steps": 1, "train.out_dir": tmp_path, "model.n_layer": 1,
+    # model.n_layer: the demo's start depth (its growth's layer order names layers 0-3)
+    sets = {"train.max_steps": 2, "train.warmup_steps": 1, "train.out_dir": tmp_path, "model.n_layer": 4,
             "model.d_model": 32, "model.n_head": 2, "model.n_kv_head": 2, "data.dir": data, "train.eval_every": 0,
             "train.eval_batches": 1}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]

@@ -251,7 +251,8 @@ def test_deepspeed_launcher_trains_and_checkpoints(tmp_path, demo_data):
     """`nanogrow train` through the launcher: two gloo processes, ZeRO 2, two steps, a DeepSpeed checkpoint."""
     import json
 
-    sets = {"train.max_steps": 2, "train.warmup_steps": 1, "train.out_dir": tmp_path, "model.n_layer": 1,
+    # model.n_layer: the demo's start depth (its growth's layer order names layers 0-3)
+    sets = {"train.max_steps": 2, "train.warmup_steps": 1, "train.out_dir": tmp_path, "model.n_layer": 4,
             "model.d_model": 32, "model.n_head": 2, "model.n_kv_head": 2, "model.vocab_size": 512,
             "data.dir": demo_data, "train.eval_every": 0, "train.eval_batches": 1, "growth.optimizer": "map"}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
