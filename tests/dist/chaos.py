@@ -43,20 +43,10 @@ BACKENDS = {"fsdp": ('parallel = "fsdp"', 'optimizer = "map+age"'),
 
 
 def config_toml(backend: str, data: Path, out: Path) -> str:
+    from helpers import tiny_model_toml  # tests/helpers.py: the torchrun tests' [model] and [data] tables
+
     parallel, optimizer = BACKENDS[backend]
-    return f"""
-[model]
-n_layer = 1
-d_model = 64
-n_head = 4
-n_kv_head = 2
-vocab_size = 512
-max_seq_len = 64
-
-[data]
-dir = "{data}"
-seq_len = 64
-
+    return tiny_model_toml(n_layer=1).format(data=data) + f"""
 [train]
 out_dir = "{out}"
 {parallel}
@@ -327,5 +317,5 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         sys.exit(worker_main(sys.argv[2:]))
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     sys.exit(main(sys.argv[1:]))
