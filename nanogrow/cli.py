@@ -208,6 +208,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _report_after_run(args, report) -> None:
+    """After ``handbook run``: regenerate HANDBOOK.md from every store (tens of seconds: all tables, fits and plots),
+    unless this was a dry run or ``--no-report`` asked to leave it to one ``handbook report`` after several runs."""
+    if args.dry_run:
+        return
+    if args.no_report:
+        print("HANDBOOK.md not regenerated (--no-report): `nanogrow handbook report` writes it from the stores")
+        return
+    report.write_handbook(log=print)
+
+
 def cmd_handbook(args) -> int:
     """Studies that answer the Handbook's questions: run what is missing, report, list."""
     from .handbook import frontier, report, runner
@@ -220,8 +231,7 @@ def cmd_handbook(args) -> int:
         if args.retime or args.arms or args.seeds:
             raise ValueError("with several study files, --retime, --arms and --seeds do not apply (run one study)")
         runner.run_studies([load_study(p) for p in paths], jobs=args.jobs, dry_run=args.dry_run)
-        if not args.dry_run:
-            report.write_handbook(log=print)
+        _report_after_run(args, report)
         return 0
     args.study = paths[0] if paths else None
     if args.action == "predict":
@@ -231,15 +241,20 @@ def cmd_handbook(args) -> int:
                              "configs/handbook/regime-4x64-t32.toml")
         regime.predict(load_study(args.study), studies_in())
         return 0
+    if args.action == "report" and not args.study:  # the whole Handbook, from the stores
+        report.write_handbook(log=print)
+        return 0
     if args.action in ("run", "report") and args.study and frontier.is_frontier_file(args.study):
         fr = frontier.load_frontier(args.study)
-        if args.action == "run":
-            if args.retime or args.arms or args.seeds:
-                raise ValueError(f"{args.study} is a frontier file: --retime, --arms and --seeds do not apply "
-                                 f"(its sizes, budgets and seeds are in the file)")
-            frontier.run_frontier(fr, dry_run=args.dry_run, jobs=args.jobs)
-        if args.action == "report" or not args.dry_run:
-            report.write_handbook(log=print)
+        if args.action == "report":
+            from .handbook.frontier_report import frontier_markdown
+            print(frontier_markdown(fr, plots=False))
+            return 0
+        if args.retime or args.arms or args.seeds:
+            raise ValueError(f"{args.study} is a frontier file: --retime, --arms and --seeds do not apply "
+                             f"(its sizes, budgets and seeds are in the file)")
+        frontier.run_frontier(fr, dry_run=args.dry_run, jobs=args.jobs)
+        _report_after_run(args, report)
         return 0
     if args.action == "run":
         study = load_study(args.study)
@@ -252,12 +267,9 @@ def cmd_handbook(args) -> int:
         else:
             runner.run_study(study, seeds=seeds, arms=args.arms.split(",") if args.arms else None,
                              dry_run=args.dry_run, jobs=args.jobs)
-        if not args.dry_run:
-            report.write_handbook(log=print)
+        _report_after_run(args, report)
     elif args.action == "report":
-        studies = [load_study(args.study)] if args.study else studies_in()
-        for study in studies:
-            print(report.study_markdown(study))
+        print(report.study_markdown(load_study(args.study), plots=False))
         report.write_handbook(log=print)
     elif args.action == "list":
         for fr in frontier.frontiers_in():
@@ -453,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verb("handbook", "run, report, list or predict the studies behind HANDBOOK.md")
     p.add_argument("action", choices=["run", "report", "list", "predict"],
-                   help="run STUDY [STUDY ...] | report [STUDY] | list | predict STUDY (part 3's growth law, "
+                   help="run STUDY [STUDY ...] | report (HANDBOOK.md) or report STUDY (print its section) | list | predict STUDY (part 3's growth law, "
                         "written before the study runs)")
     p.add_argument("study", nargs="*", help="a study file, e.g. configs/handbook/growth-time.toml (run: several "
                                             "share one pool of --jobs workers)")
@@ -465,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
                         "to a core of its own, 1 torch thread each; at most the cores this process may use")
     p.add_argument("--retime", metavar="ARMS", help="run: train these arms (tuned lr, budget x1) again and replace "
                                                      "their records everywhere: for runs timed on a loaded machine")
+    p.add_argument("--no-report", action="store_true",
+                   help="run: leave HANDBOOK.md as it is (regenerating it reads every store and redraws every plot, "
+                        "tens of seconds; `nanogrow handbook report` does it once after several runs)")
     p.add_argument("--verbose", "-v", action="store_true", help="list: each arm's steps, growth step and budget")
     p.set_defaults(func=cmd_handbook)
 

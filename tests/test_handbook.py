@@ -3,6 +3,8 @@ refusals, and one real (tiny) study run end to end."""
 
 import json
 import math
+import threading
+import time
 
 import pytest
 
@@ -520,7 +522,7 @@ def test_two_jobs_store_what_one_job_stores(tmp_path, demo_data):
         torch.set_num_threads(threads)
     lines = []
     assert runner.run_study(two, log=lines.append, jobs=2) == 4
-    assert sum("runs on 2 jobs" in line for line in lines) == 2  # the lr grid, then the grown arm: two batches
+    assert sum("runs ready for 2 jobs" in line for line in lines) == 2  # the lr grid, then the grown arm
     seq = {r["config_hash"]: r for r in Store(one.store_path).records}
     par = {r["config_hash"]: r for r in Store(two.store_path).records}
     assert seq.keys() == par.keys() and len(par) == 4
@@ -664,3 +666,87 @@ def test_lag_select_arms_follow_one_lr_schedule_up_to_the_growth(tmp_path, demo_
     assert stack[0] > 0 and len(set(stack[2])) > 1
     for name, schedule in schedules.items():
         assert schedule == stack, f"{name}: growth step, max_steps or lr before the growth differ from plain stacking's"
+
+
+# ---- work-conserving scheduling (--jobs > 1) ----------------------------------------------------------------
+
+def speculation_study(tmp_path, demo_data):
+    """lr grid 2e-3, 4e-3, 8e-3 on tune seed 0, one extension allowed: a loss lowest at 1e-3 calls for it."""
+    p = write_study(tmp_path, demo_data).parent / "s.toml"
+    p.write_text(p.read_text().replace("lr_grid = [3e-3, 1e-2]", "lr_grid = [2e-3, 4e-3, 8e-3]\ntune_seeds = [0]\n"
+                                       "lr_extensions = 1").replace("scratch_scales = [2]", "scratch_scales = []"))
+    return load_study(p)
+
+
+def lr_loss_record(study, run):
+    return {**fake_record(study, run), "final_loss": 5.0 + abs(math.log2(run.lr / 1e-3)) * 0.1}
+
+
+def test_speculation_asks_for_the_extension_the_finished_grid_runs_call_for(tmp_path, demo_data):
+    study = speculation_study(tmp_path, demo_data)
+    store = Store(study.store_path)
+    spec = lambda: [(r.arm, r.seed, r.lr) for r in runner.speculative_runs(study, store, study.seeds)]  # noqa: E731
+    assert spec() == []  # nothing finished
+    for lr in (2e-3, 8e-3):  # the two edges: neither has its inner neighbour finished
+        store.append(lr_loss_record(study, study.runs("scratch", [0], lr)[0]))
+    assert spec() == []
+    store.append(lr_loss_record(study, study.runs("scratch", [0], 4e-3)[0]))  # grid done: no speculation
+    assert runner.lr_grid(study, store, study.seeds)[0] == [1e-3, 2e-3, 4e-3, 8e-3]  # the plan asks for it itself
+    assert spec() == []
+
+    (tmp_path / "b").mkdir()
+    other = speculation_study(tmp_path / "b", demo_data)
+    store = Store(other.store_path)
+    for lr in (2e-3, 4e-3):  # the low edge beats its finished neighbour while 8e-3 still runs
+        store.append(lr_loss_record(other, other.runs("scratch", [0], lr)[0]))
+    assert [(r.seed, r.lr) for r in runner.speculative_runs(other, store, other.seeds)] == [(0, 1e-3)]
+    items, copied, speculative = runner.ready_runs([(other, store, other.seeds, None)], in_flight=set())
+    assert [r.lr for _, r in items] == [8e-3] and not speculative  # the grid's own run comes first
+    grid_key = items[0][1].key
+    items, _, speculative = runner.ready_runs([(other, store, other.seeds, None)], in_flight={grid_key})
+    assert [r.lr for _, r in items] == [1e-3] and speculative  # a free worker would idle otherwise
+
+
+class ThreadedPool(runner.RunPool):
+    """The real RunPool scheduling loop (run_dynamic) on threads running a stand-in execute, so that a test sees
+    when each run starts and ends (spawned workers would not see a monkeypatched execute)."""
+
+    def __init__(self, jobs, seconds, log=print):
+        super().__init__(1, log)
+        self.jobs, self.seconds, self.events = jobs, seconds, []
+        self._lock = threading.Lock()
+
+    def _start(self):
+        from concurrent.futures import ThreadPoolExecutor
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.jobs)
+        return self._executor
+
+    def _submit(self, executor, study, run):
+        def work():
+            with self._lock:
+                self.events.append(("start", run.lr, run.arm))
+            time.sleep(self.seconds(run))
+            with self._lock:
+                self.events.append(("end", run.lr, run.arm))
+            return {**lr_loss_record(study, run), "threads": 1, "cpu": 0}
+        return executor.submit(work)
+
+
+def test_a_free_worker_trains_the_called_for_extension_while_the_grid_finishes(tmp_path, demo_data, monkeypatch):
+    study = speculation_study(tmp_path, demo_data)
+    study.seeds = [0]
+    monkeypatch.setattr(runner, "ensure_data", lambda *a: None)
+    store = Store(study.store_path)
+    lines = []
+    slow = {8e-3: 0.6}  # the grid's last run is slow: with phases, a core idles while it finishes
+    with ThreadedPool(2, lambda r: slow.get(r.lr, 0.05) if r.arm == "scratch" else 0.05, lines.append) as pool:
+        made = runner.run_scheduled(pool, [(study, store, study.seeds, None)], lines.append)
+    assert made == 5  # the grid (3), its extension (1), the grown arm (1)
+    ev = pool.events
+    assert ev.index(("start", 1e-3, "scratch")) < ev.index(("end", 8e-3, "scratch"))  # started beside it
+    assert runner.tuned_lr(study, store, study.seeds)[0] == 1e-3
+    assert any("speculative" in line and "lr 0.001" in line for line in lines)
+    assert {(r["arm"], r["lr"]) for r in store.records} == {("scratch", x) for x in (1e-3, 2e-3, 4e-3, 8e-3)} | \
+        {("half at 50%", 1e-3)}
+    assert [line.rsplit(" | ", 1)[1] for line in lines if " to go" in line][-1] == "5 done, 0 to go"

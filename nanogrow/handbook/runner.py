@@ -4,11 +4,14 @@ Order: the reference over its learning-rate grid first (its best lr, the "tuned"
 trains at), then the grown arms, then the reference at the larger budgets. Each finished run is appended to the
 store at once, so a study stopped at any point loses at most the run(s) in progress.
 
-With ``jobs`` > 1 the runs of each phase (the lr grid; then the grown arms and the larger budgets) train in parallel
-in ``jobs`` worker processes (``RunPool``), each pinned to one core and running torch on one thread; the parent
-process plans, copies records stored for other studies, and is the store's only writer (records appended in
-completion order). Every record says how it ran: ``jobs``, ``threads`` (torch threads of that run) and ``cpu`` (the
-core its worker was pinned to; null when not pinned), so its wall-clock seconds can be read.
+With ``jobs`` > 1 the runs train in parallel in ``jobs`` worker processes (``RunPool``), each pinned to one core
+and running torch on one thread; the parent process plans, copies records stored for other studies, and is the
+store's only writer (records appended in completion order). Scheduling is work-conserving (``run_scheduled``): each
+time a run ends the parent plans again from the store and gives every idle worker the longest run that is ready
+(the lr grid first, the rest once the tuned lr is known; several studies share one pool). A worker that would idle
+while the grid's last runs finish trains the grid extension the finished runs already call for
+(``speculative_runs``). Every record says how it ran: ``jobs``, ``threads`` (torch threads of that run) and ``cpu``
+(the core its worker was pinned to; null when not pinned), so its wall-clock seconds can be read.
 """
 
 from __future__ import annotations
@@ -81,6 +84,21 @@ def plan_runs(study: Study, store: Store, seeds: list[int], arms: list[str] | No
     return [r for r in todo if not store.has(r.key)]
 
 
+def speculative_runs(study: Study, store: Store, seeds: list[int]) -> list[Run]:
+    """While the lr grid is not done: the extension its finished runs already call for, to train on a core that
+    would otherwise idle until the grid's last run ends. Called for: an edge lr whose inner neighbour has finished
+    and is worse, with an extension still allowed. Unless a grid lr still running beats both (a loss that is not
+    unimodal in lr), ``lr_grid`` asks for exactly this run once the grid is done. Empty otherwise."""
+    grid, lr, means = lr_grid(study, store, seeds)
+    if lr is not None or len(grid) < 2 or len(grid) >= len(study.lr_grid) + study.lr_extensions:
+        return []
+    for edge, inner, step in ((grid[0], grid[1], 1 / LR_FACTOR), (grid[-1], grid[-2], LR_FACTOR)):
+        if edge in means and inner in means and means[edge] < means[inner]:
+            return [r for r in study.runs(study.reference, study.tune_seeds or seeds, edge * step)
+                    if not store.has(r.key)]
+    return []
+
+
 def run_study(study: Study, seeds: list[int] | None = None, arms: list[str] | None = None, log=print,
               dry_run: bool = False, jobs: int = 1) -> int:
     """Run what is missing; returns the number of runs made. The tuned lr is decided once the grid is done.
@@ -94,18 +112,18 @@ def run_study(study: Study, seeds: list[int] | None = None, arms: list[str] | No
     check_jobs(jobs)
     store = Store(study.store_path)
     ensure_data(study, log)
-    made = 0
+    if dry_run:
+        for r in plan_runs(study, store, seeds, arms):
+            log(f"would run {r.arm} seed {r.seed} lr {r.lr:g} x{r.scale:g} ({r.cfg.train.max_steps} steps)")
+        return 0
     with RunPool(jobs, log) as pool:
-        while True:
-            todo = plan_runs(study, store, seeds, arms)
-            if not todo:
-                break
-            if dry_run:
-                for r in todo:
-                    log(f"would run {r.arm} seed {r.seed} lr {r.lr:g} x{r.scale:g} ({r.cfg.train.max_steps} steps)")
-                return 0
-            # A whole phase: the lr grid, or (the tuned lr known) the rest; plan_runs lists no later phase's runs.
-            made += run_batch(study, todo, store, jobs, log, pool)
+        if jobs > 1:
+            made = run_scheduled(pool, [(study, store, seeds, arms)], log)
+        else:
+            made = 0
+            while todo := plan_runs(study, store, seeds, arms):
+                # A whole phase: the lr grid, or (the tuned lr known) the rest; plan_runs lists no later phase's runs.
+                made += run_batch(study, todo, store, jobs, log, pool)
     lr, means = tuned_lr(study, store, seeds)
     log(f"[{study.name}] complete for seeds {seeds}: tuned lr {lr:g} "
         f"({', '.join(f'{k:g}: {v:.4f}' for k, v in means.items())})")
@@ -124,18 +142,20 @@ def run_studies(studies: list[Study], jobs: int = 1, log=print, dry_run: bool = 
         raise ValueError("two of the studies have the same name: " + ", ".join(str(s.path) for s in studies))
     for s in studies:
         ensure_data(s, log)
-    made = 0
     with RunPool(jobs, log) as pool:
-        while True:
+        if jobs > 1:
+            return run_scheduled(pool, [(s, stores[s.name], s.seeds, None) for s in studies], log)
+        made = 0
+        while True:  # one run at a time: each round, every study's current phase, longest runs first
             items = []
             for s in studies:
                 todo = plan_runs(s, stores[s.name], s.seeds)
                 made += run_batch(s, [r for r in todo if stored_elsewhere(s, r.key)], stores[s.name], jobs, log, pool)
                 items += [(s, r) for r in todo if not stores[s.name].has(r.key)]
             if not items:
-                break
+                return made
             items.sort(key=lambda item: -run_flops_of(item[1]))
-            log(f"[{len(studies)} studies] {len(items)} runs on {min(jobs, len(items))} jobs")
+            log(f"[{len(studies)} studies] {len(items)} runs on 1 jobs")
             eta = RunEta(jobs)  # per round: the next round's runs (other phases) may be longer or shorter
             for done, (study, run, record) in enumerate(pool.run(items), start=1):
                 stores[study.name].append(record)
@@ -143,6 +163,60 @@ def run_studies(studies: list[Study], jobs: int = 1, log=print, dry_run: bool = 
                 eta.add(record)
                 log(f"[{study.name}] {run_label(run)} | {run.cfg.train.max_steps} steps | cpu {record['cpu']}: "
                     f"{result_line(record)} | {eta.note(done, len(items) - done)}")
+
+
+def ready_runs(plans: list[tuple], in_flight: set[str], log=print) -> tuple[list[tuple[Study, Run]], int, bool]:
+    """(what a free worker may start now, longest first; how many records were copied on the way; whether those
+    are speculative). Each study's
+    current phase (``plan_runs``; a run stored for another study is copied into this one's store here, not
+    trained) less the runs in flight; when that leaves nothing, the grid extensions already called for
+    (``speculative_runs``). ``plans``: (study, store, seeds, arms or None) tuples."""
+    items, copied, keys = [], 0, set(in_flight)
+    for study, store, seeds, arms in plans:
+        todo = [r for r in plan_runs(study, store, seeds, arms) if r.key not in keys]
+        copies = [r for r in todo if stored_elsewhere(study, r.key)]
+        if copies:
+            copied += run_batch(study, copies, store, 1, log)
+        for r in todo:
+            if not store.has(r.key) and r.key not in keys:  # two arms that resolve to one config: trained once
+                items.append((study, r))
+                keys.add(r.key)
+    speculative = not items
+    if speculative:
+        for study, store, seeds, _ in plans:
+            items += [(study, r) for r in speculative_runs(study, store, seeds) if r.key not in keys]
+    items.sort(key=lambda item: -run_flops_of(item[1]))
+    return items, copied, speculative and bool(items)
+
+
+def run_scheduled(pool: "RunPool", plans: list[tuple], log=print) -> int:
+    """Train what ``plans`` still need on ``pool``'s workers, work-conserving: ``ready_runs`` is asked again each
+    time a run ends, so no core idles at a phase boundary while a run is ready; each record is stored as its run
+    ends (a stopped study loses only the runs in progress). Returns the number of runs made, copies included."""
+    stores = {study.name: store for study, store, _, _ in plans}
+    eta = RunEta(pool.jobs)
+    made = done = 0
+    announced: set[str] = set()
+
+    def ready(in_flight: set[str]) -> list[tuple[Study, Run]]:
+        nonlocal made
+        items, copied, speculative = ready_runs(plans, in_flight, log)
+        made += copied
+        new = [(s, r) for s, r in items if r.key not in announced]
+        if new:  # a phase opens (the lr grid, its extension, the rest): say what became ready
+            announced.update(r.key for _, r in new)
+            why = " (speculative: the lr grid extension its finished runs call for)" if speculative else ""
+            log(f"[{', '.join(sorted({s.name for s, _ in new}))}] {len(new)} runs ready for {pool.jobs} jobs (1 thread "
+                f"each){why}: " + ", ".join(f"{r.arm} s{r.seed} lr {r.lr:g} x{r.scale:g}" for _, r in new))
+        return items
+
+    for study, run, record, waiting in pool.run_dynamic(ready):
+        stores[study.name].append(record)
+        made += 1
+        done += 1
+        eta.add(record)
+        log(f"[{study.name}] {run_label(run)} | {run.cfg.train.max_steps} steps | cpu {record['cpu']}: "
+            f"{result_line(record)} | {eta.note(done, waiting)}")
     return made
 
 
@@ -318,6 +392,53 @@ class RunPool:
         if failed is not None:
             study, run, exc = failed
             raise RunFailed(f"{study.name}: {run_label(run)} {failure(exc)}") from exc
+
+    def run_dynamic(self, ready) -> Iterator[tuple[Study, Run, dict, int]]:
+        """Keep every worker busy: ``ready(keys in flight)`` lists the (study, run) pairs that may start now, longest
+        first; the pool starts as many as it has idle workers and asks again after each run ends, once the caller has
+        stored its record (the generator resumes only then). Yields ``(study, run, record, runs in flight or
+        ready)`` in completion order; stops when nothing is in flight and nothing is ready. A failed run stops new
+        starts, lets the runs in progress end (yielded) and then raises ``RunFailed``."""
+        executor = self._start()
+        in_flight: dict = {}  # future -> (study, run)
+        failed = None
+        try:
+            while True:
+                items = [] if failed else ready({run.key for _, run in in_flight.values()})
+                start = items[: self.jobs - len(in_flight)]
+                for study, run in start:
+                    in_flight[self._submit(executor, study, run)] = (study, run)
+                queued = len(items) - len(start)  # ready but waiting for a worker (later phases not counted)
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    study, run = in_flight.pop(fut)
+                    if fut.exception() is not None:
+                        if failed is None:
+                            failed = (study, run, fut.exception())
+                            self.log(f"[{study.name}] {run_label(run)} {failure(failed[2])}; waiting for the "
+                                     f"{len(in_flight)} run(s) in progress, then stopping")
+                        continue
+                    yield study, run, {**fut.result(), "jobs": self.jobs}, len(in_flight) + queued
+        finally:
+            for f in in_flight:
+                f.cancel()
+        if failed is not None:
+            study, run, exc = failed
+            raise RunFailed(f"{study.name}: {run_label(run)} {failure(exc)}") from exc
+
+    def _submit(self, executor: ProcessPoolExecutor, study: Study, run: Run):
+        saved = {k: os.environ.get(k) for k in THREAD_ENV}
+        os.environ.update({k: "1" for k in THREAD_ENV})  # spawn starts a worker inside submit, with this env
+        try:
+            return executor.submit(_train_in_worker, study, run)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def close(self, abort: bool = False) -> None:
         executor, self._executor = self._executor, None
