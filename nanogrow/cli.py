@@ -178,6 +178,11 @@ def cmd_bench(args) -> int:
         bench_grow(backend=args.backend, steps=args.steps, zero_stages=[int(s) for s in args.zero_stages.split(",")])
         dist_utils.shutdown_and_exit()
         return 0
+    if args.what == "study":
+        from .handbook.bench import DEFAULT_STUDY, bench_study
+        bench_study(args.study or [str(DEFAULT_STUDY)], modes=args.modes.split(","), rounds=args.rounds,
+                    jobs=args.jobs, out_json=args.out)
+        return 0
     tune_allocator()  # (bench grow, above, sets the allocator itself: default for its times, exact RSS)
     cfg = load_config(args.config, args.overrides)
     if args.what == "throughput":
@@ -465,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verb("handbook", "run, report, list or predict the studies behind HANDBOOK.md")
     p.add_argument("action", choices=["run", "report", "list", "predict"],
-                   help="run STUDY [STUDY ...] | report (HANDBOOK.md) or report STUDY (print its section) | list | predict STUDY (part 3's growth law, "
-                        "written before the study runs)")
+                   help="run STUDY [STUDY ...] | report (writes HANDBOOK.md) or report STUDY (prints its section) | "
+                        "list | predict STUDY (part 3's growth law, written before the study runs)")
     p.add_argument("study", nargs="*", help="a study file, e.g. configs/handbook/growth-time.toml (run: several "
                                             "share one pool of --jobs workers)")
     p.add_argument("--seeds", help="run: these seeds instead of the study's, e.g. 0,1,2")
@@ -529,6 +534,14 @@ def main(argv: list[str] | None = None) -> int:
     b = bench("lag", "LAG@k regret and the correlation phase transition (every candidate trained to the end)")
     b.add_argument("--ks", help="LAG@k steps to report, e.g. 5,10,20 (default: the config's)")
     b.add_argument("--out", help="directory for lag.json and the plots (default: the config's train.out_dir)")
+    b = bench("study", "Handbook runs per hour of fixed studies, trained from empty stores each way (one process on "
+                       "every core; one pinned worker per core; the same with torch.compile), alternated", config=False)
+    b.add_argument("--study", action="append", metavar="FILE",
+                   help="a study file (repeatable; default: configs/handbook/ladder-4x48.toml, 21 runs)")
+    b.add_argument("--modes", default="serial,jobs", help="comma-separated, ratios to the first: serial, jobs, compile")
+    b.add_argument("--rounds", type=int, default=2, help="alternated rounds (odd rounds run the modes in reverse)")
+    b.add_argument("--jobs", type=int, help="cores to use (default: every core this process may use)")
+    b.add_argument("--out", help="write the numbers and every run's record here (JSON)")
     b = bench("grow", "time, step time and memory of one sharded growth event (under torchrun, 2+ processes)",
               config=False)
     b.add_argument("--backend", default="fsdp", choices=["none", "ddp", "fsdp", "deepspeed"], help="parallel backend")

@@ -3,6 +3,10 @@ refusals, and one real (tiny) study run end to end."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -750,3 +754,29 @@ def test_a_free_worker_trains_the_called_for_extension_while_the_grid_finishes(t
     assert {(r["arm"], r["lr"]) for r in store.records} == {("scratch", x) for x in (1e-3, 2e-3, 4e-3, 8e-3)} | \
         {("half at 50%", 1e-3)}
     assert [line.rsplit(" | ", 1)[1] for line in lines if " to go" in line][-1] == "5 done, 0 to go"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_ends_when_the_parent_is_killed(tmp_path):
+    """A study stopped by SIGTERM or SIGKILL runs no cleanup: its workers must not train on, orphaned."""
+    child = ("from nanogrow.handbook.runner import die_with_parent; import time; assert die_with_parent(); "
+             "print('ready', flush=True); time.sleep(120)")
+    parent = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}], "
+              f"stdout=subprocess.PIPE, text=True); assert p.stdout.readline() == 'ready\\n'; "
+              f"print(p.pid, flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{worker}/stat") as f:  # a zombie (ended, not yet reaped by init) counts as ended
+            if f.read().split()[2] == "Z":
+                return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived its killed parent")

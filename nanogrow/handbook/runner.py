@@ -26,6 +26,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -345,7 +346,7 @@ class RunPool:
             for cpu in self.cores:
                 cores.put(cpu if pin else None)  # each worker takes one core as it starts
             self._executor = ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_init_worker,
-                                                 initargs=(cores,))
+                                                 initargs=(cores, os.getpid()))
         return self._executor
 
     def run(self, items: Iterable[tuple[Study, Run]]) -> Iterator[tuple[Study, Run, dict]]:
@@ -472,9 +473,26 @@ def run_pool(items: Iterable[tuple[Study, Run]], jobs: int = 1, log=print) -> It
 _WORKER_CPU: int | None = None  # in a worker process: the core it is pinned to
 
 
-def _init_worker(cores) -> None:
+def die_with_parent() -> bool:
+    """Ask Linux to SIGTERM this process when its parent dies (prctl PR_SET_PDEATHSIG). A parent ended by SIGTERM or
+    SIGKILL runs no cleanup, and its workers would otherwise train on, orphaned, for runs nobody will store, holding
+    the cores the next attempt pins. Returns whether it took (False off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        return False
+    return True
+
+
+def _init_worker(cores, parent: int | None = None) -> None:
     global _WORKER_CPU
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
+    die_with_parent()
+    if parent is not None and os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
     _WORKER_CPU = cores.get()
     if _WORKER_CPU is not None:
         os.sched_setaffinity(0, {_WORKER_CPU})
