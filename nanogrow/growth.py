@@ -15,23 +15,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Any
 
 import torch
 
 from .config import RunConfig, Stage, changes_parameters, grad_accum, resolve_stages
 from .grow import make_plan
 from .grow.learned import LearnedPlan, fit
+from .grow.plan import GrowthPlan
 from .lag_runner import CandidateRunner, lag_select
 from .lag_parallel import select_across_groups
 from .metrics import fmt
 from .model import ModelConfig
 from .parallel import reshard, unwrap
 from .schedule import stage_layouts, stage_start_steps
-from .triggers import make_trigger
+from .triggers import Trigger, make_trigger
 
 
 class GrowthController:
-    def __init__(self, trainer, cfg: RunConfig):
+    # ``trainer``: the Trainer (typed Any: train.py imports this module, and a type import back would be a cycle).
+    def __init__(self, trainer: Any, cfg: RunConfig) -> None:
         self.trainer, self.cfg, self.t = trainer, cfg, cfg.train
         self.stages: list[Stage] = resolve_stages(cfg)  # every stage's values, growth defaults filled in
         self.layouts = stage_layouts(cfg.model, cfg.data.seq_len, self.t.micro_batch, cfg.stage)
@@ -59,7 +62,7 @@ class GrowthController:
             mult = st.lr / self.t.lr if st.lr else mult
         return mult
 
-    def make_trigger(self):
+    def make_trigger(self) -> Trigger | None:
         """The trigger that decides when the next stage starts; its stage-length bounds count from now."""
         tr = self.trainer
         if tr.stage_index >= len(self.stages):
@@ -98,7 +101,7 @@ class GrowthController:
             return False
         return tr.trigger.should_grow(tr.step, tr.meter.total_tokens, tr.meter.total_flops)
 
-    def apply(self, plan, st: Stage, fit: bool = True):
+    def apply(self, plan: GrowthPlan, st: Stage, fit: bool = True) -> GrowthPlan:
         """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy.
         Returns the plan applied (a learned plan is fitted first, unless ``fit`` is False: a structure-only rebuild
         whose values are about to be overwritten, as LAG across groups does)."""
@@ -141,7 +144,7 @@ class GrowthController:
         self.set_stage_batch()
         tr.stage_stats.start(tr.stage_index, tr.step, tr.model_config, tr.seq_len, tr.micro_batch)
 
-    def fit_learned(self, plan):
+    def fit_learned(self, plan: GrowthPlan) -> GrowthPlan:
         """Fit a learned (LiGO-style) plan's maps on the grown model's LM loss before it is applied. Batches come
         from the training loader (this rank's share, one micro-batch per map step): they count as tokens seen
         and are not trained on again. The old weights are gathered in full on every rank (the maps are fitted
@@ -224,7 +227,7 @@ class GrowthController:
         tr.meter.reset_window()
         return event
 
-    def lag_select(self, st: Stage, old_cfg: ModelConfig, new_cfg: ModelConfig):
+    def lag_select(self, st: Stage, old_cfg: ModelConfig, new_cfg: ModelConfig) -> tuple[GrowthPlan, dict]:
         """LAG: (the winner's plan, the selection's record); the trainer continues from the winner."""
         runner = CandidateRunner(self.trainer, self, st)
         if st.lag.groups > 1:  # candidates train at the same time, one per process group

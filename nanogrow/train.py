@@ -22,8 +22,8 @@ from . import dist_utils, run_lock
 from .backend import ZeroBackend, make_backend
 from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint, read_meta,
                          remove_checkpoints, remove_stray_tmp)
-from .config import (ConfigError, RunConfig, check_global_batch, eval_seq_len, fit_warmup, from_accelerate, grad_accum,
-                     parallel_mode)
+from .config import (ConfigError, RunConfig, TrainConfig, check_global_batch, eval_seq_len, fit_warmup,
+                     from_accelerate, grad_accum, parallel_mode)
 from .data import PrefetchLoader, TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp
 from .grow import make_optimizer  # noqa: F401  (re-exported: nanogrow.train.make_optimizer)
@@ -40,7 +40,7 @@ from .tracking import Trackers
 from .triggers import CurvatureTrigger, GradientTrigger, Observation
 
 
-def lr_at(step: int, t) -> float:
+def lr_at(step: int, t: TrainConfig) -> float:
     """Learning rate at optimizer step ``step`` (0-based) for the schedule in TrainConfig ``t``."""
     peak, floor = t.lr, t.lr * t.min_lr_ratio
     if t.schedule == "constant":
@@ -59,7 +59,8 @@ def lr_at(step: int, t) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: str | None = None, log=None, overwrite: bool = False):
+    def __init__(self, cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] | None = None,
+                 overwrite: bool = False) -> None:
         """``log``: a callable for the console lines (default: the "nanogrow.train" logger, rank 0); every line
         also goes to ``out_dir/train.log`` on rank 0."""
         launcher_note = from_accelerate(cfg.train)  # accelerate launch --use_deepspeed: the ZeRO stage it names
@@ -387,7 +388,7 @@ class StepGuard:
     """Non-finite steps (skipped up to train.skip_nonfinite_steps in a row, then the run stops naming the step, the
     likely cause and the checkpoint to go back to) and finite but exploding losses (a warning)."""
 
-    def __init__(self, t, out_dir: Path, log):
+    def __init__(self, t: TrainConfig, out_dir: Path, log: Callable[[str], None]) -> None:
         self.t, self.out_dir, self.log = t, out_dir, log
         self.streak, self.loss_avg, self.quiet_until = 0, None, 0
 
