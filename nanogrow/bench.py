@@ -294,7 +294,7 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
         per_stage[trainer.stage_index] = []
         clock[0] = time.perf_counter()
 
-    while trainer.step < cfg.train.max_steps:
+    while trainer.step < trainer.max_steps:
         clock[0] = time.perf_counter()
         if trainer.advance(on_grow=grown) is None:
             break

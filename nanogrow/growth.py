@@ -6,8 +6,8 @@ answers the Trainer's two questions before every step: ``due()`` (does the next 
 plan (``apply``: learned maps fitted first, the backend's grow, fade-in masks, lr policy) is shared by the plain
 growth event and by every LAG candidate (``lag_runner.CandidateRunner``).
 
-The controller acts on its trainer's public state (model, optimizer, step, meter, the run-state fields); what it
-keeps itself is derived from the config and fixed for the run.
+The controller acts on its trainer's public state (model, optimizer, step, meter, the run-state fields and the
+batch layout ``trainer.batch``); what it keeps itself is derived from the (frozen) config and fixed for the run.
 """
 
 from __future__ import annotations
@@ -49,11 +49,17 @@ class GrowthController:
             return [{k: getattr(st, k)} for st in self.stages for k in ("at_step", "at_tokens", "at_flops")
                     if getattr(st, k) >= 0]
         # Each stage's own tokens per step and FLOPs per token (its micro-batch, sequence length and shape).
-        tps = [lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
-               for lay in self.layouts]
+        tps = [lay.tokens_per_step(tr.world, self.accumulation(lay.micro_batch)) for lay in self.layouts]
         fpt = [lay.flops_per_token() for lay in self.layouts]
         starts = stage_start_steps(g.schedule, self.t.max_steps, tps, fpt, g.exp_ratio)
         return [{"at_step": s} for s in starts]
+
+    def accumulation(self, micro_batch: int) -> int:
+        """Micro-steps per optimizer step on each rank at ``micro_batch`` (config.grad_accum). Inside LAG's group
+        view (``trainer.groups`` > 1, ``trainer.world`` one group's ranks) a group reads the world's whole batch:
+        the world's accumulation times the number of groups."""
+        tr = self.trainer
+        return grad_accum(self.t, tr.world * tr.groups, micro_batch) * tr.groups
 
     def lr_mult(self, stage_index: int) -> float:
         """A stage's own peak lr, as a multiple of train.lr (the schedule's shape is kept)."""
@@ -108,10 +114,9 @@ class GrowthController:
         tr = self.trainer
         if fit:
             plan = self.fit_learned(plan)
-        # (a new ZeRO engine is built with it)
-        tr.t.grad_accum = grad_accum(tr.t, tr.world, st.micro_batch or tr.micro_batch)
-        tr.model, tr.optimizer = tr.backend.grow(tr.model, tr.optimizer, plan, st.optimizer,
-                                                 st.micro_batch or tr.micro_batch)
+        micro_batch = st.micro_batch or tr.micro_batch  # the new stage's (a new ZeRO engine is built with it)
+        tr.model, tr.optimizer = tr.backend.grow(tr.model, tr.optimizer, plan, st.optimizer, micro_batch,
+                                                 self.accumulation(micro_batch))
         tr.model_config = plan.new_cfg.resolved()
         tr.ramp = plan.mask_ramp(tr.step)
         if tr.ramp is not None:
@@ -129,9 +134,9 @@ class GrowthController:
         one consumed, whatever the new shape."""
         tr = self.trainer
         lay = self.layouts[tr.stage_index]
-        tr.t.grad_accum = grad_accum(tr.t, tr.world, lay.micro_batch)
+        tr.batch.grad_accum = self.accumulation(lay.micro_batch)
         if (lay.micro_batch, lay.seq_len) != (tr.micro_batch, tr.seq_len):
-            tr.micro_batch, tr.seq_len = lay.micro_batch, lay.seq_len
+            tr.batch.micro_batch, tr.batch.seq_len = lay.micro_batch, lay.seq_len
             tr.loader.set_batch_shape(micro_batch=lay.micro_batch, seq_len=lay.seq_len)
         if lay.model.max_seq_len != tr.model_config.max_seq_len:
             unwrap(tr.model).set_max_seq_len(lay.model.max_seq_len)  # every rank: RoPE tables are not sharded
@@ -237,7 +242,7 @@ class GrowthController:
     def step_cost(self, stage: int) -> tuple[int, float]:
         """Tokens and FLOPs of one optimizer step of stage ``stage`` (its shape, micro-batch and sequence length)."""
         tr, lay = self.trainer, self.layouts[stage]
-        tps = lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
+        tps = lay.tokens_per_step(tr.world, self.accumulation(lay.micro_batch))
         return tps, tps * lay.flops_per_token()
 
     def planned_starts(self) -> list[tuple[int, int]]:
@@ -277,7 +282,7 @@ class GrowthController:
                 break
             left -= (at - step) * cost
             step, cost = at, self.step_cost(i + 1)[1]
-        self.t.max_steps = step + max(1, round(left / cost))
+        tr.batch.max_steps = step + max(1, round(left / cost))
 
     def warn_dropped_stages(self) -> None:
         """Stages that start at or after train.max_steps never run (say, after --set train.max_steps=40 on the
@@ -286,10 +291,11 @@ class GrowthController:
         dropped = []
         for i, at in self.planned_starts():
             (kind, mark), = self.starts[i].items()
-            if at >= self.t.max_steps:
+            if at >= self.trainer.max_steps:
                 dropped.append(f"stage {i + 1} ({kind} {mark:g})" if kind != "at_step" else
                                f"stage {i + 1} (at_step {mark})")
         if dropped:
-            self.trainer.log(f"warning: train.max_steps={self.t.max_steps} ends before {', '.join(dropped)} would "
-                             f"start: {'it' if len(dropped) == 1 else 'they'} will never run (raise train.max_steps "
-                             f"or move the stage with --set stage.N.at_step=...)")
+            tr = self.trainer
+            tr.log(f"warning: train.max_steps={tr.max_steps} ends before {', '.join(dropped)} would start: "
+                   f"{'it' if len(dropped) == 1 else 'they'} will never run (raise train.max_steps or move the stage "
+                   f"with --set stage.N.at_step=...)")

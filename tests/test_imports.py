@@ -23,7 +23,7 @@ MAPPED = {"kernels": "nanogrow.kernels", "data_prep": "nanogrow.data_prep"}
 LAYERS = [
     ("base", ["nanogrow", "nanogrow.dist_utils", "nanogrow.errors", "nanogrow.integrity", "nanogrow.kernels",
               "nanogrow.metrics", "nanogrow.safe_dcp", "nanogrow.data", "nanogrow.logs", "nanogrow.tracking",
-              "nanogrow.plot", "nanogrow.progress"]),
+              "nanogrow.plot", "nanogrow.progress", "nanogrow.frozen"]),
     ("model", ["nanogrow.model"]),
     ("grow", ["nanogrow.grow"]),
     ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),
