@@ -15,7 +15,10 @@ from typing import Callable
 
 import torch
 
-from . import add_rms_norm, cross_entropy, linear_cross_entropy, residual_add, rms_norm, rope, swiglu, triton_status
+# From dispatch, not from the package front (nanogrow/kernels.py), which re-exports bench_kernels from here: the
+# import graph points front -> bench -> dispatch, with no cycle.
+from .dispatch import (add_rms_norm, cross_entropy, linear_cross_entropy, residual_add, rms_norm, rope, swiglu,
+                       triton_status)
 
 D_MODELS = (768, 2048, 4096)
 VOCABS = (50304, 128256)
@@ -151,6 +154,8 @@ def run_cases(cases: list[Case], log=print, measure=_measure_cuda) -> list[dict]
 
 
 def bench_kernels(log=print) -> int:
+    """Forward+backward time and peak memory of each kernel vs its torch reference at LLM shapes (CUDA only; on CPU
+    says so and returns 0)."""
     if not torch.cuda.is_available():
         log("nanogrow bench kernels: kernel timings need a GPU (CUDA); on CPU the model runs the torch references "
             "and Triton only through its interpreter, whose timings mean nothing. Nothing measured.")

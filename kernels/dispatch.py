@@ -172,13 +172,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return loss
 
 
-def bench_kernels(log=print) -> int:
-    """Forward+backward time and peak memory of each kernel vs its torch reference at
-    LLM shapes (CUDA only; on CPU says so and returns 0)."""
-    from .bench import bench_kernels as run
-    return run(log=log)
-
-
 if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter must be chosen when the kernels are defined
     try:
         load_triton()
@@ -186,4 +179,4 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter must be chosen 
         pass
 
 __all__ = ["BACKENDS", "resolve", "triton_status", "load_triton", "rms_norm", "add_rms_norm", "residual_add",
-           "swiglu", "rope", "cross_entropy", "linear_cross_entropy", "bench_kernels", "reference", "ops", "chunked"]
+           "swiglu", "rope", "cross_entropy", "linear_cross_entropy", "reference", "ops", "chunked"]

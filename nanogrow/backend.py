@@ -63,8 +63,10 @@ class TorchBackend:
         mesh = make_mesh(self.parallel, self.t.replicate, self.device.type) if self.parallel == "fsdp" else None
         return parallelize(model, self.parallel, mesh=mesh, mixed_precision=bf16, replicate=self.t.replicate)
 
-    def start(self, model: torch.nn.Module, micro_batch: int, resume: tuple[Path, dict] | None = None):
-        """(model, optimizer) for ``model``, wrapped; with ``resume`` = (checkpoint, meta), loaded from there."""
+    def start(self, model: torch.nn.Module, micro_batch: int, grad_accum: int,
+              resume: tuple[Path, dict] | None = None):
+        """(model, optimizer) for ``model``, wrapped; with ``resume`` = (checkpoint, meta), loaded from there. The
+        batch layout (``micro_batch``, ``grad_accum``) is the engine's business only under DeepSpeed."""
         model = self.wrap(model)
         optimizer = make_optimizer(unwrap(model), self.t)
         if resume is not None:
@@ -130,7 +132,7 @@ class TorchBackend:
     def end_wd_hold(self, optimizer) -> None:
         drop_wd_scales(optimizer)
 
-    def grow(self, model, optimizer, plan: GrowthPlan, policy: str, micro_batch: int):
+    def grow(self, model, optimizer, plan: GrowthPlan, policy: str, micro_batch: int, grad_accum: int):
         """Grow in place under whatever wrapping ``model`` has; returns (new model, new optimizer)."""
         g = self.growth
         return grow_parallel(model, optimizer, plan, policy=policy, device=self.device,
@@ -160,8 +162,8 @@ class ZeroBackend:
         self.bf16 = device.type == "cuda" and t.dtype in ("auto", "bf16")
         self.run: ZeroRun | None = None
 
-    def config(self, micro_batch: int) -> dict:
-        return ds_config(self.stage, micro_batch, self.t.grad_accum, self.t.grad_clip, bf16=self.bf16)
+    def config(self, micro_batch: int, grad_accum: int) -> dict:
+        return ds_config(self.stage, micro_batch, grad_accum, self.t.grad_clip, bf16=self.bf16)
 
     @property
     def engine(self):
@@ -172,19 +174,21 @@ class ZeroBackend:
         """DeepSpeed's ZeRO optimizer: its ``param_groups`` are where the Trainer sets the learning rate."""
         return self.run.engine.optimizer
 
-    def start(self, model: torch.nn.Module, micro_batch: int, resume: tuple[Path, dict] | None = None):
+    def start(self, model: torch.nn.Module, micro_batch: int, grad_accum: int,
+              resume: tuple[Path, dict] | None = None):
         """The engine for ``model`` (the Trainer's param groups and AdamW hyper-parameters); with ``resume`` =
         (checkpoint, meta), its state continues from there. Returns (engine, its optimizer): the engine is the
         Trainer's model."""
         t = self.t
         groups = [dict(g, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps) for g in param_groups(model, t.weight_decay)]
         groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; keep ours aligned
+        config = self.config(micro_batch, grad_accum)
         if resume is None:
-            self.run = zero_initialize(model, groups, self.config(micro_batch))
+            self.run = zero_initialize(model, groups, config)
         elif is_deepspeed(resume[1]):
-            self._resume_zero(model, groups, micro_batch, *resume)
+            self._resume_zero(model, groups, config, *resume)
         else:
-            self._resume_dcp(model, groups, micro_batch, *resume)
+            self._resume_dcp(model, groups, config, *resume)
         return self.engine, self.optimizer
 
     def wrap(self, model):
@@ -197,12 +201,12 @@ class ZeroBackend:
         log("note: train.compile is not applied under DeepSpeed (the engine owns the module)")
         return 0.0
 
-    def _resume_zero(self, model, groups, micro_batch, path: Path, meta: dict) -> None:
+    def _resume_zero(self, model, groups, config: dict, path: Path, meta: dict) -> None:
         if meta.get("ramp"):  # masks exist in the saved module exactly while a ramp is on: create the buffers
             ramp = MaskRamp.from_dict(meta["ramp"])
             ramp.apply(model, ramp.start_step)
         check_deepspeed_trusted(path, meta)  # DeepSpeed unpickles these files: check them before it opens any
-        self.run = zero_initialize(model, groups, self.config(micro_batch))
+        self.run = zero_initialize(model, groups, config)
         loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
         if loaded is None:
             raise CheckpointError(f"checkpoint {str(path)!r}: DeepSpeed could not load {DEEPSPEED_TAG!r}")
@@ -212,7 +216,7 @@ class ZeroBackend:
             group.update({k: v for k, v in hyper.items() if k in ("weight_decay", "betas", "eps")})
         restore_rng(path, meta)
 
-    def _resume_dcp(self, model, groups, micro_batch, path: Path, meta: dict) -> None:
+    def _resume_dcp(self, model, groups, config: dict, path: Path, meta: dict) -> None:
         """Any DCP checkpoint (one process, DDP, FSDP, consolidated): weights and moments in full on every rank,
         then into the partitions."""
         if meta.get("optimizer_ages"):
@@ -228,7 +232,7 @@ class ZeroBackend:
                              for k in ("exp_avg", "exp_avg_sq")}
             step = max(step, float(st.get("step", 0.0)))
         del plain
-        self.run = zero_initialize(model, groups, self.config(micro_batch))
+        self.run = zero_initialize(model, groups, config)
         set_optimizer_state(self.run, moments, step)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -249,9 +253,9 @@ class ZeroBackend:
     def end_wd_hold(self, optimizer) -> None:
         pass  # no hold to end: config validation refuses growth.new_wd_steps with train.parallel = "deepspeed"
 
-    def grow(self, model, optimizer, plan: GrowthPlan, policy: str, micro_batch: int):
+    def grow(self, model, optimizer, plan: GrowthPlan, policy: str, micro_batch: int, grad_accum: int):
         """Grow in place (a collective); returns (the new engine, its optimizer)."""
-        self.run = grow_zero(self.run, plan, policy=policy, config=self.config(micro_batch))
+        self.run = grow_zero(self.run, plan, policy=policy, config=self.config(micro_batch, grad_accum))
         return self.engine, self.optimizer
 
     def save(self, out_dir: Path, step: int, model, optimizer, meta: dict, keep_last: int) -> Path:

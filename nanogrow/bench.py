@@ -15,6 +15,7 @@ from . import lag as lag_mod
 from .config import RunConfig, eval_seq_len, validate
 from .dist_utils import pick_device
 from .grow import make_optimizer
+from .handbook.stats import first_crossing
 from .metrics import cpu_matmul_peak_flops, device_peak_flops
 from .model import build_model
 from .parallel import compile_blocks
@@ -85,30 +86,16 @@ def _quiet(*_a, **_k):
 
 
 def _run_curve(cfg: RunConfig, log=_quiet) -> dict:
-    """Train ``cfg`` to the end; return its validation curve (FLOPs, tokens, val loss) and wall time."""
+    """Train ``cfg`` to the end; return its validation curve and wall time. The curve has the Handbook runner's
+    layout, ``[flops, tokens, seconds, val_loss]`` per evaluation (``seconds``: since the run started, as the
+    Trainer records it), so ``handbook.stats.first_crossing`` reads both."""
 
     trainer = Trainer(cfg, log=log, overwrite=True)  # a benchmark run is a new measurement: replace a previous one
     t0 = time.perf_counter()
     summary = trainer.run()
-    curve = [(h["flops"], h["tokens"], h["val_loss"], h.get("seconds_since_start")) for h in trainer.history
-             if h["event"] == "eval"]
+    curve = [[h["flops"], h["tokens"], h["seconds"], h["val_loss"]] for h in trainer.history if h["event"] == "eval"]
     return {"curve": curve, "final": summary["val_loss"], "flops": summary["flops"],
             "seconds": time.perf_counter() - t0, "growth_events": summary["growth_events"]}
-
-
-def first_crossing(curve: list[tuple], target: float) -> tuple[float, float] | None:
-    """(FLOPs, fraction of the run) at which a validation curve first reaches ``target``, linearly interpolated
-    between evaluations; None if it never does."""
-    prev = None
-    for i, (flops, _tokens, loss, _s) in enumerate(curve):
-        if loss <= target:
-            if prev is None or prev[2] == loss:
-                return flops, (i + 1) / len(curve)
-            f0, _, l0, _ = prev
-            frac = (l0 - target) / (l0 - loss)
-            return f0 + frac * (flops - f0), (i + frac) / len(curve)
-        prev = (flops, _tokens, loss, _s)
-    return None
 
 
 def scratch_config(cfg: RunConfig) -> RunConfig:
@@ -187,19 +174,21 @@ def speedup(cfg: RunConfig, variants: list[str], seeds: list[int], out_dir: str,
             grown.train.out_dir = f"{out_dir}/seed{seed}/grown-{v}"
             runs[f"grown/{v}"] = _run_curve(grown)
         target = runs["scratch"]["final"]
-        # Scratch's own cost is where its curve first reaches its final loss (a noisy curve can get there early).
-        ref_flops, ref_frac = first_crossing(runs["scratch"]["curve"], target)
-        ref_seconds = ref_frac * runs["scratch"]["seconds"]
+        # Scratch's own cost is where its curve first reaches its final loss (a noisy curve can get there early):
+        # FLOPs and seconds since the run started, each interpolated between the evaluations around the crossing.
+        ref_flops = first_crossing(runs["scratch"]["curve"], target)
+        ref_seconds = first_crossing(runs["scratch"]["curve"], target, x=2)
         for name, r in runs.items():
             hit = first_crossing(r["curve"], target)
-            r["flops_to_target"] = hit[0] if hit else None
-            r["seconds_to_target"] = hit[1] * r["seconds"] if hit else None
-            r["flops_ratio"] = ref_flops / hit[0] if hit else None
-            r["time_ratio"] = ref_seconds / r["seconds_to_target"] if hit else None
+            r["flops_to_target"] = hit
+            r["seconds_to_target"] = first_crossing(r["curve"], target, x=2)
+            r["flops_ratio"] = ref_flops / hit if hit is not None else None
+            r["time_ratio"] = ref_seconds / r["seconds_to_target"] if r["seconds_to_target"] else None
             log(f"seed {seed} | {name:<14} | final val {r['final']:.4f} | total {r['flops']:.3e} FLOPs, "
                 f"{r['seconds']:.0f} s | to scratch's final loss {target:.4f}: "
-                + (f"{hit[0]:.3e} FLOPs, {r['seconds_to_target']:.0f} s -> FLOPs ratio {r['flops_ratio']:.2f}x, "
-                   f"time ratio {r['time_ratio']:.2f}x" if hit else "not reached"))
+                + (f"{hit:.3e} FLOPs, {r['seconds_to_target']:.0f} s -> FLOPs ratio {r['flops_ratio']:.2f}x, "
+                   + (f"time ratio {r['time_ratio']:.2f}x" if r["time_ratio"] else "time ratio n/a")
+                   if hit is not None else "not reached"))
         results["runs"][seed] = runs
     names = list(results["runs"][seeds[0]])
     log("summary over seeds (mean): name | final val loss | FLOPs ratio scratch/grown to scratch's final loss")
@@ -242,19 +231,19 @@ def speedup_ops(cfg: RunConfig, ops: list[str], seeds: list[int], out_dir: str, 
             grown.train.out_dir = f"{out_dir}/seed{seed}/grown-{op}"
             runs[f"grown/{op}"] = _run_curve(grown)
         target = runs["scratch"]["final"]
-        ref_flops, _ = first_crossing(runs["scratch"]["curve"], target)
+        ref_flops = first_crossing(runs["scratch"]["curve"], target)
         first = None
         for name, r in runs.items():
             hit = first_crossing(r["curve"], target)
-            r["flops_to_target"] = hit[0] if hit else None
-            r["flops_ratio"] = ref_flops / hit[0] if hit else None
+            r["flops_to_target"] = hit
+            r["flops_ratio"] = ref_flops / hit if hit is not None else None
             if name != "scratch" and first is None:
                 first = r
-            r["ratio_vs_first_op"] = (first["flops_to_target"] / hit[0]
-                                      if hit and first and first["flops_to_target"] else None)
+            r["ratio_vs_first_op"] = (first["flops_to_target"] / hit
+                                      if hit is not None and first and first["flops_to_target"] else None)
             log(f"seed {seed} | {name:<14} | final val {r['final']:.4f} | total {r['flops']:.3e} FLOPs, "
                 f"{r['seconds']:.0f} s | to scratch's final loss {target:.4f}: "
-                + (f"{hit[0]:.3e} FLOPs -> scratch/op {r['flops_ratio']:.3f}x" if hit else "not reached")
+                + (f"{hit:.3e} FLOPs -> scratch/op {r['flops_ratio']:.3f}x" if hit is not None else "not reached")
                 + (f", {ops[0]}/op {r['ratio_vs_first_op']:.3f}x" if name != "scratch" and
                    r["ratio_vs_first_op"] else ""))
         results["runs"][seed] = runs
@@ -276,7 +265,7 @@ def _plot_curves(results: dict, png: str, log) -> None:
     for seed, runs in results["runs"].items():
         for name, r in runs.items():
             c = colors.setdefault(name, f"C{len(colors)}")
-            xs, ys = [p[0] for p in r["curve"]], [p[2] for p in r["curve"]]
+            xs, ys = [p[0] for p in r["curve"]], [p[3] for p in r["curve"]]
             ax.plot(xs, ys, color=c, alpha=0.8, label=name if seed == results["seeds"][0] else None)
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss")
@@ -305,7 +294,7 @@ def stages(cfg: RunConfig, static_steps: int = 8, log=print) -> dict:
         per_stage[trainer.stage_index] = []
         clock[0] = time.perf_counter()
 
-    while trainer.step < cfg.train.max_steps:
+    while trainer.step < trainer.max_steps:
         clock[0] = time.perf_counter()
         if trainer.advance(on_grow=grown) is None:
             break
@@ -408,8 +397,8 @@ def speedup_compound(cfg: RunConfig, baseline: RunConfig, seeds: list[int], out_
             ref_hit = first_crossing(runs[target_name]["curve"], target)
             for name, r in runs.items():
                 hit = first_crossing(r["curve"], target)
-                r[f"flops_to_{target_name}"] = hit[0] if hit else None
-                r[f"flops_ratio_vs_{target_name}"] = ref_hit[0] / hit[0] if hit else None
+                r[f"flops_to_{target_name}"] = hit
+                r[f"flops_ratio_vs_{target_name}"] = ref_hit / hit if hit is not None else None
         for name, r in runs.items():
             log(f"seed {seed} | {name:<10} | final val {r['final']:.4f} | {r['flops']:.3e} FLOPs, {r['seconds']:.0f} s"
                 f" | FLOPs to scratch's final loss: " + _ratio(r, "scratch") +

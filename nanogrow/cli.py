@@ -310,7 +310,7 @@ def cmd_lag(args) -> int:
 
     while not selected:
         if trainer.advance(on_grow=stop_after_lag) is None and not selected:
-            raise ValueError(f"{args.config}: train.max_steps={trainer.t.max_steps} is reached before the next "
+            raise ValueError(f"{args.config}: train.max_steps={trainer.max_steps} is reached before the next "
                              f"[[stage]] with lag = {{...}}")
     dist_utils.shutdown_and_exit()  # under torchrun: leave the process group cleanly
     return 0

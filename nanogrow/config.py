@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 import tomllib
 
+from .frozen import Freezable
 from .grow import make_plan
 from .lag import STRATEGIES, Candidate, default_candidates
 from .model import ModelConfig
@@ -29,7 +30,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Freezable):
     dir: str = "data/demo"  # shards written by `nanogrow prep`
     seq_len: int = 256  # training context length (<= model.max_seq_len)
     seed: int = 0  # data order (shard permutation per epoch)
@@ -39,7 +40,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Freezable):
     out_dir: str = "runs/demo"  # checkpoints, train.log, metrics.jsonl, summary.json, loss.png (tb/ for TensorBoard)
     seed: int = 0  # model init and any other randomness
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -84,7 +85,7 @@ class TrainConfig:
 
 
 @dataclass
-class GrowthConfig:
+class GrowthConfig(Freezable):
     """Defaults for every growth event, and how stage boundaries are placed when stages do not give them."""
 
     schedule: str = "manual"  # manual (each [[stage]] says at_*) | equal-tokens | equal-flops | exponential
@@ -102,7 +103,7 @@ class GrowthConfig:
 
 
 @dataclass
-class StageConfig:
+class StageConfig(Freezable):
     """One growth event and the stage that follows it. Stage 0 is [model]; stage i >= 1 is the i-th [[stage]]."""
 
     shape: dict = field(default_factory=dict)  # ModelConfig fields that change, e.g. { n_layer = 8 }
@@ -126,7 +127,7 @@ class StageConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Freezable):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

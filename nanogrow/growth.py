@@ -6,8 +6,8 @@ answers the Trainer's two questions before every step: ``due()`` (does the next 
 plan (``apply``: learned maps fitted first, the backend's grow, fade-in masks, lr policy) is shared by the plain
 growth event and by every LAG candidate (``lag_runner.CandidateRunner``).
 
-The controller acts on its trainer's public state (model, optimizer, step, meter, the run-state fields); what it
-keeps itself is derived from the config and fixed for the run.
+The controller acts on its trainer's public state (model, optimizer, step, meter, the run-state fields and the
+batch layout ``trainer.batch``); what it keeps itself is derived from the (frozen) config and fixed for the run.
 """
 
 from __future__ import annotations
@@ -15,23 +15,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Any
 
 import torch
 
 from .config import RunConfig, Stage, changes_parameters, grad_accum, resolve_stages
 from .grow import make_plan
 from .grow.learned import LearnedPlan, fit
+from .grow.plan import GrowthPlan
 from .lag_runner import CandidateRunner, lag_select
 from .lag_parallel import select_across_groups
 from .metrics import fmt
 from .model import ModelConfig
 from .parallel import reshard, unwrap
 from .schedule import stage_layouts, stage_start_steps
-from .triggers import make_trigger
+from .triggers import Trigger, make_trigger
 
 
 class GrowthController:
-    def __init__(self, trainer, cfg: RunConfig):
+    # ``trainer``: the Trainer (typed Any: train.py imports this module, and a type import back would be a cycle).
+    def __init__(self, trainer: Any, cfg: RunConfig) -> None:
         self.trainer, self.cfg, self.t = trainer, cfg, cfg.train
         self.stages: list[Stage] = resolve_stages(cfg)  # every stage's values, growth defaults filled in
         self.layouts = stage_layouts(cfg.model, cfg.data.seq_len, self.t.micro_batch, cfg.stage)
@@ -46,11 +49,17 @@ class GrowthController:
             return [{k: getattr(st, k)} for st in self.stages for k in ("at_step", "at_tokens", "at_flops")
                     if getattr(st, k) >= 0]
         # Each stage's own tokens per step and FLOPs per token (its micro-batch, sequence length and shape).
-        tps = [lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
-               for lay in self.layouts]
+        tps = [lay.tokens_per_step(tr.world, self.accumulation(lay.micro_batch)) for lay in self.layouts]
         fpt = [lay.flops_per_token() for lay in self.layouts]
         starts = stage_start_steps(g.schedule, self.t.max_steps, tps, fpt, g.exp_ratio)
         return [{"at_step": s} for s in starts]
+
+    def accumulation(self, micro_batch: int) -> int:
+        """Micro-steps per optimizer step on each rank at ``micro_batch`` (config.grad_accum). Inside LAG's group
+        view (``trainer.groups`` > 1, ``trainer.world`` one group's ranks) a group reads the world's whole batch:
+        the world's accumulation times the number of groups."""
+        tr = self.trainer
+        return grad_accum(self.t, tr.world * tr.groups, micro_batch) * tr.groups
 
     def lr_mult(self, stage_index: int) -> float:
         """A stage's own peak lr, as a multiple of train.lr (the schedule's shape is kept)."""
@@ -59,7 +68,7 @@ class GrowthController:
             mult = st.lr / self.t.lr if st.lr else mult
         return mult
 
-    def make_trigger(self):
+    def make_trigger(self) -> Trigger | None:
         """The trigger that decides when the next stage starts; its stage-length bounds count from now."""
         tr = self.trainer
         if tr.stage_index >= len(self.stages):
@@ -98,17 +107,16 @@ class GrowthController:
             return False
         return tr.trigger.should_grow(tr.step, tr.meter.total_tokens, tr.meter.total_flops)
 
-    def apply(self, plan, st: Stage, fit: bool = True):
+    def apply(self, plan: GrowthPlan, st: Stage, fit: bool = True) -> GrowthPlan:
         """Swap in the grown model and optimizer (the old ones are left untouched), start masks and lr policy.
         Returns the plan applied (a learned plan is fitted first, unless ``fit`` is False: a structure-only rebuild
         whose values are about to be overwritten, as LAG across groups does)."""
         tr = self.trainer
         if fit:
             plan = self.fit_learned(plan)
-        # (a new ZeRO engine is built with it)
-        tr.t.grad_accum = grad_accum(tr.t, tr.world, st.micro_batch or tr.micro_batch)
-        tr.model, tr.optimizer = tr.backend.grow(tr.model, tr.optimizer, plan, st.optimizer,
-                                                 st.micro_batch or tr.micro_batch)
+        micro_batch = st.micro_batch or tr.micro_batch  # the new stage's (a new ZeRO engine is built with it)
+        tr.model, tr.optimizer = tr.backend.grow(tr.model, tr.optimizer, plan, st.optimizer, micro_batch,
+                                                 self.accumulation(micro_batch))
         tr.model_config = plan.new_cfg.resolved()
         tr.ramp = plan.mask_ramp(tr.step)
         if tr.ramp is not None:
@@ -126,9 +134,9 @@ class GrowthController:
         one consumed, whatever the new shape."""
         tr = self.trainer
         lay = self.layouts[tr.stage_index]
-        tr.t.grad_accum = grad_accum(tr.t, tr.world, lay.micro_batch)
+        tr.batch.grad_accum = self.accumulation(lay.micro_batch)
         if (lay.micro_batch, lay.seq_len) != (tr.micro_batch, tr.seq_len):
-            tr.micro_batch, tr.seq_len = lay.micro_batch, lay.seq_len
+            tr.batch.micro_batch, tr.batch.seq_len = lay.micro_batch, lay.seq_len
             tr.loader.set_batch_shape(micro_batch=lay.micro_batch, seq_len=lay.seq_len)
         if lay.model.max_seq_len != tr.model_config.max_seq_len:
             unwrap(tr.model).set_max_seq_len(lay.model.max_seq_len)  # every rank: RoPE tables are not sharded
@@ -141,7 +149,7 @@ class GrowthController:
         self.set_stage_batch()
         tr.stage_stats.start(tr.stage_index, tr.step, tr.model_config, tr.seq_len, tr.micro_batch)
 
-    def fit_learned(self, plan):
+    def fit_learned(self, plan: GrowthPlan) -> GrowthPlan:
         """Fit a learned (LiGO-style) plan's maps on the grown model's LM loss before it is applied. Batches come
         from the training loader (this rank's share, one micro-batch per map step): they count as tokens seen
         and are not trained on again. The old weights are gathered in full on every rank (the maps are fitted
@@ -224,7 +232,7 @@ class GrowthController:
         tr.meter.reset_window()
         return event
 
-    def lag_select(self, st: Stage, old_cfg: ModelConfig, new_cfg: ModelConfig):
+    def lag_select(self, st: Stage, old_cfg: ModelConfig, new_cfg: ModelConfig) -> tuple[GrowthPlan, dict]:
         """LAG: (the winner's plan, the selection's record); the trainer continues from the winner."""
         runner = CandidateRunner(self.trainer, self, st)
         if st.lag.groups > 1:  # candidates train at the same time, one per process group
@@ -234,7 +242,7 @@ class GrowthController:
     def step_cost(self, stage: int) -> tuple[int, float]:
         """Tokens and FLOPs of one optimizer step of stage ``stage`` (its shape, micro-batch and sequence length)."""
         tr, lay = self.trainer, self.layouts[stage]
-        tps = lay.tokens_per_step(tr.world, grad_accum(tr.t, tr.world, lay.micro_batch))
+        tps = lay.tokens_per_step(tr.world, self.accumulation(lay.micro_batch))
         return tps, tps * lay.flops_per_token()
 
     def planned_starts(self) -> list[tuple[int, int]]:
@@ -274,7 +282,7 @@ class GrowthController:
                 break
             left -= (at - step) * cost
             step, cost = at, self.step_cost(i + 1)[1]
-        self.t.max_steps = step + max(1, round(left / cost))
+        tr.batch.max_steps = step + max(1, round(left / cost))
 
     def warn_dropped_stages(self) -> None:
         """Stages that start at or after train.max_steps never run (say, after --set train.max_steps=40 on the
@@ -283,10 +291,11 @@ class GrowthController:
         dropped = []
         for i, at in self.planned_starts():
             (kind, mark), = self.starts[i].items()
-            if at >= self.t.max_steps:
+            if at >= self.trainer.max_steps:
                 dropped.append(f"stage {i + 1} ({kind} {mark:g})" if kind != "at_step" else
                                f"stage {i + 1} (at_step {mark})")
         if dropped:
-            self.trainer.log(f"warning: train.max_steps={self.t.max_steps} ends before {', '.join(dropped)} would "
-                             f"start: {'it' if len(dropped) == 1 else 'they'} will never run (raise train.max_steps "
-                             f"or move the stage with --set stage.N.at_step=...)")
+            tr = self.trainer
+            tr.log(f"warning: train.max_steps={tr.max_steps} ends before {', '.join(dropped)} would start: "
+                   f"{'it' if len(dropped) == 1 else 'they'} will never run (raise train.max_steps or move the stage "
+                   f"with --set stage.N.at_step=...)")

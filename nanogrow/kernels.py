@@ -33,9 +33,9 @@ from nanogrow import package_folder
 __path__ = [package_folder(__file__, "kernels")]  # a module with __path__ is a package: nanogrow.kernels.ops works
 
 from nanogrow.kernels import chunked, ops, reference  # noqa: E402
-from nanogrow.kernels.dispatch import (BACKENDS, add_rms_norm, bench_kernels, cross_entropy,  # noqa: E402
-                                       linear_cross_entropy, load_triton, residual_add, resolve, rms_norm, rope,
-                                       swiglu, triton_status)
+from nanogrow.kernels.bench import bench_kernels  # noqa: E402
+from nanogrow.kernels.dispatch import (BACKENDS, add_rms_norm, cross_entropy, linear_cross_entropy,  # noqa: E402
+                                       load_triton, residual_add, resolve, rms_norm, rope, swiglu, triton_status)
 
 __all__ = ["BACKENDS", "resolve", "triton_status", "load_triton", "rms_norm", "add_rms_norm", "residual_add",
            "swiglu", "rope", "cross_entropy", "linear_cross_entropy", "bench_kernels", "reference", "ops", "chunked"]

@@ -30,7 +30,6 @@ shards line up rank for rank across groups for the broadcast, and it is re-shard
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 
@@ -92,22 +91,26 @@ class GroupLoader:
 
 @contextlib.contextmanager
 def group_view(trainer, mesh):
-    """The trainer as one group sees it: its loader, world size and gradient accumulation."""
+    """The trainer as one group sees it: its loader, world size and gradient accumulation (``n_groups`` times the
+    world's: ``trainer.groups``, which the growth controller's ``accumulation`` reads)."""
     n_groups, dp_size, dp_rank = mesh.size(0), mesh.size(1), mesh.get_local_rank("dp")
-    cfg, t = trainer.cfg, trainer.t
-    saved = trainer.loader, trainer.t, trainer.world, trainer.dp_group
+    cfg = trainer.cfg
+    saved = trainer.loader, trainer.world, trainer.dp_group
     loader = GroupLoader(cfg.data.dir, trainer.seq_len, trainer.micro_batch, dp_rank, dp_size, n_groups,
                          cfg.data.seed, trainer.model_config.vocab_size, cfg.data.shuffle_block)
     loader.load_state_dict(trainer.loader.state_dict())
     trainer.loader = loader
-    trainer.t = dataclasses.replace(t, grad_accum=t.grad_accum * n_groups)
-    trainer.world = dp_size
+    trainer.world, trainer.groups = dp_size, n_groups
+    trainer.batch.grad_accum = trainer.growth.accumulation(trainer.micro_batch)
     trainer.dp_group = mesh.get_group("dp")  # collectives inside a candidate's training stay within its group
     try:
         yield
     finally:
-        trainer.loader, trainer.t, trainer.world, trainer.dp_group = saved
-        # The world loader takes the batch shape the trainer now has (a candidate's stage may change both).
+        trainer.loader, trainer.world, trainer.dp_group = saved
+        trainer.groups = 1
+        # The world loader and accumulation take the batch shape the trainer now has (a candidate's stage may
+        # change it).
+        trainer.batch.grad_accum = trainer.growth.accumulation(trainer.micro_batch)
         trainer.loader.set_batch_shape(micro_batch=trainer.micro_batch, seq_len=trainer.seq_len)
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanogrow import kernels as K
+from nanogrow.frozen import Freezable
 
 try:  # flash-attn is a GPU-only optional extra; SDPA is the fallback everywhere.
     from flash_attn import flash_attn_func  # type: ignore
@@ -36,7 +37,7 @@ except Exception:  # ImportError, or a broken CUDA build
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Freezable):
     """The shape of the model. Every field but ``kernels`` may change when the model grows."""
 
     n_layer: int = 4  # transformer blocks

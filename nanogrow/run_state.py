@@ -3,6 +3,10 @@
 A checkpoint's meta.json (``to_meta``), a resume (``from_meta``), a LAG candidate's fork and restore, and the
 counters LAG across process groups sends from the winning group to every rank are all this one dataclass: a field
 added here is saved, resumed, forked and broadcast alike.
+
+``BatchLayout`` is the other thing that changes while a run goes (the config is frozen): how the current stage
+batches, and how many steps the run has. It is derived, never saved: the stage index and the config decide it
+again on resume and on restore.
 """
 
 from __future__ import annotations
@@ -17,6 +21,18 @@ import torch
 from .grow import GrowthLR, MaskRamp
 from .model import ModelConfig
 from .triggers import trigger_from_state
+
+
+@dataclass
+class BatchLayout:
+    """The current stage's batch shape and the run's length, owned by the loop. A stage may change ``micro_batch``
+    and ``seq_len`` (and, with train.global_batch, the accumulation follows); ``max_steps`` is train.max_steps, or
+    with train.max_flops the steps the budget buys, re-planned at the start and after every growth event."""
+
+    micro_batch: int  # sequences per micro-step on each rank
+    seq_len: int  # tokens per sequence
+    grad_accum: int  # micro-steps per optimizer step on each rank
+    max_steps: int  # the step the run ends at
 
 
 @dataclass

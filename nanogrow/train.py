@@ -22,8 +22,8 @@ from . import dist_utils, run_lock
 from .backend import ZeroBackend, make_backend
 from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint, read_meta,
                          remove_checkpoints, remove_stray_tmp)
-from .config import (ConfigError, RunConfig, check_global_batch, eval_seq_len, fit_warmup, from_accelerate, grad_accum,
-                     parallel_mode)
+from .config import (ConfigError, RunConfig, TrainConfig, check_global_batch, eval_seq_len, fit_warmup,
+                     from_accelerate, grad_accum, parallel_mode)
 from .data import PrefetchLoader, TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp
 from .grow import make_optimizer  # noqa: F401  (re-exported: nanogrow.train.make_optimizer)
@@ -35,33 +35,39 @@ from .model import ModelConfig, build_model
 from .offline import grow_checkpoint  # noqa: F401  (re-exported: nanogrow.train.grow_checkpoint)
 from .parallel import grad_sync, reshard
 from .plot import have_matplotlib, plot_runs
-from .run_state import RunState
+from .run_state import BatchLayout, RunState
 from .tracking import Trackers
 from .triggers import CurvatureTrigger, GradientTrigger, Observation
 
 
-def lr_at(step: int, t) -> float:
-    """Learning rate at optimizer step ``step`` (0-based) for the schedule in TrainConfig ``t``."""
+def lr_at(step: int, t: TrainConfig, max_steps: int | None = None) -> float:
+    """Learning rate at optimizer step ``step`` (0-based) for the schedule in TrainConfig ``t``, over a run of
+    ``max_steps`` steps (default train.max_steps; the run passes its own, which train.max_flops may re-plan)."""
     peak, floor = t.lr, t.lr * t.min_lr_ratio
+    max_steps = t.max_steps if max_steps is None else max_steps
     if t.schedule == "constant":
         return peak * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else peak
     if step < t.warmup_steps:
         return peak * (step + 1) / t.warmup_steps
     if t.schedule == "cosine":
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        progress = min(1.0, (step - t.warmup_steps) / max(1, max_steps - t.warmup_steps))
         return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
     # wsd: warm-up, stable at peak, then linear decay over the last decay_frac of the run
-    decay_start = int(t.max_steps * (1.0 - t.decay_frac))
+    decay_start = int(max_steps * (1.0 - t.decay_frac))
     if step < decay_start:
         return peak
-    progress = min(1.0, (step - decay_start) / max(1, t.max_steps - decay_start))
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
     return peak + (floor - peak) * progress
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: str | None = None, log=None, overwrite: bool = False):
+    def __init__(self, cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] | None = None,
+                 overwrite: bool = False) -> None:
         """``log``: a callable for the console lines (default: the "nanogrow.train" logger, rank 0); every line
         also goes to ``out_dir/train.log`` on rank 0."""
+        # The run's own copy of the config, frozen below once resolved: nothing the run does reaches the caller's
+        # object, and the caller may go on editing its own (a test starts a second run from it).
+        cfg = cfg.editable_copy()
         launcher_note = from_accelerate(cfg.train)  # accelerate launch --use_deepspeed: the ZeRO stage it names
         cfg.validate()
         self.cfg, self.t = cfg, cfg.train
@@ -70,14 +76,15 @@ class Trainer:
         dist_utils.init_from_env(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.dp_group = None  # the data-parallel process group (None: the world; LAG groups narrow it)
+        self.groups = 1  # LAG across process groups: how many groups read the world's batch (group_view sets it)
         self.lag_meshes: dict = {}  # LAG across groups: one device mesh per group count (lag_parallel)
         check_world(cfg.stage, self.world)  # LAG across process groups: G must divide the world
         self.out_dir = Path(self.t.out_dir)
         console = None if log is None else (log if self.rank == 0 else (lambda *a, **k: None))
         self.log = RunLog(self.out_dir, console=console, rank=self.rank)
         check_global_batch(cfg, self.world)
-        self.t.grad_accum = grad_accum(self.t, self.world, self.t.micro_batch)
         warmup_note = fit_warmup(self.t)
+        cfg.freeze()  # from here on the run changes its RunState and batch layout, never its config
 
         # Everything that can be wrong is checked here, before a single FLOP is spent. First: no other job is
         # writing this directory (before anything here deletes or rewrites a file in it; a directory that does not
@@ -92,7 +99,9 @@ class Trainer:
             if note:
                 self.log(note)
         self.model_config: ModelConfig = (ModelConfig(**meta["model_config"]) if meta else cfg.model).resolved()
-        self.seq_len, self.micro_batch = cfg.data.seq_len, self.t.micro_batch
+        self.batch = BatchLayout(micro_batch=self.t.micro_batch, seq_len=cfg.data.seq_len,
+                                 grad_accum=grad_accum(self.t, self.world, self.t.micro_batch),
+                                 max_steps=self.t.max_steps)
         # The next batch is read (and pinned on CUDA) in a background thread while a step computes.
         self.loader = PrefetchLoader(TokenLoader(cfg.data.dir, "train", self.seq_len, self.micro_batch, rank=self.rank,
                                                  world_size=self.world, seed=cfg.data.seed,
@@ -121,7 +130,8 @@ class Trainer:
             check_resume(meta, ckpt, self.parallel, self.world, self.t.zero_stage)  # before any engine is built
         self.backend = make_backend(self.parallel, self.t, self.device, cfg.growth)
         self.model, self.optimizer = self.backend.start(build_model(self.model_config, self.device, seed=self.t.seed),
-                                                        self.micro_batch, resume=(ckpt, meta) if meta else None)
+                                                        self.micro_batch, self.batch.grad_accum,
+                                                        resume=(ckpt, meta) if meta else None)
         self.step = 0
         self.guard = StepGuard(self.t, self.out_dir, self.log)  # non-finite steps and exploding losses
         self.trigger = self.growth.make_trigger()
@@ -161,13 +171,28 @@ class Trainer:
         return self.backend.compile(self.model, self.optimizer, (self.micro_batch, self.seq_len), self.ramp, self.step,
                                     self.log)
 
+    # The batch layout's fields, read often (and by callers of the loop): set through ``self.batch`` only.
+    @property
+    def micro_batch(self) -> int:
+        return self.batch.micro_batch
+
+    @property
+    def seq_len(self) -> int:
+        return self.batch.seq_len
+
+    @property
+    def max_steps(self) -> int:
+        """The step the run ends at: train.max_steps, or what train.max_flops buys (re-planned at growth)."""
+        return self.batch.max_steps
+
     # ---- the step -------------------------------------------------------------------------------------------
     def tokens_per_step(self) -> int:
-        return self.world * self.micro_batch * self.seq_len * self.t.grad_accum
+        return self.world * self.micro_batch * self.seq_len * self.batch.grad_accum
 
     def current_lr(self, step: int | None = None) -> float:
         step = self.step if step is None else step
-        return self.growth_lr.lr(step, lambda s: lr_at(s, self.t)) * self.growth.lr_mult(self.stage_index)
+        return (self.growth_lr.lr(step, lambda s: lr_at(s, self.t, self.max_steps))
+                * self.growth.lr_mult(self.stage_index))
 
     def train_step(self) -> float:
         t0 = time.perf_counter()
@@ -177,13 +202,14 @@ class Trainer:
         self.growth.update_masks()
         self.growth.end_wd_hold()
         # The gradient trigger compares one micro-batch's gradient with the whole step's (two batch sizes).
-        want_noise = isinstance(self.trigger, GradientTrigger) and self.t.grad_accum > 1
+        accum = self.batch.grad_accum
+        want_noise = isinstance(self.trigger, GradientTrigger) and accum > 1
         # The curvature trigger re-evaluates this step's batches after the update (see CurvatureTrigger).
         probe = (isinstance(self.trigger, CurvatureTrigger) and self.backend.probes and
                  self.trigger.probe_due(self.step))
         batches: list = []
         loss_sum, grad_sq_small = 0.0, None
-        for micro in range(self.t.grad_accum):
+        for micro in range(accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if probe:
@@ -191,13 +217,13 @@ class Trainer:
             # Gradients are reduced over ranks once per step, on the last micro-batch (DDP no_sync, FSDP2
             # set_requires_gradient_sync); the others accumulate locally. The gradient trigger reads the first
             # micro-batch's gradient, which must be the same on every rank, so that one is reduced too.
-            with grad_sync(self.model, micro == self.t.grad_accum - 1 or (want_noise and micro == 0)):
+            with grad_sync(self.model, micro == accum - 1 or (want_noise and micro == 0)):
                 with self.autocast():
-                    loss = self.model(x, y) / self.t.grad_accum
+                    loss = self.model(x, y) / accum
                 self.backend.backward(loss)  # (DeepSpeed also steps here, at the accumulation boundary)
             loss_sum += loss.item()
             if want_noise and micro == 0:
-                grad_sq_small = _grad_sq(self.model) * self.t.grad_accum ** 2
+                grad_sq_small = _grad_sq(self.model) * accum ** 2
         grad_sq_big = _grad_sq(self.model) if want_noise else None
         decrease = (None, None)
         params = [p for p in self.model.parameters() if p.grad is not None] if probe else []
@@ -322,7 +348,7 @@ class Trainer:
             event = self.growth.grow_next_stage()
             if on_grow is not None and on_grow(event):
                 return None
-        if self.step >= self.t.max_steps:
+        if self.step >= self.max_steps:
             return None
         return self.train_step()
 
@@ -334,18 +360,18 @@ class Trainer:
         start, start_step = time.perf_counter(), self.step
         self.meter.reset_window()
         last_loss = float("nan")
-        while self.step < t.max_steps:
+        while self.step < self.max_steps:
             loss = self.advance()  # stops (NonFiniteError) on non-finite steps past the allowed skips
             if loss is None:  # LAG's candidate steps count as training steps and may reach the end
                 break
             last_loss = loss
             self.guard.watch(self.step, last_loss, self.model_config.vocab_size)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if self.step % t.log_every == 0 or self.step == self.max_steps:
                 last_loss = dist_utils.all_reduce_mean(last_loss, self.device)  # the global batch's, not rank 0's
                 w = self.meter.window()
                 elapsed = time.perf_counter() - start
-                eta = elapsed / max(1, self.step - start_step) * (t.max_steps - self.step)
-                self.log(f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | "
+                eta = elapsed / max(1, self.step - start_step) * (self.max_steps - self.step)
+                self.log(f"step {self.step:>6}/{self.max_steps} | loss {last_loss:.4f} | "
                          f"lr {self.current_lr(self.step - 1):.2e} | {w['tokens_per_s']:,.0f} tok/s | "
                          f"mfu {100 * w['mfu']:.2f}% | eta {_hms(eta)}")
                 self.trackers.log({"kind": "train", "step": self.step, "tokens": self.meter.total_tokens,
@@ -354,9 +380,9 @@ class Trainer:
                                    "lr": self.current_lr(self.step - 1), "grad_norm": self.grad_norm,
                                    "tokens_per_s": w["tokens_per_s"], "mfu": w["mfu"], "stage": self.stage_index,
                                    "params": self.model_config.num_params(), "seconds": round(elapsed, 3)})
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.max_steps:
                 self.evaluate_and_record(start)
-            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.max_steps:
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < self.max_steps:
                 self.save()
         # The final evaluation: at train.max_steps, or wherever the loop ended (inside a growth event whose LAG
         # candidate steps reached the end, or right away on a run resumed at its end).
@@ -387,7 +413,7 @@ class StepGuard:
     """Non-finite steps (skipped up to train.skip_nonfinite_steps in a row, then the run stops naming the step, the
     likely cause and the checkpoint to go back to) and finite but exploding losses (a warning)."""
 
-    def __init__(self, t, out_dir: Path, log):
+    def __init__(self, t: TrainConfig, out_dir: Path, log: Callable[[str], None]) -> None:
         self.t, self.out_dir, self.log = t, out_dir, log
         self.streak, self.loss_avg, self.quiet_until = 0, None, 0
 

@@ -116,3 +116,23 @@ def test_accelerate_deepspeed_launch_sets_the_zero_stage(tmp_path):
     with pytest.raises(ConfigError, match="ds.json.*zero_optimization.stage"):
         from_accelerate(TrainConfig(), {"ACCELERATE_USE_DEEPSPEED": "true",
                                         "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})
+
+
+def test_a_frozen_config_refuses_assignment_and_an_editable_copy_does_not():
+    import copy
+    import dataclasses
+
+    from nanogrow.config import RunConfig, StageConfig
+
+    cfg = RunConfig(stage=[StageConfig(at_step=2, shape={"n_layer": 6})])
+    cfg.validate()
+    cfg.freeze()
+    for obj, name in ((cfg, "stage"), (cfg.train, "lr"), (cfg.model, "d_model"), (cfg.data, "seq_len"),
+                      (cfg.growth, "op"), (cfg.stage[0], "at_step")):
+        with pytest.raises(dataclasses.FrozenInstanceError, match="frozen once the run has validated it"):
+            setattr(obj, name, getattr(obj, name))
+    assert copy.deepcopy(cfg).train.frozen  # a copy of a frozen config is frozen
+    thawed = cfg.editable_copy()
+    thawed.train.lr, thawed.stage[0].at_step = 0.5, 3
+    assert cfg.frozen and not thawed.frozen and not thawed.stage[0].frozen
+    assert cfg.train.lr != 0.5 and cfg.stage[0].at_step == 2  # the frozen one is untouched

@@ -662,8 +662,8 @@ def test_lag_select_arms_follow_one_lr_schedule_up_to_the_growth(tmp_path, demo_
         cfg.data.dir, cfg.train.eval_batches, cfg.train.out_dir = str(demo_data), 1, str(tmp_path / f"arm{i}")
         trainer = Trainer(cfg, log=lambda *_: None)
         growth = cfg.stage[0].at_step
-        schedules[name] = (growth, trainer.t.max_steps, [trainer.current_lr(s) for s in range(growth)])
-        assert trainer.t.max_steps == planned, name  # the budget buys the steps the study planned
+        schedules[name] = (growth, trainer.max_steps, [trainer.current_lr(s) for s in range(growth)])
+        assert trainer.max_steps == planned, name  # the budget buys the steps the study planned
         trainer.loader.close()
     assert len(budgeted) == 6 and len(schedules) == len(study.arms) - 1
     stack = schedules["L/2 at 75%"]

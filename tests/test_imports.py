@@ -5,7 +5,9 @@
          <- train (run state, backend, growth, LAG runner, LAG across groups, trainer)
          <- apps (bench, cli, hf, handbook)
 
-A module may import its own layer (without cycles) and any layer below it."""
+A module may import its own layer (without cycles) and any layer below it. The top-level ``kernels/`` and
+``data_prep/`` folders are parsed too, under the names they import as (``nanogrow.kernels.*``,
+``nanogrow.data_prep.*``: pyproject's ``package-dir``)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nanogrow"
+# Folders outside nanogrow/ whose files are submodules of a nanogrow package (their front module sets __path__).
+MAPPED = {"kernels": "nanogrow.kernels", "data_prep": "nanogrow.data_prep"}
 
 # Lowest first. A module belongs to the first entry that is it or a package above it.
 LAYERS = [
     ("base", ["nanogrow", "nanogrow.dist_utils", "nanogrow.errors", "nanogrow.integrity", "nanogrow.kernels",
               "nanogrow.metrics", "nanogrow.safe_dcp", "nanogrow.data", "nanogrow.logs", "nanogrow.tracking",
-              "nanogrow.plot", "nanogrow.progress"]),
+              "nanogrow.plot", "nanogrow.progress", "nanogrow.frozen"]),
     ("model", ["nanogrow.model"]),
     ("grow", ["nanogrow.grow"]),
     ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),
@@ -40,6 +44,10 @@ def modules() -> dict[str, Path]:
         if parts[-1] == "__init__":
             parts = parts[:-1]
         out[".".join(parts)] = path
+    for folder, package in MAPPED.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            out[".".join([package] + parts)] = path
     return out
 
 
@@ -126,6 +134,14 @@ def test_no_import_cycles():
         if n not in state:
             visit(n)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_kernels_and_data_prep_are_parsed():
+    """The mapped folders are in the graph under their import names, with their relative imports resolved."""
+    g = graph()
+    assert "nanogrow.kernels.dispatch" in g and "nanogrow.data_prep.prepare" in g
+    assert "nanogrow.kernels.ops" in {d for d, _ in g["nanogrow.kernels.dispatch"]}
+    assert "nanogrow.data" in {d for d, _ in g["nanogrow.data_prep.prepare"]}
 
 
 def test_the_checker_sees_function_level_imports(tmp_path):

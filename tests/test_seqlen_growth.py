@@ -363,6 +363,8 @@ def test_bench_compound_against_depth_only_spends_one_budget(demo_data, tmp_path
         assert abs(runs[name]["flops"] - runs["scratch"]["flops"]) <= step_flops / 2 + 1
         assert runs[name]["flops_ratio_vs_depth-only"] is None or runs[name]["flops_ratio_vs_depth-only"] > 0
     assert runs["depth-only"]["flops_ratio_vs_depth-only"] == 1.0
+    for r in runs.values():  # the Handbook runner's curve layout, every column one the Trainer writes
+        assert r["curve"] and all(len(p) == 4 and None not in p for p in r["curve"])
     with pytest.raises(ValueError, match="same shape, seq_len"):
         speedup_compound(compound, make([{"at_step": 4, "shape": {"n_layer": 3}, "op": "stack"}], 64, 4, 64, 2),
                          seeds=[0], out_dir=str(tmp_path / "bad"), log=QUIET)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -9,7 +10,7 @@ from nanogrow.cli import main
 from nanogrow.data import DataError
 from nanogrow.train import Trainer, lr_at
 
-from helpers import tiny_run_config
+from helpers import tiny_run_config, with_stages
 
 
 def test_loss_decreases_on_demo_corpus(demo_data, tmp_path):
@@ -160,12 +161,12 @@ def test_max_flops_budget_is_spent_through_a_growth_and_on_resume(demo_data, tmp
 
     trainer = Trainer(config(), log=lambda *_: None)
     planned = 6 + round(24 * per_step_small / per_step_big)  # not 30: the last 24 steps' worth runs at 4 layers
-    assert trainer.t.max_steps == planned  # train.max_steps = 10 is replaced by what the budget buys
+    assert trainer.max_steps == planned  # train.max_steps = 10 is replaced by what the budget buys
     summary = trainer.run()
     assert summary["steps"] == planned < 30
     assert abs(summary["flops"] - 30 * per_step_small) <= per_step_big / 2
     resumed = Trainer(config(), resume=str(sorted((tmp_path / "a").glob("ckpt_*"))[0]), log=lambda *_: None)
-    assert resumed.step == 6 and resumed.t.max_steps == summary["steps"]
+    assert resumed.step == 6 and resumed.max_steps == summary["steps"]
 
 
 def test_curvature_trigger_probes_count_their_flops_and_grow_the_model(demo_data, tmp_path):
@@ -207,6 +208,23 @@ def test_stages_past_max_steps_are_named_and_warmup_is_fitted(demo_data, tmp_pat
 
 def test_global_batch_derives_accumulation(demo_data, tmp_path):
     trainer = Trainer(tiny_run_config(demo_data, tmp_path, global_batch=12, micro_batch=4), log=lambda *_: None)
-    assert trainer.t.grad_accum == 3 and trainer.tokens_per_step() == 12 * 64
+    assert trainer.batch.grad_accum == 3 and trainer.tokens_per_step() == 12 * 64
     trainer.train_step()
     assert trainer.meter.total_tokens == 12 * 64
+
+
+def test_the_run_config_is_frozen_and_the_callers_stays_its_own(demo_data, tmp_path):
+    """The Trainer validates and freezes a copy: a part of the run that assigns a config field fails loudly, and
+    what the run derives (accumulation, a budget's steps, the warm-up) lives in its batch layout or its copy."""
+    cfg = with_stages(tiny_run_config(demo_data, tmp_path, global_batch=12, micro_batch=4),
+                      [{"at_step": 2, "shape": {"n_layer": 3}}])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    for section, field in ((trainer.t, "grad_accum"), (trainer.t, "max_steps"), (trainer.cfg, "stage"),
+                           (trainer.cfg.model, "n_layer"), (trainer.cfg.growth, "op"), (trainer.cfg.data, "seq_len"),
+                           (trainer.cfg.stage[0], "at_step")):
+        with pytest.raises(dataclasses.FrozenInstanceError, match="frozen once the run has validated it"):
+            setattr(section, field, getattr(section, field))
+    assert trainer.cfg.frozen and trainer.cfg.stage[0].frozen and not cfg.frozen
+    cfg.train.max_steps = 3  # the caller's config is its own: still editable, and not the run's
+    assert trainer.t.max_steps != 3 and trainer.t.grad_accum == cfg.train.grad_accum == 1
+    assert dataclasses.replace(trainer.t, max_steps=3).max_steps == 3  # a changed copy is a new, unfrozen config

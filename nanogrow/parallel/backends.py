@@ -15,10 +15,15 @@ import contextlib
 import sys
 import types
 import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 BACKENDS = ("none", "ddp", "fsdp")
 
@@ -33,7 +38,7 @@ def dist_backend(device: torch.device | str | None = None) -> str:
     return "nccl" if dev.type == "cuda" else "gloo"
 
 
-def make_mesh(backend: str, replicate: int = 1, device: str | None = None):
+def make_mesh(backend: str, replicate: int = 1, device: str | None = None) -> DeviceMesh | None:
     """The device mesh ``backend`` runs on: None for none/ddp; 1-D ("shard",) for FSDP; 2-D ("replicate", "shard")
     for HSDP when ``replicate`` > 1 (replicate must divide the world size)."""
     if backend not in BACKENDS:
@@ -51,7 +56,7 @@ def make_mesh(backend: str, replicate: int = 1, device: str | None = None):
     return init_device_mesh(dev, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
 
-def fsdp_kwargs(mesh, mixed_precision: bool = False) -> dict:
+def fsdp_kwargs(mesh: DeviceMesh, mixed_precision: bool = False) -> dict:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     kw = {"mesh": mesh}
@@ -60,7 +65,7 @@ def fsdp_kwargs(mesh, mixed_precision: bool = False) -> dict:
     return kw
 
 
-def apply_fsdp(model: nn.Module, mesh, mixed_precision: bool = False) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool = False) -> nn.Module:
     """``fully_shard`` every block, then the root (which then holds embedding, final norm and head)."""
     from torch.distributed.fsdp import fully_shard
 
@@ -71,7 +76,7 @@ def apply_fsdp(model: nn.Module, mesh, mixed_precision: bool = False) -> nn.Modu
     return model
 
 
-def parallelize(model: nn.Module, backend: str = "none", mesh=None, mixed_precision: bool = False,
+def parallelize(model: nn.Module, backend: str = "none", mesh: DeviceMesh | None = None, mixed_precision: bool = False,
                 replicate: int = 1) -> nn.Module:
     """Apply ``backend`` to ``model`` (in place for FSDP; DDP returns a wrapper). ``mesh`` defaults to
     ``make_mesh(backend, replicate)``."""
@@ -109,7 +114,7 @@ def backend_of(model: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def grad_sync(model: nn.Module, sync: bool = True):
+def grad_sync(model: nn.Module, sync: bool = True) -> Iterator[None]:
     """Backward passes inside this block reduce gradients over ranks only if ``sync``: otherwise they accumulate
     locally (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``: unsharded gradients are kept until a
     synced backward reduces the sum). For gradient accumulation: sync only the last micro-batch, one reduction
@@ -168,7 +173,7 @@ def compile_blocks(model: nn.Module) -> int:
     return n
 
 
-def fsdp_mesh(model: nn.Module):
+def fsdp_mesh(model: nn.Module) -> DeviceMesh:
     """The mesh an FSDP2 model's parameters live on."""
     return next(model.parameters()).device_mesh
 

@@ -17,6 +17,7 @@ import ctypes
 import gc
 import time
 from dataclasses import replace
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -185,7 +186,7 @@ def _one_zero(name, cfg, stage, device, batch, seq, steps, warmup) -> tuple:
 
 def bench_grow(cfg: ModelConfig | None = None, ops: list[str] | None = None, backend: str = "fsdp",
                batch: int = 4, seq: int = 128, steps: int = 3, warmup: int = 1, zero_stages: list[int] | None = None,
-               log=print) -> dict:
+               log: Callable[[str], None] = print) -> dict:
     """Time and memory of one growth event (weights + optimizer) relative to a training step, per operator in
     ``ops`` (keys of BENCH_OPS). Run under torchrun (one process works too). Returns {op: numbers} (backend
     "deepspeed": {"zero<stage>/<op>": numbers} for each of ``zero_stages``); rank 0 logs."""

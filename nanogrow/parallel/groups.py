@@ -14,7 +14,7 @@ a sharded winner is copied shard by shard without gathering.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.distributed as dist
@@ -26,8 +26,11 @@ from nanogrow.grow.plan import GrowthPlan, identity_targets
 from .backends import device_type
 from .sharded import grow_sharded
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
-def candidate_mesh(n_groups: int, device: str | None = None):
+
+def candidate_mesh(n_groups: int, device: str | None = None) -> DeviceMesh:
     """Split the world into ``n_groups`` equal groups: a 2-D DeviceMesh ("candidate", "dp")."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -40,7 +43,7 @@ def candidate_mesh(n_groups: int, device: str | None = None):
                             mesh_dim_names=("candidate", "dp"))
 
 
-def candidate_index(mesh) -> int:
+def candidate_index(mesh: DeviceMesh) -> int:
     return mesh.get_local_rank("candidate")
 
 
@@ -50,7 +53,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def group_values(value: float, mesh, reduce: str = "mean") -> list[float]:
+def group_values(value: float, mesh: DeviceMesh, reduce: str = "mean") -> list[float]:
     """Each group's value (mean or max over its ranks), all-gathered: the same list of G floats on every rank."""
     dev = torch.device(mesh.device_type)
     t = torch.tensor([float(value)], dtype=torch.float64, device=dev)
@@ -65,7 +68,7 @@ def group_values(value: float, mesh, reduce: str = "mean") -> list[float]:
 
 
 @torch.no_grad()
-def broadcast_group_state(src_group: int, mesh, tensors: Iterable[torch.Tensor]) -> None:
+def broadcast_group_state(src_group: int, mesh: DeviceMesh, tensors: Iterable[torch.Tensor]) -> None:
     """Overwrite ``tensors`` (plain or DTensor local shards, same structure in every group) on every rank with
     those of group ``src_group`` (rank (src_group, d) -> ranks (*, d)). A collective over the whole mesh."""
     group = mesh.get_group("candidate")
@@ -79,7 +82,8 @@ def broadcast_group_state(src_group: int, mesh, tensors: Iterable[torch.Tensor])
             loc.copy_(buf)
 
 
-def model_and_optimizer_tensors(model, optimizer=None) -> list[torch.Tensor]:
+def model_and_optimizer_tensors(model: torch.nn.Module,
+                                optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
     """Every tensor that is a run's state, in a deterministic order: parameters, buffers that are set, and the
     optimizer's state tensors (keys sorted). Structures must match across groups (same shapes, same optional
     state such as ages)."""
@@ -92,7 +96,7 @@ def model_and_optimizer_tensors(model, optimizer=None) -> list[torch.Tensor]:
     return out
 
 
-def replicate_in_group(model: torch.nn.Module, mesh) -> torch.nn.Module:
+def replicate_in_group(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:
     """DDP over this rank's group (the "dp" dimension of ``mesh``); a group of one process needs no wrapper.
     No buffer broadcast, as in ``parallelize``: RoPE tables and fade-in masks are computed alike on every rank."""
     if mesh.size(1) == 1:
@@ -104,7 +108,7 @@ def replicate_in_group(model: torch.nn.Module, mesh) -> torch.nn.Module:
                process_group=mesh.get_group("dp"))
 
 
-def state_structure(model, optimizer) -> list[tuple[str, tuple, str]]:
+def state_structure(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> list[tuple[str, tuple, str]]:
     """(name, shape, dtype) of every tensor ``model_and_optimizer_tensors`` lists, in its order: what must match
     across groups before ``broadcast_group_state`` pairs tensors up by position."""
     names = [f"param/{n}" for n, _ in model.named_parameters()]
@@ -116,7 +120,8 @@ def state_structure(model, optimizer) -> list[tuple[str, tuple, str]]:
     return [(name, tuple(t.shape), str(t.dtype)) for name, t in zip(names, tensors)]
 
 
-def adopt_optimizer_structure(model, optimizer, structure: list[tuple[str, tuple, str]]) -> None:
+def adopt_optimizer_structure(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              structure: list[tuple[str, tuple, str]]) -> None:
     """Give ``optimizer`` exactly the state entries ``structure`` (another rank's ``state_structure``) lists:
     missing entries are created as zeros (their values arrive by broadcast), extra ones dropped. A candidate
     rebuilt from its plan without training lacks what training creates (fresh state under policy "reset")."""
@@ -139,7 +144,8 @@ def adopt_optimizer_structure(model, optimizer, structure: list[tuple[str, tuple
             optimizer.state[p] = st
 
 
-def move_to_mesh(model: torch.nn.Module, optimizer, mesh, policy: str = "map+age"):
+def move_to_mesh(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh,
+                 policy: str = "map+age") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """An FSDP2 model and its optimizer re-sharded onto another mesh (world <-> one group's "dp" ranks): a growth
     by the identity plan through ``grow_sharded``, one parameter gathered at a time; fade-in masks (replicated
     buffers) are carried over. Every rank of both meshes calls it. Returns (model, optimizer)."""

@@ -34,11 +34,14 @@ from nanogrow.model import Transformer
 from .backends import apply_fsdp, backend_of, fsdp_mesh, parallelize, reshard
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
     from nanogrow.grow.plan import GrowthPlan, ParamPlan
 
 
-def grow_parallel(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None,
-                  lr_adapt: str | None = None, **new_scales):
+def grow_parallel(model: nn.Module, optimizer: torch.optim.Optimizer, plan: GrowthPlan, policy: str = "map+age",
+                  device: torch.device | str | None = None, lr_adapt: str | None = None,
+                  **new_scales: float | bool) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Grow whatever backend ``model`` runs under (none, DDP, FSDP2); returns (new_model, new_optimizer).
     ``new_scales``: ``new_lr_mult`` / ``new_wd_hold`` of ``transfer_optimizer_state`` (not under FSDP2 yet)."""
     backend = backend_of(model)
@@ -51,8 +54,9 @@ def grow_parallel(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "
     return grow(model, optimizer, plan, policy=policy, device=device, lr_adapt=lr_adapt, **new_scales)
 
 
-def grow_ddp(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "map+age", device=None,
-             lr_adapt: str | None = None, **new_scales):
+def grow_ddp(model: nn.Module, optimizer: torch.optim.Optimizer, plan: GrowthPlan, policy: str = "map+age",
+             device: torch.device | str | None = None, lr_adapt: str | None = None,
+             **new_scales: float | bool) -> tuple[nn.Module, torch.optim.Optimizer]:
     """DDP: unwrap, grow the full (replicated) tensors with ``grow()``, rewrap. Every rank computes the same."""
     new_model, new_opt = grow(model.module, optimizer, plan, policy=policy, device=device, lr_adapt=lr_adapt,
                               **new_scales)
@@ -194,9 +198,9 @@ def _as_dtensor_like(like, local: torch.Tensor, dtype):
     return t
 
 
-def grow_sharded(model: nn.Module, optimizer, plan: GrowthPlan, policy: str = "map+age",
+def grow_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, plan: GrowthPlan, policy: str = "map+age",
                  lr_adapt: str | None = None, mixed_precision: bool | None = None, stats: dict | None = None,
-                 mesh=None):
+                 mesh: DeviceMesh | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Grow an FSDP2 model (``parallelize(..., "fsdp")``) and its optimizer in place, sharded, one parameter at
     a time: returns (new_model, new_optimizer), the new model sharded on the same mesh like ``parallelize`` does
     (or on ``mesh``: every rank of both meshes calls it). Same result as ``nanogrow.grow.grow`` on one process

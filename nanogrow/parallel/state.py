@@ -9,6 +9,8 @@ gathered); ``shard_plain_state`` repairs an optimizer loaded without it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -18,7 +20,8 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def placeholder(ref: torch.Tensor | None, size, dtype, device="cpu") -> torch.Tensor:
+def placeholder(ref: torch.Tensor | None, size: Sequence[int], dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> torch.Tensor:
     """A zero destination tensor of global shape ``size``: laid out like ``ref`` (a parameter or moment, plain
     or DTensor) when it has that shape, else a plain tensor."""
     if ref is not None and tuple(ref.shape) == tuple(size):
@@ -27,7 +30,7 @@ def placeholder(ref: torch.Tensor | None, size, dtype, device="cpu") -> torch.Te
 
 
 @torch.no_grad()
-def shard_plain_state(model: torch.nn.Module, optimizer) -> int:
+def shard_plain_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Turn plain full-size optimizer state tensors of DTensor parameters into DTensors laid out like the
     parameter (each rank keeps its slice). Returns how many were converted."""
     from torch.distributed.tensor import distribute_tensor

@@ -36,6 +36,8 @@ from nanogrow.grow.optim import AdamW, grown_groups
 from nanogrow.model import Transformer
 
 if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
     from nanogrow.grow.plan import GrowthPlan
 
 # Elements per all-reduce when full tensors are gathered from the partitions (32 MiB of fp32): few collectives
@@ -98,11 +100,11 @@ def zero_initialize(model: Transformer, groups: list[dict], config: dict) -> Zer
     return ZeroRun(engine, config, hyper, name_group)
 
 
-def inner_optimizer(engine):
+def inner_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
     return engine.optimizer.optimizer
 
 
-def partition_params(engine) -> list[torch.Tensor]:
+def partition_params(engine: DeepSpeedEngine) -> list[torch.Tensor]:
     zo = engine.optimizer
     if hasattr(zo, "fp32_partitioned_groups_flat"):  # ZeRO 3
         return list(zo.fp32_partitioned_groups_flat)
@@ -162,7 +164,7 @@ def _fragments(engine, params: list[torch.Tensor], kind: str | None = None) -> l
     return out
 
 
-def gather_full(engine, params: list[torch.Tensor], kind: str | None = None,
+def gather_full(engine: DeepSpeedEngine, params: list[torch.Tensor], kind: str | None = None,
                 bucket_numel: int | None = None) -> list[torch.Tensor]:
     """The full fp32 master weights (``kind`` None) or optimizer state ``kind`` of ``params``, identical on every
     rank. A collective (every rank passes the same parameters in the same order): the parameters are laid end to
@@ -193,7 +195,8 @@ def gather_full(engine, params: list[torch.Tensor], kind: str | None = None,
     return out
 
 
-def scatter_full(engine, params: list[torch.Tensor], values: list[torch.Tensor], kind: str | None = None) -> None:
+def scatter_full(engine: DeepSpeedEngine, params: list[torch.Tensor], values: list[torch.Tensor],
+                 kind: str | None = None) -> None:
     """Write full tensors (the same on every rank) into this rank's fragments of the fp32 master weights
     (``kind`` None) or of optimizer state ``kind``: local copies, no collective."""
     for p, value, frag in zip(params, values, _fragments(engine, params, kind)):
