@@ -287,6 +287,9 @@ def regime_markdown(studies: list[Study], plots: bool = True) -> str:
                 "| study | arm | seeds | test loss minus target scratch | vs frontier |", "|---|---|---|---|---|"]
         out += [f"| {p.study} | {arm} | {len(d)} | {fmt_ci(*mean_ci(list(d.values())), digits=3)} | {_mult(m)} |"
                 for p, arm, d, m in variants]
+    from .reuse import growth_time_table, reuse_markdown
+    out += growth_time_table({p.study: p for p in points}, chosen)
+    out += [reuse_markdown(chosen, {p.study: p.lr for p in points})]
     for yard in YARDSTICKS:
         law = fit_law(points, yard)
         label = "the target-size scratch run" if yard == "target" else "the frontier"
