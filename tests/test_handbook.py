@@ -705,10 +705,10 @@ def test_speculation_asks_for_the_extension_the_finished_grid_runs_call_for(tmp_
         store.append(lr_loss_record(other, other.runs("scratch", [0], lr)[0]))
     assert [(r.seed, r.lr) for r in runner.speculative_runs(other, store, other.seeds)] == [(0, 1e-3)]
     items, copied, speculative = runner.ready_runs([(other, store, other.seeds, None)], in_flight=set())
-    assert [r.lr for _, r in items] == [8e-3] and not speculative  # the grid's own run comes first
-    grid_key = items[0][1].key
-    items, _, speculative = runner.ready_runs([(other, store, other.seeds, None)], in_flight={grid_key})
-    assert [r.lr for _, r in items] == [1e-3] and speculative  # a free worker would idle otherwise
+    assert [r.lr for _, r in items] == [8e-3, 1e-3]  # the grid's own run first, then for a worker it leaves idle
+    assert speculative == {items[1][1].key}
+    items, _, speculative = runner.ready_runs([(other, store, other.seeds, None)], in_flight={items[0][1].key})
+    assert [r.lr for _, r in items] == [1e-3] and speculative == {items[0][1].key}
 
 
 class ThreadedPool(runner.RunPool):

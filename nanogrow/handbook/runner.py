@@ -166,12 +166,12 @@ def run_studies(studies: list[Study], jobs: int = 1, log=print, dry_run: bool = 
                     f"{result_line(record)} | {eta.note(done, len(items) - done)}")
 
 
-def ready_runs(plans: list[tuple], in_flight: set[str], log=print) -> tuple[list[tuple[Study, Run]], int, bool]:
-    """(what a free worker may start now, longest first; how many records were copied on the way; whether those
-    are speculative). Each study's
+def ready_runs(plans: list[tuple], in_flight: set[str], log=print) -> tuple[list[tuple[Study, Run]], int, set]:
+    """(what a free worker may start now, in order; how many records were copied on the way; the keys of the
+    speculative ones). Each study's
     current phase (``plan_runs``; a run stored for another study is copied into this one's store here, not
-    trained) less the runs in flight; when that leaves nothing, the grid extensions already called for
-    (``speculative_runs``). ``plans``: (study, store, seeds, arms or None) tuples."""
+    trained) less the runs in flight, longest first; then the grid extensions already called for
+    (``speculative_runs``), for workers the others leave idle. ``plans``: (study, store, seeds, arms or None)."""
     items, copied, keys = [], 0, set(in_flight)
     for study, store, seeds, arms in plans:
         todo = [r for r in plan_runs(study, store, seeds, arms) if r.key not in keys]
@@ -182,12 +182,16 @@ def ready_runs(plans: list[tuple], in_flight: set[str], log=print) -> tuple[list
             if not store.has(r.key) and r.key not in keys:  # two arms that resolve to one config: trained once
                 items.append((study, r))
                 keys.add(r.key)
-    speculative = not items
-    if speculative:
-        for study, store, seeds, _ in plans:
-            items += [(study, r) for r in speculative_runs(study, store, seeds) if r.key not in keys]
     items.sort(key=lambda item: -run_flops_of(item[1]))
-    return items, copied, speculative and bool(items)
+    # After every run that is ready, for the workers those leave idle (the pool takes from the front): the grid
+    # extensions already called for. Two grid runs can end together with one grid run left: one worker would idle.
+    extra = []
+    for study, store, seeds, _ in plans:
+        for r in speculative_runs(study, store, seeds):
+            if r.key not in keys:
+                extra.append((study, r))
+                keys.add(r.key)
+    return items + extra, copied, {r.key for _, r in extra}
 
 
 def run_scheduled(pool: "RunPool", plans: list[tuple], log=print) -> int:
@@ -206,9 +210,10 @@ def run_scheduled(pool: "RunPool", plans: list[tuple], log=print) -> int:
         new = [(s, r) for s, r in items if r.key not in announced]
         if new:  # a phase opens (the lr grid, its extension, the rest): say what became ready
             announced.update(r.key for _, r in new)
-            why = " (speculative: the lr grid extension its finished runs call for)" if speculative else ""
             log(f"[{', '.join(sorted({s.name for s, _ in new}))}] {len(new)} runs ready for {pool.jobs} jobs (1 thread "
-                f"each){why}: " + ", ".join(f"{r.arm} s{r.seed} lr {r.lr:g} x{r.scale:g}" for _, r in new))
+                f"each): " + ", ".join(f"{r.arm} s{r.seed} lr {r.lr:g} x{r.scale:g}"
+                                       + (" (speculative: the lr grid extension its finished runs call for)"
+                                          if r.key in speculative else "") for _, r in new))
         return items
 
     for study, run, record, waiting in pool.run_dynamic(ready):
