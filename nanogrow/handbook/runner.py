@@ -364,16 +364,7 @@ class RunPool:
         if not items:
             return
         executor = self._start()
-        saved = {k: os.environ.get(k) for k in THREAD_ENV}
-        os.environ.update({k: "1" for k in THREAD_ENV})  # spawn starts a worker inside submit, with this env
-        try:
-            futures = {executor.submit(_train_in_worker, study, run): i for i, (study, run) in enumerate(items)}
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        futures = {self._submit(executor, study, run): i for i, (study, run) in enumerate(items)}
         failed, pending = None, set(futures)
         try:
             while pending:
