@@ -235,7 +235,9 @@ def cmd_handbook(args) -> int:
     if args.action == "run" and len(paths) > 1:
         if args.retime or args.arms or args.seeds:
             raise ValueError("with several study files, --retime, --arms and --seeds do not apply (run one study)")
-        runner.run_studies([load_study(p) for p in paths], jobs=args.jobs, dry_run=args.dry_run)
+        studies = [load_study(p) for p in paths]
+        runner.run_studies([runner.compiled(s) for s in studies] if args.compile else studies, jobs=args.jobs,
+                           dry_run=args.dry_run)
         _report_after_run(args, report)
         return 0
     args.study = paths[0] if paths else None
@@ -258,11 +260,12 @@ def cmd_handbook(args) -> int:
         if args.retime or args.arms or args.seeds:
             raise ValueError(f"{args.study} is a frontier file: --retime, --arms and --seeds do not apply "
                              f"(its sizes, budgets and seeds are in the file)")
-        frontier.run_frontier(fr, dry_run=args.dry_run, jobs=args.jobs)
+        frontier.run_frontier(runner.compiled(fr) if args.compile else fr, dry_run=args.dry_run, jobs=args.jobs)
         _report_after_run(args, report)
         return 0
     if args.action == "run":
         study = load_study(args.study)
+        study = runner.compiled(study) if args.compile else study
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         if args.retime and args.jobs != 1:
             raise ValueError("--retime trains one run at a time (it is for clean wall-clock seconds): drop --jobs")
@@ -480,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run: train a phase's runs (the lr grid, then the rest) in N worker processes, each pinned "
                         "to a core of its own, 1 torch thread each; at most the cores this process may use")
+    p.add_argument("--compile", action="store_true",
+                   help="run: train under torch.compile (inductor; each worker compiles a shape once). The runs "
+                        "keep their keys: a study started eager continues compiled, records say which ran how")
     p.add_argument("--retime", metavar="ARMS", help="run: train these arms (tuned lr, budget x1) again and replace "
                                                      "their records everywhere: for runs timed on a loaded machine")
     p.add_argument("--no-report", action="store_true",

@@ -124,6 +124,11 @@ def test_arms_spend_the_budget_and_hashes_identify_configs(tmp_path, demo_data):
     same = study.arm_config("half at 50%", 0, 1e-2)
     same.train.out_dir = "elsewhere"
     assert config_hash(same) == config_hash(a)  # where a run writes is not what it is
+    # nor whether torch.compile runs it: `handbook run --compile` continues a store trained eager, and the reverse
+    fast = runner.compiled(study)
+    assert fast.base.train.compile and not study.base.train.compile
+    assert fast.arm_config("half at 50%", 0, 1e-2).train.compile
+    assert config_hash(fast.arm_config("half at 50%", 0, 1e-2)) == config_hash(a)
     assert config_hash(study.arm_config("half at 50%", 1, 1e-2)) != config_hash(a)
     assert config_hash(study.arm_config("half at 50%", 0, 3e-3)) != config_hash(a)
     edited = load_study(write_study(tmp_path, demo_data).parent / "s.toml")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .runner import ensure_data, run_study, usable_cores
+from .runner import compiled, ensure_data, run_study, usable_cores
 from .store import Store
 from .study import STUDY_DIR, Study, load_study
 
@@ -38,9 +38,8 @@ def study_copy(src: Study, directory: Path, compile: bool) -> Study:
     """``src`` as ``bench-<name>``, its store in ``directory`` (empty: every run trains) and its runs in
     runs/handbook/bench-<name>/ (removed as each ends), so that it never meets the study's own store or a run of it
     in progress; train.compile as the mode asks. The runs are the study's otherwise (same shapes, steps, lrs, seeds)."""
-    train = dataclasses.replace(src.base.train, compile=compile)
-    return dataclasses.replace(src, path=directory / f"bench-{src.path.name}", name=f"bench-{src.name}",
-                               base=dataclasses.replace(src.base, train=train))
+    copy = dataclasses.replace(src, path=directory / f"bench-{src.path.name}", name=f"bench-{src.name}")
+    return compiled(copy) if compile else copy
 
 
 def time_mode(studies: list[Study], mode: str, jobs: int) -> dict:
@@ -61,7 +60,7 @@ def time_mode(studies: list[Study], mode: str, jobs: int) -> dict:
     return {"seconds": seconds, "runs": len(records), "runs_per_hour": 3600 * len(records) / seconds,
             "records": [{k: r.get(k) for k in ("study", "arm", "seed", "lr", "scale", "tokens", "wall_seconds",
                                                "eval_seconds", "final_eval_seconds", "setup_seconds", "final_loss",
-                                               "jobs", "threads", "cpu")} for r in records]}
+                                               "jobs", "threads", "cpu", "compiled")} for r in records]}
 
 
 def per_arm(rounds: list[dict]) -> dict[str, dict]:

@@ -94,7 +94,7 @@ def arm_rows(study: Study, store: Store | None = None) -> tuple[float | None, di
             if cost:
                 row["flops_ratio"].append(ref_cost / cost)
                 ref_s, s = first_crossing(base["curve"], target, x=2), first_crossing(r["curve"], target, x=2)
-                if ref_s and s:
+                if ref_s and s and bool(r.get("compiled")) == bool(base.get("compiled")):  # eager vs compiled: no
                     row["wall_ratio"].append(ref_s / s)
             else:
                 row["never"] += 1

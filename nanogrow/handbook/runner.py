@@ -17,6 +17,7 @@ while the grid's last runs finish trains the grid extension the finished runs al
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -40,6 +41,16 @@ from .store import Store
 from .study import LR_FACTOR, Run, Study, config_hash
 
 FULL_VAL_BATCHES, FULL_VAL_BATCH = 15, 32  # 480 sequences: 94% of a 65,536-token val split at seq 128
+
+
+def compiled(study):
+    """``study`` (a Study or a Frontier) with its runs under torch.compile (inductor), for ``handbook run --compile``.
+    Its runs keep their keys (``config_hash`` leaves train.compile out), so a compiled study continues an eager
+    store and the reverse; each record says which way it ran ("compiled"). A worker compiles a block shape once and
+    reuses it for every later run of that shape (and the on-disk inductor cache across processes): the compile
+    seconds fall in the first runs' wall-clock."""
+    train = dataclasses.replace(study.base.train, compile=True)
+    return dataclasses.replace(study, base=dataclasses.replace(study.base, train=train))
 
 
 def tuned_lr(study: Study, store: Store, seeds: list[int]) -> tuple[float | None, dict]:
@@ -588,7 +599,8 @@ def execute(study: Study, run: Run) -> dict:
         # "eval" (records written before the breakdown have no flops_by: all their flops were charged)
         "final_curve_loss": summary["val_loss"], "flops": summary["flops"], "tokens": summary["tokens"],
         "flops_by": dict(trainer.meter.flops_by),
-        "steps": summary["steps"], "wall_seconds": wall, **overhead, "machine": machine(),
+        "steps": summary["steps"], "wall_seconds": wall, **overhead, "compiled": bool(run.cfg.train.compile),
+        "machine": machine(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

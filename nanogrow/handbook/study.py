@@ -247,15 +247,21 @@ def _with_steps(cfg: RunConfig, n: int) -> RunConfig:
     return c
 
 
+EXECUTION_KEYS = ("out_dir", "compile")  # how and where a run executes, not what it computes
+
+
 def config_hash(cfg: RunConfig | dict) -> str:
     """What identifies a run's result: every config value that differs from nanogrow's defaults, but where it writes
-    (out_dir). Only non-defaults count so that a new config key, added with a default that keeps the old behaviour,
-    leaves the results already stored valid; a changed default changes the hash of every run that relied on it."""
+    (out_dir) and whether torch.compile runs it (train.compile: the same run, its losses within fp32 tolerance of
+    eager, tested; ``handbook run --compile`` must find the runs stored eager, and the reverse). Only non-defaults
+    count so that a new config key, added with a default that keeps the old behaviour, leaves the results already
+    stored valid; a changed default changes the hash of every run that relied on it."""
     d = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
     defaults = RunConfig().to_dict()
     key = {section: {k: v for k, v in d[section].items() if v != defaults[section].get(k, object())}
            for section in d if section != "stage"}
-    key["train"].pop("out_dir", None)
+    for how in EXECUTION_KEYS:
+        key["train"].pop(how, None)
     key["stage"] = d.get("stage", [])
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
