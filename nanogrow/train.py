@@ -208,7 +208,7 @@ class Trainer:
         probe = (isinstance(self.trigger, CurvatureTrigger) and self.backend.probes and
                  self.trigger.probe_due(self.step))
         batches: list = []
-        loss_sum, grad_sq_small = 0.0, None
+        losses, grad_sq_small = [], None
         for micro in range(accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -221,9 +221,11 @@ class Trainer:
                 with self.autocast():
                     loss = self.model(x, y) / accum
                 self.backend.backward(loss)  # (DeepSpeed also steps here, at the accumulation boundary)
-            loss_sum += loss.item()
+            losses.append(loss.detach())
             if want_noise and micro == 0:
                 grad_sq_small = _grad_sq(self.model) * accum ** 2
+        # One host sync per step, not one per micro-batch; summed in Python in micro-batch order as before.
+        loss_sum = sum(torch.stack(losses).float().tolist())
         grad_sq_big = _grad_sq(self.model) if want_noise else None
         decrease = (None, None)
         params = [p for p in self.model.parameters() if p.grad is not None] if probe else []
@@ -292,12 +294,12 @@ class Trainer:
         one group only). Keeps the per-batch losses in ``last_eval``. Counts no FLOPs: the caller charges them
         (``forward_cost``) to what the pass is for."""
         self.model.eval()
-        total, self.last_eval = 0.0, []
+        losses = []
         for x, y in batches:
             with self.autocast():
-                loss = self.model(x.to(self.device), y.to(self.device)).item()
-            total += loss
-            self.last_eval.append(loss)
+                losses.append(self.model(x.to(self.device), y.to(self.device)).detach())
+        self.last_eval = torch.stack(losses).float().tolist()  # one host sync per evaluation, not one per batch
+        total = sum(self.last_eval)
         self.model.train()
         reshard(self.model)  # FSDP2 keeps the root unsharded after a no_grad forward; checkpoints need it sharded
         return total / len(batches)
