@@ -198,6 +198,18 @@ def test_store_skips_what_is_done_and_resumes_after_an_interruption(tmp_path, de
     assert "| half at 50% | 2 |" in md and "best **0.01**" in md and "torn" in md
 
 
+def test_wall_clock_ratio_pairs_only_runs_that_ran_the_same_way(tmp_path, demo_data, monkeypatch):
+    """A grown arm trained under --compile beside an eager reference: the FLOPs comparison stands, the wall-clock
+    ratio is not formed (compile seconds and compiled kernels are not growth's doing)."""
+    study = load_study(write_study(tmp_path, demo_data))
+    monkeypatch.setattr(runner, "execute", lambda st, run: {**fake_record(st, run),
+                                                             "compiled": run.arm != st.reference})
+    monkeypatch.setattr(runner, "ensure_data", lambda *a: None)
+    runner.run_study(study, log=lambda *a: None)
+    grown = next(r for r in report.arm_rows(study)[2] if r["arm"] == "half at 50%")
+    assert grown["flops_ratio"] and not grown["wall_ratio"]
+
+
 def test_handbook_run_lines_carry_done_queued_and_eta(tmp_path, demo_data, monkeypatch):
     study = load_study(write_study(tmp_path, demo_data))
     monkeypatch.setattr(runner, "execute", fake_record)  # 1.0 wall-clock second per run
