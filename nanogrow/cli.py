@@ -236,6 +236,9 @@ def cmd_handbook(args) -> int:
         if args.retime or args.arms or args.seeds:
             raise ValueError("with several study files, --retime, --arms and --seeds do not apply (run one study)")
         studies = [load_study(p) for p in paths]
+        if args.compile:
+            for s in studies:
+                runner.warn_mixed_compile(s)
         runner.run_studies([runner.compiled(s) for s in studies] if args.compile else studies, jobs=args.jobs,
                            dry_run=args.dry_run)
         _report_after_run(args, report)
@@ -260,12 +263,16 @@ def cmd_handbook(args) -> int:
         if args.retime or args.arms or args.seeds:
             raise ValueError(f"{args.study} is a frontier file: --retime, --arms and --seeds do not apply "
                              f"(its sizes, budgets and seeds are in the file)")
+        if args.compile:
+            runner.warn_mixed_compile(fr)
         frontier.run_frontier(runner.compiled(fr) if args.compile else fr, dry_run=args.dry_run, jobs=args.jobs)
         _report_after_run(args, report)
         return 0
     if args.action == "run":
         study = load_study(args.study)
-        study = runner.compiled(study) if args.compile else study
+        if args.compile:
+            runner.warn_mixed_compile(study)
+            study = runner.compiled(study)
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         if args.retime and args.jobs != 1:
             raise ValueError("--retime trains one run at a time (it is for clean wall-clock seconds): drop --jobs")
@@ -304,17 +311,9 @@ def cmd_lag(args) -> int:
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     if not any(st.lag for st in trainer.growth.stages[trainer.stage_index:]):
         raise ValueError(f"{args.config}: no [[stage]] with lag = {{...}} left to run")
-    selected = False
-
-    def stop_after_lag(event: dict) -> bool:  # every growth event saves a checkpoint
-        nonlocal selected
-        selected = "lag" in event
-        return selected
-
-    while not selected:
-        if trainer.advance(on_grow=stop_after_lag) is None and not selected:
-            raise ValueError(f"{args.config}: train.max_steps={trainer.max_steps} is reached before the next "
-                             f"[[stage]] with lag = {{...}}")
+    if trainer.train_until_growth(lambda event: "lag" in event) is None:
+        raise ValueError(f"{args.config}: train.max_steps={trainer.max_steps} is reached before the next "
+                         f"[[stage]] with lag = {{...}}")
     dist_utils.shutdown_and_exit()  # under torchrun: leave the process group cleanly
     return 0
 
@@ -485,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                         "to a core of its own, 1 torch thread each; at most the cores this process may use")
     p.add_argument("--compile", action="store_true",
                    help="run: train under torch.compile (inductor; each worker compiles a shape once). The runs "
-                        "keep their keys: a study started eager continues compiled, records say which ran how")
+                        "keep their keys (same configs; losses differ from eager by amplified rounding: compile a "
+                        "study whole, it warns on a mix); records say which ran how")
     p.add_argument("--retime", metavar="ARMS", help="run: train these arms (tuned lr, budget x1) again and replace "
                                                      "their records everywhere: for runs timed on a loaded machine")
     p.add_argument("--no-report", action="store_true",

@@ -354,6 +354,21 @@ class Trainer:
             return None
         return self.train_step()
 
+    def train_until_growth(self, stop: Callable[[dict], bool]) -> dict | None:
+        """Train (growth events included) until a growth event for which ``stop`` is true, and return it (the
+        event has saved its checkpoint); None if the run reaches train.max_steps first. ``nanogrow lag`` stops
+        after its LAG selection this way."""
+        hit: dict | None = None
+
+        def on_grow(event: dict) -> bool:
+            nonlocal hit
+            hit = event if stop(event) else None
+            return hit is not None
+
+        while hit is None and self.advance(on_grow=on_grow) is not None:
+            pass
+        return hit
+
     def run(self) -> dict:
         t = self.t
         self.log(f"model: {self.model_config.num_params():,} params ({self.model_config.num_params(False):,} "

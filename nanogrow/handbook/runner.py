@@ -53,6 +53,17 @@ def compiled(study):
     return dataclasses.replace(study, base=dataclasses.replace(study.base, train=train))
 
 
+def warn_mixed_compile(study, log=print) -> None:
+    """Compiled and eager runs of one config are the same run up to floating-point rounding, which training
+    amplifies (measured: final losses within 0.003 at a tuned lr, up to 0.02 at twice it and 0.11 at an unstable
+    lr, 770-step runs): a study's seed-paired comparisons should not mix the two. Say so when they would."""
+    eager = sum(not r.get("compiled") for r in Store(study.store_path).records)
+    if eager:
+        log(f"warning: {study.path}: {eager} stored run(s) ran eager; runs trained now under --compile differ from "
+            f"eager ones by amplified rounding (up to ~0.02 in final loss off the tuned lr): paired comparisons "
+            f"will mix both (records say which ran how)")
+
+
 def tuned_lr(study: Study, store: Store, seeds: list[int]) -> tuple[float | None, dict]:
     """The reference's best lr: lowest mean final loss (full validation set) over the tuning seeds
     (``study.tune_seeds``, or ``seeds``), among the lrs of the grid that have all of them. Returns (lr or None,

@@ -252,8 +252,9 @@ EXECUTION_KEYS = ("out_dir", "compile")  # how and where a run executes, not wha
 
 def config_hash(cfg: RunConfig | dict) -> str:
     """What identifies a run's result: every config value that differs from nanogrow's defaults, but where it writes
-    (out_dir) and whether torch.compile runs it (train.compile: the same run, its losses within fp32 tolerance of
-    eager, tested; ``handbook run --compile`` must find the runs stored eager, and the reverse). Only non-defaults
+    (out_dir) and whether torch.compile runs it (train.compile: the same computation up to floating-point rounding,
+    which training amplifies, as a change of thread count or machine does; ``handbook run --compile`` finds the
+    runs stored eager, and the reverse, and warns where a study would mix both: ``runner.warn_mixed_compile``). Only non-defaults
     count so that a new config key, added with a default that keeps the old behaviour, leaves the results already
     stored valid; a changed default changes the hash of every run that relied on it."""
     d = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
