@@ -184,7 +184,7 @@ def test_other_grown_arms_are_reported_beside_the_recipe_but_stay_out_of_the_law
     monkeypatch.setattr(runner, "ensure_data", lambda *_: None)
     runner.run_study(study, log=lambda *_: None)
     point = R.regime_point(study)
-    diffs, _ = point.variants["fresh"]
+    diffs, _, _ = point.variants["fresh"]
     assert sorted(diffs) == [0, 1, 2] and all(d == pytest.approx(-0.05, abs=1e-4) for d in diffs.values())
     assert list(point.variants) == ["fresh"]  # the recipe, the reference and the start shape are not variants
     md = R.regime_markdown([study], plots=False)

@@ -57,7 +57,9 @@ class Point:
     start_alone: dict  # seed -> the start shape alone for the whole budget: multiplier vs the frontier
     outside_frontier: bool  # the arm's FLOPs lie outside the frontier's budgets (its envelope is extended there)
     frontier_extrapolated: set = None  # seeds whose loss the frontier reaches only outside its budgets
-    variants: dict = None  # other grown arm -> ({seed: test loss minus target scratch}, {seed: multiplier vs frontier})
+    # other grown arm -> ({seed: test loss minus target scratch}, {seed: multiplier vs frontier}, {seeds whose
+    # frontier multiplier is extrapolated: the frontier reaches their loss only outside its budgets})
+    variants: dict = None
 
     def __post_init__(self):
         self.frontier_extrapolated = set() if self.frontier_extrapolated is None else self.frontier_extrapolated
@@ -122,10 +124,13 @@ def regime_point(study: Study, store: Store | None = None) -> Point | None:
             other = current(arm, seed)
             if other is None:
                 continue
-            diffs, mults = point.variants.setdefault(arm, ({}, {}))
+            diffs, mults, outside_seeds = point.variants.setdefault(arm, ({}, {}, set()))
             diffs[seed] = other["final_test_loss"] - ref["final_test_loss"]
             if env is not None:
-                mults[seed] = env.compute_for_loss(other["final_test_loss"])[0] / other["flops"]
+                reach, outside = env.compute_for_loss(other["final_test_loss"])
+                mults[seed] = reach / other["flops"]
+                if outside:
+                    outside_seeds.add(seed)
     return point
 
 
@@ -281,12 +286,12 @@ def regime_markdown(studies: list[Study], plots: bool = True) -> str:
                 "counted in the table and left out of the law. The frontier here is the measured envelope (each "
                 "budget's best size, joined in log-FLOPs), an upper bound on the true frontier: multipliers against "
                 "it flatter growth."]
-    variants = [(p, arm, d, m) for p in points for arm, (d, m) in p.variants.items()]
+    variants = [(p, arm, *v) for p in points for arm, v in p.variants.items()]
     if variants:
         out += ["", "Other grown arms of the same studies (not in the law):", "",
                 "| study | arm | seeds | test loss minus target scratch | vs frontier |", "|---|---|---|---|---|"]
-        out += [f"| {p.study} | {arm} | {len(d)} | {fmt_ci(*mean_ci(list(d.values())), digits=3)} | {_mult(m)} |"
-                for p, arm, d, m in variants]
+        out += [f"| {p.study} | {arm} | {len(d)} | {fmt_ci(*mean_ci(list(d.values())), digits=3)} | {_mult(m, x)} |"
+                for p, arm, d, m, x in variants]
     from .reuse import growth_time_table, reuse_markdown
     out += growth_time_table({p.study: p for p in points}, chosen)
     out += [reuse_markdown(chosen, {p.study: p.lr for p in points})]

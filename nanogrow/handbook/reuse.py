@@ -203,7 +203,7 @@ def growth_time_table(points: dict, studies: list[Study]) -> list[str]:
             continue
         cells = {}
         for arm in arms:
-            d = p.diffs if arm == s.regime_arm else p.variants.get(arm, ({}, {}))[0]
+            d = p.diffs if arm == s.regime_arm else p.variants.get(arm, ({}, {}, set()))[0]
             if d:
                 cells[s.arms[arm].stage[0].get("at_frac")] = d
         fracs |= set(cells)
