@@ -236,9 +236,6 @@ def cmd_handbook(args) -> int:
         if args.retime or args.arms or args.seeds:
             raise ValueError("with several study files, --retime, --arms and --seeds do not apply (run one study)")
         studies = [load_study(p) for p in paths]
-        if args.compile:
-            for s in studies:
-                runner.warn_mixed_compile(s)
         runner.run_studies([runner.compiled(s) for s in studies] if args.compile else studies, jobs=args.jobs,
                            dry_run=args.dry_run)
         _report_after_run(args, report)
@@ -263,16 +260,12 @@ def cmd_handbook(args) -> int:
         if args.retime or args.arms or args.seeds:
             raise ValueError(f"{args.study} is a frontier file: --retime, --arms and --seeds do not apply "
                              f"(its sizes, budgets and seeds are in the file)")
-        if args.compile:
-            runner.warn_mixed_compile(fr)
         frontier.run_frontier(runner.compiled(fr) if args.compile else fr, dry_run=args.dry_run, jobs=args.jobs)
         _report_after_run(args, report)
         return 0
     if args.action == "run":
         study = load_study(args.study)
-        if args.compile:
-            runner.warn_mixed_compile(study)
-            study = runner.compiled(study)
+        study = runner.compiled(study) if args.compile else study
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         if args.retime and args.jobs != 1:
             raise ValueError("--retime trains one run at a time (it is for clean wall-clock seconds): drop --jobs")

@@ -358,16 +358,17 @@ class Trainer:
         """Train (growth events included) until a growth event for which ``stop`` is true, and return it (the
         event has saved its checkpoint); None if the run reaches train.max_steps first. ``nanogrow lag`` stops
         after its LAG selection this way."""
-        hit: dict | None = None
+        hits: list[dict] = []
 
         def on_grow(event: dict) -> bool:
-            nonlocal hit
-            hit = event if stop(event) else None
-            return hit is not None
+            if stop(event):
+                hits.append(event)
+            return bool(hits)
 
-        while hit is None and self.advance(on_grow=on_grow) is not None:
-            pass
-        return hit
+        while not hits:
+            if self.advance(on_grow=on_grow) is None and not hits:  # train.max_steps came first
+                return None
+        return hits[0]
 
     def run(self) -> dict:
         t = self.t

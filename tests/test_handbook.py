@@ -209,7 +209,7 @@ def test_wall_clock_ratio_pairs_only_runs_that_ran_the_same_way(tmp_path, demo_d
     grown = next(r for r in report.arm_rows(study)[2] if r["arm"] == "half at 50%")
     assert grown["flops_ratio"] and not grown["wall_ratio"]
     said = []
-    runner.warn_mixed_compile(study, log=said.append)  # --compile on a store with eager runs says so
+    runner.compiled(study, log=said.append)  # --compile on a store with eager runs says so
     n_eager = sum(not r["compiled"] for r in Store(study.store_path).records)
     assert n_eager and len(said) == 1 and f"{n_eager} stored run(s) ran eager" in said[0]
 

@@ -43,25 +43,23 @@ from .study import LR_FACTOR, Run, Study, config_hash
 FULL_VAL_BATCHES, FULL_VAL_BATCH = 15, 32  # 480 sequences: 94% of a 65,536-token val split at seq 128
 
 
-def compiled(study):
+def compiled(study, log=print):
     """``study`` (a Study or a Frontier) with its runs under torch.compile (inductor), for ``handbook run --compile``.
     Its runs keep their keys (``config_hash`` leaves train.compile out), so a compiled study continues an eager
     store and the reverse; each record says which way it ran ("compiled"). A worker compiles a block shape once and
     reuses it for every later run of that shape (and the on-disk inductor cache across processes): the compile
-    seconds fall in the first runs' wall-clock."""
-    train = dataclasses.replace(study.base.train, compile=True)
-    return dataclasses.replace(study, base=dataclasses.replace(study.base, train=train))
+    seconds fall in the first runs' wall-clock.
 
-
-def warn_mixed_compile(study, log=print) -> None:
-    """Compiled and eager runs of one config are the same run up to floating-point rounding, which training
-    amplifies (measured: final losses within 0.003 at a tuned lr, up to 0.02 at twice it and 0.11 at an unstable
-    lr, 770-step runs): a study's seed-paired comparisons should not mix the two. Say so when they would."""
+    Compiled and eager runs of one config are the same run up to floating-point rounding, which training amplifies
+    (measured: final losses within 0.003 at a tuned lr, up to 0.02 at twice it and 0.11 at an unstable lr, 770-step
+    runs): a study's seed-paired comparisons should not mix the two, so a store holding eager runs is warned of."""
     eager = sum(not r.get("compiled") for r in Store(study.store_path).records)
     if eager:
         log(f"warning: {study.path}: {eager} stored run(s) ran eager; runs trained now under --compile differ from "
             f"eager ones by amplified rounding (up to ~0.02 in final loss off the tuned lr): paired comparisons "
             f"will mix both (records say which ran how)")
+    train = dataclasses.replace(study.base.train, compile=True)
+    return dataclasses.replace(study, base=dataclasses.replace(study.base, train=train))
 
 
 def tuned_lr(study: Study, store: Store, seeds: list[int]) -> tuple[float | None, dict]:

@@ -254,9 +254,9 @@ def config_hash(cfg: RunConfig | dict) -> str:
     """What identifies a run's result: every config value that differs from nanogrow's defaults, but where it writes
     (out_dir) and whether torch.compile runs it (train.compile: the same computation up to floating-point rounding,
     which training amplifies, as a change of thread count or machine does; ``handbook run --compile`` finds the
-    runs stored eager, and the reverse, and warns where a study would mix both: ``runner.warn_mixed_compile``). Only non-defaults
-    count so that a new config key, added with a default that keeps the old behaviour, leaves the results already
-    stored valid; a changed default changes the hash of every run that relied on it."""
+    runs stored eager, and the reverse, and warns where a study would mix both: ``runner.compiled``). Only
+    non-defaults count so that a new config key, added with a default that keeps the old behaviour, leaves the
+    results already stored valid; a changed default changes the hash of every run that relied on it."""
     d = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
     defaults = RunConfig().to_dict()
     key = {section: {k: v for k, v in d[section].items() if v != defaults[section].get(k, object())}
