@@ -19,6 +19,7 @@ size. A frontier file (``configs/handbook/frontier.toml``)::
     [[budget]]
     flops = 1e12                     # every run of this profile spends this many training FLOPs (to within a step)
     sizes = ["2x24", "2x32", ...]
+    lr_grid = [2e-3, 4e-3, 8e-3]     # optional: this profile's grid instead of frontier.lr_grid
 
 Selection (the tuned lr, the best size of a profile) uses the final loss on the validation split; every number the
 Handbook reports is the loss on the test split, which nothing was tuned or selected on.
@@ -60,6 +61,7 @@ class Frontier:
     extra_seeds: list[int]
     lr_grid: list[float]
     lr_factor: float = 2.0
+    budget_lr_grids: dict[float, list[float]] = field(default_factory=dict)  # a budget's own grid, where it has one
     max_lr_extensions: int = 2
     prep: list[str] = field(default_factory=list)
     question: str = ""
@@ -68,6 +70,10 @@ class Frontier:
     @property
     def store_path(self) -> Path:
         return self.path.with_suffix(".jsonl")
+
+    def grid_at(self, budget: float) -> list[float]:
+        """The lr grid every size of the ``budget`` profile is tried at (before extensions)."""
+        return self.budget_lr_grids.get(budget, self.lr_grid)
 
     def layout(self, size: str):
         cfg = self.config(size, self.budgets[0][0], self.seeds[0], self.lr_grid[0], steps=1)
@@ -126,28 +132,28 @@ def load_frontier(path: str | Path) -> Frontier:
         v = f.get(key, [])
         if not isinstance(v, list) or not all(isinstance(x, int) for x in v) or (key == "seeds" and not v):
             raise ConfigError(f"{p}: frontier.{key} must be a list of integers, got {v!r}")
-    grid = f["lr_grid"]
-    if len(grid) < 3 or not all(isinstance(x, (int, float)) and x > 0 for x in grid) or sorted(grid) != grid:
-        raise ConfigError(f"{p}: frontier.lr_grid must be >= 3 increasing positive numbers, got {grid!r}")
+    grid = _lr_grid(p, "frontier.lr_grid", f["lr_grid"])
     sizes = {}
     for name, s in raw["sizes"].items():
         if not isinstance(s, dict) or set(s) != {"model"} or not isinstance(s["model"], dict):
             raise ConfigError(f"{p}: sizes.{name} must be {{ model = {{ ... }} }}, got {s!r}")
         sizes[name] = dict(s["model"])
-    budgets = []
+    budgets, budget_lr_grids = [], {}
     for i, b in enumerate(raw["budget"], start=1):
-        if not isinstance(b, dict) or set(b) != {"flops", "sizes"}:
-            raise ConfigError(f"{p}: budget[{i}] must have exactly flops and sizes, got {b!r}")
+        if not isinstance(b, dict) or not {"flops", "sizes"} <= set(b) <= {"flops", "sizes", "lr_grid"}:
+            raise ConfigError(f"{p}: budget[{i}] must have flops and sizes (and optionally lr_grid), got {b!r}")
         missing = [s for s in b["sizes"] if s not in sizes]
         if missing:
             raise ConfigError(f"{p}: budget[{i}].sizes {missing} are not [sizes] tables ({', '.join(sizes)})")
         if len(b["sizes"]) < 3 or not (isinstance(b["flops"], (int, float)) and b["flops"] > 0):
             raise ConfigError(f"{p}: budget[{i}] needs flops > 0 and >= 3 sizes, got {b!r}")
         budgets.append((float(b["flops"]), list(b["sizes"])))
+        if "lr_grid" in b:
+            budget_lr_grids[float(b["flops"])] = _lr_grid(p, f"budget[{i}].lr_grid", b["lr_grid"])
     budgets.sort()
     fr = Frontier(path=p, name=p.stem, title=f["title"], base=load_config((p.parent / f["base"]).resolve()),
                   sizes=sizes, budgets=budgets, seeds=list(f["seeds"]), extra_seeds=list(f.get("extra_seeds", [])),
-                  lr_grid=[float(x) for x in grid], lr_factor=float(f.get("lr_factor", 2.0)),
+                  lr_grid=grid, budget_lr_grids=budget_lr_grids, lr_factor=float(f.get("lr_factor", 2.0)),
                   max_lr_extensions=int(f.get("max_lr_extensions", 2)), prep=list(f.get("prep", [])),
                   question=f.get("question", ""), notes=f.get("notes", ""))
     for budget, names in budgets:  # every run config resolves (shapes valid, at least a few steps)
@@ -183,17 +189,24 @@ def _finals(fr: Frontier, store: Store, size: str, budget: float, seed: int) -> 
     return out
 
 
+def _lr_grid(path: Path, key: str, grid) -> list[float]:
+    if (not isinstance(grid, list) or len(grid) < 3 or not all(isinstance(x, (int, float)) and x > 0 for x in grid)
+            or sorted(grid) != grid):
+        raise ConfigError(f"{path}: {key} must be >= 3 increasing positive numbers, got {grid!r}")
+    return [float(x) for x in grid]
+
+
 def lr_grid_for(fr: Frontier, store: Store, size: str, budget: float) -> tuple[list[float], float | None]:
     """The lrs to try at (size, budget): the grid, extended by ``lr_factor`` past an edge that is the best so far
     (at most ``max_lr_extensions`` times). Returns (grid, tuned lr or None while the grid is not done or its best
     is still at an edge that may be extended)."""
-    grid = list(fr.lr_grid)
+    grid = list(fr.grid_at(budget))
     finals = _finals(fr, store, size, budget, fr.seeds[0])
     for _ in range(fr.max_lr_extensions + 1):
         if not all(lr in finals for lr in grid):
             return grid, None
         best = min(grid, key=lambda lr: finals[lr])
-        if best not in (grid[0], grid[-1]) or len(grid) >= len(fr.lr_grid) + fr.max_lr_extensions:
+        if best not in (grid[0], grid[-1]) or len(grid) >= len(fr.grid_at(budget)) + fr.max_lr_extensions:
             return grid, best
         grid = [best / fr.lr_factor] + grid if best == grid[0] else grid + [best * fr.lr_factor]
     return grid, None

@@ -38,7 +38,7 @@ def frontier_markdown(fr: Frontier, plots: bool = True, reps: int = 200) -> str:
     if store.records:
         commits, machines = store.provenance()
         out += ["", f"Commit(s) {', '.join(commits)}; machine(s) {'; '.join(machines)}. Every size is tuned over the lr "
-                    f"grid {', '.join(f'{x:g}' for x in fr.lr_grid)} (extended by x{fr.lr_factor:g} while the best is "
+                    f"grid {', '.join(f'{x:g}' for x in fr.lr_grid)}{_own_grids(fr)} (extended by x{fr.lr_factor:g} while the best is "
                     f"at an edge) at seed {fr.seeds[0]} on the validation split; the losses below are on the test "
                     f"split, which no choice saw. Bold: the mean over seeds {fr.seeds + fr.extra_seeds} at each "
                     f"budget's best size."]
@@ -190,3 +190,9 @@ def yardstick_table(rows: list[dict]) -> str:
         lines.append(f"| {r['arm']} | {r['seeds']} | {r['flops']:.3g} | {fmt_ci(*r['test'], digits=3)} | "
                      f"{r['frontier']:.3f}{band}{note} | {fmt_ci(*r['gap'], digits=3)} | {mult} | {r['verdict']} |")
     return "\n".join(lines)
+
+
+def _own_grids(fr: Frontier) -> str:
+    """The budgets tuned on a grid of their own, as a parenthesis after the common grid."""
+    own = [f"{budget:.3g}: {', '.join(f'{x:g}' for x in grid)}" for budget, grid in sorted(fr.budget_lr_grids.items())]
+    return f" ({'; '.join(own)})" if own else ""
