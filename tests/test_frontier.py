@@ -7,6 +7,7 @@ import pytest
 
 from nanogrow.config import ConfigError
 from nanogrow.handbook import frontier as F
+from nanogrow.handbook import frontier_report
 from nanogrow.handbook.frontier_report import frontier_markdown
 from nanogrow.handbook.store import Store
 
@@ -131,6 +132,20 @@ def test_lr_grid_extends_past_a_best_edge_then_settles(tmp_path, data_with_test)
     assert grid == [2e-3, 4e-3, 8e-3, 1.6e-2] and tuned is None  # the best is the top edge: try 2x
     add(1.6e-2, 4.85)
     assert F.lr_grid_for(fr, store, "a", budget) == ([2e-3, 4e-3, 8e-3, 1.6e-2], 8e-3)
+
+
+def test_a_budget_can_be_tuned_on_a_grid_of_its_own(tmp_path, data_with_test):
+    """budget[i].lr_grid replaces frontier.lr_grid for that profile only (extensions start from it)."""
+    fr = F.load_frontier(write_frontier(tmp_path, data_with_test, **{
+        f"flops = {1.2e9}\nsizes": f"flops = {1.2e9}\nlr_grid = [5e-4, 1e-3, 2e-3]\nsizes"}))
+    (b1, _), (b2, _) = fr.budgets
+    assert fr.grid_at(b1) == [2e-3, 4e-3, 8e-3] and fr.grid_at(b2) == [5e-4, 1e-3, 2e-3]
+    store = Store(tmp_path / "fake.jsonl")
+    assert F.lr_grid_for(fr, store, "a", b2) == ([5e-4, 1e-3, 2e-3], None)
+    assert "(1.2e+09: 0.0005, 0.001, 0.002)" in frontier_report._own_grids(fr)
+    with pytest.raises(ConfigError, match=r"budget\[2\]\.lr_grid must be >= 3 increasing"):
+        F.load_frontier(write_frontier(tmp_path, data_with_test, **{
+            f"flops = {1.2e9}\nsizes": f"flops = {1.2e9}\nlr_grid = [1e-3]\nsizes"}))
 
 
 def test_bad_frontier_files_are_refused_by_name(tmp_path, data_with_test):
