@@ -3,8 +3,8 @@
 The Trainer keeps one loop and calls the same methods on whichever backend ``make_backend`` picks:
 ``start`` (build, optionally from a checkpoint; returns model and optimizer), ``autocast``, ``backward``,
 ``grad_norm``, ``step`` / ``zero_grad``, ``end_wd_hold``, ``grow`` (returns the grown model and optimizer),
-``save``, ``wrap``, ``compile``. Two flags say what a backend cannot do: skip a non-finite update (``can_skip``),
-re-evaluate a step for the curvature probe (``probes``).
+``save``, ``wrap``, ``compile``. ``supports(feature)`` says what it can do (skip a non-finite update, re-evaluate
+a step for the curvature probe, ...), from the one table config validation asks too (``parallel.support``).
 
 ``TorchBackend``: one process, DDP or FSDP2 (applied from outside the model, ``nanogrow.parallel``) with
 nanogrow's AdamW; checkpoints are DCP (``checkpoint.save_checkpoint``).
@@ -38,6 +38,7 @@ from .grow.fade import MaskRamp
 from .grow.optim import AdamW, drop_wd_scales, make_optimizer, param_groups
 from .grow.plan import GrowthPlan
 from .parallel import compile_blocks, grow_parallel, make_mesh, parallelize, unwrap
+from .parallel.support import supports
 from .parallel.zero import (ZeroRun, ds_config, grow_zero, inner_optimizer, partition_params, set_optimizer_state,
                             zero_initialize)
 
@@ -52,10 +53,11 @@ def make_backend(parallel: str, t, device: torch.device, growth):
 class TorchBackend:
     """One process, DDP or FSDP2. ``t``: the TrainConfig, ``growth``: the GrowthConfig (grow-time options)."""
 
-    can_skip = probes = True
-
     def __init__(self, parallel: str, t, device: torch.device, growth):
         self.parallel, self.t, self.device, self.growth = parallel, t, device, growth
+
+    def supports(self, feature: str) -> bool:
+        return supports(self.parallel, feature)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DDP or FSDP2 (per block, then the root), applied from outside the model (nanogrow.parallel)."""
@@ -154,13 +156,16 @@ def apply_optimizer_config(optimizer, t) -> None:
 class ZeroBackend:
     """One DeepSpeed engine at a time (growth replaces it). ``t``: the TrainConfig."""
 
-    can_skip = probes = False  # DeepSpeed steps inside backward and owns the module
+    parallel = "deepspeed"
 
     def __init__(self, stage: int, t, device: torch.device):
         self.stage, self.t = stage, t
         # bf16 weights for compute, fp32 masters and moments: DeepSpeed's mixed precision, on CUDA only.
         self.bf16 = device.type == "cuda" and t.dtype in ("auto", "bf16")
         self.run: ZeroRun | None = None
+
+    def supports(self, feature: str) -> bool:
+        return supports(self.parallel, feature)
 
     def config(self, micro_batch: int, grad_accum: int) -> dict:
         return ds_config(self.stage, micro_batch, grad_accum, self.t.grad_clip, bf16=self.bf16)

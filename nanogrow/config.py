@@ -22,7 +22,8 @@ from .frozen import Freezable
 from .grow import make_plan
 from .lag import STRATEGIES, Candidate, default_candidates
 from .model import ModelConfig
-from .triggers import make_trigger
+from .parallel.support import PACKAGES, refusal
+from .triggers import TRIGGERS, make_trigger
 
 
 class ConfigError(ValueError):
@@ -413,50 +414,47 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     if dcfg.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"{source}: data.seq_len={dcfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     validate_stages(cfg, source)
-    validate_deepspeed(cfg, source)
+    validate_parallel(cfg, source)
 
 
-def validate_deepspeed(cfg: RunConfig, source: str) -> None:
-    """What the DeepSpeed backend cannot do, refused before compute. ZeRO keeps Adam's step count once per flat
-    partition, so per-element ages (optimizer 'map+age') and Variance-Transfer lr scales have nowhere to live;
-    LAG forks and restores whole engines; the gradient trigger reads full gradients, which ZeRO 2/3 partition."""
+def validate_parallel(cfg: RunConfig, source: str) -> None:
+    """What train.parallel cannot do, refused before compute. The limits are the backends' own
+    (``parallel.support``): this asks them about every feature the config uses (``features_asked``) and holds no
+    rule of any backend."""
     t = cfg.train
     if t.zero_stage not in (1, 2, 3):
         raise ConfigError(f"{source}: train.zero_stage={t.zero_stage!r} is not one of 1, 2, 3")
-    if t.parallel != "deepspeed":
-        return
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"{source}: train.parallel='deepspeed' needs the deepspeed package "
-                          f"(DS_BUILD_OPS=0 pip install deepspeed)")
-    if t.replicate != 1:
-        raise ConfigError(f"{source}: train.replicate={t.replicate} is for fsdp (HSDP); with train.parallel="
-                          f"'deepspeed' leave it at 1")
-    if cfg.stage and cfg.growth.lr_adapt != "none":
-        raise ConfigError(f"{source}: growth.lr_adapt={cfg.growth.lr_adapt!r} is not supported with train.parallel="
-                          f"'deepspeed' (its per-element lr scales need optimizer state ZeRO does not keep); use "
-                          f"growth.lr_adapt='none'")
+    if t.parallel in PACKAGES and importlib.util.find_spec(PACKAGES[t.parallel][0]) is None:
+        package, how = PACKAGES[t.parallel]
+        raise ConfigError(f"{source}: train.parallel={t.parallel!r} needs the {package} package ({how})")
+    for feature, asked_by, instead in features_asked(cfg):
+        why = refusal(t.parallel, feature, asked_by, instead)
+        if why:
+            raise ConfigError(f"{source}: {why}")
+
+
+def features_asked(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """(backend feature, the option that needs it, an alternative to that option) for what ``cfg`` uses."""
+    t, g = cfg.train, cfg.growth
+    asked = [("replicate", f"train.replicate={t.replicate}", "train.replicate=1")] if t.replicate != 1 else []
+    if cfg.stage:
+        per_element = [k for k, on in (("growth.lr_adapt='vt'", g.lr_adapt == "vt"),
+                                       ("growth.new_lr_mult", g.new_lr_mult != 1.0),
+                                       ("growth.new_wd_steps", g.new_wd_steps > 0)) if on]
+        asked += [("per-element-lr", key, "") for key in per_element]
     for i, st in enumerate(cfg.stage, start=1):
-        policy = st.optimizer or cfg.growth.optimizer
-        if policy == "map+age":
+        if (st.optimizer or g.optimizer) == "map+age":
             key = f"stage[{i}].optimizer" if st.optimizer else "growth.optimizer"
-            raise ConfigError(f"{source}: {key}='map+age' is not supported with train.parallel='deepspeed' (ZeRO "
-                              f"keeps one Adam step count per flat partition, not per element); use 'map' (moments "
-                              f"mapped, step count kept) or 'reset'")
+            asked.append(("optimizer-ages", f"{key}='map+age'", "'map' (moments mapped, step count kept) or 'reset'"))
         if st.lag:
-            raise ConfigError(f"{source}: stage[{i}].lag is not supported with train.parallel='deepspeed' (LAG "
-                              f"trains candidates from one saved model and optimizer); use fsdp, ddp or none")
-        if (st.op or cfg.growth.op) == "learned":
+            asked.append(("lag", f"stage[{i}].lag", ""))
+        if (st.op or g.op) == "learned":
             key = f"stage[{i}].op" if st.op else "growth.op"
-            raise ConfigError(f"{source}: {key}='learned' is not supported with train.parallel='deepspeed' (fitting "
-                              f"its maps reads the old weights whole, which ZeRO 3 partitions); use its init "
-                              f"operator (e.g. 'stack'), or fsdp, ddp or none")
-        if st.trigger == "curvature":
-            raise ConfigError(f"{source}: stage[{i}].trigger='curvature' is not supported with train.parallel="
-                              f"'deepspeed' (it reads gradients and updates whole); use none, ddp, or plateau")
-        if st.trigger == "gradient":
-            raise ConfigError(f"{source}: stage[{i}].trigger='gradient' is not supported with train.parallel="
-                              f"'deepspeed' (it reads full gradients, which ZeRO partitions); use schedule, plateau "
-                              f"or scaling-law")
+            asked.append(("learned-growth", f"{key}='learned'", "its init operator (e.g. 'stack')"))
+        if st.trigger != "schedule":
+            asked += [(signal, f"stage[{i}].trigger={st.trigger!r}", "another trigger")
+                      for signal in sorted(TRIGGERS[st.trigger].signals)]
+    return asked
 
 
 LAG_KEYS = ("candidates", "steps", "eval_every", "score_batches", "groups", "strategy")
@@ -584,17 +582,10 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
     per_element = [k for k, on in (("growth.new_lr_mult", g.new_lr_mult != 1.0),
                                    ("growth.new_wd_steps", g.new_wd_steps > 0)) if on]
     if per_element and cfg.stage:
-        if cfg.train.parallel in ("fsdp", "deepspeed"):
-            raise ConfigError(f"{source}: {', '.join(per_element)} is not supported with train.parallel="
-                              f"{cfg.train.parallel!r} yet (per-element scales need full tensors); use 'ddp' or "
-                              f"'none'")
         for i, st in enumerate(cfg.stage, start=1):
             if (st.optimizer or g.optimizer) == "reset":
                 raise ConfigError(f"{source}: {', '.join(per_element)} needs mapped optimizer state, but stage[{i}] "
                                   f"uses optimizer 'reset'; use 'map' or 'map+age'")
-    if g.lr_adapt == "vt" and cfg.train.parallel == "fsdp" and cfg.stage:
-        raise ConfigError(f"{source}: growth.lr_adapt='vt' is not supported with train.parallel='fsdp' yet (its lr "
-                          f"scales need full tensors); use 'ddp' or 'none', or growth.lr_adapt='none'")
     if g.lr_policy == "rewarm" and g.rewarm_steps == 0 and cfg.stage:
         raise ConfigError(f"{source}: growth.lr_policy='rewarm' needs growth.rewarm_steps > 0")
     shape = cfg.model
@@ -610,9 +601,6 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
             if value and value not in allowed:
                 raise ConfigError(f"{source}: {key}.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
         whens = [w for w in ("at_step", "at_tokens", "at_flops") if getattr(st, w) >= 0]
-        if st.trigger == "curvature" and cfg.train.parallel == "fsdp":
-            raise ConfigError(f"{source}: {key}.trigger='curvature' is not supported with train.parallel='fsdp' (its "
-                              f"probe multiplies whole gradients and updates); use none or ddp, or another trigger")
         if st.trigger != "schedule":
             if whens:
                 raise ConfigError(f"{source}: {key}.{whens[0]} is set but {key}.trigger={st.trigger!r} decides "

@@ -37,7 +37,7 @@ from .parallel import grad_sync, reshard
 from .plot import have_matplotlib, plot_runs
 from .run_state import BatchLayout, RunState
 from .tracking import Trackers
-from .triggers import CurvatureTrigger, GradientTrigger, Observation
+from .triggers import Observation
 
 
 def lr_at(step: int, t: TrainConfig, max_steps: int | None = None) -> float:
@@ -201,12 +201,12 @@ class Trainer:
             group["lr"] = lr
         self.growth.update_masks()
         self.growth.end_wd_hold()
-        # The gradient trigger compares one micro-batch's gradient with the whole step's (two batch sizes).
+        # Signals the trigger asks for on this step (triggers.Trigger.signals): one micro-batch's gradient beside
+        # the whole step's (two batch sizes), and the step's batches re-evaluated after the update.
         accum = self.batch.grad_accum
-        want_noise = isinstance(self.trigger, GradientTrigger) and accum > 1
-        # The curvature trigger re-evaluates this step's batches after the update (see CurvatureTrigger).
-        probe = (isinstance(self.trigger, CurvatureTrigger) and self.backend.probes and
-                 self.trigger.probe_due(self.step))
+        wanted = self.trigger.needs(self.step) if self.trigger is not None else frozenset()
+        want_noise = "gradient-noise" in wanted and accum > 1
+        probe = "step-probe" in wanted and self.backend.supports("step-probe")
         batches: list = []
         losses, grad_sq_small = [], None
         for micro in range(accum):
@@ -231,7 +231,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None] if probe else []
         before = [p.detach().clone() for p in params] if probe else None
         self.grad_norm = norm = self.backend.grad_norm(self.model)  # global (reduced): every rank decides alike
-        if self.guard.finite(self.step + 1, loss_sum, norm, can_skip=self.backend.can_skip):
+        if self.guard.finite(self.step + 1, loss_sum, norm, can_skip=self.backend.supports("skip-nonfinite-step")):
             self.backend.step(self.optimizer)
             if probe:  # clipping scaled the gradient by 1 / unclip; the probe wants the true one
                 unclip = max(1.0, norm / self.t.grad_clip) if self.t.grad_clip > 0 else 1.0

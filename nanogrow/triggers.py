@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 
 @dataclass
@@ -46,6 +47,16 @@ class Trigger(abc.ABC):
     fired_at: int = -1  # step at which the trigger fired (-1: not yet)
 
     kind = "base"
+    # What the trigger reads beyond step, tokens, FLOPs and loss: signals the trainer measures only for a trigger
+    # that names them (each costs compute), and that the backend must be able to give (``parallel.support``).
+    #   gradient-noise  the first micro-batch's gradient norm beside the whole step's (grad_sq_small / grad_sq_big)
+    #   step-probe      the step's own batches re-evaluated after the update (decrease_actual / _predicted)
+    signals: ClassVar[frozenset[str]] = frozenset()
+
+    def needs(self, step: int) -> frozenset[str]:
+        """The signals to measure on the step about to be taken (0-based ``step``): all of ``signals`` unless the
+        trigger samples them."""
+        return self.signals
 
     def validate(self) -> None:
         if self.min_steps < 0 or self.max_steps < 0 or (self.max_steps and self.max_steps < self.min_steps):
@@ -162,6 +173,7 @@ class GradientTrigger(Trigger):
     last_ratio: float | None = None
 
     kind = "gradient"
+    signals = frozenset({"gradient-noise"})
 
     def validate(self) -> None:
         super().validate()
@@ -278,6 +290,7 @@ class CurvatureTrigger(Trigger):
     last_kappa: float | None = None
 
     kind = "curvature"
+    signals = frozenset({"step-probe"})
 
     def validate(self) -> None:
         super().validate()
@@ -285,9 +298,9 @@ class CurvatureTrigger(Trigger):
             raise ValueError(f"curvature trigger: need every >= 1, window >= 1, 0 <= ema < 1; got every={self.every}, "
                              f"window={self.window}, ema={self.ema}")
 
-    def probe_due(self, step: int) -> bool:
-        """Should the trainer measure the step that is about to be taken (0-based ``step``)?"""
-        return (step - self.start_step) % self.every == self.every - 1
+    def needs(self, step: int) -> frozenset[str]:
+        """A probe every ``every`` steps of the stage: its last step of each ``every``."""
+        return self.signals if (step - self.start_step) % self.every == self.every - 1 else frozenset()
 
     def observe(self, obs: Observation) -> None:
         if obs.decrease_actual is None or not obs.decrease_predicted or obs.decrease_predicted <= 0:

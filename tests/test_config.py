@@ -54,6 +54,34 @@ def test_bad_config_names_file_and_key(tmp_path, text, match):
     assert str(p) in str(e.value)
 
 
+@pytest.mark.parametrize("parallel, text, match", [
+    ("fsdp", "[growth]\nnew_lr_mult = 2.0\n", r"growth.new_lr_mult is not supported with train.parallel='fsdp' "
+     r"\(per-element lr scales need full tensors\); use train.parallel='none' or 'ddp'"),
+    ("fsdp", "[[stage]]\ntrigger = 'curvature'\nshape = { n_layer = 12 }\n",
+     r"stage\[2\].trigger='curvature' is not supported with train.parallel='fsdp' .*; use train.parallel='none' or "
+     r"'ddp', or another trigger"),
+])
+def test_backend_limits_come_from_the_backends_table(tmp_path, parallel, text, match):
+    base = f"[train]\nparallel = '{parallel}'\n[[stage]]\nat_step = 5\nshape = {{ n_layer = 8 }}\n"
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, base + text))
+
+
+def test_config_validation_asks_the_backends_and_holds_no_rule_of_its_own(tmp_path, monkeypatch):
+    """A limit added to (or taken from) ``parallel.support`` is what validation enforces: nothing else decides."""
+    from nanogrow.parallel import support
+
+    text = "[train]\nparallel = 'ddp'\n[[stage]]\nat_step = 5\nshape = { n_layer = 8 }\nlag = { steps = 2 }\n"
+    load_config(write(tmp_path, text))  # ddp runs LAG
+    monkeypatch.setitem(support.LIMITS, "lag", {"ddp": "a limit made up by this test"})
+    with pytest.raises(ConfigError, match=r"stage\[1\].lag is not supported with train.parallel='ddp' \(a limit "
+                                          r"made up by this test\); use train.parallel='none' or 'fsdp' or "):
+        load_config(write(tmp_path, text))
+    text = "[train]\nparallel = 'fsdp'\n[growth]\nlr_adapt = 'vt'\n[[stage]]\nat_step = 5\nshape = { n_layer = 8 }\n"
+    monkeypatch.setitem(support.LIMITS, "per-element-lr", {})
+    load_config(write(tmp_path, text))  # FSDP's limit lifted: the config passes
+
+
 def test_bad_override_is_named():
     with pytest.raises(ConfigError, match="unknown key 'train.nope'"):
         load_config(None, ["train.nope=1"])

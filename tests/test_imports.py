@@ -26,8 +26,9 @@ LAYERS = [
               "nanogrow.plot", "nanogrow.progress", "nanogrow.frozen"]),
     ("model", ["nanogrow.model"]),
     ("grow", ["nanogrow.grow"]),
-    ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),
+    # Sharding, meshes and what each parallelism supports: below the run plan, whose validation asks it.
     ("parallel", ["nanogrow.parallel"]),
+    ("run plan", ["nanogrow.schedule", "nanogrow.triggers", "nanogrow.lag", "nanogrow.config"]),
     ("checkpoint", ["nanogrow.checkpoint", "nanogrow.offline", "nanogrow.run_lock"]),
     ("train", ["nanogrow.run_state", "nanogrow.backend", "nanogrow.growth", "nanogrow.lag_runner",
                "nanogrow.lag_parallel", "nanogrow.train"]),

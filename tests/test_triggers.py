@@ -2,6 +2,7 @@
 after a resume from its saved state."""
 
 import json
+from dataclasses import fields
 
 import pytest
 
@@ -105,7 +106,8 @@ def test_unknown_trigger_or_option_is_named():
 
 def test_curvature_trigger_smooths_the_curvature_share_and_fires_below_threshold():
     trig = make_trigger("curvature", threshold=0.15, every=5, ema=0.5, window=3, min_steps=0)
-    assert [s for s in range(12) if trig.probe_due(s)] == [4, 9]  # the 5th, 10th... step of the stage
+    assert [s for s in range(12) if trig.needs(s)] == [4, 9]  # the 5th, 10th... step of the stage
+    assert trig.needs(4) == {"step-probe"}
     for step, (actual, predicted) in enumerate([(0.5, 1.0), (0.8, 1.0), (0.95, 1.0)]):
         trig.observe(Observation(step, 0, 0.0, 1.0, decrease_actual=actual, decrease_predicted=predicted))
     assert trig.last_kappa == pytest.approx(0.05)
@@ -116,3 +118,16 @@ def test_curvature_trigger_smooths_the_curvature_share_and_fires_below_threshold
     trig.observe(Observation(5, 0, 0.0, 1.0))  # steps without a probe change nothing
     trig.observe(Observation(6, 0, 0.0, 1.0, decrease_actual=0.1, decrease_predicted=-1.0))  # an uphill step
     assert trig.probes == 4
+
+
+def test_every_trigger_names_signals_the_backends_know():
+    """A trigger's signals are what the trainer measures for it and what config validation asks the backends
+    about: each must be a feature of ``parallel.support``, and only the triggers that read one name one."""
+    from nanogrow.parallel.support import LIMITS
+    from nanogrow.triggers import TRIGGERS
+
+    for kind, cls in TRIGGERS.items():
+        assert cls.signals <= set(LIMITS), kind
+        assert "signals" not in {f.name for f in fields(cls)}  # a class property, not a saved option
+    assert {k for k, cls in TRIGGERS.items() if cls.signals} == {"gradient", "curvature"}
+    assert make_trigger("gradient").needs(0) == {"gradient-noise"} and not make_trigger("plateau").needs(0)
