@@ -292,7 +292,7 @@ def cmd_handbook(args) -> int:
 def cmd_lag(args) -> int:
     """A LAG selection alone: train (or resume) up to the next stage that has ``lag``, select, save, stop."""
     from . import dist_utils
-    from .config import load_config
+    from .config import load_config, validate
     from .train import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -300,7 +300,7 @@ def cmd_lag(args) -> int:
         for st in cfg.stage:
             if st.lag:
                 st.lag = dict(st.lag, groups=args.groups)
-        cfg.validate()
+        validate(cfg)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     if not any(st.lag for st in trainer.growth.stages[trainer.stage_index:]):
         raise ValueError(f"{args.config}: no [[stage]] with lag = {{...}} left to run")

@@ -38,7 +38,7 @@ import torch
 
 from . import offline
 from .checkpoint import checkpoint_dirs, latest_checkpoint, read_meta, save_checkpoint
-from .config import RunConfig, load_config
+from .config import RunConfig, load_config, validate
 from .errors import run_reporting_errors  # one policy for one-line errors and NANOGROW_DEBUG
 from .grow import make_optimizer
 from .grow.fade import MaskRamp, active_masks, set_buffer
@@ -520,7 +520,7 @@ def _imported_run_config(run, cfg: ModelConfig, out: Path):
     d["data"]["dir"] = str(out.resolve())
     d["data"]["seq_len"] = min(d["data"]["seq_len"], cfg.max_seq_len)
     new = RunConfig.from_dict(d, source="import")
-    new.validate()
+    validate(new)
     return new
 
 

@@ -23,7 +23,7 @@ from .backend import ZeroBackend, make_backend
 from .checkpoint import (CheckpointError, NonFiniteError, check_resume, checkpoint_dirs, latest_checkpoint, read_meta,
                          remove_checkpoints, remove_stray_tmp)
 from .config import (ConfigError, RunConfig, TrainConfig, check_global_batch, eval_seq_len, fit_warmup,
-                     from_accelerate, grad_accum, parallel_mode)
+                     from_accelerate, grad_accum, parallel_mode, validate)
 from .data import PrefetchLoader, TokenLoader, val_batches
 from .grow import GrowthLR, MaskRamp
 from .grow import make_optimizer  # noqa: F401  (re-exported: nanogrow.train.make_optimizer)
@@ -69,7 +69,7 @@ class Trainer:
         # object, and the caller may go on editing its own (a test starts a second run from it).
         cfg = cfg.editable_copy()
         launcher_note = from_accelerate(cfg.train)  # accelerate launch --use_deepspeed: the ZeRO stage it names
-        cfg.validate()
+        validate(cfg)
         self.cfg, self.t = cfg, cfg.train
         _check_device(cfg)
         self.device = dist_utils.pick_device(self.t.device)

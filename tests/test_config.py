@@ -1,6 +1,6 @@
 import pytest
 
-from nanogrow.config import ConfigError, load_config
+from nanogrow.config import ConfigError, load_config, validate
 
 
 def write(tmp_path, text):
@@ -153,7 +153,7 @@ def test_a_frozen_config_refuses_assignment_and_an_editable_copy_does_not():
     from nanogrow.config import RunConfig, StageConfig
 
     cfg = RunConfig(stage=[StageConfig(at_step=2, shape={"n_layer": 6})])
-    cfg.validate()
+    validate(cfg)
     cfg.freeze()
     for obj, name in ((cfg, "stage"), (cfg.train, "lr"), (cfg.model, "d_model"), (cfg.data, "seq_len"),
                       (cfg.growth, "op"), (cfg.stage[0], "at_step")):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanogrow.config import ConfigError, load_config
+from nanogrow.config import ConfigError, load_config, validate
 from nanogrow.model import ModelConfig
 from nanogrow.schedule import exponential_shapes, stage_start_steps
 from nanogrow.train import Trainer
@@ -86,7 +86,7 @@ def test_budgeted_schedule_in_trainer(demo_data, tmp_path):
     for st in cfg.stage:
         st.at_step = st.at_tokens = -1
     cfg.growth.schedule = "equal-tokens"
-    cfg.validate()
+    validate(cfg)
     trainer = Trainer(cfg, log=QUIET)
     # tokens/step: 256, 256, 128 (micro_batch 2), 128 -> weights 1/256, 1/256, 1/128, 1/128 over 12 steps
     assert trainer.growth.starts == [{"at_step": 2}, {"at_step": 4}, {"at_step": 8}]

@@ -219,11 +219,11 @@ def _zero_config(**changes):
     ({"stage__op": "learned"}, "stage\\[1\\].op='learned' is not supported"),
 ])
 def test_deepspeed_config_refuses_what_zero_cannot_hold(changes, message):
-    from nanogrow.config import ConfigError
+    from nanogrow.config import ConfigError, validate
 
-    _zero_config().validate()  # the base config is fine
+    validate(_zero_config())  # the base config is fine
     with pytest.raises(ConfigError, match=message):
-        _zero_config(**changes).validate()
+        validate(_zero_config(**changes))
 
 
 # ---- launch/deepspeed.sh ---------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "nanogrow"
-MODULES = [ROOT / "train.py", ROOT / "growth.py", ROOT / "config.py", *sorted((ROOT / "parallel").glob("*.py"))]
+MODULES = [ROOT / "train.py", ROOT / "growth.py", *sorted((ROOT / "config").glob("*.py")),
+           *sorted((ROOT / "parallel").glob("*.py"))]
 
 
 def public_functions(tree: ast.Module):
