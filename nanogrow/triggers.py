@@ -335,7 +335,6 @@ def make_trigger(kind: str, **options) -> Trigger:
 def trigger_from_state(d: dict) -> Trigger:
     d = dict(d)
     cls = TRIGGERS[d.pop("kind")]
-    trig = cls(**d)
-    if "history" in d:
-        trig.history = [tuple(h) for h in d["history"]]
-    return trig
+    if "history" in d:  # JSON made the (x, loss) pairs lists
+        d["history"] = [tuple(h) for h in d["history"]]
+    return cls(**d)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def resolve_stages(cfg: RunConfig) -> list[Stage]:
     return out
 
 
-def from_accelerate(t: TrainConfig, env: dict | None = None) -> str | None:
+def from_accelerate(t: TrainConfig, env: Mapping[str, str] | None = None) -> str | None:
     """``accelerate launch`` is a launcher for nanogrow (it sets torchrun's environment), not a wrapper. Its
     DeepSpeed forms (``--use_deepspeed --zero_stage N`` or ``--deepspeed_config_file F``) also say which ZeRO
     stage to run: with train.parallel = "auto" the run takes it (zero_optimization.stage of the file), and nanogrow

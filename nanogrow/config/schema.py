@@ -166,7 +166,7 @@ def _build(cls, d: dict, prefix: str, source: str):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a table, got {d!r}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key, value in d.items():
         full = f"{prefix}{key}"
         if key not in names:

@@ -148,8 +148,8 @@ def validate_stages(cfg: RunConfig, source: str) -> None:
         for k in st.shape:
             if k not in fields_:
                 raise ConfigError(f"{source}: {key}.shape has unknown key {k!r}; allowed: {', '.join(sorted(fields_))}")
-        for name, allowed in (("optimizer", CHOICES["growth.optimizer"]), ("lr_policy", CHOICES["growth.lr_policy"])):
-            value = getattr(st, name)
+        for name in ("optimizer", "lr_policy"):
+            value, allowed = getattr(st, name), CHOICES[f"growth.{name}"] or ()
             if value and value not in allowed:
                 raise ConfigError(f"{source}: {key}.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
         whens = [w for w in ("at_step", "at_tokens", "at_flops") if getattr(st, w) >= 0]
