@@ -200,13 +200,14 @@ def lr_grid_for(fr: Frontier, store: Store, size: str, budget: float) -> tuple[l
     """The lrs to try at (size, budget): the grid, extended by ``lr_factor`` past an edge that is the best so far
     (at most ``max_lr_extensions`` times). Returns (grid, tuned lr or None while the grid is not done or its best
     is still at an edge that may be extended)."""
-    grid = list(fr.grid_at(budget))
+    start = fr.grid_at(budget)
+    grid = list(start)
     finals = _finals(fr, store, size, budget, fr.seeds[0])
     for _ in range(fr.max_lr_extensions + 1):
         if not all(lr in finals for lr in grid):
             return grid, None
         best = min(grid, key=lambda lr: finals[lr])
-        if best not in (grid[0], grid[-1]) or len(grid) >= len(fr.grid_at(budget)) + fr.max_lr_extensions:
+        if best not in (grid[0], grid[-1]) or len(grid) >= len(start) + fr.max_lr_extensions:
             return grid, best
         grid = [best / fr.lr_factor] + grid if best == grid[0] else grid + [best * fr.lr_factor]
     return grid, None
